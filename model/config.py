@@ -1,0 +1,40 @@
+"""The model's section of the run config: a stdlib dataclass so `model/` needs only torch.
+
+pydantic validates it when `orchestration.config` composes the root config (unknown keys and
+wrong types are errors there); here `__post_init__` checks what the maths needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["rwkv4", "gpt"] = "rwkv4"
+    """Which network: RWKV-4, or the same-size GPT baseline (pre-LN, causal attention)."""
+    n_layer: int = 4
+    """Number of blocks (L)."""
+    n_embd: int = 128
+    """Residual width (C)."""
+    dim_att: int = 0
+    """Width of the WKV channels; 0 means n_embd."""
+    dim_ffn: int = 0
+    """Hidden width of ChannelMix / the GPT MLP; 0 means 4 * n_embd."""
+    vocab_size: int = 4096
+    """Rows of the embedding and the head; the pipeline sets it from the tokenizer."""
+    n_head: int = 4
+    """GPT baseline only: attention heads."""
+    wkv_backend: Literal["auto", "cuda", "torch", "reference"] = "auto"
+    """WKV implementation: auto picks cuda for CUDA tensors and torch otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.dim_att == 0:
+            self.dim_att = self.n_embd
+        if self.dim_ffn == 0:
+            self.dim_ffn = 4 * self.n_embd
+        if self.n_layer < 1 or self.n_embd < 1 or self.vocab_size < 2:
+            raise ValueError("model.n_layer, model.n_embd must be >= 1 and model.vocab_size >= 2")
+        if self.arch == "gpt" and self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")

@@ -1,0 +1,130 @@
+"""The root run config: each package's section composed into one strict tree.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr_init=3e-4", "model.n_layer=6"])
+
+YAML is read, dotted `key=value` overrides are applied (values parsed as YAML scalars), and pydantic
+validates the whole tree. Any problem raises `ConfigError` naming the field and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.config import ModelConfig
+from pipeline.config import EvalConfig, ExtendStageConfig, TrainConfig
+from tokenization.config import DataConfig, TokenizerConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names field and source."""
+
+
+class RayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    address: str | None = Field(None, description="Cluster to join; None starts a local one (or RAY_ADDRESS).")
+    num_workers: int = Field(2, ge=1, description="Training workers (one per GPU when use_gpu).")
+    use_gpu: bool = Field(False, description="Give each training worker one GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    data_workers: int = Field(0, ge=0, description="Parallel tokenization tasks; 0 = all CPUs.")
+    max_retries: int = Field(2, ge=0, description="Retries of a failed data task or training group.")
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(None, description="MLflow tracking URI; None = SQLite in the workdir.")
+    experiment: str = Field("rwkv-pipeline", description="MLflow experiment name.")
+    system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field("run", description="Run name; outputs go to <workdir>/<name>/.")
+    workdir: str = Field("runs", description="Root folder of run directories.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    extend: list[ExtendStageConfig] = Field(default_factory=list, description="Context-extension stages.")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+
+def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    """Set `a.b.c=value` inside nested dicts, creating levels as needed (list items by index)."""
+    *parents, leaf = dotted_key.split(".")
+    node: Any = tree
+    for part in parents:
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override '{dotted_key}': '{part}' is a value, not a section")
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr_init=3e-4)")
+        pairs.append((key.strip(), yaml.safe_load(raw) if raw else None))
+    return pairs
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        message = (
+            "unknown field" if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument") else problem["msg"]
+        )
+        lines.append(f"  {field}: {message} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return tree
+
+
+def build_config(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    except ValueError as exc:  # raised by a section's own checks (e.g. ModelConfig.__post_init__)
+        raise ConfigError(f"invalid config ({source}): {exc}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (or defaults when path is None), apply dotted overrides, validate."""
+    tree = read_yaml(path) if path is not None else {}
+    pairs = parse_overrides(overrides or [])
+    for key, value in pairs:
+        apply_override(tree, key, value)
+    source = str(path) if path is not None else "defaults"
+    if pairs:
+        source += " + overrides " + " ".join(f"{k}={v}" for k, v in pairs)
+    return build_config(tree, source)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,59 @@
+"""Config sections owned by `pipeline/`: pretraining, context extension and evaluation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(_Strict):
+    """Pretraining recipe (reference/rwkv4.md section 4) and how it is run."""
+
+    ctx_len: int = Field(256, ge=1, description="Tokens per training sample.")
+    micro_bsz: int = Field(4, ge=1, description="Samples per worker per micro-step.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
+    lr_init: float = Field(6e-4, gt=0, description="Peak learning rate.")
+    lr_final: float = Field(1e-5, ge=0, description="Learning rate at the end of the decay.")
+    lr_schedule: Literal["exponential", "cosine", "constant"] = Field("exponential", description="Decay shape.")
+    warmup_steps: int = Field(0, ge=0, description="Steps of warmup from 0.2 * lr to lr.")
+    beta1: float = Field(0.9, description="Adam beta1.")
+    beta2: float = Field(0.99, description="Adam beta2.")
+    adam_eps: float = Field(1e-8, description="Adam epsilon.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay on matrices only; 0 = plain Adam.")
+    grad_clip: float = Field(1.0, ge=0, description="Total-norm gradient clipping; 0 disables.")
+    seed: int = Field(42, description="Seed of init and data order.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
+    grad_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    log_every: int = Field(10, ge=1, description="Steps between metric reports.")
+    val_every: int = Field(100, ge=1, description="Steps between validation passes.")
+    val_batches: int = Field(8, ge=1, description="Batches per validation pass.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before stopping.")
+    peak_tflops: float = Field(989.0, gt=0, description="Accelerator bf16 dense peak for MFU.")
+
+
+class ExtendStageConfig(_Strict):
+    """One context-extension fine-tune: continue from the previous stage at a longer ctx_len."""
+
+    ctx_len: int = Field(..., ge=2, description="New context length.")
+    steps: int = Field(100, ge=1, description="Optimizer steps at this length.")
+    lr: float = Field(1e-5, gt=0, description="Constant learning rate of the fine-tune.")
+    chunk_len: int = Field(0, ge=0, description="Process each sample in chunks carrying state; 0 = whole.")
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation after training."""
+
+    batches: int = Field(16, ge=1, description="Validation batches to average.")
+    ctx_len: int = Field(0, ge=0, description="Context for loss-vs-position; 0 = the last stage's ctx_len.")
+    sample_prompt: str = Field("def ", description="Prompt of the generated sample in the report.")
+    sample_tokens: int = Field(64, ge=0, description="Tokens generated for the sample.")

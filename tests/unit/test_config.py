@@ -1,0 +1,72 @@
+"""Config tree: YAML + dotted overrides, unknown keys and bad values named with their source."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestration.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_overrides_apply_on_top_of_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("model:\n  n_layer: 3\ntrain:\n  lr_init: 1.0e-3\n")
+    config = load_config(path, ["train.lr_init=3e-4", "model.n_embd=64"])
+    assert config.train.lr_init == pytest.approx(3e-4)
+    assert config.model.n_layer == 3 and config.model.n_embd == 64
+    assert config.model.dim_ffn == 256  # derived default: 4 * n_embd
+
+
+def test_unknown_key_names_field_and_file(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  lr_inti: 1.0e-3\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert "train.lr_inti" in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_bad_value_names_field() -> None:
+    with pytest.raises(ConfigError, match=r"train\.micro_bsz"):
+        load_config(None, ["train.micro_bsz=zero"])
+
+
+def test_section_check_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="n_head"):
+        load_config(None, ["model.arch=gpt", "model.n_embd=100", "model.n_head=3"])
+
+
+def test_cli_print_config_and_error_exit() -> None:
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestration.cli",
+            "print-config",
+            str(REPO / "configs/quickstart.yaml"),
+            "train.lr_init=0.002",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert ok.returncode == 0 and "lr_init: 0.002" in ok.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestration.cli",
+            "print-config",
+            str(REPO / "configs/quickstart.yaml"),
+            "modle.n_layer=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert bad.returncode != 0 and "modle" in bad.stderr and "quickstart.yaml" in bad.stderr
+    assert "Traceback" not in bad.stderr

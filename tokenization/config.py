@@ -1,0 +1,34 @@
+"""Config sections owned by `tokenization/`: the corpus, the tokenizer, and the shard format."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    """Where the corpus is and how documents are read from it."""
+
+    paths: list[str] = Field(default_factory=list, description="Files, directories or globs of the corpus.")
+    root: str | None = Field(None, description="Corpus root for stable document ids; default: common parent.")
+    text_field: str = Field("text", description="JSON field / parquet column holding the document text.")
+    txt_split: Literal["file", "blank_lines"] = Field(
+        "file", description="A .txt file is one document, or split into documents on blank lines."
+    )
+    on_bad_record: Literal["skip", "fail"] = Field("skip", description="Malformed JSON line: skip+count or fail.")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Share of documents routed to validation.")
+    unit_bytes: int = Field(64 << 20, gt=0, description="Large files are cut into work units of about this size.")
+
+
+class TokenizerConfig(_Strict):
+    """The sentencepiece model trained on a deterministic sample of the corpus."""
+
+    vocab_size: int = Field(4096, ge=64, description="Vocabulary size including reserved ids.")
+    model_type: Literal["bpe", "unigram"] = Field("bpe", description="sentencepiece algorithm.")
+    sample_bytes: int = Field(32 << 20, gt=0, description="Bytes of corpus text sampled for training.")
+    seed: int = Field(0, description="Seed of the training sample.")
