@@ -1,0 +1,112 @@
+"""Parameter groups and the learning-rate schedule of the RWKV-4 recipe (reference/rwkv4.md §4).
+
+Pure functions: no DeepSpeed here, so the formulas are unit-tested on their own.
+
+    groups = param_groups(model, weight_decay=0.0)         # layerwise LR scales, wd on matrices only
+    lr = learning_rate(step, cfg)                          # warmup + exponential/cosine decay
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+
+Schedule (§4.3), with `step` counted from 0 over the whole run (not since process start: we save
+the optimizer state, so the reference's re-warmup after a restart is not needed and would break
+exact resume):
+    progress = clamp((step - warmup + 1) / (steps - warmup), 0, 1)
+    exponential: lr = lr_init * exp(ln(lr_final / lr_init) * progress)   (linear if an end is 0)
+    cosine:      lr = lr_init * [(0.5 + f/2) + (0.5 - f/2) * cos(pi * progress)],  f = lr_final / lr_init
+    warmup:      lr *= 0.2 + 0.8 * step / warmup   while step < warmup
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+# Layerwise LR scales of §4.2 (my_pile_stage != 2): matched on the parameter's last name part.
+LR_SCALES = {"time_mix": 1.0, "time_decay": 2.0, "time_first": 3.0}
+
+
+class ScheduleConfig(Protocol):
+    """The TrainConfig fields the schedule reads."""
+
+    steps: int
+    lr_init: float
+    lr_final: float
+    lr_schedule: str
+    warmup_steps: int
+
+
+def lr_scale_of(name: str) -> float:
+    """Layerwise LR multiplier of a parameter, from its name (`blocks.3.att.time_decay` -> 2.0)."""
+    leaf = name.rsplit(".", 1)[-1]
+    for prefix, scale in LR_SCALES.items():
+        if leaf.startswith(prefix):
+            return scale
+    return 1.0
+
+
+def is_decayed(param: torch.Tensor) -> bool:
+    """Weight decay applies to matrices only (§4.1: `len(p.squeeze().shape) >= 2`, emb and head included)."""
+    return len(param.squeeze().shape) >= 2
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0, layerwise_lr: bool = True) -> list[dict[str, Any]]:
+    """Optimizer groups: one per LR scale (weight decay 0), plus the decayed matrices when weight_decay > 0.
+
+    Each group carries `name` and `lr_scale`; the training loop sets `lr = lr_now * lr_scale` every
+    step. Empty groups are dropped (DeepSpeed's ZeRO flattening rejects them).
+    """
+    buckets: dict[str, list[nn.Parameter]] = {key: [] for key in ("other", *LR_SCALES, "decay")}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        kind = next((prefix for prefix in LR_SCALES if leaf.startswith(prefix)), None) if layerwise_lr else None
+        if kind is not None:
+            buckets[kind].append(param)
+        elif weight_decay > 0 and is_decayed(param):
+            buckets["decay"].append(param)
+        else:
+            buckets["other"].append(param)
+    groups = []
+    for key, params in buckets.items():
+        if not params:
+            continue
+        scale = LR_SCALES.get(key, 1.0) if layerwise_lr else 1.0
+        decay = weight_decay if key == "decay" else 0.0
+        groups.append({"params": params, "name": key, "lr_scale": scale, "weight_decay": decay})
+    return groups
+
+
+def decay_progress(step: int, steps: int, warmup_steps: int) -> float:
+    """Fraction of the decay done at `step` (0 during warmup, 1 at the last step)."""
+    span = steps - warmup_steps
+    if span <= 0:
+        return 1.0
+    return min(max((step - warmup_steps + 1) / span, 0.0), 1.0)
+
+
+def learning_rate(step: int, cfg: ScheduleConfig) -> float:
+    """Learning rate at optimizer step `step` (0-based), before the per-group `lr_scale`."""
+    lr_init, lr_final = cfg.lr_init, cfg.lr_final
+    progress = decay_progress(step, cfg.steps, cfg.warmup_steps)
+    if cfg.lr_schedule == "constant" or lr_final == lr_init:
+        lr = lr_init
+    elif cfg.lr_schedule == "cosine":
+        f = lr_final / lr_init
+        lr = lr_init * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
+    elif lr_final == 0 or lr_init == 0:  # the reference falls back to linear when an end is 0
+        lr = lr_init + (lr_final - lr_init) * progress
+    else:
+        lr = lr_init * math.exp(math.log(lr_final / lr_init) * progress)
+    if step < cfg.warmup_steps:
+        lr *= 0.2 + 0.8 * step / cfg.warmup_steps
+    return lr
+
+
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """Apply `lr * lr_scale` to every group (works on torch optimizers and DeepSpeed's ZeRO wrappers)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
