@@ -1,0 +1,162 @@
+"""RWKV-4 in GPT (parallel) mode: token shift, TimeMix, ChannelMix, ln0 on block 0, untied head.
+
+Legend: B batch, T time, C n_embd, A dim_att, F dim_ffn, V vocab.
+
+Parameter names equal the official RWKV-4 checkpoint keys (reference/rwkv4.md §7.2), so
+`state_dict()` maps 1:1 onto an export; the only difference is that time_mix_* are stored as (C,)
+here (torch.compile fails in backward on (1, 1, C) parameters) and written as (1, 1, C) on export.
+
+    >>> import torch
+    >>> from model import ModelConfig, RWKV
+    >>> net = RWKV(ModelConfig(n_layer=2, n_embd=32, vocab_size=50, wkv_backend="reference"))
+    >>> net(torch.zeros(1, 5, dtype=torch.long)).shape
+    torch.Size([1, 5, 50])
+
+A long sequence can be run chunk by chunk, gradients flowing through the carried state:
+
+    >>> logits, state = net.forward_with_state(torch.zeros(1, 3, dtype=torch.long))
+    >>> logits, state = net.forward_with_state(torch.zeros(1, 2, dtype=torch.long), state)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from model.config import ModelConfig
+from model.wkv import wkv
+from model.wkv_reference import State as WkvState
+
+# Per layer: (att x_prev (B, C), (aa, bb, pp) each (B, A), ffn x_prev (B, C)).
+LayerState = tuple[torch.Tensor, WkvState, torch.Tensor]
+ModelState = list[LayerState]
+
+
+def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
+    """xx[:, t] = x[:, t-1]; xx[:, 0] = x_prev (zeros at the start of a sequence)."""
+    if x_prev_BC is None:
+        return F.pad(x_BTC, (0, 0, 1, -1))
+    return torch.cat([x_prev_BC.unsqueeze(1).to(x_BTC.dtype), x_BTC[:, :-1]], dim=1)
+
+
+def mix(x: torch.Tensor, xx: torch.Tensor, time_mix: torch.Tensor) -> torch.Tensor:
+    return x * time_mix + xx * (1 - time_mix)
+
+
+class TimeMix(nn.Module):
+    """The `att` branch: receptance-gated WKV over token-shifted key/value."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        n_embd, dim_att = config.n_embd, config.dim_att
+        self.wkv_backend = config.wkv_backend
+        self.time_decay = nn.Parameter(torch.zeros(dim_att))
+        self.time_first = nn.Parameter(torch.zeros(dim_att))
+        self.time_mix_k = nn.Parameter(torch.ones(n_embd))
+        self.time_mix_v = nn.Parameter(torch.ones(n_embd))
+        self.time_mix_r = nn.Parameter(torch.ones(n_embd))
+        self.key = nn.Linear(n_embd, dim_att, bias=False)
+        self.value = nn.Linear(n_embd, dim_att, bias=False)
+        self.receptance = nn.Linear(n_embd, dim_att, bias=False)
+        self.output = nn.Linear(dim_att, n_embd, bias=False)
+
+    def forward(
+        self, x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None = None, wkv_state: WkvState | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, WkvState]:
+        """Returns (out (B, T, C), last input x[:, -1] (B, C), WKV state after the last step)."""
+        xx = token_shift(x_BTC, x_prev_BC)
+        k_BTA = self.key(mix(x_BTC, xx, self.time_mix_k))
+        v_BTA = self.value(mix(x_BTC, xx, self.time_mix_v))
+        sr_BTA = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
+        y_BTA, wkv_state = wkv(self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, backend=self.wkv_backend)
+        return self.output(sr_BTA * y_BTA.to(sr_BTA.dtype)), x_BTC[:, -1], wkv_state
+
+
+class ChannelMix(nn.Module):
+    """The `ffn` branch: receptance-gated squared-ReLU MLP over token-shifted input."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        n_embd, dim_ffn = config.n_embd, config.dim_ffn
+        self.time_mix_k = nn.Parameter(torch.ones(n_embd))
+        self.time_mix_r = nn.Parameter(torch.ones(n_embd))
+        self.key = nn.Linear(n_embd, dim_ffn, bias=False)
+        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(dim_ffn, n_embd, bias=False)
+
+    def forward(self, x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (out (B, T, C), last input x[:, -1] (B, C))."""
+        xx = token_shift(x_BTC, x_prev_BC)
+        k_BTF = torch.square(torch.relu(self.key(mix(x_BTC, xx, self.time_mix_k))))
+        sr_BTC = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
+        return sr_BTC * self.value(k_BTF), x_BTC[:, -1]
+
+
+class Block(nn.Module):
+    """Pre-LN residual block; block 0 also owns ln0, the LayerNorm right after the embedding."""
+
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(config.n_embd)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.att = TimeMix(config)
+        self.ffn = ChannelMix(config)
+
+    def forward(self, x_BTC: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
+        att_x_prev, wkv_state, ffn_x_prev = state if state is not None else (None, None, None)
+        if self.layer_id == 0:
+            x_BTC = self.ln0(x_BTC)
+        att_out, att_last, wkv_state = self.att(self.ln1(x_BTC), att_x_prev, wkv_state)
+        x_BTC = x_BTC + att_out
+        ffn_out, ffn_last = self.ffn(self.ln2(x_BTC), ffn_x_prev)
+        return x_BTC + ffn_out, (att_last, wkv_state, ffn_last)
+
+
+class RWKV(nn.Module):
+    """RWKV-4 language model; `model(idx_BT)` returns logits (B, T, V).
+
+    Set `checkpoint_blocks = True` to recompute each block in backward (activation checkpointing
+    via torch.utils.checkpoint, no DeepSpeed needed). Construct under `torch.device("meta")` to skip
+    the initialisation (the checkpoint loader does this and assigns the loaded tensors).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.checkpoint_blocks = False
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if not self.emb.weight.is_meta:
+            from model.init import init_rwkv4_  # init imports this module for its type
+
+            init_rwkv4_(self)
+
+    def forward(self, idx_BT: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
+        return self.forward_with_state(idx_BT, state)[0]
+
+    def forward_with_state(
+        self, idx_BT: torch.Tensor, state: ModelState | None = None
+    ) -> tuple[torch.Tensor, ModelState]:
+        """Logits (B, T, V) and the state after the last token; pass it back in to continue the sequence."""
+        x_BTC = self.emb(idx_BT)
+        new_state: ModelState = []
+        for i, block in enumerate(self.blocks):
+            layer_state = state[i] if state is not None else None
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x_BTC, layer_state = checkpoint(block, x_BTC, layer_state, use_reentrant=False)
+            else:
+                x_BTC, layer_state = block(x_BTC, layer_state)
+            new_state.append(layer_state)
+        return self.head(self.ln_out(x_BTC)), new_state
+
+
+def detach_state(state: ModelState) -> ModelState:
+    """The same state cut from the autograd graph (truncated backpropagation between chunks)."""
+    return [(a.detach(), tuple(s.detach() for s in wkv_state), f.detach()) for a, wkv_state, f in state]  # type: ignore[misc]
