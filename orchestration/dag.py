@@ -1,0 +1,322 @@
+"""The stage DAG: content-hashed outputs, skip what is complete, retry what fails, track everything.
+
+    stages = [
+        Stage("tokenizer", train_tokenizer_fn, config={"vocab": 4096}),
+        Stage("tokenize", tokenize_fn, config={"val": 0.01}, inputs=("tokenizer",)),
+    ]
+    outputs = DagRunner(RunDir(Path("runs/demo")), NullTracker()).run(stages, run_name="demo")
+    outputs["tokenize"]   # Path("runs/demo/tokenize-<hash12>")
+
+A stage is a function of a `StageContext` (its `.partial` output folder, its inputs' folders, a
+logger and the tracking calls) and nothing else; where its work runs (this process, Ray tasks,
+Ray Train) is the function's business. The folder name hashes the stage's own config section and
+its inputs' hashes, so changing `train.*` changes pretrain and everything after it but leaves the
+tokenizer and shards where they are. Completion is the `_SUCCESS` marker, written last after the
+atomic rename of `.partial` to the final name; a killed stage finds its `.partial` folder again
+(same hash) and resumes from whatever its function left there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestration.rundir import SUCCESS, RunDir, now_iso, write_atomic
+from orchestration.tracking import NullTracker, RunHandle, SystemMetricsSampler, flatten
+
+log = logging.getLogger("orchestration.dag")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of the pipeline: `run(ctx)` fills `ctx.out_dir` from `ctx.inputs`."""
+
+    name: str
+    run: Callable[[StageContext], Any]
+    config: Any = None  # JSON-able: the config section(s) that decide this stage's output
+    inputs: tuple[str, ...] = ()
+    version: int = 1  # bump when the stage's code changes what it writes for the same config
+
+
+def stage_hashes(stages: Sequence[Stage]) -> dict[str, str]:
+    """12 hex digits per stage over (name, version, config, inputs' hashes); inputs come first."""
+    digests: dict[str, str] = {}
+    for stage in stages:
+        missing = [name for name in stage.inputs if name not in digests]
+        if missing:
+            raise ValueError(f"stage {stage.name!r} needs {missing}, which no earlier stage produces")
+        identity = {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": stage.config,
+            "inputs": {name: digests[name] for name in stage.inputs},
+        }
+        blob = json.dumps(identity, sort_keys=True, default=str).encode()
+        digests[stage.name] = hashlib.sha256(blob).hexdigest()[:12]
+    return digests
+
+
+class StageFailed(RuntimeError):
+    """A stage failed on every attempt; names the stage, the error and its log."""
+
+    def __init__(self, stage: str, attempts: int, error: BaseException, log_path: Path) -> None:
+        self.stage, self.error, self.log_path = stage, error, log_path
+        reason = f"{type(error).__name__}: {error}".strip()
+        super().__init__(
+            f"stage '{stage}' failed after {attempts} attempt(s): {reason}. Full log: {log_path}. "
+            "Fix the cause and run the same command again: finished stages are reused."
+        )
+
+
+@dataclass
+class StageContext:
+    """What a stage function sees."""
+
+    name: str
+    out_dir: Path
+    inputs: dict[str, Path]
+    attempt: int
+    log: logging.Logger
+    tracker: NullTracker
+    run: RunHandle
+    on_progress: Callable[[int, int], None] = lambda done, total: None
+    artifacts: list[tuple[Path, str | None]] = field(default_factory=list)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.tracker.log_metrics(self.run, metrics, step)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.tracker.log_params(self.run, params)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload after the stage completes (paths inside out_dir are mapped to the final folder)."""
+        self.artifacts.append((Path(path), artifact_path))
+
+    def progress(self, done: int, total: int) -> None:
+        self.on_progress(done, total)
+
+
+@dataclass
+class PlanItem:
+    stage: str
+    digest: str
+    folder: Path
+    action: str  # cached | resume | run
+
+
+class DagRunner:
+    """Runs stages in order in one run directory; see the module docstring."""
+
+    def __init__(
+        self,
+        run_dir: RunDir,
+        tracker: NullTracker | None = None,
+        max_retries: int = 0,
+        system_metrics_s: float | None = 10.0,
+        reporter: Callable[[str], None] | None = None,
+    ) -> None:
+        self.run_dir, self.tracker = run_dir, tracker or NullTracker()
+        self.max_retries, self.system_metrics_s = max_retries, system_metrics_s
+        self.report = reporter or (lambda line: log.info("%s", line))
+        self._progress_written = 0.0
+
+    def plan(self, stages: Sequence[Stage]) -> list[PlanItem]:
+        items, digests = [], stage_hashes(stages)
+        for stage in stages:
+            digest = digests[stage.name]
+            final = self.run_dir.stage_dir(stage.name, digest)
+            if RunDir.is_complete(final):
+                action = "cached"
+            elif self.run_dir.partial_dir(stage.name, digest).exists():
+                action = "resume"
+            else:
+                action = "run"
+            items.append(PlanItem(stage.name, digest, final, action))
+        return items
+
+    def run(
+        self,
+        stages: Sequence[Stage],
+        run_name: str,
+        config_tree: Mapping[str, Any] | None = None,
+        config_file: Path | None = None,
+    ) -> dict[str, Path]:
+        """Run what is not complete; returns each stage's final folder. Raises StageFailed."""
+        plan = self.plan(stages)
+        outputs = {item.stage: item.folder for item in plan}
+        config_hash = hashlib.sha256(json.dumps(config_tree or {}, sort_keys=True).encode()).hexdigest()[:12]
+        state = self.run_dir.read_state()
+        parent_id = state["parent_runs"].get(config_hash)
+        if all(item.action == "cached" for item in plan) and config_hash in state["parent_runs"]:
+            for item in plan:
+                self.report(f"{item.stage:<10} cached  {item.folder}")
+            return outputs
+        parent = self.tracker.open_run(
+            run_name,
+            run_id=parent_id,
+            tags={"rwkv.run_dir": str(self.run_dir.root)},
+            params=None if parent_id else flatten(config_tree or {}),
+        )
+        if parent_id is None and config_file is not None:
+            self.tracker.log_artifact(parent, config_file)
+        self.run_dir.update(
+            name=run_name,
+            config_hash=config_hash,
+            parent_run_id=parent.run_id,
+            tracking_uri=self.tracker.uri,
+            parent_runs={**state["parent_runs"], config_hash: parent.run_id},
+        )
+        status = "FAILED"
+        try:
+            for stage, item in zip(stages, plan, strict=True):
+                if item.action == "cached":
+                    self._note_cached(parent, item)
+                else:
+                    self._run_stage(stage, item, outputs, parent)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.tracker.close_run(parent, status)
+        return outputs
+
+    def _note_cached(self, parent: RunHandle, item: PlanItem) -> None:
+        run_id = self.run_dir.read_state()["stage_runs"].get(item.folder.name)
+        self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{item.folder.name} (run {run_id})"})
+        self.run_dir.update_stage(item.stage, status="cached", dir=item.folder.name, hash=item.digest)
+        self.report(f"{item.stage:<10} cached  {item.folder}")
+
+    def _run_stage(self, stage: Stage, item: PlanItem, outputs: dict[str, Path], parent: RunHandle) -> None:
+        partial = self.run_dir.partial_dir(stage.name, item.digest)
+        partial.mkdir(parents=True, exist_ok=True)
+        log_path = self.run_dir.log_path(stage.name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.run_dir.read_state()
+        previous = state["stages"].get(stage.name, {})
+        same_output = previous.get("dir") == item.folder.name
+        origin = previous.get("origin_time") if same_output and previous.get("origin_time") else time.time()
+        handle = self.tracker.open_run(
+            stage.name,
+            parent=parent,
+            run_id=state["stage_runs"].get(item.folder.name),
+            tags={"rwkv.stage": stage.name, "rwkv.stage_dir": str(item.folder), "rwkv.stage_hash": item.digest},
+        )
+        if handle.run_id is not None:
+            self.run_dir.update(stage_runs={**state["stage_runs"], item.folder.name: handle.run_id})
+        self.run_dir.update_stage(
+            stage.name,
+            status="running",
+            dir=item.folder.name,
+            hash=item.digest,
+            started_at=now_iso(),
+            origin_time=origin,
+            log=str(log_path),
+            mlflow_run_id=handle.run_id,
+            error=None,
+            progress=None,
+        )
+        self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}")
+        file_handler = _attach_log_file(log_path)
+        started = time.monotonic()
+        sampler = SystemMetricsSampler(self.tracker, handle, origin, self.system_metrics_s or 10.0)
+        try:
+            if self.system_metrics_s:
+                sampler.__enter__()
+            ctx = self._attempts(stage, partial, outputs, handle, log_path)
+            self._commit(stage, item, partial, ctx)
+        except BaseException as error:
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self.tracker.close_run(handle, status)
+            self.run_dir.update_stage(
+                stage.name, status=status.lower(), finished_at=now_iso(), error=f"{type(error).__name__}: {error}"
+            )
+            raise
+        finally:
+            sampler.__exit__()
+            logging.getLogger().removeHandler(file_handler)
+            file_handler.close()
+        seconds = time.monotonic() - started
+        self.tracker.log_metrics(handle, {"stage_seconds": seconds}, step=0)
+        self.tracker.close_run(handle, "FINISHED")
+        self.run_dir.update_stage(
+            stage.name, status="done", finished_at=now_iso(), seconds=round(seconds, 1), mlflow_run_id=handle.run_id
+        )
+        if handle.run_id is not None:
+            self.run_dir.update(stage_runs={**self.run_dir.read_state()["stage_runs"], item.folder.name: handle.run_id})
+        self.report(f"{stage.name:<10} done    {seconds:6.1f} s")
+
+    def _attempts(
+        self, stage: Stage, partial: Path, outputs: dict[str, Path], handle: RunHandle, log_path: Path
+    ) -> StageContext:
+        attempts = self.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            ctx = StageContext(
+                name=stage.name,
+                out_dir=partial,
+                inputs={name: outputs[name] for name in stage.inputs},
+                attempt=attempt,
+                log=logging.getLogger(f"stage.{stage.name}"),
+                tracker=self.tracker,
+                run=handle,
+                on_progress=lambda done, total, name=stage.name: self._write_progress(name, done, total),
+            )
+            self.run_dir.update_stage(stage.name, attempts=attempt)
+            try:
+                stage.run(ctx)
+                return ctx
+            except Exception as error:  # noqa: BLE001 - retried, then raised as StageFailed
+                ctx.log.error("attempt %d/%d failed:\n%s", attempt, attempts, traceback.format_exc())
+                if attempt == attempts:
+                    raise StageFailed(stage.name, attempts, error, log_path) from error
+                self.report(f"{stage.name:<10} retry   attempt {attempt} failed ({type(error).__name__}: {error})")
+        raise AssertionError("unreachable")
+
+    def _commit(self, stage: Stage, item: PlanItem, partial: Path, ctx: StageContext) -> None:
+        """stage.json, atomic rename of .partial to the final name, then _SUCCESS last."""
+        record = {
+            "stage": stage.name,
+            "hash": item.digest,
+            "version": stage.version,
+            "config": stage.config,
+            "inputs": {name: path.name for name, path in ctx.inputs.items()},
+            "finished_at": now_iso(),
+        }
+        write_atomic(partial / "stage.json", json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        if item.folder.exists():  # a final folder without _SUCCESS is debris from a crash mid-commit
+            shutil.rmtree(item.folder)
+        os.rename(partial, item.folder)
+        marker = item.folder / SUCCESS
+        with open(marker, "w") as handle:
+            handle.write(now_iso() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        for path, artifact_path in ctx.artifacts:
+            final = item.folder / path.relative_to(partial) if path.is_relative_to(partial) else path
+            final = item.folder / path if not path.is_absolute() else final
+            self.tracker.log_artifact(ctx.run, final, artifact_path)
+
+    def _write_progress(self, stage: str, done: int, total: int) -> None:
+        if time.monotonic() - self._progress_written > 2.0 or done >= total:
+            self._progress_written = time.monotonic()
+            self.run_dir.update_stage(stage, progress=[done, total])
+
+
+def _attach_log_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    return handler

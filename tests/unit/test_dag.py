@@ -1,0 +1,115 @@
+"""The stage DAG with small stand-in stages: hashing, caching, atomic completion, retries, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestration.dag import DagRunner, Stage, StageFailed, stage_hashes
+from orchestration.rundir import RunDir, RunDirBusy
+
+
+def make_stages(calls: list[str], lr: float = 1e-3, fail: dict[str, int] | None = None) -> list[Stage]:
+    """tokenizer -> shards -> train -> report, each writing a file derived from its inputs."""
+    fail = fail if fail is not None else {}
+
+    def step(name: str, sources: tuple[str, ...]):
+        def run(ctx):
+            calls.append(name)
+            (ctx.out_dir / "scratch.txt").open("a").write(f"attempt {ctx.attempt}\n")
+            if fail.get(name, 0) > 0:
+                fail[name] -= 1
+                raise RuntimeError(f"{name} broke on purpose")
+            text = name + "".join((ctx.inputs[s] / "out.txt").read_text() for s in sources)
+            (ctx.out_dir / "out.txt").write_text(text)
+            ctx.log_artifact(ctx.out_dir / "out.txt")
+
+        return run
+
+    return [
+        Stage("tokenizer", step("tokenizer", ()), config={"vocab": 64}),
+        Stage("shards", step("shards", ("tokenizer",)), config={"val": 0.1}, inputs=("tokenizer",)),
+        Stage("train", step("train", ("shards",)), config={"lr": lr}, inputs=("shards",)),
+        Stage("report", step("report", ("train", "tokenizer")), config={}, inputs=("train", "tokenizer")),
+    ]
+
+
+def test_hash_covers_own_config_and_inputs_only():
+    base, changed = stage_hashes(make_stages([])), stage_hashes(make_stages([], lr=2e-3))
+    assert base["tokenizer"] == changed["tokenizer"] and base["shards"] == changed["shards"]
+    assert base["train"] != changed["train"] and base["report"] != changed["report"]
+    assert all(len(digest) == 12 for digest in base.values())
+
+
+def test_inputs_must_come_from_earlier_stages():
+    stages = make_stages([])
+    with pytest.raises(ValueError, match="'shards' needs \\['tokenizer'\\]"):
+        stage_hashes(stages[1:])
+
+
+def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_path: Path):
+    run_dir = RunDir(tmp_path / "run")
+    calls: list[str] = []
+    outputs = DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3})
+    assert calls == ["tokenizer", "shards", "train", "report"]
+    assert (outputs["report"] / "out.txt").read_text() == "reporttrainshardstokenizertokenizer"
+    for name, folder in outputs.items():
+        assert (folder / "_SUCCESS").is_file() and folder.name.startswith(f"{name}-")
+    assert not list(run_dir.root.glob("*.partial"))
+    marker_times = {name: (folder / "_SUCCESS").stat().st_mtime_ns for name, folder in outputs.items()}
+
+    calls.clear()
+    assert DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3}) == outputs
+    assert calls == []
+    assert {name: (f / "_SUCCESS").stat().st_mtime_ns for name, f in outputs.items()} == marker_times
+
+    changed = DagRunner(run_dir).run(make_stages(calls, lr=2e-3), "demo", {"lr": 2e-3})
+    assert calls == ["train", "report"]
+    assert changed["tokenizer"] == outputs["tokenizer"] and changed["shards"] == outputs["shards"]
+    assert changed["train"] != outputs["train"] and outputs["train"].is_dir()  # the old result is kept
+    assert (outputs["shards"] / "_SUCCESS").stat().st_mtime_ns == marker_times["shards"]
+    stage_record = json.loads((changed["train"] / "stage.json").read_text())
+    assert stage_record["config"] == {"lr": 2e-3} and stage_record["inputs"] == {"shards": outputs["shards"].name}
+
+
+def test_failed_stage_is_retried_then_succeeds(tmp_path: Path):
+    run_dir, calls = RunDir(tmp_path / "run"), []
+    outputs = DagRunner(run_dir, max_retries=2).run(make_stages(calls, fail={"shards": 2}), "demo")
+    assert calls == ["tokenizer", "shards", "shards", "shards", "train", "report"]
+    assert (outputs["shards"] / "scratch.txt").read_text() == "attempt 1\nattempt 2\nattempt 3\n"
+    assert run_dir.read_state()["stages"]["shards"]["attempts"] == 3
+
+
+def test_stage_failing_every_attempt_stops_the_run_naming_stage_error_and_log(tmp_path: Path):
+    run_dir, calls = RunDir(tmp_path / "run"), []
+    with pytest.raises(StageFailed) as failure:
+        DagRunner(run_dir, max_retries=1).run(make_stages(calls, fail={"train": 5}), "demo")
+    message = str(failure.value)
+    log_path = run_dir.log_path("train")
+    assert "stage 'train' failed after 2 attempt(s)" in message
+    assert "RuntimeError: train broke on purpose" in message and str(log_path) in message
+    assert "Traceback" in log_path.read_text() and "train broke on purpose" in log_path.read_text()
+    assert calls == ["tokenizer", "shards", "train", "train"]
+    state = run_dir.read_state()["stages"]
+    assert state["train"]["status"] == "failed" and "report" not in state
+    assert not list(run_dir.root.glob("train-????????????")) and len(list(run_dir.root.glob("train-*.partial"))) == 1
+
+
+def test_rerun_after_failure_resumes_in_the_same_partial_folder(tmp_path: Path):
+    run_dir, calls = RunDir(tmp_path / "run"), []
+    with pytest.raises(StageFailed):
+        DagRunner(run_dir).run(make_stages(calls, fail={"train": 1}), "demo")
+    runner = DagRunner(run_dir)
+    assert [item.action for item in runner.plan(make_stages([]))] == ["cached", "cached", "resume", "run"]
+    calls.clear()
+    outputs = runner.run(make_stages(calls), "demo")
+    assert calls == ["train", "report"]
+    assert (outputs["train"] / "scratch.txt").read_text() == "attempt 1\nattempt 1\n"  # saw the first try's file
+
+
+def test_second_driver_on_the_same_run_directory_is_refused(tmp_path: Path):
+    run_dir = RunDir(tmp_path / "run")
+    with run_dir.locked(), pytest.raises(RunDirBusy, match="in use by another"), RunDir(run_dir.root).locked():
+        pass
