@@ -99,15 +99,30 @@ def ray_address() -> Iterator[str]:
         yield os.environ["RAY_ADDRESS_FOR_TESTS"]
         return
     port = free_port()
-    start = [
-        "ray",
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    command = [
+        ray_cli,
         "start",
         "--head",
+        "--block",
         f"--port={port}",
         "--num-cpus=2",
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    subprocess.run(start, check=True, capture_output=True)
-    yield f"127.0.0.1:{port}"
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    # --block keeps the head's processes in this process group, so the session stops exactly this
+    # cluster (`ray stop` would stop every Ray cluster on the machine).
+    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while subprocess.run([ray_cli, "status", "--address", address], capture_output=True).returncode != 0:
+        if time.monotonic() > deadline or head.poll() is not None:
+            os.killpg(head.pid, signal.SIGKILL)
+            raise RuntimeError(f"ray head did not start on {address}")
+        time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
