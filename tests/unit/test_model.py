@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from model.loss import L2WRAP_FACTOR, language_model_loss
 CONFIG = ModelConfig(n_layer=2, n_embd=16, dim_ffn=48, vocab_size=37, wkv_backend="reference")
 
 
+@functools.cache  # one init per module: orthogonal init (QR) is the slow part of these tests
 def perturbed_model(config: ModelConfig = CONFIG, scale: float = 0.3) -> RWKV:
     """A model away from init: every residual branch is active and time_* are not the init curves."""
     model = RWKV(config)
@@ -70,7 +74,7 @@ def test_gradients_flow_through_the_carried_state():
 
 
 def test_block_checkpointing_gives_the_same_loss_and_gradients():
-    model, idx = perturbed_model(), tokens(2, 6)
+    model, idx = copy.deepcopy(perturbed_model()), tokens(2, 6)
     targets = tokens(2, 6, seed=3)
     plain = language_model_loss(model(idx), targets)
     plain_grads = torch.autograd.grad(plain, list(model.parameters()))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ from model.rnn import flat_state, generate, nested_state, rnn_step, sample_token
 CONFIG = ModelConfig(n_layer=3, n_embd=16, dim_att=24, dim_ffn=40, vocab_size=29, wkv_backend="reference")
 
 
+@functools.cache  # one init per module; no test mutates the model
 def perturbed_model(scale: float = 0.3) -> RWKV:
     model = RWKV(CONFIG)
     generator = torch.Generator().manual_seed(1)
