@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import importlib.util
 
 import pytest
 import torch
@@ -13,12 +15,21 @@ from model import RWKV, ModelConfig, build_model, detach_state
 from model.loss import L2WRAP_FACTOR, language_model_loss
 
 CONFIG = ModelConfig(n_layer=2, n_embd=16, dim_ffn=48, vocab_size=37, wkv_backend="reference")
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("model.wkv_torch") is None, reason="no torch WKV backend yet"
+        ),
+    ),
+]
 
 
 @functools.cache  # one init per module: orthogonal init (QR) is the slow part of these tests
-def perturbed_model(config: ModelConfig = CONFIG, scale: float = 0.3) -> RWKV:
+def perturbed_model(backend: str = "reference", scale: float = 0.3) -> RWKV:
     """A model away from init: every residual branch is active and time_* are not the init curves."""
-    model = RWKV(config)
+    model = RWKV(dataclasses.replace(CONFIG, wkv_backend=backend))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -44,8 +55,9 @@ def test_at_init_every_residual_branch_is_zero():
     torch.testing.assert_close(model(idx), expected, rtol=0, atol=1e-6)
 
 
-def test_chunked_forward_equals_one_call():
-    model, idx = perturbed_model(), tokens(2, 11)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_chunked_forward_equals_one_call(backend):
+    model, idx = perturbed_model(backend), tokens(2, 11)
     full = model(idx)
     first, state = model.forward_with_state(idx[:, :4])
     second, state = model.forward_with_state(idx[:, 4:9], state)

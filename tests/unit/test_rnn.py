@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib.util
 
 import pytest
 import torch
@@ -13,9 +15,20 @@ from model.rnn import flat_state, generate, nested_state, rnn_step, sample_token
 CONFIG = ModelConfig(n_layer=3, n_embd=16, dim_att=24, dim_ffn=40, vocab_size=29, wkv_backend="reference")
 
 
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "torch",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("model.wkv_torch") is None, reason="no torch WKV backend yet"
+        ),
+    ),
+]
+
+
 @functools.cache  # one init per module; no test mutates the model
-def perturbed_model(scale: float = 0.3) -> RWKV:
-    model = RWKV(CONFIG)
+def perturbed_model(scale: float = 0.3, backend: str = "reference") -> RWKV:
+    model = RWKV(dataclasses.replace(CONFIG, wkv_backend=backend))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for param in model.parameters():
@@ -27,9 +40,10 @@ def tokens(batch: int, steps: int, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, CONFIG.vocab_size, (batch, steps), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
-def test_rnn_logits_equal_parallel_logits_token_by_token():
-    model, idx = perturbed_model(), tokens(2, 24)
+def test_rnn_logits_equal_parallel_logits_token_by_token(backend):
+    model, idx = perturbed_model(backend=backend), tokens(2, 40)
     parallel = model(idx)
     state = None
     for t in range(idx.shape[1]):
