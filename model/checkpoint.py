@@ -7,6 +7,10 @@ wrong shapes). Sizes are inferred from tensor shapes as the `rwkv` package does:
 from emb.weight, dim_att from blocks.0.att.key.weight, dim_ffn from blocks.0.ffn.key.weight,
 n_layer = 1 + the largest block index. Loading never unpickles objects (weights_only=True).
 
+Caveat: `rwkv` 0.8.32's multi-token CPU path (att_seq) writes the WKV output into an (T, n_embd)
+buffer, so it fails on models with dim_att != n_embd; keep dim_att = n_embd for models meant for
+that package. Our own import handles any dim_att.
+
     >>> from model import ModelConfig, RWKV, load_rwkv4_pth, save_rwkv4_pth
     >>> save_rwkv4_pth(RWKV(ModelConfig(n_layer=2, n_embd=32, vocab_size=50)), "/tmp/tiny.pth")
     >>> net = load_rwkv4_pth("/tmp/tiny.pth", wkv_backend="reference")
