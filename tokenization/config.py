@@ -22,7 +22,10 @@ class DataConfig(_Strict):
     )
     on_bad_record: Literal["skip", "fail"] = Field("skip", description="Malformed JSON line: skip+count or fail.")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Share of documents routed to validation.")
-    unit_bytes: int = Field(64 << 20, gt=0, description="Large files are cut into work units of about this size.")
+    unit_bytes: int = Field(
+        16 << 20, gt=0, description="Work unit size: small files are grouped and large ones cut to about this size."
+    )
+    batch_bytes: int = Field(1 << 20, gt=0, description="Text encoded per sentencepiece call and per Arrow batch.")
 
 
 class TokenizerConfig(_Strict):
@@ -32,3 +35,9 @@ class TokenizerConfig(_Strict):
     model_type: Literal["bpe", "unigram"] = Field("bpe", description="sentencepiece algorithm.")
     sample_bytes: int = Field(32 << 20, gt=0, description="Bytes of corpus text sampled for training.")
     seed: int = Field(0, description="Seed of the training sample.")
+    max_sentence_bytes: int = Field(
+        4096, ge=256, description="Training text is cut into pieces of at most this size (at line ends)."
+    )
+    num_threads: int = Field(
+        2, ge=1, description="sentencepiece training threads (the trained model depends on it: keep it fixed)."
+    )

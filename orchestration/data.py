@@ -1,0 +1,125 @@
+"""The tokenize stage on Ray: one task per deterministic work unit, results merged in unit order.
+
+    from orchestration.data import tokenize_corpus
+    tokenize_corpus(DataConfig(paths=["stdlib:"], unit_bytes=1 << 20), Path("tok"), Path("shards"))
+
+Why plain Ray tasks and not Ray Data (reference/platform.md): Ray Data's actor pools can hang on a
+2-core machine, it has no Arrow IPC writer, its file names are random per run and a failed write
+leaves duplicates. A task per unit writes one set of named shards atomically, so a retried or
+resumed unit simply rewrites the same bytes, and the manifest is merged in unit order by the driver.
+
+Resume: units whose record and shards verify are skipped (`completed_record`), so rerunning after
+kill -9 of the driver or of a worker redoes only the missing units; a worker that dies mid-unit is
+retried by Ray (`max_retries`). At most `num_workers` tasks are in flight (0 = every CPU of the
+cluster); each task takes one CPU and encodes with one sentencepiece thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.data_stages import tokenize_unit
+from tokenization.config import DataConfig
+from tokenization.manifest import completed_record, write_manifest
+from tokenization.tokenizer import read_info
+from tokenization.units import WorkUnit, plan_units
+
+
+def _tokenize_task(unit: WorkUnit, data: DataConfig, tokenizer_dir: str, out_dir: str) -> dict[str, Any]:
+    return tokenize_unit(unit, data, Path(tokenizer_dir), Path(out_dir))
+
+
+def connect_ray(ray_address: str | None = None) -> bool:
+    """Join `ray_address` (or RAY_ADDRESS), else start a local cluster; True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # "local", not None: ray.init(None) would join whatever cluster `ray start` last left on this machine
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+class _Progress:
+    """tqdm over units with MB/s and tokens/s of the units finished in this run."""
+
+    def __init__(self, total: int, done: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc="tokenize", unit="unit")
+        self.started, self.text_bytes, self.tokens = time.perf_counter(), 0, 0
+
+    def update(self, record: dict[str, Any]) -> None:
+        self.text_bytes += record["text_bytes"]
+        self.tokens += sum(shard["tokens"] for shard in record["shards"])
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        self.bar.set_postfix_str(
+            f"{self.text_bytes / elapsed / 1e6:.2f} MB/s, {self.tokens / elapsed / 1e3:.0f}k tok/s"
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_units(
+    units: list[WorkUnit], data: DataConfig, tokenizer_dir: Path, out_dir: Path, num_workers: int, max_retries: int
+) -> list[dict[str, Any]]:
+    """Run `units` as Ray tasks, at most num_workers at a time; their records in unit order."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=max_retries)(_tokenize_task)
+    workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    data_ref = ray.put(data)
+    pending = list(reversed(units))
+    running: dict[Any, int] = {}
+    records: dict[int, dict[str, Any]] = {}
+    progress = _Progress(len(units), 0)
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                unit = pending.pop()
+                running[task.remote(unit, data_ref, str(tokenizer_dir), str(out_dir))] = unit.index
+            done, _ = ray.wait(list(running), num_returns=1)
+            index = running.pop(done[0])
+            records[index] = ray.get(done[0])  # re-raises a task's error (BadRecordError names file:line)
+            progress.update(records[index])
+    finally:
+        progress.close()
+        for ref in running:
+            ray.cancel(ref, force=True)
+    return [records[unit.index] for unit in units]
+
+
+def tokenize_corpus(
+    data: DataConfig,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    ray_address: str | None = None,
+    num_workers: int = 0,
+    max_retries: int = 2,
+) -> Path:
+    """Tokenize the corpus into `out_dir` (shards, units/, manifest.json last); resumes; returns out_dir."""
+    out_dir, tokenizer_dir = Path(out_dir).resolve(), Path(tokenizer_dir).resolve()
+    units = plan_units(data)  # raises CorpusError naming a missing path before any work
+    info = read_info(tokenizer_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = {unit.index: record for unit in units if (record := completed_record(unit, out_dir, info))}
+    todo = [unit for unit in units if unit.index not in done]
+    print(f"tokenize: {len(units)} units, {len(done)} already complete, {len(todo)} to run")
+    if todo:
+        started_ray = connect_ray(ray_address)
+        try:
+            for record in run_units(todo, data, tokenizer_dir, out_dir, num_workers, max_retries):
+                done[record["unit"]["index"]] = record
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    write_manifest(out_dir, [done[unit.index] for unit in units], data, info)
+    return out_dir

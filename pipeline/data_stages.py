@@ -1,0 +1,195 @@
+"""The data stages as plain in-process functions: train the tokenizer, tokenize one unit, write the manifest.
+
+    from pipeline.data_stages import train_tokenizer, tokenize_in_process
+    data = DataConfig(paths=["stdlib:"], unit_bytes=1 << 20)
+    tokenizer_dir = train_tokenizer(data, TokenizerConfig(sample_bytes=4 << 20), Path("out/tokenizer"))
+    shard_dir = tokenize_in_process(data, tokenizer_dir, Path("out/shards"))
+
+Where the work runs is not decided here: `orchestration/data.py` runs `tokenize_unit` as Ray tasks,
+`tokenize_in_process` runs the same function in a loop (tests, machines without Ray). A unit writes
+its shards (`train-000012.arrow`, `val-000012.arrow`) and then its record `units/unit-000012.json`,
+each atomically; a unit whose record exists and whose shards match it is complete and never
+redone. `manifest.json` is written last, from the records in unit order, and holds nothing that
+depends on timing or worker count, so reruns and any worker count give byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from tokenization.config import DataConfig, TokenizerConfig
+from tokenization.manifest import SPLITS, completed_record, record_path, shard_name, write_manifest
+from tokenization.readers import ReadStats, read_segment
+from tokenization.shards import ShardWriter
+from tokenization.tokenizer import TokenizerInfo, load_tokenizer, read_info, train_sentencepiece, write_atomic
+from tokenization.units import WorkUnit, plan_units, split_of
+
+_processors: dict[str, Any] = {}  # tokenizer per worker process, keyed by model sha256
+
+
+# --- tokenizer training -------------------------------------------------------------------------
+
+
+def _pieces(text: str, max_bytes: int) -> Iterator[str]:
+    """Cut a document at line ends into pieces below sentencepiece's sentence limit (bytes)."""
+    piece: list[str] = []
+    held = 0
+    for line in text.splitlines(keepends=True):
+        size = len(line.encode("utf-8"))
+        if held + size > max_bytes and piece:
+            yield "".join(piece)
+            piece, held = [], 0
+        while size > max_bytes:  # a single over-long line: cut by characters (max_bytes // 4 is safe)
+            step = max_bytes // 4
+            yield line[:step]
+            line = line[step:]
+            size = len(line.encode("utf-8"))
+        piece.append(line)
+        held += size
+    if piece:
+        yield "".join(piece)
+
+
+def sample_text(data: DataConfig, tokenizer: TokenizerConfig, units: list[WorkUnit] | None = None) -> list[str]:
+    """A deterministic sample of about `tokenizer.sample_bytes`: whole units in a seeded order."""
+    units = plan_units(data) if units is None else units
+
+    def rank(unit: WorkUnit) -> bytes:
+        return hashlib.sha256(f"{tokenizer.seed}:{unit.index}".encode()).digest()
+
+    sample: list[str] = []
+    held = 0
+    stats = ReadStats()
+    bar = tqdm(total=tokenizer.sample_bytes, unit="B", unit_scale=True, desc="tokenizer sample", leave=False)
+    for unit in sorted(units, key=rank):
+        for segment in unit.segments:
+            for doc in read_segment(segment, data, stats):
+                sample.extend(_pieces(doc.text, tokenizer.max_sentence_bytes))
+                size = len(doc.text.encode("utf-8"))
+                held += size
+                bar.update(size)
+                if held >= tokenizer.sample_bytes:
+                    bar.close()
+                    return sample
+    bar.close()
+    return sample
+
+
+def train_tokenizer(data: DataConfig, tokenizer: TokenizerConfig, out_dir: Path) -> Path:
+    """Train sentencepiece on a sample of the corpus; writes tokenizer.model + tokenizer.json into out_dir."""
+    out_dir = Path(out_dir)
+    sample = sample_text(data, tokenizer)
+    sample_bytes = sum(len(piece.encode("utf-8")) for piece in sample)
+    print(f"training {tokenizer.model_type} tokenizer (vocab {tokenizer.vocab_size}) on {sample_bytes / 1e6:.1f} MB")
+    started = time.perf_counter()
+    with tqdm(total=1, desc="sentencepiece training", unit="model", leave=False) as bar:
+        info = train_sentencepiece(sample, tokenizer, out_dir)
+        bar.update(1)
+    elapsed = time.perf_counter() - started
+    print(f"tokenizer trained in {elapsed:.1f} s: vocab {info.vocab_size}, sha256 {info.model_sha256[:12]}")
+    return out_dir
+
+
+# --- one work unit ------------------------------------------------------------------------------
+
+
+def _processor(tokenizer_dir: Path) -> tuple[Any, TokenizerInfo]:
+    info = read_info(tokenizer_dir)
+    if info.model_sha256 not in _processors:
+        _processors[info.model_sha256] = load_tokenizer(tokenizer_dir)
+    return _processors[info.model_sha256]
+
+
+class _UnitWriter:
+    """Batches documents per split, encodes a batch in one sentencepiece call, appends it to the split's shard."""
+
+    def __init__(self, processor: Any, info: TokenizerInfo, out_dir: Path, index: int, batch_bytes: int) -> None:
+        self.processor, self.info, self.out_dir, self.index = processor, info, out_dir, index
+        self.batch_bytes = batch_bytes
+        self.pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+        self.pending_bytes = {split: 0 for split in SPLITS}
+        self.writers: dict[str, ShardWriter] = {}
+        self.encode_s = self.write_s = 0.0
+
+    def add(self, split: str, text: str) -> None:
+        self.pending[split].append(text)
+        self.pending_bytes[split] += len(text)
+        if self.pending_bytes[split] >= self.batch_bytes:
+            self.flush(split)
+
+    def flush(self, split: str) -> None:
+        texts = self.pending[split]
+        if not texts:
+            return
+        started = time.perf_counter()
+        encoded = self.processor.encode(texts, num_threads=1)  # one CPU per task: Ray schedules the parallelism
+        eod = (self.info.eod_id,)
+        documents = [np.fromiter(itertools.chain(ids, eod), np.int64, len(ids) + 1) for ids in encoded]
+        self.encode_s += time.perf_counter() - started
+        started = time.perf_counter()
+        if split not in self.writers:
+            self.writers[split] = ShardWriter(
+                self.out_dir / shard_name(split, self.index), self.info, split
+            ).__enter__()
+        self.writers[split].write(documents)
+        self.write_s += time.perf_counter() - started
+        self.pending[split], self.pending_bytes[split] = [], 0
+
+    def close(self) -> list[dict[str, Any]]:
+        records = []
+        for split in SPLITS:
+            self.flush(split)
+            if split in self.writers:
+                started = time.perf_counter()
+                self.writers[split].__exit__(None, None, None)
+                self.write_s += time.perf_counter() - started
+                records.append(self.writers[split].record.__dict__)
+        return records
+
+
+def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """Tokenize one unit into its shards, then write its record; returns the record (plus timings)."""
+    out_dir = Path(out_dir)
+    (out_dir / "units").mkdir(parents=True, exist_ok=True)
+    processor, info = _processor(Path(tokenizer_dir))
+    stats = ReadStats()
+    writer = _UnitWriter(processor, info, out_dir, unit.index, data.batch_bytes)
+    started = time.perf_counter()
+    try:
+        for segment in unit.segments:
+            for doc in read_segment(segment, data, stats):
+                writer.add(split_of(doc.id, data.val_fraction), doc.text)
+        shards = writer.close()
+    except BaseException:
+        for shard in writer.writers.values():
+            shard.__exit__(RuntimeError, None, None)  # drop temporary files
+        raise
+    record = {"unit": unit.to_json(), "tokenizer_sha256": info.model_sha256, "shards": shards, **stats.counters()}
+    write_atomic(record_path(out_dir, unit.index), (json.dumps(record, indent=1) + "\n").encode())
+    timing = {"seconds": time.perf_counter() - started, "encode_s": writer.encode_s, "write_s": writer.write_s}
+    return {**record, "timing": timing}
+
+
+# --- in-process runner --------------------------------------------------------------------------
+
+
+def tokenize_in_process(data: DataConfig, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """The tokenize stage in this process, unit by unit (same output as the Ray stage)."""
+    out_dir = Path(out_dir)
+    units = plan_units(data)
+    info = read_info(tokenizer_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for unit in tqdm(units, desc="tokenize", unit="unit"):
+        records.append(completed_record(unit, out_dir, info) or tokenize_unit(unit, data, tokenizer_dir, out_dir))
+    write_manifest(out_dir, records, data, info)
+    return out_dir

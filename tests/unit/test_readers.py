@@ -1,0 +1,184 @@
+"""Corpus readers and work units: every format, record-boundary cuts, streaming memory, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from tokenization.config import DataConfig
+from tokenization.readers import BadRecordError, ReadStats, read_segment
+from tokenization.sources import CorpusError, resolve_sources
+from tokenization.units import plan_units
+
+TEXTS = ["first doc\n  indented\ttab", "second: 世界 😀", "third\n\n\nwith blank lines inside"]
+
+
+def read_all(data: DataConfig) -> tuple[list[tuple[str, str]], ReadStats]:
+    stats = ReadStats()
+    docs = [
+        (doc.id, doc.text)
+        for unit in plan_units(data)
+        for seg in unit.segments
+        for doc in read_segment(seg, data, stats)
+    ]
+    return docs, stats
+
+
+def jsonl_bytes(texts: list[str]) -> bytes:
+    return "".join(json.dumps({"text": text, "meta": i}) + "\n" for i, text in enumerate(texts)).encode()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.zst", ".json.gz", ".parquet"])
+def test_record_formats_give_the_same_documents(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"corpus{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.table({"text": TEXTS}), path)
+    else:
+        payload = jsonl_bytes(TEXTS)
+        compress = {".jsonl": bytes, ".jsonl.zst": zstandard.ZstdCompressor().compress, ".json.gz": gzip.compress}
+        path.write_bytes(compress[suffix](payload))
+    docs, stats = read_all(DataConfig(paths=[str(path)]))
+    assert [text for _, text in docs] == TEXTS
+    first = 0 if suffix == ".parquet" else 1  # parquet rows count from 0, lines from 1
+    assert [doc_id for doc_id, _ in docs] == [f"corpus{suffix}:{first + i}" for i in range(3)]
+    assert stats.documents == 3 and stats.bad_records == 0
+
+
+def test_txt_whole_file_and_blank_line_split(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("para one\nline two\n\n\npara two\n   \npara three")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.txt").write_text("other file")
+    whole, _ = read_all(DataConfig(paths=[str(tmp_path)]))
+    assert whole == [("a.txt", "para one\nline two\n\n\npara two\n   \npara three"), ("sub/b.txt", "other file")]
+    split, _ = read_all(DataConfig(paths=[str(tmp_path)], txt_split="blank_lines"))
+    assert split == [
+        ("a.txt:1", "para one\nline two\n"),
+        ("a.txt:5", "para two\n"),
+        ("a.txt:7", "para three"),
+        ("sub/b.txt:1", "other file"),
+    ]
+
+
+@pytest.mark.parametrize("unit_bytes", [1, 7, 64, 1000, 1 << 20])
+def test_cuts_fall_on_record_boundaries_and_ids_do_not_move(tmp_path: Path, unit_bytes: int) -> None:
+    texts = [f"doc {i} " + "x" * (i * 13 % 50) for i in range(60)]
+    (tmp_path / "big.jsonl").write_bytes(jsonl_bytes(texts))
+    (tmp_path / "paras.txt").write_text("\n\n".join(texts) + "\n")
+    data = DataConfig(paths=[str(tmp_path)], unit_bytes=unit_bytes, txt_split="blank_lines")
+    docs, _ = read_all(data)
+    reference, _ = read_all(data.model_copy(update={"unit_bytes": 1 << 30}))
+    assert docs == reference
+    assert [text for doc_id, text in docs if doc_id.startswith("big")] == texts
+    assert [text.rstrip("\n") for doc_id, text in docs if doc_id.startswith("paras")] == texts
+    if unit_bytes < 100:
+        assert len(plan_units(data)) > 10
+
+
+def test_stdlib_corpus_is_the_standard_library_without_tests() -> None:
+    files = resolve_sources(["stdlib:"])
+    assert len(files) > 500 and all(f.rel.startswith("stdlib:") and f.rel.endswith(".py") for f in files)
+    assert not any("site-packages" in f.rel or "/test/" in f"/{f.rel[7:]}" for f in files)
+    assert any(f.rel == "stdlib:json/__init__.py" for f in files)
+
+
+def test_nonexistent_path_is_named_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "ok.txt").write_text("fine")
+    missing = tmp_path / "nope" / "*.jsonl"
+    with pytest.raises(CorpusError, match="nope"):
+        plan_units(DataConfig(paths=[str(tmp_path / "ok.txt"), str(missing)]))
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe bytes")
+    line = b'{"text": "caf\xe9 au lait"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(line + b'{"text": "clean"}\n')
+    docs, stats = read_all(DataConfig(paths=[str(tmp_path)]))
+    assert dict(docs) == {
+        "bad.jsonl:1": "caf\ufffd au lait",
+        "bad.jsonl:2": "clean",
+        "bad.txt": "ok \ufffd\ufffd bytes",
+    }
+    assert stats.invalid_utf8_docs == 2
+
+
+def test_empty_files_and_documents_are_skipped_and_counted(tmp_path: Path) -> None:
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("  \n\t\n")
+    (tmp_path / "docs.jsonl").write_text('{"text": ""}\n\n{"text": "  "}\n{"text": "real"}\n')
+    docs, stats = read_all(DataConfig(paths=[str(tmp_path)]))
+    assert docs == [("docs.jsonl:4", "real")]
+    assert (stats.empty_files, stats.empty_docs, stats.documents) == (1, 4, 1)
+
+
+def test_malformed_json_and_missing_field_skip_or_fail_with_file_line(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": "a"}\n{"text": "b"\n{"body": "no text"}\n["list"]\n{"text": 5}\n{"text": "c"}\n')
+    docs, stats = read_all(DataConfig(paths=[str(path)]))
+    assert docs == [("mixed.jsonl:1", "a"), ("mixed.jsonl:6", "c")]
+    assert (stats.bad_records, stats.missing_text) == (1, 3)
+    with pytest.raises(BadRecordError, match=rf"{path}:2: malformed JSON"):
+        read_all(DataConfig(paths=[str(path)], on_bad_record="fail"))
+    path.write_text('{"text": "a"}\n{"body": "no text"}\n')
+    with pytest.raises(BadRecordError, match=rf"{path}:2: record has no string field 'text'"):
+        read_all(DataConfig(paths=[str(path)], on_bad_record="fail"))
+
+
+def test_parquet_without_the_column_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"body": ["x"]}), path)
+    with pytest.raises(CorpusError, match=r"t\.parquet: no column 'text'"):
+        plan_units(DataConfig(paths=[str(path)]))
+
+
+def test_parquet_row_groups_become_units(tmp_path: Path) -> None:
+    texts = [f"row {i} " + "y" * 200 for i in range(100)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "t.parquet", row_group_size=10)
+    data = DataConfig(paths=[str(tmp_path)], unit_bytes=2000)
+    assert len(plan_units(data)) > 3
+    docs, _ = read_all(data)
+    assert [text for _, text in docs] == texts and docs[42][0] == "t.parquet:42"
+
+
+def test_a_single_50mb_line(tmp_path: Path) -> None:
+    long_text = "word " * (10 << 20)  # 50 MB in one JSON line, far over unit_bytes
+    (tmp_path / "long.jsonl").write_text(
+        json.dumps({"text": "before"}) + "\n" + json.dumps({"text": long_text}) + "\n" + json.dumps({"text": "after"})
+    )
+    data = DataConfig(paths=[str(tmp_path)], unit_bytes=1 << 20)
+    units = plan_units(data)
+    assert len(units) == 2  # the cut after "before" and no cut inside the long line
+    docs, stats = read_all(data)
+    assert [doc_id for doc_id, _ in docs] == ["long.jsonl:1", "long.jsonl:2", "long.jsonl:3"]
+    assert docs[1][1] == long_text and stats.documents == 3
+
+
+def write_big(path: Path, lines: int) -> None:
+    record = json.dumps({"text": "streaming " * 100}) + "\n"
+    payload = (record * lines).encode()
+    if path.name.endswith(".zst"):
+        payload = zstandard.ZstdCompressor().compress(payload)
+    elif path.name.endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=1)
+    path.write_bytes(payload)
+
+
+@pytest.mark.parametrize("name", ["big.jsonl", "big.jsonl.zst", "big.json.gz"])
+def test_reading_streams_with_flat_memory(tmp_path: Path, name: str) -> None:
+    lines = 20_000  # ~20 MB of text
+    write_big(tmp_path / name, lines)
+    data = DataConfig(paths=[str(tmp_path)], unit_bytes=1 << 30)
+    (segment,) = plan_units(data)[0].segments
+    stats = ReadStats()
+    tracemalloc.start()
+    count = sum(1 for _ in read_segment(segment, data, stats))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert count == lines
+    assert peak < 4 << 20, f"peak Python memory {peak / 1e6:.1f} MB while streaming ~20 MB"

@@ -1,0 +1,96 @@
+"""The manifest of a shard directory: every shard, every unit, the totals; written last.
+
+    manifest = read_manifest(Path("runs/quickstart/shards-1a2b3c4d5e6f"))
+    manifest["totals"]["train"]["tokens"], manifest["shards"][0]["sha256"]
+
+Each work unit leaves `units/unit-000012.json` after its shards (both atomically); the manifest is
+built from those records in unit order and holds nothing that depends on timing, hosts or worker
+count, so reruns and any number of workers give the same bytes. A unit whose record and shards
+verify is complete: a resumed stage skips it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenization.config import DataConfig
+from tokenization.readers import ReadStats
+from tokenization.shards import FORMAT_VERSION, ShardError, shard_record_from_dict, verify_shard
+from tokenization.tokenizer import TokenizerInfo, write_atomic
+from tokenization.units import WorkUnit
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.arrow"
+
+
+def record_path(out_dir: Path, index: int) -> Path:
+    return Path(out_dir) / "units" / f"unit-{index:06d}.json"
+
+
+def completed_record(unit: WorkUnit, out_dir: Path, info: TokenizerInfo) -> dict[str, Any] | None:
+    """The unit's record when its shards are complete and valid (resume), else None."""
+    path = record_path(out_dir, unit.index)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if record["unit"] != unit.to_json() or record["tokenizer_sha256"] != info.model_sha256:
+            return None
+        for shard in record["shards"]:
+            verify_shard(Path(out_dir) / shard["name"], shard_record_from_dict(shard), info)
+    except (ValueError, KeyError, ShardError):
+        return None
+    return record
+
+
+def build_manifest(records: list[dict[str, Any]], data: DataConfig, info: TokenizerInfo) -> dict[str, Any]:
+    """The manifest from unit records in unit order; no timings, hosts or worker counts (byte-identical)."""
+    records = sorted(records, key=lambda record: record["unit"]["index"])
+    counters = [key for key in ReadStats().counters()]
+    shards = [
+        {**shard_record_from_dict(shard).__dict__, "units": [record["unit"]["index"]]}
+        for record in records
+        for shard in record["shards"]
+    ]
+    splits = {
+        split: {
+            "shards": sum(1 for shard in shards if shard["split"] == split),
+            "documents": sum(shard["documents"] for shard in shards if shard["split"] == split),
+            "tokens": sum(shard["tokens"] for shard in shards if shard["split"] == split),
+        }
+        for split in SPLITS
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "tokenizer": {
+            "sha256": info.model_sha256,
+            "vocab_size": info.vocab_size,
+            "eod_id": info.eod_id,
+            "pad_id": info.pad_id,
+            "config": info.config,
+        },
+        "data_config": data.model_dump(mode="json"),
+        "token_dtype": "uint16" if info.vocab_size <= 1 << 16 else "uint32",
+        "totals": {**splits, **{key: sum(record[key] for record in records) for key in counters}},
+        "shards": shards,
+        "units": [{**record["unit"], **{key: record[key] for key in counters}} for record in records],
+    }
+
+
+def write_manifest(out_dir: Path, records: list[dict[str, Any]], data: DataConfig, info: TokenizerInfo) -> Path:
+    path = Path(out_dir) / MANIFEST
+    write_atomic(path, (json.dumps(build_manifest(records, data, info), indent=1) + "\n").encode())
+    return path
+
+
+def read_manifest(shard_dir: Path) -> dict[str, Any]:
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path} not found: the tokenize stage did not complete")
+    return json.loads(path.read_text())

@@ -1,0 +1,177 @@
+"""Streaming corpus readers: the documents of one work-unit segment, with bad-input counters.
+
+    stats = ReadStats()
+    for doc in read_segment(segment, DataConfig(paths=["corpus/"]), stats):
+        doc.id, doc.text                     # "books/a.jsonl:17", "the text ..."
+
+Formats: .txt (a file is a document, or `txt_split: blank_lines` makes each paragraph one),
+.jsonl / .jsonl.zst / .json.gz (one JSON object per line, text in `data.text_field`) and .parquet
+(column `data.text_field`). Reading is streaming (line by line, or parquet batch by batch), so
+memory stays flat on multi-GB files; only a single document is ever held whole.
+
+Bad input never stops the stage silently: invalid UTF-8 is replaced (U+FFFD) and counted, empty
+files and whitespace-only documents are skipped and counted, and a malformed JSON line or a record
+without the text field is skipped and counted, or raises `BadRecordError` naming file:line when
+`data.on_bad_record` is `fail`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from typing import BinaryIO
+
+from tokenization.config import DataConfig
+from tokenization.units import Segment
+
+log = logging.getLogger(__name__)
+_PARQUET_BATCH_ROWS = 1024
+_WARN_LIMIT = 10  # skipped records reported per segment before going quiet (all are counted)
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be read under `on_bad_record: fail`; the message starts with file:line."""
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0  # documents yielded
+    text_bytes: int = 0  # UTF-8 bytes of the yielded documents
+    invalid_utf8_docs: int = 0  # documents in which invalid bytes were replaced by U+FFFD
+    empty_files: int = 0  # files of zero bytes
+    empty_docs: int = 0  # documents with no non-whitespace character, skipped
+    bad_records: int = 0  # malformed JSON lines, skipped
+    missing_text: int = 0  # records without a string text field, skipped
+    warned: int = 0
+
+    def add(self, other: ReadStats) -> None:
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    def counters(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warned"}
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str  # file id + record position: "rel" (whole file) or "rel:N" (line N, or row N of parquet)
+    text: str
+
+
+def decode(raw: bytes, stats: ReadStats) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.invalid_utf8_docs += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _emit(doc_id: str, text: str, stats: ReadStats) -> Iterator[Document]:
+    if not text.strip():
+        stats.empty_docs += 1
+        return
+    stats.documents += 1
+    stats.text_bytes += len(text.encode("utf-8"))
+    yield Document(doc_id, text)
+
+
+def _skip(where: str, problem: str, counter: str, data: DataConfig, stats: ReadStats) -> None:
+    if data.on_bad_record == "fail":
+        raise BadRecordError(f"{where}: {problem} (data.on_bad_record=fail)")
+    setattr(stats, counter, getattr(stats, counter) + 1)
+    if stats.warned < _WARN_LIMIT:
+        stats.warned += 1
+        log.warning("%s: %s; skipped (data.on_bad_record=skip)", where, problem)
+
+
+def _lines(segment: Segment) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the segment's records, decompressing as a stream."""
+    handle: BinaryIO
+    if segment.fmt == "jsonl.zst":
+        import zstandard
+
+        raw = open(segment.path, "rb")  # noqa: SIM115 - closed with the reader below
+        handle = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    elif segment.fmt == "jsonl.gz":
+        handle = gzip.open(segment.path, "rb")
+    else:
+        handle = open(segment.path, "rb")  # noqa: SIM115
+        handle.seek(segment.start)
+    with handle:
+        position = segment.start
+        for line_no, line in enumerate(handle, start=segment.first_record):
+            yield line_no, line
+            position += len(line)
+            if segment.fmt in ("jsonl", "txt") and position >= segment.end:
+                return
+
+
+def _read_jsonl(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
+    for line_no, line in _lines(segment):
+        where = f"{segment.path}:{line_no}"
+        if not line.strip():
+            stats.empty_docs += 1
+            continue
+        try:
+            record = json.loads(decode(line, stats))
+        except json.JSONDecodeError as exc:
+            _skip(where, f"malformed JSON ({exc.msg}, column {exc.colno})", "bad_records", data, stats)
+            continue
+        text = record.get(data.text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            _skip(where, f"record has no string field '{data.text_field}'", "missing_text", data, stats)
+            continue
+        yield from _emit(f"{segment.rel}:{line_no}", text, stats)
+
+
+def _read_paragraphs(segment: Segment, stats: ReadStats) -> Iterator[Document]:
+    paragraph: list[bytes] = []
+    first_line = segment.first_record
+    for line_no, line in _lines(segment):
+        if line.strip():
+            if not paragraph:
+                first_line = line_no
+            paragraph.append(line)
+        elif paragraph:
+            yield from _emit(f"{segment.rel}:{first_line}", decode(b"".join(paragraph), stats), stats)
+            paragraph = []
+    if paragraph:
+        yield from _emit(f"{segment.rel}:{first_line}", decode(b"".join(paragraph), stats), stats)
+
+
+def _read_parquet(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    row = segment.first_record
+    parquet = pq.ParquetFile(segment.path)
+    groups = list(range(segment.start, segment.end))
+    batches = parquet.iter_batches(_PARQUET_BATCH_ROWS, row_groups=groups, columns=[data.text_field])
+    for batch in batches:
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                _skip(
+                    f"{segment.path}:row {row}", f"no string in column '{data.text_field}'", "missing_text", data, stats
+                )
+            else:
+                yield from _emit(f"{segment.rel}:{row}", text, stats)
+            row += 1
+
+
+def read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
+    """Documents of one segment in file order; counters go to `stats`."""
+    if segment.fmt != "parquet" and segment.start == 0 and segment.end == 0:
+        stats.empty_files += 1
+        return
+    if segment.fmt == "parquet":
+        yield from _read_parquet(segment, data, stats)
+    elif segment.fmt.startswith("jsonl"):
+        yield from _read_jsonl(segment, data, stats)
+    elif data.txt_split == "blank_lines":
+        yield from _read_paragraphs(segment, stats)
+    else:
+        with open(segment.path, "rb") as handle:
+            yield from _emit(segment.rel, decode(handle.read(), stats), stats)
