@@ -76,16 +76,22 @@ def is_time_mix(key: str) -> bool:
     return ".time_mix_" in key
 
 
-def export_state_dict(model: nn.Module) -> StateDict:
-    """The official flat dict: float32, contiguous, CPU, time_mix reshaped to (1, 1, C)."""
-    if not isinstance(model, RWKV):
-        raise TypeError(f"only RWKV-4 models export to the RWKV-4 format, got {type(model).__name__}")
+def export_state_dict(source: nn.Module | Mapping[str, torch.Tensor]) -> StateDict:
+    """The official flat dict: float32, contiguous, CPU, time_mix reshaped to (1, 1, C).
+
+    `source` is an RWKV or its `state_dict()` (e.g. gathered from a sharded training engine).
+    """
+    if isinstance(source, nn.Module):
+        if not isinstance(source, RWKV):
+            raise TypeError(f"only RWKV-4 models export to the RWKV-4 format, got {type(source).__name__}")
+        source = source.state_dict()
     exported = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in source.items():
         tensor = tensor.detach().to("cpu", torch.float32)
         exported[key] = (tensor.reshape(1, 1, -1) if is_time_mix(key) else tensor).contiguous().clone()
-    expected = official_shapes(model.config)
-    assert {k: tuple(v.shape) for k, v in exported.items()} == expected, "model keys drifted from the official ones"
+    problems = format_problems(exported)
+    if problems:
+        raise CheckpointFormatError("cannot export as RWKV-4:\n  " + "\n  ".join(problems))
     return exported
 
 
@@ -122,6 +128,7 @@ def format_problems(state: Mapping[str, object]) -> list[str]:
     unusable = [k for k in size_keys if not isinstance(state.get(k), torch.Tensor) or state[k].dim() != 2]
     if unusable:
         problems.append(f"missing keys needed to infer the sizes ({len(unusable)}): {listed(unusable)}")
+        problems.append(f"keys found ({len(state)}): {listed(list(state))}")  # shows e.g. a wrapper prefix
         return problems
     expected = official_shapes(infer_config(state))  # type: ignore[arg-type]
     missing = [k for k in expected if k not in state]
@@ -165,7 +172,7 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     os.replace(tmp, path)
 
 
-def save_rwkv4_pth(model: nn.Module, path: str | os.PathLike) -> None:
+def save_rwkv4_pth(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """The official RWKV-4 `.pth`: loadable by `rwkv.model.RWKV(model=path, strategy='cpu fp32')`."""
     state = export_state_dict(model)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -180,7 +187,7 @@ def load_rwkv4_pth(path: str | os.PathLike, wkv_backend: str = "auto") -> RWKV:
     return model_from_state_dict(state, wkv_backend, source=str(path))
 
 
-def save_rwkv4_safetensors(model: nn.Module, path: str | os.PathLike) -> None:
+def save_rwkv4_safetensors(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """The same flat dict as `save_rwkv4_pth`, as a safetensors file (e.g. model.safetensors)."""
     from safetensors.torch import save_file
 

@@ -179,6 +179,17 @@ def test_a_file_without_the_size_keys_or_not_a_dict_is_refused(tmp_path):
     assert "expected a flat dict" in error_for(tmp_path / "list.pth")
 
 
+def test_a_state_dict_exports_like_its_model_and_a_prefixed_one_is_refused(exported, tmp_path):
+    model, path, _, _ = exported
+    save_rwkv4_pth(model.state_dict(), tmp_path / "from-dict.pth")
+    assert (
+        torch.load(tmp_path / "from-dict.pth", weights_only=True).keys() == torch.load(path, weights_only=True).keys()
+    )
+    prefixed = {f"_forward_module.{k}": v for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointFormatError, match="_forward_module.emb.weight"):
+        save_rwkv4_pth(prefixed, tmp_path / "prefixed.pth")
+
+
 def test_saving_a_gpt_is_refused(tmp_path):
     from model import build_model
 
