@@ -124,9 +124,14 @@ def verify_shard(path: Path, expected: ShardRecord | dict, info: TokenizerInfo |
     if digest != want["sha256"]:
         raise ShardError(f"shard {path}: sha256 {digest[:12]} differs from the manifest's {want['sha256'][:12]}")
     if info is not None:
-        schema = read_schema(Path(path))
-        if not schema.equals(shard_schema(info), check_metadata=True):
-            raise ShardError(f"shard {path}: schema {schema} differs from the expected {shard_schema(info)}")
+        schema, wanted = read_schema(Path(path)), shard_schema(info)
+        if not schema.equals(wanted, check_metadata=True):
+            found = {key.decode(): value.decode() for key, value in (schema.metadata or {}).items()}
+            expect = {key.decode(): value.decode() for key, value in (wanted.metadata or {}).items()}
+            diff = {key: (found.get(key), expect[key]) for key in expect if found.get(key) != expect[key]}
+            if schema.types != wanted.types:
+                diff["types"] = (str(schema.types), str(wanted.types))
+            raise ShardError(f"shard {path}: schema differs from the manifest (found, expected): {diff}")
 
 
 def read_schema(path: Path) -> pa.Schema:
