@@ -39,6 +39,9 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     max_bad_steps: int = Field(5, ge=1, description="Consecutive non-finite losses before stopping.")
     peak_tflops: float = Field(989.0, gt=0, description="Accelerator bf16 dense peak for MFU.")
+    layerwise_lr: bool = Field(True, description="LR x2 on time_decay, x3 on time_first (reference 4.2).")
+    compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine.")
+    sample_log: bool = Field(False, description="Append each step's sample indices and loss to out/samples/.")
 
 
 class ExtendStageConfig(_Strict):

@@ -1,0 +1,81 @@
+"""Standalone pretraining entry point: the training loop without Ray, for single-node work and benchmarks.
+
+    python -m orchestration.train configs/quickstart.yaml train.steps=50 --data SHARD_DIR --out runs/solo
+    torchrun --nproc-per-node 2 -m orchestration.train CONFIG --data SHARD_DIR --out DIR
+    deepspeed --num_gpus 8 --module orchestration.train CONFIG --data SHARD_DIR --out DIR
+
+Every process runs the same loop (pipeline/train.py); rank 0 prints metrics and writes the resolved
+config. Rerunning with the same --out resumes from the newest complete checkpoint there. No Ray or
+MLflow import happens here, so this runs on a machine with only torch, DeepSpeed and pyarrow.
+Exit codes: 0 done, 2 bad config or incompatible checkpoint, 3 stopped on non-finite losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from orchestration.config import ConfigError, RunConfig, dump_config, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestration.train", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="YAML run config (the train and model sections are used).")
+    parser.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. train.steps=100 model.n_layer=6.")
+    parser.add_argument("--data", required=True, help="Shard directory (manifest.json + Arrow shards).")
+    parser.add_argument("--out", required=True, help="Output directory: checkpoints, final weights, config.")
+    parser.add_argument("--resume", default=None, help="A checkpoint directory to resume from (default: newest).")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def resolve_config(config_path: str, overrides: list[str], data_dir: Path) -> RunConfig:
+    """The run config with model.vocab_size raised to the data's vocabulary when it is smaller."""
+    from tokenization.dataset import TokenDataset
+
+    config = load_config(config_path, overrides)
+    data_vocab = TokenDataset(data_dir, split="train", verify=False).vocab_size
+    if config.model.vocab_size < data_vocab:  # a larger model vocab (padding to a multiple of 128) is kept
+        config.model.vocab_size = data_vocab
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:  # the `deepspeed` launcher passes --local_rank
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    from pipeline.checkpoint import CheckpointMismatch
+    from pipeline.train import NonFiniteLoss, train
+
+    out_dir = Path(args.out)
+    try:
+        config = resolve_config(args.config, args.overrides, Path(args.data))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if os.environ.get("RANK", "0") == "0":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_config(config))
+    try:
+        result = train(config.train, config.model, args.data, out_dir, resume_from=args.resume)
+    except CheckpointMismatch as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"done: step {result.step}, loss {result.loss}, val_loss {result.val_loss}, checkpoint {result.checkpoint}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

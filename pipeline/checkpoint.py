@@ -1,0 +1,189 @@
+"""Training checkpoints: DeepSpeed state plus our own `train_state.json`, complete only when marked.
+
+One checkpoint is one directory, `<root>/step_00000100/`:
+
+    mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed (weights, optimizer)
+    rng_rank_00000.json ...                                        each rank's RNG states
+    train_state.json                                               step, tokens seen, sampler position,
+                                                                   tracking run id, parameter shapes
+    COMPLETE                                                       written last, by rank 0
+
+    save(engine, ckpt_dir, state)          # every rank; collective
+    latest = latest_complete(root)         # None when there is none
+    state = load(engine, latest, expected_shapes)   # raises CheckpointMismatch on another model config
+
+A checkpoint without COMPLETE (a crash while saving) is ignored by `latest_complete` and removed by
+`prune`. Everything of ours is JSON, so reading it never unpickles; the DeepSpeed files are read by
+DeepSpeed's own loader.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+COMPLETE = "COMPLETE"
+TRAIN_STATE = "train_state.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint written for another model config (its message lists the mismatched shapes)."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _b64(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.cpu().numpy().tobytes()).decode()
+
+
+def _unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) generator states as JSON-safe values."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_kind, np_keys.tolist(), int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch": _b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_unb64(state["cuda"]))
+
+
+def parameter_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Full shapes by name (ZeRO-3 partitions keep the full shape in `ds_shape`)."""
+    return {name: list(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], where: Path) -> None:
+    """Raise CheckpointMismatch naming every parameter whose shape differs, is missing or is extra."""
+    problems = [
+        f"  {name}: checkpoint {tuple(saved[name])} vs model {tuple(expected[name])}"
+        for name in expected
+        if name in saved and list(saved[name]) != list(expected[name])
+    ]
+    problems += [f"  {name}: missing from the checkpoint" for name in expected if name not in saved]
+    problems += [f"  {name}: in the checkpoint but not in the model" for name in saved if name not in expected]
+    if problems:
+        raise CheckpointMismatch(
+            f"checkpoint {where} was written by a different model config; mismatched parameters:\n"
+            + "\n".join(problems)
+            + "\nUse a fresh output directory, or the model config the checkpoint was trained with."
+        )
+
+
+def is_complete(ckpt_dir: Path) -> bool:
+    return (Path(ckpt_dir) / COMPLETE).is_file() and (Path(ckpt_dir) / TRAIN_STATE).is_file()
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """All `step_*` directories under root, oldest first (complete or not)."""
+    if not Path(root).is_dir():
+        return []
+    found = [p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def latest_complete(root: Path) -> Path | None:
+    complete = [p for p in list_checkpoints(root) if is_complete(p)]
+    return complete[-1] if complete else None
+
+
+def save(engine: Any, ckpt_dir: Path, state: dict[str, Any]) -> None:
+    """Write one checkpoint (collective: every rank calls it). COMPLETE is the last file written."""
+    ckpt_dir = Path(ckpt_dir)
+    rank = _rank()
+    if rank == 0 and ckpt_dir.exists():  # leftovers of an earlier attempt at this step: start clean
+        shutil.rmtree(ckpt_dir)
+    _barrier()
+    # DeepSpeed writes <save_dir>/<tag>/; tag = our directory name, and no 'latest' file (ours is COMPLETE).
+    engine.save_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, save_latest=False)
+    _write_json_atomic(ckpt_dir / f"rng_rank_{rank:05d}.json", rng_state())
+    _barrier()
+    if rank == 0:
+        _write_json_atomic(ckpt_dir / TRAIN_STATE, {"format": FORMAT_VERSION, **state})
+        (ckpt_dir / COMPLETE).write_text("ok\n")
+    _barrier()
+
+
+def read_state(ckpt_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(ckpt_dir) / TRAIN_STATE).read_text())
+
+
+def load(engine: Any, ckpt_dir: Path, expected_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Restore weights, optimizer and this rank's RNG from a complete checkpoint; returns train_state."""
+    ckpt_dir = Path(ckpt_dir)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no {COMPLETE} or {TRAIN_STATE})")
+    state = read_state(ckpt_dir)
+    check_shapes(state["parameter_shapes"], expected_shapes, ckpt_dir)
+    load_path, _ = engine.load_checkpoint(
+        str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {ckpt_dir}")
+    rng_file = ckpt_dir / f"rng_rank_{_rank():05d}.json"
+    if rng_file.is_file():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return state
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Rank 0, after a save: keep the newest `keep` complete checkpoints; drop older and unfinished ones."""
+    checkpoints = list_checkpoints(root)
+    complete = [p for p in checkpoints if is_complete(p)]
+    keep_set = set(complete[-keep:]) if keep > 0 else set()
+    newest = _step_of(complete[-1]) if complete else -1
+    removed = []
+    for path in checkpoints:
+        if path not in keep_set and _step_of(path) <= newest:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -1,0 +1,111 @@
+"""DeepSpeed from the typed train config: the process group, the JSON config and the engine.
+
+    init_process_group(device)                    # no-op under Ray Train / torchrun when already set up
+    ds_config = deepspeed_config(cfg, world_size=2, device_type="cpu")
+    engine = build_engine(model, cfg, world_size=2, device_type="cpu")
+
+The optimizer is Adam (or AdamW when weight decay is on) with the reference's betas and eps
+(reference/rwkv4.md §4.1). DeepSpeed builds it from the config:
+  * on GPU: FusedAdam;
+  * with ZeRO CPU offload: DeepSpeedCPUAdam;
+  * on CPU without offload: `torch.optim.Adam/AdamW` (`"torch_adam": true`), which needs no
+    compiled op.
+The LR schedule is ours (pipeline/optim.py), applied to the groups each step, so no DeepSpeed scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.optim import param_groups
+
+# DeepSpeed's bucket sizes, as the reference sets them (ds_bucket_mb = 200).
+BUCKET_BYTES = 200_000_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_process_group(device_type: str) -> None:
+    """Join the process group torchrun/deepspeed/Ray set up, or make a world of one for a plain process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # plain `python -m ...`: a single-process world
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def optimizer_config(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
+    decoupled = cfg.weight_decay > 0
+    params: dict[str, Any] = {
+        "lr": cfg.lr_init,
+        "betas": [cfg.beta1, cfg.beta2],
+        "eps": cfg.adam_eps,
+        "weight_decay": cfg.weight_decay,
+        # Explicit: DeepSpeed otherwise turns "Adam" into AdamW.
+        "adam_w_mode": decoupled,
+    }
+    if device_type != "cuda" and not cfg.offload:
+        params["torch_adam"] = True
+    return {"type": "AdamW" if decoupled else "Adam", "params": params}
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config of a TrainConfig (ZeRO stage, precision, accumulation, clipping, offload)."""
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):
+        zero.update(
+            allgather_bucket_size=BUCKET_BYTES,
+            reduce_bucket_size=BUCKET_BYTES,
+            contiguous_gradients=True,
+            # Overlapping communication with backward needs streams; on CPU it only adds threads.
+            overlap_comm=device_type == "cuda",
+        )
+    if cfg.offload and cfg.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    return {
+        "train_micro_batch_size_per_gpu": cfg.micro_bsz,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_bsz * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "optimizer": optimizer_config(cfg, device_type),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, device_type: str) -> Any:
+    """Wrap the model in a DeepSpeed engine with our parameter groups; returns the engine."""
+    import deepspeed
+
+    # Activation checkpointing per block: both model classes recompute each block in backward when asked.
+    model.checkpoint_blocks = cfg.grad_checkpointing
+    groups = param_groups(model, weight_decay=cfg.weight_decay, layerwise_lr=cfg.layerwise_lr)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=deepspeed_config(cfg, world_size, device_type)
+    )
+    return engine
+
+
+def device_for_rank(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

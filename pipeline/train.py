@@ -1,0 +1,306 @@
+"""The pretraining loop: DeepSpeed engine, sampler windows, L2Wrap loss, metrics, validation, checkpoints.
+
+    from pipeline.train import train
+    result = train(cfg.train, cfg.model, data_dir="runs/q/tokenize-1a2b", out_dir="runs/q/pretrain",
+                   log_metrics=lambda metrics, step: print(step, metrics))
+
+Every rank runs this same function: under `torchrun`/`deepspeed` (orchestration/train.py), under Ray
+Train (orchestration/ray_train.py, which passes `on_checkpoint` to report checkpoints to Ray), or
+as a plain process (a world of one). `log_metrics` is called on rank 0 only.
+
+Exact resume: the data order is a pure function of the step (WindowSampler), the per-step seed is a
+function of (seed, step, rank), the optimizer state and RNG states are checkpointed, and the LR is
+a pure function of the step. A rerun after a crash therefore replays exactly what an uninterrupted
+run would have done from the newest complete checkpoint on.
+
+Non-finite loss: every rank sees the all-reduced loss, so all take the same branch. A bad
+micro-batch backpropagates an exactly-zero surrogate instead (keeping DeepSpeed's collectives and
+counters in step), and the optimizer step runs at LR 0, so the weights do not move (Adam's moments
+decay by one step). After `max_bad_steps` bad steps in a row the run stops with NonFiniteLoss,
+without writing a checkpoint of the bad state.
+
+Legend: B micro-batch, T ctx_len.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model
+from model.loss import language_model_loss
+from pipeline import checkpoint as ckpt
+from pipeline.config import TrainConfig
+from pipeline.engine import build_engine, device_for_rank, init_process_group
+from pipeline.metrics import Throughput, accelerator_memory_gib, mfu, train_flops_per_token
+from pipeline.optim import learning_rate, set_learning_rate
+from tokenization.dataset import TokenDataset
+from tokenization.sampler import WindowSampler
+
+MetricsFn = Callable[[dict[str, float], int], None]
+CheckpointFn = Callable[[Path, dict[str, Any]], None]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss was NaN/inf for `max_bad_steps` steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens_seen: int
+    loss: float | None
+    val_loss: float | None
+    checkpoint: str | None
+    bad_steps: int
+    resumed_from: str | None
+    tracking_run_id: str | None
+
+
+def _batch(
+    data: TokenDataset, starts: list[int], ctx_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (B, T) from windows of T + 1 tokens at the given token offsets."""
+    rows = np.stack([data.window(start, ctx_len + 1) for start in starts])
+    tokens_BT1 = torch.from_numpy(rows).to(device, non_blocking=True)
+    return tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+
+
+def _global_loss(loss: torch.Tensor, device: torch.device) -> tuple[float, bool]:
+    """Sum of the ranks' losses, and whether any rank's loss is non-finite (same answer on every rank)."""
+    finite = bool(torch.isfinite(loss.detach()).item())
+    stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0], device=device)
+    dist.all_reduce(stats)
+    return float(stats[0]), bool(stats[1] > 0)
+
+
+def _zero_surrogate(module: torch.nn.Module) -> torch.Tensor:
+    """A loss whose gradient is exactly zero for every parameter, whatever the activations held."""
+    return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+def _val_data(data_dir: Path, min_tokens: int) -> TokenDataset | None:
+    try:
+        val = TokenDataset(data_dir, split="val")
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+    return val if val.num_tokens >= min_tokens else None
+
+
+@torch.no_grad()
+def evaluate(engine: Any, val: TokenDataset | None, cfg: TrainConfig, device: torch.device) -> float | None:
+    """Mean next-token loss on `val_batches` fixed windows spread evenly over the val split."""
+    if val is None:
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    windows = cfg.val_batches * cfg.micro_bsz
+    span = val.num_tokens - (cfg.ctx_len + 1)
+    starts = [(i * span) // max(windows - 1, 1) for i in range(windows)]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); extras weigh 0.
+    for round_index in range(math.ceil(cfg.val_batches / world)):
+        batch = round_index * world + rank
+        counted = batch < cfg.val_batches
+        chunk = starts[(batch if counted else 0) * cfg.micro_bsz :][: cfg.micro_bsz]
+        x_BT, y_BT = _batch(val, chunk, cfg.ctx_len, device)
+        logits_BTV = engine(x_BT).float()
+        loss_sum = F.cross_entropy(logits_BTV.flatten(0, 1), y_BT.flatten(), reduction="sum")
+        if counted:
+            totals += torch.stack([loss_sum.double(), torch.tensor(float(y_BT.numel()), device=device).double()])
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+def _save_weights(engine: Any, cfg: TrainConfig, path: Path) -> None:
+    """Final weights as a plain fp32 state dict (our parameter names), written by rank 0."""
+    if cfg.zero_stage == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # collective; full tensors on rank 0
+    else:
+        state = engine.module.state_dict()
+    if dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({name: tensor.detach().float().cpu() for name, tensor in state.items()}, path)
+
+
+def train(
+    cfg: TrainConfig,
+    model_cfg: ModelConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    log_metrics: MetricsFn | None = None,
+    checkpoint_root: str | Path | None = None,
+    resume_from: str | Path | None = None,
+    on_checkpoint: CheckpointFn | None = None,
+    tracking_run_id: str | None = None,
+    checkpoints: bool = True,
+) -> TrainResult:
+    """Train to `cfg.steps` optimizer steps, resuming from the newest complete checkpoint if any.
+
+    checkpoint_root: where checkpoints are written (default out_dir/checkpoints); the newest complete
+        one there is resumed unless `resume_from` names a checkpoint directory.
+    on_checkpoint(dir, metrics): called on every rank after each complete checkpoint (Ray reports it).
+    checkpoints: False for benchmarks (no checkpoint, no final weights).
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    init_process_group(device_type)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = device_for_rank(int(os.environ.get("LOCAL_RANK", "0")))
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    root = Path(checkpoint_root) if checkpoint_root is not None else out_dir / "checkpoints"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def log(metrics: dict[str, float], step: int) -> None:  # the one rank-0-only side effect
+        if rank == 0 and log_metrics is not None:
+            log_metrics(metrics, step)
+
+    # Data: windows of ctx_len + 1 tokens at offsets from the sampler's deterministic walk.
+    data = TokenDataset(data_dir, split="train")
+    if model_cfg.vocab_size < data.vocab_size:
+        raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < the data's vocab size {data.vocab_size}")
+    val = _val_data(data_dir, cfg.ctx_len + 1)
+    sampler = WindowSampler(data.num_tokens, cfg.ctx_len, cfg.seed)
+    samples_per_step = cfg.micro_bsz * cfg.grad_accum * world
+
+    # Model: the same init on every rank (same seed); DeepSpeed wraps it and builds the optimizer.
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_cfg, lr_init=cfg.lr_init)
+    shapes = ckpt.parameter_shapes(model)
+    flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
+    engine = build_engine(model, cfg, world, device.type)
+    if cfg.compile:
+        engine.compile()
+
+    # Resume from the newest complete checkpoint (or the one named).
+    step, tokens_seen, bad_total = 0, 0, 0
+    resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
+    if resume is not None:
+        state = ckpt.load(engine, resume, shapes)
+        if state["samples_per_step"] != samples_per_step:
+            raise ValueError(
+                f"{resume} was written with {state['samples_per_step']} samples per step "
+                f"(micro_bsz x grad_accum x world); this run has {samples_per_step}: the data order would change"
+            )
+        step, tokens_seen, bad_total = state["step"], state["tokens_seen"], state["bad_steps"]
+        tracking_run_id = tracking_run_id or state.get("tracking_run_id")
+        if rank == 0:
+            print(f"resumed from {resume} at step {step}", flush=True)
+
+    sample_log = None
+    if cfg.sample_log:
+        (out_dir / "samples").mkdir(exist_ok=True)
+        sample_log = open(out_dir / "samples" / f"rank_{rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115
+
+    throughput, window_losses = Throughput(), []
+    bad_in_row, first_bad = 0, None
+    loss_now = val_loss = None
+    last_ckpt: Path | None = resume
+    while step < cfg.steps:
+        # Seeds a function of (seed, step, rank): anything random replays identically after a resume.
+        torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
+        lr = learning_rate(step, cfg)
+        step_loss, step_bad, step_samples = 0.0, False, []
+        for micro in range(cfg.grad_accum):
+            sample_ids = sampler.rank_indices(step * cfg.grad_accum + micro, cfg.micro_bsz, rank, world)
+            x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
+            loss = language_model_loss(engine(x_BT).float(), y_BT)
+            loss_sum, micro_bad = _global_loss(loss, device)
+            if micro_bad:
+                loss, step_bad = _zero_surrogate(engine.module).to(device), True
+            engine.backward(loss)
+            if micro == cfg.grad_accum - 1:  # DeepSpeed applies the update on the boundary micro-step
+                set_learning_rate(engine.optimizer, 0.0 if step_bad else lr)
+            engine.step()
+            step_loss += loss_sum / (world * cfg.grad_accum)
+            step_samples += list(sample_ids)
+
+        if step_bad:
+            bad_total, bad_in_row = bad_total + 1, bad_in_row + 1
+            first_bad = step + 1 if bad_in_row == 1 else first_bad  # steps count from 1 in logs
+            if bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLoss(
+                    f"stopping: the loss was not finite for {bad_in_row} steps in a row "
+                    f"(steps {first_bad}..{step + 1}); those steps were skipped and the weights were not updated. "
+                    "The last good checkpoint is "
+                    f"{last_ckpt or 'none (no checkpoint was written yet)'}. Lower train.lr_init, or check the data."
+                )
+        else:
+            bad_in_row, loss_now = 0, step_loss
+            window_losses.append(step_loss)
+        step += 1
+        tokens_seen += samples_per_step * cfg.ctx_len
+        throughput.add(samples_per_step * cfg.ctx_len)
+        if sample_log is not None:
+            sample_log.write(json.dumps({"step": step - 1, "samples": step_samples, "loss": step_loss}) + "\n")
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            tokens_per_s = throughput.rate(device)
+            metrics = {
+                "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                "lr": lr,
+                "tokens_seen": float(tokens_seen),
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, flops_per_token, cfg.peak_tflops, world),
+                "bad_steps": float(bad_total),
+                **accelerator_memory_gib(device),
+            }
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            window_losses = []
+            log(metrics, step)
+            if rank == 0:
+                print(f"step {step}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val_loss = evaluate(engine, val, cfg, device)
+            if val_loss is not None:
+                log({"val_loss": val_loss}, step)
+
+        if checkpoints and not step_bad and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            state = {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "sampler": {"seed": cfg.seed, "ctx_len": cfg.ctx_len, "next_sample": step * samples_per_step},
+                "samples_per_step": samples_per_step,
+                "world_size": world,
+                "bad_steps": bad_total,
+                "loss": loss_now,
+                "tracking_run_id": tracking_run_id,
+                "model_config": asdict(model_cfg),
+                "parameter_shapes": shapes,
+            }
+            last_ckpt = ckpt.step_dir(root, step)
+            ckpt.save(engine, last_ckpt, state)
+            if rank == 0:
+                ckpt.prune(root, cfg.keep_checkpoints)
+            if on_checkpoint is not None:
+                on_checkpoint(last_ckpt, {"step": step, "loss": loss_now, "tokens_seen": tokens_seen})
+
+    if sample_log is not None:
+        sample_log.close()
+    if checkpoints:
+        _save_weights(engine, cfg, out_dir / "final_weights.pt")
+    result = TrainResult(
+        step=step,
+        tokens_seen=tokens_seen,
+        loss=loss_now,
+        val_loss=val_loss,
+        checkpoint=str(last_ckpt) if last_ckpt else None,
+        bad_steps=bad_total,
+        resumed_from=str(resume) if resume else None,
+        tracking_run_id=tracking_run_id,
+    )
+    if rank == 0:
+        (out_dir / "train_result.json").write_text(json.dumps(asdict(result), indent=1))
+    return result
