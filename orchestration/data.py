@@ -40,6 +40,12 @@ def connect_ray(ray_address: str | None = None) -> bool:
         return False
     # "local", not None: ray.init(None) would join whatever cluster `ray start` last left on this machine
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        # Ray 2.60 turns token auth on for a new local cluster and writes ~/.ray/auth_token; from then on
+        # every `ray start` on the machine demands a token that drivers given an explicit address do not
+        # send, so they fail to connect. Our own throwaway local cluster needs no token; an explicit
+        # RAY_AUTH_MODE still wins.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     return True
 
