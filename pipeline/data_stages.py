@@ -163,7 +163,7 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir
     processor, info = _processor(Path(tokenizer_dir))
     stats = ReadStats()
     writer = _UnitWriter(processor, info, out_dir, unit.index, data.batch_bytes)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     try:
         for segment in unit.segments:
             for doc in read_segment(segment, data, stats):
@@ -175,7 +175,12 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir
         raise
     record = {"unit": unit.to_json(), "tokenizer_sha256": info.model_sha256, "shards": shards, **stats.counters()}
     write_atomic(record_path(out_dir, unit.index), (json.dumps(record, indent=1) + "\n").encode())
-    timing = {"seconds": time.perf_counter() - started, "encode_s": writer.encode_s, "write_s": writer.write_s}
+    timing = {
+        "seconds": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
+        "encode_s": writer.encode_s,
+        "write_s": writer.write_s,
+    }
     return {**record, "timing": timing}
 
 

@@ -1,0 +1,151 @@
+"""Tokenize-stage throughput: the Ray stage with 1 and 2 workers against a single-process encode loop.
+
+    python bench/tokenize.py                       # the Python standard library, vocab 4096
+    python bench/tokenize.py --unit-kb 1024 --repeats 3
+
+All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
+document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
+cluster once (2 CPUs), warm its workers on a small run, then time `run_units` over all units into a
+fresh directory, plus the manifest. Shard writing is the time units spent in the Arrow writer
+(building batches, writing, fsync, rename, sha256) over their total time; CPU s is the process CPU
+time of the baseline or the sum over the Ray tasks (overhead check that wall time on a busy machine
+cannot give). Prints a Markdown table. `--verify` then checks that every document in the 2-worker
+shards equals sentencepiece's own encoding plus the eod id.
+"""
+
+# ruff: noqa: E402 - the sys.path fix below must run before the other imports
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# This file shadows the stdlib's `tokenize` module (numpy and inspect import it) when run as a
+# script, because Python puts the script's folder first on sys.path: take that folder off.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+from orchestration.data import run_units
+from pipeline.data_stages import train_tokenizer
+from tokenization.config import DataConfig, TokenizerConfig
+from tokenization.manifest import write_manifest
+from tokenization.readers import ReadStats, read_segment
+from tokenization.tokenizer import load_tokenizer
+from tokenization.units import plan_units
+
+
+def single_process(data: DataConfig, tokenizer_dir: Path) -> dict[str, float]:
+    processor, _ = load_tokenizer(tokenizer_dir)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    text_bytes = tokens = 0
+    for unit in plan_units(data):
+        for segment in unit.segments:
+            for doc in read_segment(segment, data, ReadStats()):
+                tokens += len(processor.encode(doc.text)) + 1
+                text_bytes += len(doc.text.encode("utf-8"))
+    seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    return {"seconds": seconds, "cpu_s": cpu_s, "bytes": text_bytes, "tokens": tokens, "write_share": 0.0}
+
+
+def ray_stage(data: DataConfig, tokenizer_dir: Path, workers: int, scratch: Path, limit: int = 0) -> dict[str, float]:
+    out = scratch / f"shards-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    _, info = load_tokenizer(tokenizer_dir)
+    started = time.perf_counter()
+    units = plan_units(data)[: limit or None]
+    records = run_units(units, data, tokenizer_dir, out, workers, max_retries=2)
+    write_manifest(out, records, data, info)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "cpu_s": sum(r["timing"]["cpu_s"] for r in records),
+        "bytes": sum(r["text_bytes"] for r in records),
+        "tokens": sum(s["tokens"] for r in records for s in r["shards"]),
+        "write_share": sum(r["timing"]["write_s"] for r in records) / sum(r["timing"]["seconds"] for r in records),
+    }
+
+
+def verify(data: DataConfig, tokenizer_dir: Path, shard_dir: Path) -> int:
+    """Documents checked; raises AssertionError on the first document whose tokens differ."""
+    import pyarrow as pa
+
+    from tokenization.manifest import read_manifest
+    from tokenization.units import split_of
+
+    processor, info = load_tokenizer(tokenizer_dir)
+    expected: dict[str, list[str]] = {"train": [], "val": []}
+    for unit in plan_units(data):
+        for segment in unit.segments:
+            for doc in read_segment(segment, data, ReadStats()):
+                expected[split_of(doc.id, data.val_fraction)].append(doc.text)
+    checked = 0
+    for split, texts in expected.items():
+        rows = []
+        for shard in (s for s in read_manifest(shard_dir)["shards"] if s["split"] == split):
+            with pa.memory_map(str(shard_dir / shard["name"])) as source:
+                rows += pa.ipc.open_file(source).read_all().column("tokens").to_pylist()
+        assert len(rows) == len(texts), f"{split}: {len(rows)} rows for {len(texts)} documents"
+        for row, text in zip(rows, texts, strict=True):
+            assert row == processor.encode(text) + [info.eod_id], f"{split} document {checked} differs"
+            checked += 1
+    return checked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paths", nargs="+", default=["stdlib:"])
+    parser.add_argument("--unit-kb", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the median is shown")
+    parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
+    args = parser.parse_args()
+
+    import ray
+
+    scratch = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
+    data = DataConfig(paths=args.paths, unit_bytes=args.unit_kb << 10)
+    tokenizer_dir = train_tokenizer(data, TokenizerConfig(vocab_size=args.vocab, sample_bytes=4 << 20), scratch / "tok")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.data.connect_ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray_stage(data, tokenizer_dir, 2, scratch, limit=4)  # start and warm both workers (imports, tokenizer load)
+
+    rows = {}
+    runs = {
+        "single process, sentencepiece encode loop": lambda: single_process(data, tokenizer_dir),
+        "Ray stage, 1 worker": lambda: ray_stage(data, tokenizer_dir, 1, scratch),
+        "Ray stage, 2 workers": lambda: ray_stage(data, tokenizer_dir, 2, scratch),
+    }
+    for name, run in runs.items():
+        results = [run() for _ in range(args.repeats)]
+        rows[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    ray.shutdown()
+
+    base = rows["single process, sentencepiece encode loop"]
+    base_rate = base["bytes"] / base["seconds"]
+    print(f"\ncorpus {args.paths}: {base['bytes'] / 1e6:.1f} MB, {base['tokens'] / 1e6:.2f} M tokens, ", end="")
+    print(
+        f"{len(plan_units(data))} units of {args.unit_kb} KB, vocab {args.vocab}, load avg {os.getloadavg()[0]:.2f}\n"
+    )
+    print("| run | seconds | MB/s | M tokens/s | speed-up vs single | parallel efficiency | shard writing | CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        rate = row["bytes"] / row["seconds"]
+        workers = 2 if "2 workers" in name else 1
+        print(
+            f"| {name} | {row['seconds']:.2f} | {rate / 1e6:.2f} | {row['tokens'] / row['seconds'] / 1e6:.2f} "
+            f"| {rate / base_rate:.2f}x | {rate / base_rate / workers:.0%} | {row['write_share']:.1%} "
+            f"| {row['cpu_s']:.2f} |"
+        )
+    if args.verify:
+        print(f"\nverified: {verify(data, tokenizer_dir, scratch / 'shards-2')} documents equal encode(text) + [eod]")
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
