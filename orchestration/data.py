@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.data_stages import tokenize_unit
 from tokenization.config import DataConfig
-from tokenization.manifest import completed_record, write_manifest
+from tokenization.manifest import completed_record, remove_temporaries, write_manifest
 from tokenization.tokenizer import read_info
 from tokenization.units import WorkUnit, plan_units
 
@@ -127,5 +127,6 @@ def tokenize_corpus(
                 import ray
 
                 ray.shutdown()
+    remove_temporaries(out_dir)
     write_manifest(out_dir, [done[unit.index] for unit in units], data, info)
     return out_dir

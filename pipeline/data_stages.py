@@ -27,7 +27,14 @@ import numpy as np
 from tqdm import tqdm
 
 from tokenization.config import DataConfig, TokenizerConfig
-from tokenization.manifest import SPLITS, completed_record, record_path, shard_name, write_manifest
+from tokenization.manifest import (
+    SPLITS,
+    completed_record,
+    record_path,
+    remove_temporaries,
+    shard_name,
+    write_manifest,
+)
 from tokenization.readers import ReadStats, read_segment
 from tokenization.shards import ShardWriter
 from tokenization.tokenizer import TokenizerInfo, load_tokenizer, read_info, train_sentencepiece, write_atomic
@@ -196,5 +203,6 @@ def tokenize_in_process(data: DataConfig, tokenizer_dir: Path, out_dir: Path) ->
     records = []
     for unit in tqdm(units, desc="tokenize", unit="unit"):
         records.append(completed_record(unit, out_dir, info) or tokenize_unit(unit, data, tokenizer_dir, out_dir))
+    remove_temporaries(out_dir)
     write_manifest(out_dir, records, data, info)
     return out_dir

@@ -94,3 +94,10 @@ def read_manifest(shard_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ShardError(f"{path} not found: the tokenize stage did not complete")
     return json.loads(path.read_text())
+
+
+def remove_temporaries(out_dir: Path) -> None:
+    """Drop `.name.<pid>.tmp` files that a killed worker or driver left; call once every unit is complete."""
+    for pattern in (".*.tmp", "units/.*.tmp"):
+        for path in out_dir.glob(pattern):
+            path.unlink(missing_ok=True)

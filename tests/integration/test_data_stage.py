@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,31 @@ def test_kill_9_of_the_driver_then_rerun(
     assert [unit["index"] for unit in manifest["units"]] == list(range(total))
     pairs = [(shard["split"], shard["units"][0]) for shard in manifest["shards"]]
     assert len(pairs) == len(set(pairs)), "a unit's shard is listed twice"
+    assert tree(out) == tree(reference_run)
+
+
+def test_kill_9_of_a_worker_is_retried(
+    reference_run: Path, tokenizer_dir: Path, ray_address: str, tmp_path: Path
+) -> None:
+    import psutil
+
+    killed: list[int] = []
+
+    def kill_one_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "ray::_tokenize_task" in " ".join(process.info["cmdline"] or []):  # a worker running a unit
+                    os.kill(process.info["pid"], signal.SIGKILL)
+                    killed.append(process.info["pid"])
+                    return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_worker)
+    killer.start()
+    out = tokenize_corpus(DATA, tokenizer_dir, tmp_path / "worker-killed", ray_address, num_workers=2)
+    killer.join()
+    assert killed, "no worker was seen running a unit"
     assert tree(out) == tree(reference_run)
 
 
