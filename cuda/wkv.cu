@@ -1,0 +1,704 @@
+// Fused WKV (RWKV-4) forward and backward with state in/out, parallel over time.
+//
+// Legend: B batch, T time, C channels; k, v, y, gy, gk, gv are [B, T, C] contiguous (fp32 or bf16);
+// time_decay, time_first are (C,) fp32; the state (aa, bb, pp) is three [B, C] fp32 arrays.
+// Per lane (b, c), with w = -exp(time_decay) and u = time_first, the true sums a = aa*e^pp and
+// b = bb*e^pp follow
+//     y_t = (a + e^(u+k_t) v_t) / (b + e^(u+k_t)),   a <- e^w a + e^k_t v_t,   b <- e^w b + e^k_t,
+//     pp_t = max(pp_{t-1} + w, k_t)   (the running maximum exponent, as in model/wkv_reference.py).
+//
+// Parallel scheme (three levels, no compile-time maximum T):
+//   * a thread owns one lane and a sub-chunk of SUB consecutive steps, held in registers;
+//   * a block owns 32 lanes x SUBS sub-chunks = one segment of SEG = SUB*SUBS steps; sub-chunk
+//     summaries are combined in shared memory;
+//   * segment summaries are scanned across the sequence by a per-lane kernel.
+// A summary of n steps applied to a state is exact algebra: pp' = max(pp + n w, P),
+// aa' = aa e^(pp + n w - pp') + A e^(P - pp'); every exponent is <= 0, so nothing overflows.
+//
+// Backward works with the adjoint of the true sums scaled by the forward exponent,
+// alpha_t = dL/da_t * e^(pp_t), beta_t = dL/db_t * e^(pp_t). Per step (state before: aa, bb, pp;
+// output factors e1, e2 and denominator Ds = e1 bb + e2; update factors f1 = e^(pp + w - pp_t),
+// f2 = e^(k - pp_t); r = gy / Ds):
+//     gv = r e2 + alpha f2,  gk = r e2 (v - y) + f2 (alpha v + beta),  gu += r e2 (v - y),
+//     gw += f1 (alpha aa + beta bb),  alpha <- f1 alpha + r e1,  beta <- f1 beta - r e1 y,
+// all factors <= 1. The forward saves the state at every sub-chunk start (O(B C T / SUB) floats),
+// so backward recomputes each sub-chunk from there instead of keeping per-step arrays. Backward
+// mirrors forward: sub-chunk adjoint summaries, a reverse scan over segments, then gradients.
+// pp_T itself is a max over paths (pp_0 + T w, or k_i + (T-1-i) w); its gradient goes to the
+// arg-max path, found in the forward as the last step whose k won the max.
+//
+// Kernels per call: forward 3 (summaries, per-lane segment scan, outputs), backward 4 (adjoint
+// summaries, per-lane reverse scan, gradients, deterministic reduction of the time_* gradients).
+//
+// Launchers have a C interface (no torch headers); cuda/wkv_binding.cpp binds them for torch.
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int SUB = 16;          // steps per thread (held in registers)
+constexpr int SUBS = 8;          // sub-chunks per block (blockDim.y)
+constexpr int LANES = 32;        // channels per block (blockDim.x)
+constexpr int SEG = SUB * SUBS;  // steps per block segment
+constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
+constexpr float EMPTY = -1e38f;  // exponent of the zero state, as in the reference
+constexpr float LOG2E = 1.4426950408889634f;
+
+struct St {
+    float a, b, p;
+};
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename F>
+__device__ __forceinline__ F from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// e^x for x <= 0 where a few ulp of error are harmless (factors of one step's output, never
+// multiplied along the sequence): one multiply and one MUFU.EX2.
+__device__ __forceinline__ float fast_exp(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x * LOG2E));
+    return r;
+}
+__device__ __forceinline__ float fast_rcp(float x) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// Exact rounding error of an addition (Knuth's TwoSum): x + y == sum + err exactly.
+__device__ __forceinline__ float two_sum_err(float x, float y, float sum) {
+    float yv = sum - x;
+    return (x - (sum - yv)) + (y - yv);
+}
+
+// Rescale from an old exponent (p_plus_x + err exactly) to the max of it and the stored exponent
+// q: the new exponent and the factors e^(old - new), e^(q - new). The factors are computed from
+// exact differences of stored exponents and with the accurate expf, because they multiply along
+// the sequence: a rounded exponent or a fast exp would drift the state by ~1e-6 per step.
+struct Rescale {
+    float p, f_old, f_new;
+};
+__device__ __forceinline__ Rescale rescale(float p_plus_x, float err, float q) {
+    bool q_wins = q > p_plus_x;
+    float e = expf(q_wins ? (p_plus_x - q) + err : q - p_plus_x);
+    // When the old exponent wins it is stored rounded: factor e^err ~ 1 + err (|err| <= half an ulp).
+    return {q_wins ? q : p_plus_x, q_wins ? e : fmaxf(1.f + err, 0.f), q_wins ? 1.f : e};
+}
+
+// The stored exponent after m steps without a k win since an anchor (a stored exponent, or the k
+// that last won) is the single rounding of anchor + m w, not m rounded additions, so it stays
+// within half an ulp of the reference's float64 pp inside a tile instead of drifting.
+struct Anchor {
+    float p, m;
+    __device__ __forceinline__ explicit Anchor(float p0) : p(p0), m(0.f) {}
+};
+
+// One forward update of the state with (k, v): pp' = max(pp + w, k) as the reference defines it;
+// returns the update factors f1 = e^(pp + w - pp'), f2 = e^(k - pp') and whether k won.
+__device__ __forceinline__ bool update(St& s, Anchor& an, float w, float k, float v, float& f1, float& f2) {
+    float pw = fmaf(an.m + 1.f, w, an.p);   // pp + w, rounded once from the anchor
+    float err = (s.p - pw) + w;             // pp + w - pw: the difference is exact, w adds one rounding
+    Rescale r = rescale(pw, err, k);
+    f1 = r.f_old;
+    f2 = r.f_new;
+    s.a = f1 * s.a + f2 * v;
+    s.b = f1 * s.b + f2;
+    s.p = r.p;
+    bool k_wins = k > pw;
+    an.p = k_wins ? k : an.p;
+    an.m = k_wins ? 0.f : an.m + 1.f;
+    return k_wins;
+}
+
+// Output of one step from the state before it: factors e1 = e^(pp - q), e2 = e^(u + k - q) for
+// q = max(pp, u + k), the reciprocal of the scaled denominator e1 bb + e2 (>= 1 for states the
+// kernel produces), and y.
+__device__ __forceinline__ float output(const St& s, float u, float k, float v, float& e1, float& e2, float& inv_ds) {
+    float uk = u + k;
+    float d = (s.p - uk) - two_sum_err(u, k, uk);  // pp - (u + k), exact where it matters (near 0)
+    float e = fast_exp(-fabsf(d));
+    bool p_wins = d >= 0.f;
+    e1 = p_wins ? 1.f : e;
+    e2 = p_wins ? e : 1.f;
+    inv_ds = fast_rcp(e1 * s.b + e2);
+    return (e1 * s.a + e2 * v) * inv_ds;
+}
+
+// Apply a summary x of n steps (computed from the zero state) to state s.
+__device__ __forceinline__ St apply(const St& s, const St& x, int n, float w) {
+    float ps = fmaf(static_cast<float>(n), w, s.p);                // pp + n w, rounded once
+    float err = fmaf(static_cast<float>(n), w, s.p - ps);          // its rounding error (s.p - ps exact)
+    Rescale r = rescale(ps, err, x.p);
+    return {r.f_old * s.a + r.f_new * x.a, r.f_old * s.b + r.f_new * x.b, r.p};
+}
+
+// Index of [B][n][ncomp][C] arrays of per-chunk values (coalesced over c).
+__device__ __forceinline__ size_t chunk_idx(int b, int i, int n, int comp, int ncomp, int c, int C) {
+    return ((static_cast<size_t>(b) * n + i) * ncomp + comp) * C + c;
+}
+
+struct Tile {
+    int b, c, seg, m, sub, t0, n;  // lane (b, c), segment, sub-chunk in segment and overall, first step, steps
+    bool lane_ok;
+    size_t base;  // element offset of (b, t0, c) in [B, T, C]
+};
+
+__device__ __forceinline__ Tile tile(int T, int C) {
+    Tile r;
+    r.c = blockIdx.y * LANES + threadIdx.x;
+    r.b = blockIdx.z;
+    r.seg = blockIdx.x;
+    r.m = threadIdx.y;
+    r.sub = r.seg * SUBS + r.m;
+    r.t0 = r.sub * SUB;
+    r.lane_ok = r.c < C;
+    int left = T - r.t0;
+    r.n = r.lane_ok ? (left < 0 ? 0 : (left > SUB ? SUB : left)) : 0;
+    r.base = (static_cast<size_t>(r.b) * T + r.t0) * C + r.c;
+    return r;
+}
+
+// Steps j < n of one lane (stride C); FULL = all SUB steps, so no per-step predicate.
+template <bool FULL, typename F>
+__device__ __forceinline__ void load_steps(const F* __restrict__ x, const Tile& q, int C, float (&out)[SUB]) {
+    const F* p = x + q.base;
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        out[j] = (FULL || j < q.n) ? to_f(*p) : 0.f;
+        p += C;
+    }
+}
+template <typename F>
+__device__ __forceinline__ void load_steps(const F* __restrict__ x, const Tile& q, int C, float (&out)[SUB]) {
+    if (q.n == SUB)
+        load_steps<true>(x, q, C, out);
+    else
+        load_steps<false>(x, q, C, out);
+}
+
+__device__ __forceinline__ St load3(const float* __restrict__ s, int i, int n, int b, int c, int C) {
+    return {s[chunk_idx(b, i, n, 0, 3, c, C)], s[chunk_idx(b, i, n, 1, 3, c, C)], s[chunk_idx(b, i, n, 2, 3, c, C)]};
+}
+__device__ __forceinline__ void store3(float* __restrict__ s, int i, int n, int b, int c, int C, const St& x) {
+    s[chunk_idx(b, i, n, 0, 3, c, C)] = x.a;
+    s[chunk_idx(b, i, n, 1, 3, c, C)] = x.b;
+    s[chunk_idx(b, i, n, 2, 3, c, C)] = x.p;
+}
+
+// Per-block shared staging of one St per (sub-chunk, lane).
+struct Shared3 {
+    float v[3][SUBS][LANES];
+    __device__ __forceinline__ void put(int m, const St& x) {
+        v[0][m][threadIdx.x] = x.a;
+        v[1][m][threadIdx.x] = x.b;
+        v[2][m][threadIdx.x] = x.p;
+    }
+    __device__ __forceinline__ St get(int m) const {
+        return {v[0][m][threadIdx.x], v[1][m][threadIdx.x], v[2][m][threadIdx.x]};
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread walks over a tile (FULL = all SUB steps valid).
+
+template <bool FULL>
+__device__ __forceinline__ St summary_walk(int n, float w, const float (&k)[SUB], const float (&v)[SUB]) {
+    St s{0.f, 0.f, EMPTY};
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        float f1, f2;
+        if (FULL || j < n) update(s, an, w, k[j], v[j], f1, f2);
+    }
+    return s;
+}
+
+// Forward walk writing y; returns the last step where k won the max (-1 if none).
+template <bool FULL, typename F>
+__device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float u, const float (&k)[SUB],
+                                           const float (&v)[SUB], F* __restrict__ y, int C) {
+    int last_win = -1;
+    F* p = y + q.base;
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < q.n) {
+            float e1, e2, inv, f1, f2;
+            *p = from_f<F>(output(s, u, k[j], v[j], e1, e2, inv));
+            if (update(s, an, w, k[j], v[j], f1, f2)) last_win = q.t0 + j;
+        }
+        p += C;
+    }
+    return last_win;
+}
+
+// Local adjoint summary of a tile from its start state: (alpha, beta) at the start for a zero
+// adjoint at its end, and g = e^(pp_start + n w - pp_end) that carries an end adjoint to the start.
+template <bool FULL>
+__device__ __forceinline__ St adjoint_walk(int n, St s, float w, float u, const float (&k)[SUB],
+                                           const float (&v)[SUB], const float (&gy)[SUB]) {
+    St r{0.f, 0.f, 1.f};
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < n) {
+            float e1, e2, inv, f1, f2;
+            float y = output(s, u, k[j], v[j], e1, e2, inv);
+            float re1 = r.p * e1 * gy[j] * inv;  // e^(pp_start + j w - q_j) gy / Ds
+            r.a += re1;
+            r.b -= re1 * y;
+            update(s, an, w, k[j], v[j], f1, f2);
+            r.p *= f1;
+        }
+    }
+    return r;
+}
+
+struct GradAcc {
+    float gw, gu, al, be;
+};
+
+// Recompute the tile forward (stashing each step's state and factors in shared memory, which keeps
+// the registers for k, v, gy and the occupancy up), then walk it in reverse from the end adjoint
+// writing gk, gv; `am`/`gpath` add the gradient of pp_T at its arg-max step.
+constexpr int STASH_COMPS = 4;  // aa, bb, pp before the step; the step's exp, negated if k won
+struct Stash {
+    float* base;  // [SUB][STASH_COMPS][threads in block]: consecutive threads, consecutive banks
+    __device__ __forceinline__ float& at(int j, int comp) const {
+        return base[(j * STASH_COMPS + comp) * (LANES * SUBS) + threadIdx.y * LANES + threadIdx.x];
+    }
+};
+constexpr int STASH_BYTES = SUB * STASH_COMPS * LANES * SUBS * sizeof(float);
+
+template <bool FULL, typename F>
+__device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, float u, const float (&k)[SUB],
+                                                 const float (&v)[SUB], const float (&gy)[SUB], float al, float be,
+                                                 int am, float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
+                                                 Stash stash) {
+    // The stash also keeps the step's exp (negated when k won), so the reverse walk need not redo
+    // the update: the other factor is 1, or e^err with err recomputed from the stored exponents.
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < q.n) {
+            stash.at(j, 0) = s.a;
+            stash.at(j, 1) = s.b;
+            stash.at(j, 2) = s.p;
+            float f1, f2;
+            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
+            stash.at(j, 3) = k_wins ? -f1 : f2;
+        }
+    }
+    float p_next = s.p;  // stored exponent after the step being reversed
+    GradAcc acc{0.f, 0.f, al, be};
+    F* pk = gk + q.base + static_cast<size_t>(SUB - 1) * C;
+    F* pv = gv + q.base + static_cast<size_t>(SUB - 1) * C;
+#pragma unroll
+    for (int j = SUB - 1; j >= 0; --j) {
+        if (FULL || j < q.n) {
+            St st{stash.at(j, 0), stash.at(j, 1), stash.at(j, 2)};
+            float e = stash.at(j, 3);
+            bool k_won = signbit(e);
+            float f1 = k_won ? -e : fmaxf(1.f + ((st.p - p_next) + w), 0.f);  // as in update()
+            float f2 = k_won ? 1.f : e;
+            p_next = st.p;
+            float e1, e2, inv;
+            float y = output(st, u, k[j], v[j], e1, e2, inv);
+            float rr = gy[j] * inv;
+            float re2 = rr * e2, re1 = rr * e1;
+            float dy = re2 * (v[j] - y);
+            float gkj = dy + f2 * (acc.al * v[j] + acc.be);
+            if (q.t0 + j == am) gkj += gpath;
+            *pv = from_f<F>(re2 + acc.al * f2);
+            *pk = from_f<F>(gkj);
+            acc.gu += dy;
+            acc.gw += f1 * (acc.al * st.a + acc.be * st.b);
+            acc.al = f1 * acc.al + re1;
+            acc.be = f1 * acc.be - re1 * y;
+        }
+        pk -= C;
+        pv -= C;
+    }
+    return acc;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward 1: sub-chunk summaries from the zero state (kept in `sub` for forward 3) and their
+// combination into segment summaries (`seg`, read by forward 2).
+template <typename F>
+__global__ void __launch_bounds__(LANES* SUBS) fwd_summaries(int T, int C, int nseg, int nsub,
+                                                              const float* __restrict__ td, const F* __restrict__ k_,
+                                                              const F* __restrict__ v_, float* __restrict__ sub,
+                                                              float* __restrict__ seg) {
+    __shared__ Shared3 sh;
+    __shared__ int shn[SUBS][LANES];
+    Tile q = tile(T, C);
+    float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
+    float k[SUB], v[SUB];
+    St s;
+    if (q.n == SUB) {
+        load_steps<true>(k_, q, C, k);
+        load_steps<true>(v_, q, C, v);
+        s = summary_walk<true>(q.n, w, k, v);
+    } else {
+        load_steps<false>(k_, q, C, k);
+        load_steps<false>(v_, q, C, v);
+        s = summary_walk<false>(q.n, w, k, v);
+    }
+    if (q.n > 0) store3(sub, q.sub, nsub, q.b, q.c, C, s);
+    sh.put(q.m, s);
+    shn[q.m][threadIdx.x] = q.n;
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok && q.seg + 1 < nseg) {  // the last segment's summary is never needed
+        St acc{0.f, 0.f, EMPTY};
+        for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh.get(m), shn[m][threadIdx.x], w);
+        store3(seg, q.seg, nseg, q.b, q.c, C, acc);
+    }
+}
+
+// Forward 2: per lane, scan the segment summaries from the input state, replacing each summary
+// in `seg` by the state at that segment's start. Loads go in batches so their latency overlaps.
+__global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
+                                 const float* __restrict__ bb0, const float* __restrict__ pp0,
+                                 float* __restrict__ seg) {
+    int lane = blockIdx.x * blockDim.x + threadIdx.x;
+    if (lane >= B * C) return;
+    int b = lane / C, c = lane - b * C;
+    float w = -expf(td[c]);
+    St s{aa0[lane], bb0[lane], pp0[lane]};
+    for (int g0 = 0; g0 < nseg; g0 += SCAN_BATCH) {
+        St x[SCAN_BATCH];
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i)
+            x[i] = g0 + i + 1 < nseg ? load3(seg, g0 + i, nseg, b, c, C) : St{0.f, 0.f, EMPTY};
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i) {
+            if (g0 + i < nseg) {
+                store3(seg, g0 + i, nseg, b, c, C, s);
+                s = apply(s, x[i], SEG, w);
+            }
+        }
+    }
+}
+
+// Forward 3: outputs. The block scans its sub-chunk summaries from the segment start state and
+// replaces each summary in `sub` by that sub-chunk's start state (kept for backward); each thread
+// walks its steps writing y; the thread with the last step writes the output state; the block
+// writes the last step in the segment where k won the running max (-1 if none) to `lastwin`.
+template <typename F>
+__global__ void __launch_bounds__(LANES* SUBS)
+    fwd_outputs(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                const F* __restrict__ k_, const F* __restrict__ v_, F* __restrict__ y_, const float* __restrict__ seg,
+                float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1, float* __restrict__ bb1,
+                float* __restrict__ pp1) {
+    __shared__ Shared3 sh;
+    __shared__ int shn[SUBS][LANES];
+    Tile q = tile(T, C);
+    float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
+    float u = q.lane_ok ? tf[q.c] : 0.f;
+    float k[SUB], v[SUB];
+    load_steps(k_, q, C, k);
+    load_steps(v_, q, C, v);
+    St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
+    sh.put(q.m, s);
+    shn[q.m][threadIdx.x] = q.n;
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+        St acc = load3(seg, q.seg, nseg, q.b, q.c, C);
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh.get(m);
+            sh.put(m, acc);
+            acc = apply(acc, x, shn[m][threadIdx.x], w);
+        }
+    }
+    __syncthreads();
+    int last_win = -1;
+    if (q.n > 0) {
+        s = sh.get(q.m);
+        store3(sub, q.sub, nsub, q.b, q.c, C, s);
+        last_win = q.n == SUB ? output_walk<true>(q, s, w, u, k, v, y_, C) : output_walk<false>(q, s, w, u, k, v, y_, C);
+        if (q.t0 + q.n == T) {
+            size_t lane = static_cast<size_t>(q.b) * C + q.c;
+            aa1[lane] = s.a;
+            bb1[lane] = s.b;
+            pp1[lane] = s.p;
+        }
+    }
+    shn[q.m][threadIdx.x] = last_win;  // every thread has passed the second barrier: shn is free
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+        int best = -1;
+        for (int m = 0; m < SUBS; ++m) best = max(best, shn[m][threadIdx.x]);
+        lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c] = best;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward 1: per sub-chunk adjoint summaries (kept in `asub` for backward 3), combined per
+// segment into `aseg` for backward 2.
+template <typename F>
+__global__ void __launch_bounds__(LANES* SUBS, 3)
+    bwd_summaries(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                  const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
+                  const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg) {
+    __shared__ Shared3 sh;
+    Tile q = tile(T, C);
+    float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
+    float u = q.lane_ok ? tf[q.c] : 0.f;
+    float k[SUB], v[SUB], gy[SUB];
+    St r{0.f, 0.f, 1.f};  // (alpha, beta, g)
+    if (q.n == SUB) {
+        load_steps<true>(k_, q, C, k);
+        load_steps<true>(v_, q, C, v);
+        load_steps<true>(gy_, q, C, gy);
+        r = adjoint_walk<true>(q.n, load3(sub, q.sub, nsub, q.b, q.c, C), w, u, k, v, gy);
+    } else if (q.n > 0) {
+        load_steps<false>(k_, q, C, k);
+        load_steps<false>(v_, q, C, v);
+        load_steps<false>(gy_, q, C, gy);
+        r = adjoint_walk<false>(q.n, load3(sub, q.sub, nsub, q.b, q.c, C), w, u, k, v, gy);
+    }
+    if (q.n > 0) store3(asub, q.sub, nsub, q.b, q.c, C, r);
+    sh.put(q.m, r);
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok && q.seg > 0) {  // segment 0's summary is never needed
+        St acc{0.f, 0.f, 1.f};
+        for (int m = SUBS - 1; m >= 0; --m) {
+            St x = sh.get(m);
+            acc = {x.p * acc.a + x.a, x.p * acc.b + x.b, x.p * acc.p};
+        }
+        store3(aseg, q.seg, nseg, q.b, q.c, C, acc);
+    }
+}
+
+// Backward 2: per lane, scan the adjoint backwards over segments from the state-out gradient,
+// replacing each summary in `aseg` by the adjoint at that segment's end; and find the arg-max
+// step of pp_T (the last step where k won, -1 for the input pp) from the forward's `lastwin`.
+__global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1,
+                                 const float* __restrict__ gbb1, const int* __restrict__ lastwin,
+                                 float* __restrict__ aseg, int* __restrict__ argmax) {
+    int lane = blockIdx.x * blockDim.x + threadIdx.x;
+    if (lane >= B * C) return;
+    int b = lane / C, c = lane - b * C;
+    float al = gaa1[lane], be = gbb1[lane];  // alpha_T = dL/daa_T since a_T = aa_T e^(pp_T)
+    int best = -1;
+    for (int g0 = nseg - 1; g0 >= 0; g0 -= SCAN_BATCH) {
+        St x[SCAN_BATCH];
+        int wins[SCAN_BATCH];
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i) {
+            int g = g0 - i;
+            x[i] = g > 0 ? load3(aseg, g, nseg, b, c, C) : St{0.f, 0.f, 1.f};
+            wins[i] = g >= 0 ? lastwin[(static_cast<size_t>(b) * nseg + g) * C + c] : -1;
+        }
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i) {
+            int g = g0 - i;
+            if (g >= 0) {
+                store3(aseg, g, nseg, b, c, C, {al, be, 0.f});
+                al = x[i].p * al + x[i].a;
+                be = x[i].p * be + x[i].b;
+                if (best < 0) best = wins[i];
+            }
+        }
+    }
+    argmax[lane] = best;
+}
+
+// Backward 3: gradients. The block scans the adjoint back over its sub-chunks from the segment
+// end; each thread walks its tile (gradient_walk); the block writes per-segment partials of gw,
+// gu, and the thread owning step 0 writes the input-state gradient.
+template <typename F>
+__global__ void __launch_bounds__(LANES* SUBS, 3)
+    bwd_gradients(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                  const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
+                  const float* __restrict__ sub, const float* __restrict__ asub, const float* __restrict__ aseg,
+                  const int* __restrict__ argmax, const float* __restrict__ aa0, const float* __restrict__ bb0,
+                  const float* __restrict__ aa1, const float* __restrict__ bb1, const float* __restrict__ gaa1,
+                  const float* __restrict__ gbb1, const float* __restrict__ gpp1, F* __restrict__ gk_,
+                  F* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0, float* __restrict__ gbb0,
+                  float* __restrict__ gpp0) {
+    __shared__ Shared3 sh;
+    extern __shared__ float stash_mem[];
+    Tile q = tile(T, C);
+    float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
+    float u = q.lane_ok ? tf[q.c] : 0.f;
+    float k[SUB], v[SUB], gy[SUB];
+    load_steps(k_, q, C, k);
+    load_steps(v_, q, C, v);
+    load_steps(gy_, q, C, gy);
+    sh.put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, 1.f});
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+        St acc = load3(aseg, q.seg, nseg, q.b, q.c, C);
+        for (int m = SUBS - 1; m >= 0; --m) {
+            St x = sh.get(m);
+            sh.put(m, acc);
+            acc = {x.p * acc.a + x.a, x.p * acc.b + x.b, 0.f};
+        }
+    }
+    __syncthreads();
+    GradAcc acc{0.f, 0.f, 0.f, 0.f};
+    if (q.n > 0) {
+        St s = load3(sub, q.sub, nsub, q.b, q.c, C);
+        St adj = sh.get(q.m);
+        // The gradient of pp_T goes to its arg-max path: step `am`, or the input pp when am = -1.
+        size_t lane = static_cast<size_t>(q.b) * C + q.c;
+        int am = argmax[lane];
+        bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
+        float gpath = 0.f;
+        if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
+        acc = q.n == SUB ? gradient_walk<true>(q, s, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem})
+                         : gradient_walk<false>(q, s, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem});
+        if (path_here) acc.gw += (am < 0 ? static_cast<float>(T) : static_cast<float>(T - 1 - am)) * gpath;
+        if (q.t0 == 0) {
+            gaa0[lane] = acc.al;
+            gbb0[lane] = acc.be;
+            gpp0[lane] = acc.al * aa0[lane] + acc.be * bb0[lane] + (am < 0 ? gpath : 0.f);
+        }
+    }
+    __syncthreads();  // the scan results in sh are consumed; reuse it for the partial sums
+    sh.put(q.m, {acc.gw, acc.gu, 0.f});
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+        float sw = 0.f, su = 0.f;
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh.get(m);
+            sw += x.a;
+            su += x.b;
+        }
+        part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c, C)] = sw;
+        part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c, C)] = su;
+    }
+}
+
+// Backward 4: reduce the partials over (batch, segment) items in a fixed order (deterministic,
+// in double): block = 32 channels x 8 rows, row r sums items r, r+8, ...; then the rows in order.
+__global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, const float* __restrict__ td,
+                                                       const float* __restrict__ part, float* __restrict__ gtd,
+                                                       float* __restrict__ gtf) {
+    __shared__ double sh[2][8][LANES];
+    int c = blockIdx.x * LANES + threadIdx.x;
+    double sw = 0.0, su = 0.0;
+    if (c < C) {
+        long long items = static_cast<long long>(B) * nseg;
+#pragma unroll 4
+        for (long long i = threadIdx.y; i < items; i += 8) {
+            sw += part[(i * 2 + 0) * C + c];
+            su += part[(i * 2 + 1) * C + c];
+        }
+    }
+    sh[0][threadIdx.y][threadIdx.x] = sw;
+    sh[1][threadIdx.y][threadIdx.x] = su;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+        for (int r = 1; r < 8; ++r) {
+            sw += sh[0][r][threadIdx.x];
+            su += sh[1][r][threadIdx.x];
+        }
+        gtd[c] = static_cast<float>(sw * -exp(static_cast<double>(td[c])));
+        gtf[c] = static_cast<float>(su);
+    }
+}
+
+int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+template <typename F>
+int forward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const float* aa0,
+                 const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1, float* sub,
+                 int* lastwin, float* seg, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
+    const F* kk = static_cast<const F*>(k);
+    const F* vv = static_cast<const F*>(v);
+    fwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, kk, vv, sub, seg);
+    fwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, td, aa0, bb0,
+                                                                                        pp0, seg);
+    fwd_outputs<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, static_cast<F*>(y), seg, sub,
+                                               lastwin, aa1, bb1, pp1);
+    return static_cast<int>(cudaGetLastError());
+}
+
+template <typename F>
+int backward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const void* gy,
+                  const float* aa0, const float* bb0, const float* aa1, const float* bb1, const float* gaa1,
+                  const float* gbb1, const float* gpp1, const float* sub, const int* lastwin, float* asub,
+                  float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
+                  float* gbb0, float* gpp0, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
+    const F* kk = static_cast<const F*>(k);
+    const F* vv = static_cast<const F*>(v);
+    const F* gg = static_cast<const F*>(gy);
+    bwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg);
+    bwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, gaa1, gbb1,
+                                                                                        lastwin, aseg, argmax);
+    // The stash plus the static shared memory pass the default 48 KiB per block: opt in.
+    cudaFuncSetAttribute(bwd_gradients<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    bwd_gradients<F><<<grid, block, STASH_BYTES, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0,
+                                                 bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<F*>(gk),
+                                                 static_cast<F*>(gv), part, gaa0, gbb0, gpp0);
+    bwd_reduce<<<ceil_div(C, LANES), dim3(LANES, 8), 0, stream>>>(B, C, nseg, td, part, gtd, gtf);
+    return static_cast<int>(cudaGetLastError());
+}
+
+bool shape_ok(int B, int T, int C) {
+    return B > 0 && T > 0 && C > 0 && B <= 65535 && ceil_div(C, LANES) <= 65535 &&
+           static_cast<long long>(B) * C <= 0x7fffffffLL;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Workspace sizes in elements. Per sub-chunk of SUB steps: [B][ceil(T/SUB)][3][C] floats; per
+// segment of SEG steps: [B][ceil(T/SEG)][ncomp][C] (floats, or ints for ncomp = 1 lastwin).
+long long wkv_sub_floats(int B, int T, int C) { return static_cast<long long>(B) * ceil_div(T, SUB) * 3 * C; }
+long long wkv_segment_elems(int B, int T, int C, int ncomp) {
+    return static_cast<long long>(B) * ceil_div(T, SEG) * ncomp * C;
+}
+
+// dtype: 0 = float32, 1 = bfloat16 (k, v, y). Returns a cudaError_t value (0 = success), or -1
+// for a bad shape or dtype. Workspaces: sub (sub floats) and lastwin (segment elems, ncomp 1,
+// int) are kept for the backward; seg (segment elems, ncomp 3) is scratch.
+int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
+                const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
+                float* pp1, float* sub, int* lastwin, float* seg, cudaStream_t stream) {
+    if (!shape_ok(B, T, C)) return -1;
+    if (dtype == 0)
+        return forward_impl<float>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
+                                   lastwin, seg, stream);
+    if (dtype == 1)
+        return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
+                                           sub, lastwin, seg, stream);
+    return -1;
+}
+
+// Gradients for all inputs given gy and the gradient of the output state (gaa1, gbb1, gpp1).
+// aa1, bb1 are the forward's output state; sub and lastwin the forward's kept workspaces.
+// Scratch: asub (sub floats), aseg (segment elems, ncomp 3), part (ncomp 2), argmax (B*C ints).
+int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
+                 const void* v, const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
+                 const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
+                 float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* g_time_decay,
+                 float* g_time_first, float* gaa0, float* gbb0, float* gpp0, cudaStream_t stream) {
+    if (!shape_ok(B, T, C)) return -1;
+    if (dtype == 0)
+        return backward_impl<float>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                                    sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0,
+                                    gbb0, gpp0, stream);
+    if (dtype == 1)
+        return backward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1,
+                                            gbb1, gpp1, sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay,
+                                            g_time_first, gaa0, gbb0, gpp0, stream);
+    return -1;
+}
+
+}  // extern "C"
