@@ -18,7 +18,6 @@ without the text field is skipped and counted, or raises `BadRecordError` naming
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 from collections.abc import Iterator
@@ -26,10 +25,12 @@ from dataclasses import dataclass, fields
 from typing import BinaryIO
 
 from tokenization.config import DataConfig
+from tokenization.sources import CorpusError
 from tokenization.units import Segment
 
 log = logging.getLogger(__name__)
 _PARQUET_BATCH_ROWS = 1024
+_ZSTD_SLICE = 64 << 10
 _WARN_LIMIT = 10  # skipped records reported per segment before going quiet (all are counted)
 
 
@@ -88,20 +89,52 @@ def _skip(where: str, problem: str, counter: str, data: DataConfig, stats: ReadS
         log.warning("%s: %s; skipped (data.on_bad_record=skip)", where, problem)
 
 
+def _zstd_chunks(path: str) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-frame) zstd file; a truncated last frame raises EOFError.
+
+    zstandard's stream_reader ends silently at a truncated frame, so frames are fed by hand.
+    """
+    import zstandard
+
+    with open(path, "rb") as raw:
+        frame, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        # small input slices bound the output of one call (text compresses ~3-10x; decompress has no limit)
+        while chunk := raw.read(_ZSTD_SLICE):
+            while chunk:
+                fed = True
+                if out := frame.decompress(chunk):
+                    yield out
+                chunk = b""
+                if frame.eof:  # the next frame starts in unused_data
+                    chunk = frame.unused_data
+                    frame, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        if fed and not frame.eof:
+            raise EOFError("truncated zstd frame at the end of the file")
+
+
+def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines (with their newline) from a stream of byte chunks; a long line is joined once."""
+    partial: list[bytes] = []
+    for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            partial.append(chunk[start : end + 1])
+            yield b"".join(partial)
+            partial, start = [], end + 1
+        if start < len(chunk):
+            partial.append(chunk[start:])
+    if partial:
+        yield b"".join(partial)
+
+
 def _lines(segment: Segment) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of the segment's records, decompressing as a stream."""
-    handle: BinaryIO
     if segment.fmt == "jsonl.zst":
-        import zstandard
-
-        raw = open(segment.path, "rb")  # noqa: SIM115 - closed with the reader below
-        handle = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    elif segment.fmt == "jsonl.gz":
-        handle = gzip.open(segment.path, "rb")
-    else:
-        handle = open(segment.path, "rb")  # noqa: SIM115
-        handle.seek(segment.start)
+        yield from enumerate(_split_lines(_zstd_chunks(segment.path)), start=segment.first_record)
+        return
+    handle: BinaryIO = gzip.open(segment.path, "rb") if segment.fmt == "jsonl.gz" else open(segment.path, "rb")  # noqa: SIM115
     with handle:
+        handle.seek(segment.start)
         position = segment.start
         for line_no, line in enumerate(handle, start=segment.first_record):
             yield line_no, line
@@ -162,7 +195,20 @@ def _read_parquet(segment: Segment, data: DataConfig, stats: ReadStats) -> Itera
 
 
 def read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
-    """Documents of one segment in file order; counters go to `stats`."""
+    """Documents of one segment in file order; counters go to `stats`.
+
+    A file that cannot be read (truncated gzip, corrupt zstd or parquet) raises CorpusError naming it.
+    """
+    import pyarrow as pa
+    import zstandard
+
+    try:
+        yield from _read_segment(segment, data, stats)
+    except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as exc:
+        raise CorpusError(f"{segment.path}: cannot be read as {segment.fmt} ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
     if segment.fmt != "parquet" and segment.start == 0 and segment.end == 0:
         stats.empty_files += 1
         return

@@ -95,9 +95,13 @@ def line_ranges(source: SourceFile, unit_bytes: int, blank_lines: bool) -> list[
 
 
 def _parquet_ranges(source: SourceFile, data: DataConfig) -> list[tuple[int, int, int]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(source.path).metadata
+    try:
+        meta = pq.ParquetFile(source.path).metadata
+    except (OSError, pa.ArrowException) as exc:
+        raise CorpusError(f"{source.path}: not a readable parquet file ({exc})") from None
     if data.text_field not in meta.schema.names:
         raise CorpusError(f"{source.path}: no column '{data.text_field}' (data.text_field); has {meta.schema.names}")
     ranges, first, first_row, row, held = [], 0, 0, 0, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
 import tracemalloc
 from pathlib import Path
 
@@ -160,8 +161,11 @@ def test_a_single_50mb_line(tmp_path: Path) -> None:
 
 
 def write_big(path: Path, lines: int) -> None:
-    record = json.dumps({"text": "streaming " * 100}) + "\n"
-    payload = (record * lines).encode()
+    words = random.Random(0).choices(
+        ["stream", "flat", "memory", "token", "shard", "unit", "ray", "byte"], k=lines * 150
+    )
+    records = (json.dumps({"text": " ".join(words[i * 150 : (i + 1) * 150])}) for i in range(lines))
+    payload = "".join(record + "\n" for record in records).encode()  # ~1 KB a line, compresses like text
     if path.name.endswith(".zst"):
         payload = zstandard.ZstdCompressor().compress(payload)
     elif path.name.endswith(".gz"):
@@ -182,3 +186,23 @@ def test_reading_streams_with_flat_memory(tmp_path: Path, name: str) -> None:
     tracemalloc.stop()
     assert count == lines
     assert peak < 4 << 20, f"peak Python memory {peak / 1e6:.1f} MB while streaming ~20 MB"
+
+
+@pytest.mark.parametrize("name", ["cut.json.gz", "cut.jsonl.zst", "cut.parquet"])
+def test_a_truncated_compressed_file_is_named(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        pq.write_table(pa.table({"text": ["x" * 1000] * 50}), path)
+    else:
+        write_big(path, 2000)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorpusError, match=name):
+        read_all(DataConfig(paths=[str(path)]))
+
+
+def test_multi_frame_zstd_is_read_to_the_end(tmp_path: Path) -> None:
+    compressor = zstandard.ZstdCompressor()
+    frames = compressor.compress(jsonl_bytes(TEXTS[:2])) + compressor.compress(jsonl_bytes(TEXTS[2:]))
+    (tmp_path / "frames.jsonl.zst").write_bytes(frames)
+    docs, _ = read_all(DataConfig(paths=[str(tmp_path)]))
+    assert [text for _, text in docs] == TEXTS
