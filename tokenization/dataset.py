@@ -39,7 +39,7 @@ class TokenDataset:
     """Flat token stream over the `split` shards listed in `shard_dir/manifest.json`."""
 
     def __init__(self, shard_dir: Path, split: str = "train", verify: bool = True) -> None:
-        self.shard_dir = Path(shard_dir)
+        self.shard_dir, self.split = Path(shard_dir), split
         manifest = read_manifest(self.shard_dir)
         info = _info_from_manifest(manifest)
         self.vocab_size, self.eod_id = info.vocab_size, info.eod_id
@@ -58,6 +58,13 @@ class TokenDataset:
         for piece in self.pieces:
             self.starts.append(self.starts[-1] + len(piece))
         self.num_tokens = self.starts[-1]
+
+    def __getstate__(self) -> dict:
+        # pickled into DataLoader workers or Ray tasks: send the location, not the mapped tokens
+        return {"shard_dir": self.shard_dir, "split": self.split}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["shard_dir"], state["split"], verify=False)  # verified when first opened
 
     def __len__(self) -> int:
         return self.num_tokens

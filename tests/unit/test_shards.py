@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sysconfig
 from pathlib import Path
 
@@ -104,6 +105,8 @@ def test_dataset_windows_cross_shard_boundaries(stage: tuple[Path, Path]) -> Non
     with pytest.raises(IndexError):
         dataset.window(dataset.num_tokens - 3, 4)
     assert TokenDataset(shard_dir, split="val").num_tokens > 0
+    clone = pickle.loads(pickle.dumps(dataset))
+    assert len(pickle.dumps(dataset)) < 1000 and np.array_equal(clone.window(5, 300), dataset.window(5, 300))
 
 
 def test_a_corrupted_shard_is_named(stage: tuple[Path, Path], tmp_path: Path) -> None:
