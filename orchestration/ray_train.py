@@ -1,0 +1,160 @@
+"""Pretraining on Ray Train: a TorchTrainer whose workers each run the same loop (pipeline/train.py).
+
+    result = train_on_ray(config, data_dir="runs/q/tokenize-1a2b", out_dir="runs/q/pretrain",
+                          log_metrics=lambda metrics, step: tracker.log_metrics(stage, metrics, step))
+
+* Workers: `config.ray.num_workers`, one GPU each when `config.ray.use_gpu` (NCCL), else gloo on CPU.
+  Ray sets up the process group; DeepSpeed joins it.
+* Checkpoints: every rank writes its part (DeepSpeed shards, its RNG state) into a private staging
+  directory and reports it; Ray merges the ranks' files into `<storage_path>/<name>/step_N/` and keeps
+  the newest `train.keep_checkpoints`. This also works across nodes without a shared filesystem.
+* Failures: `FailureConfig(max_failures=ray.max_retries)` restarts the worker group, and each worker
+  resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
+  resumes the same way.
+* Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
+  rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
+  (the tracker lives in the driver; workers never import MLflow).
+
+Ray is imported inside the functions, so importing this module needs neither Ray nor a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import RunConfig
+from pipeline.train import CheckpointFn, MetricsFn
+
+
+def _worker_loop(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: resume from Ray's checkpoint, train, report checkpoints."""
+    import ray.train
+    import torch
+
+    from model import ModelConfig
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    os.environ["LOCAL_RANK"] = str(context.get_local_rank())
+    torch.set_num_threads(loop_config["threads"])
+    metrics_queue = loop_config["metrics_queue"]
+    staging = Path(tempfile.mkdtemp(prefix=f"rwkv-ckpt-rank{rank}-"))
+    pid_dir = Path(loop_config["out_dir"]) / "workers"  # which process is which rank (debugging, tests)
+    pid_dir.mkdir(parents=True, exist_ok=True)
+    (pid_dir / f"rank_{rank:05d}.pid").write_text(str(os.getpid()))
+
+    def report(ckpt_dir: Path, metrics: dict[str, Any]) -> None:  # a barrier: every rank reports each one
+        ray.train.report(
+            {k: v for k, v in metrics.items() if v is not None},
+            checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+            checkpoint_dir_name=ckpt_dir.name,
+            delete_local_checkpoint_after_upload=True,
+        )
+
+    def send_metrics(metrics: dict[str, float], step: int) -> None:  # the loop calls this on rank 0 only
+        metrics_queue.put((metrics, step))
+
+    on_checkpoint: CheckpointFn = report
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_dir:
+        train(
+            TrainConfig(**loop_config["train"]),
+            ModelConfig(**loop_config["model"]),
+            loop_config["data_dir"],
+            loop_config["out_dir"],
+            log_metrics=send_metrics,
+            checkpoint_root=staging,
+            resume_from=resume_dir,
+            on_checkpoint=on_checkpoint,
+            tracking_run_id=loop_config["tracking_run_id"],
+        )
+
+
+def _pump(metrics_queue: Any, log_metrics: MetricsFn | None, stop: threading.Event) -> None:
+    """Driver thread: hand rank 0's metrics to the caller's callback until told to stop, then drain."""
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            metrics, step = metrics_queue.get(timeout=0.5)
+        except Empty:
+            if stop.is_set():
+                return
+            continue
+        if log_metrics is not None:
+            log_metrics(metrics, step)
+
+
+def train_on_ray(
+    config: RunConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    log_metrics: MetricsFn | None = None,
+    storage_path: str | Path | None = None,
+    name: str = "pretrain",
+    tracking_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Run pretraining as a Ray Train job; returns the final checkpoint path and reported metrics.
+
+    storage_path defaults to `<out_dir>/ray`; rerunning with the same storage_path and name resumes
+    from the newest checkpoint Ray holds there.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    out_dir = Path(out_dir).resolve()
+    if not ray.is_initialized():
+        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    use_gpu = config.ray.use_gpu
+    metrics_queue = Queue(actor_options={"num_cpus": 0})
+    loop_config = {
+        "train": config.train.model_dump(),
+        "model": asdict(config.model),
+        "data_dir": str(Path(data_dir).resolve()),
+        "out_dir": str(out_dir),
+        "metrics_queue": metrics_queue,
+        "tracking_run_id": tracking_run_id,
+        "threads": max(int(config.ray.cpus_per_worker), 1),
+    }
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=config.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": config.ray.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RayRunConfig(
+            name=name,
+            storage_path=str(Path(storage_path).resolve() if storage_path else out_dir / "ray"),
+            failure_config=FailureConfig(max_failures=config.ray.max_retries),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+        ),
+    )
+    stop = threading.Event()
+    pump = threading.Thread(target=_pump, args=(metrics_queue, log_metrics, stop), daemon=True)
+    pump.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        pump.join(timeout=30)
+        ray.kill(metrics_queue.actor)
+    return {
+        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "metrics": dict(result.metrics or {}),
+        "path": result.path,
+    }
