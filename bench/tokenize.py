@@ -10,7 +10,7 @@ fresh directory, plus the manifest. Shard writing is the time units spent in the
 (building batches, writing, fsync, rename, sha256) over their total time; CPU s is the process CPU
 time of the baseline or the sum over the Ray tasks (overhead check that wall time on a busy machine
 cannot give). Prints a Markdown table. `--verify` then checks that every document in the 2-worker
-shards equals sentencepiece's own encoding plus the eod id.
+shards equals sentencepiece's own encoding plus the eod id, and that 1 and 2 workers wrote the same bytes.
 """
 
 # ruff: noqa: E402 - the sys.path fix below must run before the other imports
@@ -69,6 +69,10 @@ def ray_stage(data: DataConfig, tokenizer_dir: Path, workers: int, scratch: Path
         "tokens": sum(s["tokens"] for r in records for s in r["shards"]),
         "write_share": sum(r["timing"]["write_s"] for r in records) / sum(r["timing"]["seconds"] for r in records),
     }
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
 def verify(data: DataConfig, tokenizer_dir: Path, shard_dir: Path) -> int:
@@ -144,6 +148,9 @@ def main() -> None:
         )
     if args.verify:
         print(f"\nverified: {verify(data, tokenizer_dir, scratch / 'shards-2')} documents equal encode(text) + [eod]")
+        files = {workers: tree(scratch / f"shards-{workers}") for workers in (1, 2)}
+        same = files[1] == files[2]
+        print(f"1 vs 2 workers: {len(files[1])} files, byte-identical: {same}")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
