@@ -76,12 +76,17 @@ def _batch(
     return tokens_BT1[:, :-1], tokens_BT1[:, 1:]
 
 
-def _global_loss(loss: torch.Tensor, device: torch.device) -> tuple[float, bool]:
-    """Sum of the ranks' losses, and whether any rank's loss is non-finite (same answer on every rank)."""
-    finite = bool(torch.isfinite(loss.detach()).item())
-    stats = torch.tensor([loss.detach().float().item() if finite else 0.0, 0.0 if finite else 1.0], device=device)
+def _global_loss(loss: torch.Tensor) -> tuple[float, bool]:
+    """Sum of the ranks' losses, and whether any rank's loss is non-finite (same answer on every rank).
+
+    One all-reduce and one host sync per micro-step: the skip decision must precede backward.
+    """
+    value = loss.detach().float()
+    finite = torch.isfinite(value)
+    stats = torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).float()])
     dist.all_reduce(stats)
-    return float(stats[0]), bool(stats[1] > 0)
+    total, bad = stats.tolist()
+    return total, bad > 0
 
 
 def _zero_surrogate(module: torch.nn.Module) -> torch.Tensor:
@@ -213,8 +218,8 @@ def train(
         for micro in range(cfg.grad_accum):
             sample_ids = sampler.rank_indices(step * cfg.grad_accum + micro, cfg.micro_bsz, rank, world)
             x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
-            loss = language_model_loss(engine(x_BT).float(), y_BT)
-            loss_sum, micro_bad = _global_loss(loss, device)
+            loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
+            loss_sum, micro_bad = _global_loss(loss)
             if micro_bad:
                 loss, step_bad = _zero_surrogate(engine.module).to(device), True
             engine.backward(loss)

@@ -162,3 +162,16 @@ def test_nonfinite_losses_stop_with_message_and_keep_last_good_checkpoint(shards
     first_bad = int(last_good.removeprefix("step_")) + 1
     assert f"(steps {first_bad}..{first_bad + 2})" in done.stderr
     assert "bad_steps=3" not in done.stdout  # the run stopped before logging a third bad step
+
+    # The same output directory with another model width: the checkpoint is refused, shapes named.
+    wider = subprocess.run(
+        [sys.executable, "-m", "orchestration.train", str(config), "model.n_embd=32", "--data", str(shards)]
+        + ["--out", str(out)],
+        env=single_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert wider.returncode == 2, wider.stdout[-2000:] + wider.stderr[-2000:]
+    assert "was written by a different model config" in wider.stderr
+    assert "emb.weight: checkpoint (512, 64) vs model (512, 32)" in wider.stderr

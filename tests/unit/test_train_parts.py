@@ -1,0 +1,91 @@
+"""The training loop's pure parts: DeepSpeed config mapping, checkpoint bookkeeping, RNG round trip, MFU."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import TrainConfig
+from pipeline.engine import deepspeed_config
+from pipeline.metrics import mfu, train_flops_per_token
+
+
+def test_deepspeed_config_maps_train_config():
+    cfg = TrainConfig(micro_bsz=8, grad_accum=4, zero_stage=2, precision="bf16", grad_clip=1.0, weight_decay=0.0)
+    ds = deepspeed_config(cfg, world_size=2, device_type="cuda")
+    assert ds["train_batch_size"] == 8 * 4 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True}
+    assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    # Reference §4.1: Adam (not AdamW) without weight decay, betas (0.9, 0.99), eps 1e-8; FusedAdam on GPU.
+    assert ds["optimizer"] == {
+        "type": "Adam",
+        "params": {"lr": 6e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0, "adam_w_mode": False},
+    }
+
+
+def test_deepspeed_config_cpu_torch_adam_adamw_and_offload():
+    cpu = deepspeed_config(TrainConfig(weight_decay=0.1, precision="fp32"), world_size=1, device_type="cpu")
+    assert cpu["optimizer"]["type"] == "AdamW"
+    assert cpu["optimizer"]["params"]["adam_w_mode"] is True and cpu["optimizer"]["params"]["torch_adam"] is True
+    assert cpu["bf16"] == {"enabled": False}
+    offload = deepspeed_config(TrainConfig(offload=True, zero_stage=2), world_size=1, device_type="cuda")
+    assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeedCPUAdam with offload
+    assert deepspeed_config(TrainConfig(zero_stage=3), 1, "cuda")["zero_optimization"] == {"stage": 3}
+
+
+def test_check_shapes_names_every_mismatch(tmp_path):
+    saved = {"emb.weight": [512, 64], "blocks.0.att.key.weight": [64, 64], "blocks.1.ln1.weight": [64]}
+    model = {"emb.weight": [512, 128], "blocks.0.att.key.weight": [128, 128], "head.weight": [512, 128]}
+    with pytest.raises(ckpt.CheckpointMismatch) as error:
+        ckpt.check_shapes(saved, model, tmp_path)
+    message = str(error.value)
+    assert "emb.weight: checkpoint (512, 64) vs model (512, 128)" in message
+    assert "blocks.0.att.key.weight: checkpoint (64, 64) vs model (128, 128)" in message
+    assert "head.weight: missing from the checkpoint" in message
+    assert "blocks.1.ln1.weight: in the checkpoint but not in the model" in message
+    ckpt.check_shapes(saved, dict(saved), tmp_path)  # equal shapes pass
+
+
+def _fake_checkpoint(root, step, complete=True):
+    path = ckpt.step_dir(root, step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / ckpt.TRAIN_STATE).write_text(json.dumps({"step": step}))
+        (path / ckpt.COMPLETE).write_text("ok\n")
+    return path
+
+
+def test_latest_complete_skips_unfinished_and_prune_keeps_newest(tmp_path):
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step)
+    _fake_checkpoint(tmp_path, 25, complete=False)  # a crash while saving: older than the newest
+    _fake_checkpoint(tmp_path, 40, complete=False)  # being written now (or crashed): newest
+    assert ckpt.latest_complete(tmp_path).name == "step_00000030"
+    removed = ckpt.prune(tmp_path, keep=2)
+    assert sorted(p.name for p in removed) == ["step_00000010", "step_00000025"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000020", "step_00000030", "step_00000040"]
+    assert ckpt.latest_complete(tmp_path / "missing") is None
+
+
+def test_rng_state_round_trip_through_json():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    state = json.loads(json.dumps(ckpt.rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.set_rng_state(state)
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_flops_and_mfu_match_reference_table():
+    # reference/rwkv4.md §8.1: forward FLOPs/token 2.613e8 (169M) and 7.573e8 (430M); training is 3x.
+    assert train_flops_per_token(50277, 768, 12) / 3 == pytest.approx(2.613e8, rel=1e-3)
+    assert train_flops_per_token(50277, 1024, 24) / 3 == pytest.approx(7.573e8, rel=1e-3)
+    assert mfu(1e5, 1e9, peak_tflops=100.0, devices=2) == pytest.approx(0.5)
