@@ -44,8 +44,25 @@ def connect_ray(ray_address: str | None = None) -> bool:
         # Ray 2.60 turns token auth on for a new local cluster and writes ~/.ray/auth_token; from then on
         # every `ray start` on the machine demands a token that drivers given an explicit address do not
         # send, so they fail to connect. Our own throwaway local cluster needs no token; an explicit
-        # RAY_AUTH_MODE still wins.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # RAY_AUTH_MODE still wins. Set only for the start: later joins in this process decide afresh.
+        if "RAY_AUTH_MODE" not in os.environ:
+            os.environ["RAY_AUTH_MODE"] = "disabled"
+            try:
+                ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+            finally:
+                del os.environ["RAY_AUTH_MODE"]
+            return True
+    elif "RAY_AUTH_MODE" not in os.environ:
+        # Joining: send the local token when there is one, as `ray start` does; clusters with and
+        # without token auth both accept a client in token mode (checked on ray 2.60).
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+
+            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        except ImportError:  # another Ray version, without this switch
+            pass
     ray.init(address=address, include_dashboard=False, logging_level="WARNING")
     return True
 
