@@ -10,16 +10,16 @@ time_first (C,) float32 raw parameters; k, v (B, T, C) float32 or bfloat16; stat
 each (B, C) float32 with pp the running maximum exponent; y comes back in k's dtype, the state in
 float32. Gradients reach all five inputs, the state included, so chained calls equal one call.
 
-The extension is compiled on first use with torch.utils.cpp_extension.load into a cache folder
-keyed by the sources and the torch/CUDA versions (RWKV_PIPELINE_CACHE or ~/.cache/rwkv-pipeline),
-so a second process loads the built library without compiling. If the build fails, the error says
-so and names the `torch` backend (`model.wkv_backend=torch`) as the fallback.
+The extension is compiled on first use with torch.utils.cpp_extension.load into torch's extension
+cache (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR, which torch reads), under a name keyed
+by the sources, flags and torch/CUDA versions, so a second process loads the built library without
+compiling and an edited kernel gets a fresh build. If the build fails, the error says so and names
+the `torch` backend (`model.wkv_backend=torch`) as the fallback.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -42,11 +42,6 @@ _lock = threading.Lock()
 
 class CudaBuildError(RuntimeError):
     """The WKV CUDA extension could not be built or loaded."""
-
-
-def _cache_dir(digest: str) -> Path:
-    root = os.environ.get("RWKV_PIPELINE_CACHE") or Path.home() / ".cache" / "rwkv-pipeline"
-    return Path(root) / "torch_extensions" / f"wkv_cuda_{digest}"
 
 
 def _source_digest() -> str:
@@ -76,15 +71,11 @@ def _build() -> ModuleType:
     from torch.utils.cpp_extension import load
 
     try:
-        digest = _source_digest()
-        build_dir = _cache_dir(digest)
-        build_dir.mkdir(parents=True, exist_ok=True)
         return load(
-            name=f"wkv_cuda_{digest}",
+            name=f"wkv_cuda_{_source_digest()}",
             sources=[str(SOURCE_DIR / name) for name in SOURCES],
             extra_cuda_cflags=NVCC_FLAGS,
             extra_cflags=["-O3"],
-            build_directory=str(build_dir),
             verbose=False,
         )
     except Exception as error:  # compiler missing, compile error, ABI mismatch: all say the same

@@ -7,6 +7,10 @@ in float64 and long sequences use few lanes. Every comparison is a relative L2 e
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -180,6 +184,19 @@ def test_time_parameter_gradients_are_deterministic():
     second = run_with_grads(wkv_cuda, td, tf, k, v, state, gy, gstate, torch.float32)
     for name, a, b in zip(NAMES, first, second, strict=True):
         assert torch.equal(a, b), f"{name} differs between two identical calls"
+
+
+def test_second_process_reuses_the_build():
+    """The extension is cached on disk: a fresh process loads it in seconds (a build takes ~35 s)."""
+    wkv_cuda_module.load_extension()
+    code = (
+        "import time, torch; from model.wkv_cuda import load_extension; t = time.perf_counter(); "
+        "load_extension(); print(time.perf_counter() - t)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[-1]) < 15.0, "the second process rebuilt the extension"
 
 
 def test_rejects_cpu_tensors():
