@@ -33,3 +33,13 @@ def test_cu_source_compiles_with_plain_nvcc(source, tmp_path):
     )
     assert result.returncode == 0, f"nvcc failed on {source}:\n{result.stderr}"
     assert "warning" not in result.stderr.lower(), f"nvcc warnings on {source}:\n{result.stderr}"
+
+
+def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
+    """A kernel that cannot be built raises CudaBuildError pointing at the pure-PyTorch fallback."""
+    import model.wkv_cuda as wkv_cuda_module
+
+    monkeypatch.setattr(wkv_cuda_module, "_extension", None)
+    monkeypatch.setattr(wkv_cuda_module, "SOURCE_DIR", tmp_path)  # no sources here
+    with pytest.raises(wkv_cuda_module.CudaBuildError, match="wkv_backend=torch"):
+        wkv_cuda_module.load_extension()
