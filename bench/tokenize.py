@@ -6,7 +6,9 @@
 All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
 document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
 cluster once (2 CPUs), warm its workers on a small run, then time `run_units` over all units into a
-fresh directory, plus the manifest. Shard writing is the time units spent in the Arrow writer
+fresh directory, plus the manifest. A third row runs the baseline's loop in 2 forked processes
+(no Ray, no shards): on a shared machine it shows what the two cores deliver at that moment, the
+ceiling for the 2-worker Ray row. Shard writing is the time units spent in the Arrow writer
 (building batches, writing, fsync, rename, sha256) over their total time; CPU s is the process CPU
 time of the baseline or the sum over the Ray tasks (overhead check that wall time on a busy machine
 cannot give). Prints a Markdown table. `--verify` then checks that every document in the 2-worker
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -50,6 +53,38 @@ def single_process(data: DataConfig, tokenizer_dir: Path) -> dict[str, float]:
                 text_bytes += len(doc.text.encode("utf-8"))
     seconds, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     return {"seconds": seconds, "cpu_s": cpu_s, "bytes": text_bytes, "tokens": tokens, "write_share": 0.0}
+
+
+_pool_processor = None
+
+
+def _pool_init(tokenizer_dir: Path) -> None:
+    global _pool_processor
+    _pool_processor, _ = load_tokenizer(tokenizer_dir)
+
+
+def _encode_unit(job: tuple) -> tuple[int, int, float]:
+    unit, data = job
+    cpu_started, text_bytes, tokens = time.process_time(), 0, 0
+    for segment in unit.segments:
+        for doc in read_segment(segment, data, ReadStats()):
+            tokens += len(_pool_processor.encode(doc.text)) + 1
+            text_bytes += len(doc.text.encode("utf-8"))
+    return text_bytes, tokens, time.process_time() - cpu_started
+
+
+def plain_processes(data: DataConfig, pool) -> dict[str, float]:
+    """The same encode loop in 2 forked processes (no Ray, no shards): what the cores give right now."""
+    started = time.perf_counter()
+    results = pool.map(_encode_unit, [(unit, data) for unit in plan_units(data)], chunksize=1)
+    seconds = time.perf_counter() - started
+    return {
+        "seconds": seconds,
+        "cpu_s": sum(r[2] for r in results),
+        "bytes": sum(r[0] for r in results),
+        "tokens": sum(r[1] for r in results),
+        "write_share": 0.0,
+    }
 
 
 def ray_stage(data: DataConfig, tokenizer_dir: Path, workers: int, scratch: Path, limit: int = 0) -> dict[str, float]:
@@ -115,6 +150,8 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     data = DataConfig(paths=args.paths, unit_bytes=args.unit_kb << 10)
     tokenizer_dir = train_tokenizer(data, TokenizerConfig(vocab_size=args.vocab, sample_bytes=4 << 20), scratch / "tok")
+    pool = multiprocessing.get_context("fork").Pool(2, initializer=_pool_init, initargs=(tokenizer_dir,))
+    pool.map(time.sleep, [0.1, 0.1])  # forked before Ray starts threads; warm
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.data.connect_ray
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray_stage(data, tokenizer_dir, 2, scratch, limit=4)  # start and warm both workers (imports, tokenizer load)
@@ -122,13 +159,18 @@ def main() -> None:
     rows = {}
     runs = {
         "single process, sentencepiece encode loop": lambda: single_process(data, tokenizer_dir),
+        "2 plain processes, encode only (no Ray, no shards)": lambda: plain_processes(data, pool),
         "Ray stage, 1 worker": lambda: ray_stage(data, tokenizer_dir, 1, scratch),
         "Ray stage, 2 workers": lambda: ray_stage(data, tokenizer_dir, 2, scratch),
     }
-    for name, run in runs.items():
-        results = [run() for _ in range(args.repeats)]
-        rows[name] = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # round robin, so a change in the neighbours' load hits every row alike
+        for name, run in runs.items():
+            results[name].append(run())
+    for name, runs_of_row in results.items():
+        rows[name] = {key: statistics.median(r[key] for r in runs_of_row) for key in runs_of_row[0]}
     ray.shutdown()
+    pool.close()
 
     base = rows["single process, sentencepiece encode loop"]
     base_rate = base["bytes"] / base["seconds"]
@@ -140,7 +182,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         rate = row["bytes"] / row["seconds"]
-        workers = 2 if "2 workers" in name else 1
+        workers = 2 if "2 " in name else 1
         print(
             f"| {name} | {row['seconds']:.2f} | {rate / 1e6:.2f} | {row['tokens'] / row['seconds'] / 1e6:.2f} "
             f"| {rate / base_rate:.2f}x | {rate / base_rate / workers:.0%} | {row['write_share']:.1%} "
