@@ -102,6 +102,8 @@ class ShardWriter:
         self.tokens += int(lengths.sum())
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.record is not None or not self.temporary.exists():
+            return  # already closed (a unit's cleanup may call this a second time)
         self.writer.close()
         self.sink.close()
         if exc_type is not None:
