@@ -1,0 +1,174 @@
+"""Training throughput of RWKV-4 on one device: tokens/s and MFU, per WKV backend, with and without torch.compile.
+
+    python bench/train_throughput.py                                   # 169M and 430M, bf16, ctx 1024 (GPU)
+    python bench/train_throughput.py --models 169m --backends cuda --compile 0 1 --steps 40
+    python bench/train_throughput.py --models tiny --backends torch --precision fp32 --ctx 64 \
+        --micro-bsz 4 --steps 6 --warmup 2                             # CPU smoke run
+
+Each configuration runs in its own process through the real training loop (pipeline.train.train:
+DeepSpeed ZeRO-2, the optimizer groups, L2Wrap, the LR schedule, the finite-loss check), on synthetic
+shards of random tokens with the RWKV-4 Pile vocabulary (50277; the model pads it to 50304, a multiple
+of 128, which keeps the head matmuls on fast kernels). tokens/s is measured over the steps after the
+first `--warmup` (compilation, allocator and kernel autotuning happen there). MFU counts the model
+FLOPs of reference/rwkv4.md §8.1, 6 (V D + 13 D² L) per token, against `--peak-tflops` (H200 dense
+bf16: 989). Prints a markdown table; `--json FILE` also writes the rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds a tokenize.py, which would shadow the stdlib module that numpy and torch import.
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+SIZES = {"tiny": (2, 64), "169m": (12, 768), "430m": (24, 1024)}  # (n_layer, n_embd)
+DATA_VOCAB, MODEL_VOCAB = 50277, 50304
+
+
+def write_synthetic_shards(out_dir: Path, tokens: int, vocab_size: int = DATA_VOCAB, seed: int = 0) -> Path:
+    """A shard directory of random documents (4096 tokens + eod) that TokenDataset reads and verifies."""
+    from tokenization.manifest import MANIFEST, shard_name
+    from tokenization.shards import ShardWriter
+    from tokenization.tokenizer import TokenizerInfo
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"model_type": "synthetic", "vocab_size": vocab_size}
+    info = TokenizerInfo(f"synthetic-{vocab_size}-{seed}", vocab_size, 0, -1, 1, "synthetic", config)
+    rng = np.random.default_rng(seed)
+    shards = []
+    for split, count in (("train", tokens), ("val", max(tokens // 50, 1 << 15))):
+        documents = [np.append(rng.integers(1, vocab_size, 4096, dtype=np.uint32), 0) for _ in range(count // 4097 + 1)]
+        with ShardWriter(out_dir / shard_name(split, 0), info, split=split) as writer:
+            writer.write(documents)
+        shards.append(writer.record.__dict__)
+    tokenizer = {"sha256": info.model_sha256, "vocab_size": vocab_size, "eod_id": 0, "pad_id": -1, "config": config}
+    manifest = {"format_version": 1, "tokenizer": tokenizer, "shards": shards}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def run_one(spec: dict) -> dict:
+    """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
+    import torch
+
+    from model import ModelConfig
+    from pipeline.config import TrainConfig
+    from pipeline.train import train
+
+    n_layer, n_embd = SIZES[spec["model"]]
+    model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
+    cfg = TrainConfig(
+        ctx_len=spec["ctx"],
+        micro_bsz=spec["micro_bsz"],
+        steps=spec["warmup"] + spec["steps"],
+        warmup_steps=0,
+        precision=spec["precision"],
+        zero_stage=2,
+        compile=bool(spec["compile"]),
+        log_every=spec["warmup"],
+        val_every=1 << 30,
+        val_batches=1,
+        peak_tflops=spec["peak_tflops"],
+    )
+    windows: list[dict] = []
+    with tempfile.TemporaryDirectory() as out:
+        train(cfg, model_cfg, spec["data"], out, log_metrics=lambda m, step: windows.append(m), checkpoints=False)
+    measured = [w for w in windows[1:] if "tokens_per_s" in w]  # the first window holds the warmup
+    tokens_per_s = sum(w["tokens_per_s"] for w in measured) / len(measured)
+    row = {**spec, "tokens_per_s": tokens_per_s, "mfu": sum(w["mfu"] for w in measured) / len(measured)}
+    row["loss_last"] = measured[-1]["loss"]
+    if torch.cuda.is_available():
+        row["gpu_mem_peak_gib"] = max(w.get("gpu_mem_peak_gib", 0.0) for w in windows)
+        row["device"] = torch.cuda.get_device_name()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["169m", "430m"], choices=sorted(SIZES))
+    parser.add_argument("--backends", nargs="+", default=["torch", "cuda"])
+    parser.add_argument("--compile", nargs="+", type=int, default=[0, 1], help="0 eager, 1 torch.compile")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument("--micro-bsz", type=int, default=16, help="16 x 1024 = 16,384 tokens per step")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--data", default=None, help="shard directory (default: synthetic, made once)")
+    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec (JSON)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(run_one(json.loads(args.one))), flush=True)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-shards-") as scratch:
+        data = Path(args.data) if args.data else Path(scratch)
+        if args.data is None:
+            needed = (args.steps + args.warmup + 2) * args.micro_bsz * (args.ctx + 1) * 2
+            write_synthetic_shards(data, tokens=max(needed, 1 << 20))
+        rows = run_all(args, data)
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
+    """Every (model, backend, compile) configuration in its own process; one JSON row each."""
+    rows = []
+    for model in args.models:
+        for backend in args.backends:
+            for compiled in args.compile:
+                spec = {
+                    "model": model,
+                    "backend": backend,
+                    "compile": compiled,
+                    "precision": args.precision,
+                    "ctx": args.ctx,
+                    "micro_bsz": args.micro_bsz,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "peak_tflops": args.peak_tflops,
+                    "data": str(data),
+                }
+                started = time.perf_counter()
+                command = [sys.executable, __file__, "--one", json.dumps(spec)]
+                try:
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+                    row = json.loads(lines[-1][7:]) if lines else {**spec, "error": done.stderr[-800:]}
+                except subprocess.TimeoutExpired:
+                    row = {**spec, "error": f"timed out after {args.timeout:.0f} s"}
+                row["wall_s"] = time.perf_counter() - started
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print()
+    print("| model | WKV backend | torch.compile | tokens/s | MFU | peak GPU mem (GiB) | wall (s) |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | |"
+        else:
+            cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {row.get('gpu_mem_peak_gib', 0):.1f} |"
+        compiled = "yes" if row["compile"] else "no"
+        print(f"| {row['model']} | {row['backend']} | {compiled} | {cells} {row['wall_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
