@@ -8,7 +8,7 @@
     (torch.Size([2, 100, 8]), torch.Size([2, 8]))
 
 Legend: B batch, T time, C channels, N chunks, L chunk length (t, i: steps inside a chunk),
-X = 2*B*N rows (numerator rows, then denominator rows). Same contract as `model.wkv_reference`:
+R = 2*B*N rows (numerator rows, then denominator rows). Same contract as `model.wkv_reference`:
 state (aa, bb, pp) with a = aa*exp(pp), b = bb*exp(pp), pp the running maximum exponent.
 
 Chunked form. The sequence is cut into chunks of L steps. Inside a chunk, the weight of an earlier
@@ -16,9 +16,13 @@ step i on step t is exp((t-1-i) w + k_i), and of the step itself exp(u + k_t). T
 into a matrix D[c, t, i] (exp((t-1-i) w_c) below the diagonal, exp(u_c) on it) that depends only
 on the parameters, times x_i = exp(k_i - M) with M the chunk's max key: one batched matmul with C
 as the batch gives every intra-chunk numerator and denominator at once. D's extra row t = L holds
-the decays to the chunk's end; a short loop over chunks (T/L steps on (C, B) tensors) turns those
+the decays to the chunk's end; a short loop over chunks (T/L steps on (B, C) tensors) turns those
 end sums into the state entering each chunk, exactly as the reference's max-trick would. Backward
 is the same structure transposed (two more matmuls and a reverse loop over chunks).
+
+Layout: each chunk is transposed to (B, N, C, L) (a cheap, cache-local L x C transpose), so every
+elementwise op is contiguous and, viewed as (C, rows, L), the matmuls are plain strided BLAS calls.
+A full (B, T, C) -> (C, B, T) transpose would cost ~5 elementwise passes on the CPU.
 
 Numerics: every factor is <= 1 except exp(u), so nothing overflows; a term underflows only when
 keys inside one chunk span more than ~80 nats, far past the |k| <= 20 this op is tested for.
@@ -54,26 +58,31 @@ def wkv_torch(
     batch, steps, channels = k_BTC.shape
     w_C = -torch.exp(time_decay.to(dtype))
     u_C = time_first.to(dtype)
-    # Channel-major layout: the matmuls batch over C, and every elementwise op stays contiguous.
-    k_CBT = k_BTC.to(dtype).permute(2, 0, 1).contiguous()
-    v_CBT = v_BTC.to(dtype).permute(2, 0, 1).contiguous()
+    k, v = k_BTC.to(dtype), v_BTC.to(dtype)
     if state is None:
-        state = zero_state(batch, channels, k_BTC.device, dtype)
-    carry = [s.to(dtype).t() for s in state]  # each (C, B)
+        state = zero_state(batch, channels, k.device, dtype)
+    carry = [s.to(dtype) for s in state]
     n_full, rest = divmod(steps, chunk_len)
     ys = []
     # Full chunks in one call, then the tail (T % L steps) as one shorter chunk.
     for start, n_chunks, length in ((0, n_full, chunk_len), (n_full * chunk_len, 1 if rest else 0, rest)):
         if n_chunks == 0:
             continue
-        stop = start + n_chunks * length
-        k_CBNL = k_CBT[:, :, start:stop].reshape(channels, batch, n_chunks, length)
-        v_CBNL = v_CBT[:, :, start:stop].reshape(channels, batch, n_chunks, length)
-        y_CBNL, *carry = _ChunkedWkv.apply(w_C, u_C, k_CBNL, v_CBNL, *carry)
-        ys.append(y_CBNL.reshape(channels, batch, n_chunks * length))
-    y_CBT = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0] if ys else k_CBT.new_zeros(channels, batch, 0)
-    out_state = tuple(s.t().contiguous() for s in carry)
-    return y_CBT.permute(1, 2, 0).to(k_BTC.dtype), out_state  # type: ignore[return-value]
+        k_BNCL, v_BNCL = (_to_chunks(x[:, start : start + n_chunks * length], n_chunks, length) for x in (k, v))
+        y_BNCL, *carry = _ChunkedWkv.apply(w_C, u_C, k_BNCL, v_BNCL, *carry)
+        ys.append(y_BNCL.transpose(2, 3).reshape(batch, n_chunks * length, channels))
+    y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0] if ys else k.new_zeros(batch, 0, channels)
+    return y.to(k_BTC.dtype), tuple(carry)  # type: ignore[return-value]
+
+
+def _to_chunks(x_BTC: torch.Tensor, n_chunks: int, length: int) -> torch.Tensor:
+    """(B, N*L, C) -> (B, N, C, L), contiguous."""
+    return x_BTC.reshape(x_BTC.shape[0], n_chunks, length, x_BTC.shape[2]).transpose(2, 3).contiguous()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., C, L) contiguous -> a (C, rows, L) view: one strided matrix per channel, as bmm wants."""
+    return x.view(-1, x.shape[-2], x.shape[-1]).transpose(0, 1)
 
 
 def _min_exponent(dtype: torch.dtype) -> float:
@@ -96,120 +105,117 @@ def _decay_matrix(w_C: torch.Tensor, u_C: torch.Tensor, length: int) -> tuple[to
 
 
 class _ChunkedWkv(torch.autograd.Function):
-    """WKV over N consecutive chunks of L steps: k, v (C, B, N, L); state in and out each (C, B)."""
+    """WKV over N consecutive chunks of L steps: k, v (B, N, C, L); state in and out each (B, C)."""
 
     @staticmethod
-    def forward(ctx, w_C, u_C, k, v, aa_CB, bb_CB, pp_CB):  # type: ignore[override]
-        channels, batch, n_chunks, length = k.shape
-        m_CBN1 = k.amax(dim=3, keepdim=True)
-        x_C2BNL = torch.empty(channels, 2, batch, n_chunks, length, dtype=k.dtype, device=k.device)
-        x = torch.sub(k, m_CBN1, out=x_C2BNL[:, 1]).exp_()
-        torch.mul(x, v, out=x_C2BNL[:, 0])
+    def forward(ctx, w_C, u_C, k, v, aa_BC, bb_BC, pp_BC):  # type: ignore[override]
+        batch, n_chunks, channels, length = k.shape
+        m_BNC1 = k.amax(dim=3, keepdim=True)
+        x2 = k.new_empty(2, batch, n_chunks, channels, length)  # [x*v, x], x = exp(k - M)
+        x = torch.sub(k, m_BNC1, out=x2[1]).exp_()
+        torch.mul(x, v, out=x2[0])
         dt_CIT, lag_IT = _decay_matrix(w_C, u_C, length)
-        s = torch.matmul(x_C2BNL.view(channels, -1, length), dt_CIT).view(channels, 2, batch, n_chunks, length + 1)
+        s = k.new_empty(2, batch, n_chunks, channels, length)  # intra-chunk [numerator, denominator]
+        torch.bmm(_rows(x2), dt_CIT[:, :, :length], out=_rows(s))
+        end = torch.bmm(_rows(x2), dt_CIT[:, :, length:]).view(channels, 2, batch, n_chunks).permute(1, 2, 3, 0)
 
         # End-of-chunk sums, rescaled from M to the exact max exponent P, which becomes pp.
-        p_CBN, arg_CBN = (k + lag_IT[:, length] * w_C[:, None, None, None]).max(dim=3)
-        rescale = torch.exp((m_CBN1[..., 0] - p_CBN).clamp_max(-_min_exponent(k.dtype)))
-        end_num, end_den = s[:, 0, ..., length] * rescale, s[:, 1, ..., length] * rescale
-        scan = _scan_forward(length * w_C[:, None], p_CBN, end_num, end_den, (aa_CB, bb_CB, pp_CB))
-        aa0, bb0, pp0 = scan["aa0"], scan["bb0"], scan["pp0"]  # state entering each chunk (C, B, N)
+        p_BNC, arg_BNC = (k + lag_IT[:, length] * w_C[:, None]).max(dim=3)
+        rescale = torch.exp((m_BNC1[..., 0] - p_BNC).clamp_max(-_min_exponent(k.dtype)))
+        scan = _scan_forward(length * w_C, p_BNC, end[0] * rescale, end[1] * rescale, (aa_BC, bb_BC, pp_BC))
+        aa0, bb0, pp0 = scan["aa0"], scan["bb0"], scan["pp0"]  # state entering each chunk (B, N, C)
 
         # Each step's intra-chunk sums plus the state entering its chunk, decayed t steps.
-        top = torch.maximum(m_CBN1[..., 0], pp0)
-        e_intra, e_start = _flushed_exp(m_CBN1[..., 0] - top), _flushed_exp(pp0 - top)
-        ramp = torch.arange(length, dtype=k.dtype, device=k.device)
-        decay_CL = _flushed_exp(ramp * w_C[:, None])
-        num = s[:, 0, ..., :length] * e_intra[..., None]
-        num.addcmul_((aa0 * e_start)[..., None], decay_CL[:, None, None])
-        den = s[:, 1, ..., :length] * e_intra[..., None]
-        den.addcmul_((bb0 * e_start)[..., None], decay_CL[:, None, None])
+        top = torch.maximum(m_BNC1[..., 0], pp0)
+        e_intra, e_start = _flushed_exp(m_BNC1[..., 0] - top), _flushed_exp(pp0 - top)
+        decay_CL = _flushed_exp(torch.arange(length, dtype=k.dtype, device=k.device) * w_C[:, None])
+        num = (s[0] * e_intra[..., None]).addcmul_((aa0 * e_start)[..., None], decay_CL)
+        den = (s[1] * e_intra[..., None]).addcmul_((bb0 * e_start)[..., None], decay_CL)
         y = num.div_(den)
-        ctx.save_for_backward(w_C, v, x_C2BNL, dt_CIT, lag_IT, s, y, den, e_intra, e_start, decay_CL, arg_CBN, rescale)
+        ctx.save_for_backward(v, x2, dt_CIT, lag_IT, s, end, y, den, e_intra, e_start, decay_CL, arg_BNC, rescale)
         aa1, bb1, pp1 = scan.pop("final")  # not kept on ctx: an output held there would form a reference cycle
         ctx.scan = scan
         return y, aa1, bb1, pp1
 
     @staticmethod
     def backward(ctx, gy, gaa1, gbb1, gpp1):  # type: ignore[override]
-        w_C, v, x_C2BNL, dt_CIT, lag_IT, s, y, den, e_intra, e_start, decay_CL, arg_CBN, rescale = ctx.saved_tensors
-        channels, batch, n_chunks, length = v.shape
-        scan = ctx.scan
-        aa0, bb0 = scan["aa0"], scan["bb0"]
-        gy = gy if gy is not None else torch.zeros_like(y)
+        v, x2, dt_CIT, lag_IT, s, end, y, den, e_intra, e_start, decay_CL, arg_BNC, rescale = ctx.saved_tensors
+        batch, n_chunks, channels, length = v.shape
+        aa0, bb0 = ctx.scan["aa0"], ctx.scan["bb0"]
+        # gy arrives in the caller's (B, N, L, C) layout: one cheap per-chunk transpose makes every op below contiguous.
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(y)
         q = gy / den  # dL/dnum; dL/dden = -q*y
         qy = q * y
-        # Gradients of the state entering each chunk through y: dL/daa0 = sum_t q e_state, dL/dbb0 = -sum_t q y e_state.
-        decay_CL1 = decay_CL[..., None]
-        g_aa0 = e_start * torch.matmul(q.view(channels, -1, length), decay_CL1).view(channels, batch, n_chunks)
-        g_bb0 = -e_start * torch.matmul(qy.view(channels, -1, length), decay_CL1).view(channels, batch, n_chunks)
+
+        def per_chunk(x_BNCL: torch.Tensor, weights_CLK: torch.Tensor) -> torch.Tensor:
+            """sum over t of x[b, n, c, t] * weights[c, t, j] -> (B, N, C, J)."""
+            out = torch.bmm(_rows(x_BNCL), weights_CLK)  # (C, B*N, J)
+            return out.view(channels, batch, n_chunks, -1).permute(1, 2, 0, 3)
+
+        # The state entering each chunk, through y: dL/daa0 = sum_t q e_state, dL/dbb0 = -sum_t q y e_state.
+        g_aa0 = e_start * per_chunk(q, decay_CL[..., None])[..., 0]
+        g_bb0 = -e_start * per_chunk(qy, decay_CL[..., None])[..., 0]
         # dL/dpp0 and the state's share of dL/dw need q e_state (aa0 - y bb0). That difference cancels when
         # the state dominates y, so use the exact identity aa0 - y bb0 = e_intra (aa0 S_den - bb0 S_num) / den.
-        z = s[:, 1, ..., :length] * aa0[..., None]
-        z.addcmul_(s[:, 0, ..., :length], -bb0[..., None]).mul_(q).div_(den)
+        z = (s[1] * aa0[..., None]).addcmul_(s[0], -bb0[..., None]).mul_(q).div_(den)
         ramp = torch.arange(length, dtype=v.dtype, device=v.device)
-        dec2_CL2 = torch.stack((decay_CL, decay_CL * ramp), dim=2)
-        sz = torch.matmul(z.view(channels, -1, length), dec2_CL2).view(channels, batch, n_chunks, 2)
-        sz = sz * (e_start * e_intra)[..., None]
+        sz = per_chunk(z, torch.stack((decay_CL, decay_CL * ramp), dim=2)) * (e_start * e_intra)[..., None]
         g_pp0 = sz[..., 0]
-        gw_C = sz[..., 1].sum(dim=(1, 2))
+        gw_C = sz[..., 1].sum(dim=(0, 1))
 
-        zeros = torch.zeros(channels, batch, dtype=v.dtype, device=v.device)
-        g_final = tuple(g if g is not None else zeros for g in (gaa1, gbb1, gpp1))
-        g_end, g_carry, gw_scan = _scan_backward(scan, length * w_C[:, None], length, (g_aa0, g_bb0, g_pp0), g_final)
+        g_final = [g if g is not None else torch.zeros_like(aa0[:, 0]) for g in (gaa1, gbb1, gpp1)]
+        g_end, g_carry, gw_scan = _scan_backward(ctx.scan, length, (g_aa0, g_bb0, g_pp0), g_final)
         g_end_num, g_end_den, g_p = g_end
-        end_num_s, end_den_s = s[:, 0, ..., length], s[:, 1, ..., length]
-        g_p = g_p - (g_end_num * end_num_s + g_end_den * end_den_s) * rescale
+        g_p = g_p - (g_end_num * end[0] + g_end_den * end[1]) * rescale
+        g_end_sums = torch.stack((g_end_num, g_end_den)) * rescale  # (2, B, N, C)
 
-        g_s = torch.empty(channels, 2, batch, n_chunks, length + 1, dtype=v.dtype, device=v.device)
-        torch.mul(q, e_intra[..., None], out=g_s[:, 0, ..., :length])
-        torch.mul(qy, -e_intra[..., None], out=g_s[:, 1, ..., :length])
-        g_s[:, 0, ..., length] = g_end_num * rescale
-        g_s[:, 1, ..., length] = g_end_den * rescale
-        g_s_CXT = g_s.view(channels, -1, length + 1)
-        g_x = torch.matmul(g_s_CXT, dt_CIT.transpose(1, 2)).view(channels, 2, batch, n_chunks, length)
-        g_dt = torch.matmul(x_C2BNL.view(channels, -1, length).transpose(1, 2), g_s_CXT)  # (C, L, L+1)
+        g_intra = torch.empty_like(s)
+        torch.mul(q, e_intra[..., None], out=g_intra[0])
+        torch.mul(qy, -e_intra[..., None], out=g_intra[1])
+        g_x = torch.empty_like(s)
+        torch.bmm(_rows(g_intra), dt_CIT[:, :, :length].transpose(1, 2), out=_rows(g_x))
+        g_x.addcmul_(g_end_sums[..., None], dt_CIT[:, :, length])
+        x_CLR = _rows(x2).transpose(1, 2)
+        g_dt = torch.cat(
+            (torch.bmm(x_CLR, _rows(g_intra)), torch.bmm(x_CLR, g_end_sums.view(-1, channels).t()[..., None])), dim=2
+        )
 
-        x = x_C2BNL[:, 1]
-        gv = g_x[:, 0] * x
-        gk = torch.addcmul(g_x[:, 1], g_x[:, 0], v).mul_(x)
-        gk.scatter_add_(3, arg_CBN[..., None], g_p[..., None])  # P = k[arg] + (L-1-arg) w
+        x = x2[1]
+        gv = g_x[0] * x
+        gk = torch.addcmul(g_x[1], g_x[0], v).mul_(x)
+        gk.scatter_add_(3, arg_BNC[..., None], g_p[..., None])  # P = k[arg] + (L-1-arg) w
 
         g_dt = g_dt * dt_CIT
         gu_C = torch.diagonal(g_dt[:, :, :length], dim1=1, dim2=2).sum(dim=1)
         gw_C = gw_C + (g_dt * lag_IT.clamp_min(0)).sum(dim=(1, 2)) + gw_scan
-        gw_C = gw_C + (g_p * (length - 1 - arg_CBN).to(v.dtype)).sum(dim=(1, 2))
+        gw_C = gw_C + (g_p * (length - 1 - arg_BNC).to(v.dtype)).sum(dim=(0, 1))
         return gw_C, gu_C, gk, gv, *g_carry
 
 
 def _scan_forward(
-    chunk_decay_C1: torch.Tensor, p_CBN: torch.Tensor, end_num: torch.Tensor, end_den: torch.Tensor, carry: State
+    chunk_decay_C: torch.Tensor, p_BNC: torch.Tensor, end_num: torch.Tensor, end_den: torch.Tensor, carry: State
 ) -> dict:
-    """The max-trick recurrence over chunks: states entering each chunk (C, B, N) and after the last."""
+    """The max-trick recurrence over chunks: states entering each chunk (B, N, C) and after the last."""
     aa, bb, pp = carry
     starts, steps = [], []
-    for p, num, den in zip(p_CBN.unbind(2), end_num.unbind(2), end_den.unbind(2), strict=True):
+    for p, num, den in zip(p_BNC.unbind(1), end_num.unbind(1), end_den.unbind(1), strict=True):
         starts.append((aa, bb, pp))
-        decayed = pp + chunk_decay_C1
+        decayed = pp + chunk_decay_C
         new = torch.maximum(decayed, p)
         e_old, e_new = torch.exp(decayed - new), torch.exp(p - new)
         steps.append((aa, bb, num, den, e_old, e_new, decayed >= p))
         aa, bb, pp = e_old * aa + e_new * num, e_old * bb + e_new * den, new
-    aa0, bb0, pp0 = (torch.stack(column, dim=2) for column in zip(*starts, strict=True))
+    aa0, bb0, pp0 = (torch.stack(column, dim=1) for column in zip(*starts, strict=True))
     return {"aa0": aa0, "bb0": bb0, "pp0": pp0, "final": (aa, bb, pp), "steps": steps}
 
 
 def _scan_backward(
-    scan: dict,
-    chunk_decay_C1: torch.Tensor,
-    length: int,
-    g_starts: tuple[torch.Tensor, ...],
-    g_final: tuple[torch.Tensor, ...],
+    scan: dict, length: int, g_starts: tuple[torch.Tensor, ...], g_final: list[torch.Tensor]
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
-    """Reverse of `_scan_forward`: grads of the end sums and P per chunk, of the carry in, and of w."""
+    """Reverse of `_scan_forward`: grads of the end sums and P per chunk (B, N, C), of the carry in, and of w."""
     gaa, gbb, gpp = g_final
     g_num, g_den, g_p = [], [], []
-    gw_C = torch.zeros_like(chunk_decay_C1[:, 0])
+    g_decayed_sum = torch.zeros_like(gaa)
     for n in range(len(scan["steps"]) - 1, -1, -1):
         aa, bb, num, den, e_old, e_new, old_wins = scan["steps"][n]
         g_e_old, g_e_new = gaa * aa + gbb * bb, gaa * num + gbb * den
@@ -218,9 +224,9 @@ def _scan_backward(
         g_p.append(g_e_new * e_new + torch.where(old_wins, 0.0, g_new))
         g_num.append(gaa * e_new)
         g_den.append(gbb * e_new)
-        gw_C = gw_C + g_decayed.sum(dim=1)
-        gaa = gaa * e_old + g_starts[0][:, :, n]
-        gbb = gbb * e_old + g_starts[1][:, :, n]
-        gpp = g_decayed + g_starts[2][:, :, n]
-    g_end = tuple(torch.stack(g[::-1], dim=2) for g in (g_num, g_den, g_p))
-    return g_end, (gaa, gbb, gpp), gw_C * length  # decayed = pp + L*w
+        g_decayed_sum += g_decayed
+        gaa = gaa * e_old + g_starts[0][:, n]
+        gbb = gbb * e_old + g_starts[1][:, n]
+        gpp = g_decayed + g_starts[2][:, n]
+    g_end = tuple(torch.stack(g[::-1], dim=1) for g in (g_num, g_den, g_p))
+    return g_end, (gaa, gbb, gpp), g_decayed_sum.sum(dim=0) * length  # decayed = pp + L*w
