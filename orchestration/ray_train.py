@@ -75,6 +75,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             resume_from=resume_dir,
             on_checkpoint=on_checkpoint,
             tracking_run_id=loop_config["tracking_run_id"],
+            init_weights=loop_config["init_weights"],
         )
 
 
@@ -102,11 +103,13 @@ def train_on_ray(
     storage_path: str | Path | None = None,
     name: str = "pretrain",
     tracking_run_id: str | None = None,
+    init_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run pretraining as a Ray Train job; returns the final checkpoint path and reported metrics.
 
     storage_path defaults to `<out_dir>/ray`; rerunning with the same storage_path and name resumes
-    from the newest checkpoint Ray holds there.
+    from the newest checkpoint Ray holds there. init_weights: start from these weights (a
+    `final_weights.pt`) when there is no checkpoint yet, e.g. a context-extension stage.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -126,6 +129,7 @@ def train_on_ray(
         "out_dir": str(out_dir),
         "metrics_queue": metrics_queue,
         "tracking_run_id": tracking_run_id,
+        "init_weights": str(Path(init_weights).resolve()) if init_weights is not None else None,
         "threads": max(int(config.ray.cpus_per_worker), 1),
     }
     trainer = TorchTrainer(

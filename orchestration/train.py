@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="Shard directory (manifest.json + Arrow shards).")
     parser.add_argument("--out", required=True, help="Output directory: checkpoints, final weights, config.")
     parser.add_argument("--resume", default=None, help="A checkpoint directory to resume from (default: newest).")
+    parser.add_argument("--init-weights", default=None, help="final_weights.pt to start from (no checkpoint yet).")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_config(config))
     try:
-        result = train(config.train, config.model, args.data, out_dir, resume_from=args.resume)
+        result = train(
+            config.train, config.model, args.data, out_dir, resume_from=args.resume, init_weights=args.init_weights
+        )
     except CheckpointMismatch as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

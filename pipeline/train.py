@@ -126,6 +126,14 @@ def evaluate(engine: Any, val: TokenDataset | None, cfg: TrainConfig, device: to
     return float(totals[0] / totals[1])
 
 
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Copy a saved fp32 state dict (final_weights.pt) into the model; shapes must match."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    expected = {**ckpt.parameter_shapes(model), **{name: list(b.shape) for name, b in model.named_buffers()}}
+    ckpt.check_shapes({name: list(tensor.shape) for name, tensor in state.items()}, expected, path)
+    model.load_state_dict(state)
+
+
 def _save_weights(engine: Any, cfg: TrainConfig, path: Path) -> None:
     """Final weights as a plain fp32 state dict (our parameter names), written by rank 0."""
     if cfg.zero_stage == 3:
@@ -148,6 +156,7 @@ def train(
     resume_from: str | Path | None = None,
     on_checkpoint: CheckpointFn | None = None,
     tracking_run_id: str | None = None,
+    init_weights: str | Path | None = None,
     checkpoints: bool = True,
 ) -> TrainResult:
     """Train to `cfg.steps` optimizer steps, resuming from the newest complete checkpoint if any.
@@ -155,6 +164,8 @@ def train(
     checkpoint_root: where checkpoints are written (default out_dir/checkpoints); the newest complete
         one there is resumed unless `resume_from` names a checkpoint directory.
     on_checkpoint(dir, metrics): called on every rank after each complete checkpoint (Ray reports it).
+    init_weights: a `final_weights.pt` of an earlier run to start from (context extension); used only
+        when there is no checkpoint to resume, with a fresh optimizer.
     checkpoints: False for benchmarks (no checkpoint, no final weights).
     """
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -181,6 +192,9 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, lr_init=cfg.lr_init)
     shapes = ckpt.parameter_shapes(model)
+    resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
+    if init_weights is not None and resume is None:
+        load_weights(model, Path(init_weights))
     flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
     engine = build_engine(model, cfg, world, device.type)
     if cfg.compile:
@@ -188,7 +202,6 @@ def train(
 
     # Resume from the newest complete checkpoint (or the one named).
     step, tokens_seen, bad_total = 0, 0, 0
-    resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
     if resume is not None:
         state = ckpt.load(engine, resume, shapes)
         if state["samples_per_step"] != samples_per_step:
