@@ -19,6 +19,16 @@ TOL = 1e-5
 INPUT_NAMES = ("time_decay", "time_first", "k", "v", "aa", "bb", "pp")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The reference loop runs ~10^5 tiny ops; on a busy 2-core machine each one entering a 2-thread
+    parallel region can wait a scheduler slice (35 s instead of 1 s at T=2048). Nothing here is big."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_inputs(batch: int, steps: int, channels: int, seed: int = 0) -> list[torch.Tensor]:
     """time_decay, time_first, k, v, aa, bb, pp: random float32 with |k| <= 20 and a non-zero state."""
     g = torch.Generator().manual_seed(seed)
