@@ -1,18 +1,168 @@
 """The `rwkv-pipeline` command line.
 
-rwkv-pipeline print-config configs/quickstart.yaml train.lr_init=3e-4
+    rwkv-pipeline run configs/quickstart.yaml                  # the whole DAG; reruns reuse what is done
+    rwkv-pipeline plan configs/quickstart.yaml train.lr_init=3e-4   # what would run, what is cached
+    rwkv-pipeline status runs/quickstart                        # stages, progress, MLflow links
+    rwkv-pipeline generate runs/quickstart/export-<hash> --prompt "def "
+    rwkv-pipeline eval runs/quickstart --ctx-len 512            # evaluate the run's model again
+    rwkv-pipeline export runs/quickstart --out model/           # official .pth + safetensors + tokenizer
+    rwkv-pipeline print-config configs/quickstart.yaml train.lr_init=3e-4
+
+Errors a user can fix (a config typo, a missing corpus path, an unreachable Ray address, a failed
+stage) print one paragraph naming the cause; `--debug` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+from pathlib import Path
 
 from orchestration.config import ConfigError, dump_config, load_config
 
 
+class UsageError(ValueError):
+    """A command-line argument that names something unusable."""
+
+
 def _print_config(args: argparse.Namespace) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestration.run import run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    summary = run_pipeline(config)
+    print("\n" + summary.describe())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from orchestration.run import plan_pipeline
+
+    config = load_config(args.config, args.overrides)
+    for item in plan_pipeline(config):
+        print(f"{item.stage:<10} {item.action:<7} {item.folder}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from orchestration.run import mlflow_hints
+    from orchestration.rundir import RunDir
+
+    run_dir = RunDir(Path(args.run_dir))
+    if not run_dir.state_path.is_file():
+        raise UsageError(f"{run_dir.root} is not a run directory (no state.json); give <workdir>/<run name>")
+    state = run_dir.read_state()
+    print(f"run {state.get('name', run_dir.root.name)} in {run_dir.root} (updated {state.get('updated_at')})")
+    for name, stage in state["stages"].items():
+        progress = stage.get("progress")
+        shown = f"{progress[0]}/{progress[1]}" if progress else ""
+        seconds = f"{stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
+        print(
+            f"  {name:<10} {stage.get('status', '?'):<9} {shown:>11} {seconds:>7}  {stage.get('dir', '')}"
+            f"  mlflow {stage.get('mlflow_run_id') or '-'}"
+        )
+        if stage.get("status") == "failed":
+            print(f"             error: {stage.get('error')}\n             log: {stage.get('log')}")
+    url = None
+    if state.get("tracking_uri") and state.get("parent_run_id"):
+        try:
+            from orchestration.tracking import MlflowTracker, RunHandle
+
+            url = MlflowTracker(state["tracking_uri"], "rwkv-pipeline").run_url(
+                RunHandle("parent", run_id=state["parent_run_id"])
+            )
+        except ImportError:
+            pass
+    print("\n".join(mlflow_hints(state.get("tracking_uri"), url)))
+    return 0
+
+
+def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
+    """(official .pth, tokenizer dir) from an export folder or a .pth with its tokenizer beside it."""
+    weights = path / "model.pth" if path.is_dir() else path
+    if not weights.is_file():
+        raise UsageError(f"{weights} not found: give an exported model.pth or the export folder holding it")
+    tokenizer_dir = Path(tokenizer) if tokenizer else weights.parent
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        raise UsageError(f"no tokenizer.model in {tokenizer_dir}: pass --tokenizer DIR (a tokenizer stage folder)")
+    return weights, tokenizer_dir
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from model import generate, load_rwkv4_pth
+    from tokenization.tokenizer import load_tokenizer
+
+    weights, tokenizer_dir = _checkpoint_files(Path(args.checkpoint), args.tokenizer)
+    model = load_rwkv4_pth(weights).eval()
+    processor, info = load_tokenizer(tokenizer_dir)
+    prompt_ids = processor.encode(args.prompt) or [info.eod_id]
+    new_ids = generate(
+        model,
+        prompt_ids,
+        args.tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token=info.eod_id,
+    )
+    print(args.prompt + processor.decode([t for t in new_ids if t != info.eod_id]))
+    return 0
+
+
+def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
+    """(last training stage folder, tokenize folder, tokenizer folder) of a finished run."""
+    from orchestration.rundir import RunDir
+
+    state = RunDir(run_dir).read_state()["stages"]
+    done = {name: run_dir / s["dir"] for name, s in state.items() if s.get("status") in ("done", "cached")}
+    trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
+    if not trained or "tokenize" not in done or "tokenizer" not in done:
+        raise UsageError(f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first")
+    return done[trained[-1]], done["tokenize"], done["tokenizer"]
+
+
+def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, tokenizer_dir)
+    from model import ModelConfig
+    from pipeline.eval_stage import load_trained
+
+    trained, shards, tokenizer = _trained_stage(run_dir)
+    model_cfg = ModelConfig(**json.loads((trained / "checkpoint_manifest.json").read_text())["model_config"])
+    return load_trained(trained / "final_weights.pt", model_cfg), model_cfg, shards, tokenizer
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pipeline.config import EvalConfig
+    from pipeline.eval_stage import evaluate
+
+    run_dir = Path(args.run_dir)
+    model, model_cfg, shards, tokenizer = _load_run_model(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    ctx_len = args.ctx_len or config.eval.ctx_len or config.train.ctx_len
+    eval_cfg = EvalConfig(**{**config.eval.model_dump(), "batches": args.batches or config.eval.batches})
+    out = Path(args.out) if args.out else run_dir / f"eval-ctx{ctx_len}"
+    report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out)
+    print(
+        f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {ctx_len}; "
+        f"report and loss-vs-position plot in {out}"
+    )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.eval_stage import export
+
+    model, model_cfg, _, tokenizer = _load_run_model(Path(args.run_dir))
+    export(model, tokenizer, Path(args.out), model_cfg)
+    print(
+        f"wrote {Path(args.out) / 'model.pth'}, model.safetensors and the tokenizer; load with "
+        f"rwkv.model.RWKV(model='{Path(args.out) / 'model.pth'}', strategy='cpu fp32')"
+    )
     return 0
 
 
@@ -21,22 +171,87 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    show = commands.add_parser("print-config", help="Print the resolved config (YAML plus overrides).")
-    show.add_argument("config", help="YAML run config.")
-    show.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. train.lr_init=3e-4.")
-    show.set_defaults(handler=_print_config)
+    def with_config(name: str, help_text: str, handler) -> None:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.add_argument("config", help="YAML run config.")
+        command.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. train.lr_init=3e-4.")
+        command.set_defaults(handler=handler)
+
+    with_config("run", "Run the stage DAG; complete stages are reused, an interrupted one resumes.", _run)
+    with_config("plan", "Show which stages would run and which are cached, without running anything.", _plan)
+    with_config("print-config", "Print the resolved config (YAML plus overrides).", _print_config)
+
+    status = commands.add_parser("status", help="Stages, progress and MLflow links of a run directory.")
+    status.add_argument("run_dir", help="<workdir>/<run name>, e.g. runs/quickstart")
+    status.set_defaults(handler=_status)
+
+    gen = commands.add_parser("generate", help="Sample text from an exported model (RNN mode).")
+    gen.add_argument("checkpoint", help="Exported model.pth, or the export folder holding it.")
+    gen.add_argument("--prompt", required=True, help="Text to continue.")
+    gen.add_argument("--tokens", type=int, default=100, help="Tokens to generate (default 100).")
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0).")
+    gen.add_argument("--top-p", type=float, default=0.85, help="Nucleus sampling mass (default 0.85).")
+    gen.add_argument("--seed", type=int, default=0, help="Sampling seed (default 0).")
+    gen.add_argument("--tokenizer", default=None, help="Folder with tokenizer.model (default: beside the model).")
+    gen.set_defaults(handler=_generate)
+
+    ev = commands.add_parser("eval", help="Evaluate a run's trained model: val loss, perplexity, loss vs position.")
+    ev.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
+    ev.add_argument("--ctx-len", type=int, default=0, help="Window length (default: the config's).")
+    ev.add_argument("--batches", type=int, default=0, help="Batches of 4 windows (default: eval.batches).")
+    ev.add_argument("--out", default=None, help="Report folder (default: <run_dir>/eval-ctx<N>).")
+    ev.set_defaults(handler=_eval)
+
+    ex = commands.add_parser("export", help="Write a run's model as official RWKV-4 .pth + safetensors + tokenizer.")
+    ex.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
+    ex.add_argument("--out", required=True, help="Folder to write model.pth, model.safetensors, tokenizer.*.")
+    ex.set_defaults(handler=_export)
     return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix: printed as one paragraph, no traceback."""
+    from orchestration.cluster import RayUnreachable
+    from orchestration.dag import StageFailed
+    from orchestration.rundir import RunDirBusy
+    from orchestration.stages import PipelineSetupError
+    from tokenization.sources import CorpusError
+
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        UsageError,
+        CorpusError,
+        RayUnreachable,
+        RunDirBusy,
+        StageFailed,
+        PipelineSetupError,
+    ]
+    try:
+        from model import CheckpointFormatError
+        from tokenization.tokenizer import TokenizerError
+
+        errors += [CheckpointFormatError, TokenizerError]
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().handlers[0].setLevel(logging.WARNING)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except user_errors() as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        print(f"error: {' '.join(str(exc).split())}" if "\n  " not in str(exc) else f"error: {exc}", file=sys.stderr)
+        from orchestration.dag import StageFailed
+
+        return 1 if isinstance(exc, StageFailed) else 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ class RayConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     data_workers: int = Field(0, ge=0, description="Parallel tokenization tasks; 0 = all CPUs.")
     max_retries: int = Field(2, ge=0, description="Retries of a failed data task or training group.")
+    stage_retries: int = Field(1, ge=0, description="Reruns of a failed stage (resuming its partial output).")
 
 
 class TrackingConfig(BaseModel):
@@ -38,6 +39,8 @@ class TrackingConfig(BaseModel):
     uri: str | None = Field(None, description="MLflow tracking URI; None = SQLite in the workdir.")
     experiment: str = Field("rwkv-pipeline", description="MLflow experiment name.")
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
+    system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
+    flush_timeout_s: float = Field(120.0, ge=0, description="At the end, wait this long for an absent server.")
 
 
 class RunConfig(BaseModel):

@@ -70,11 +70,19 @@ class StageFailed(RuntimeError):
 
     def __init__(self, stage: str, attempts: int, error: BaseException, log_path: Path) -> None:
         self.stage, self.error, self.log_path = stage, error, log_path
-        reason = f"{type(error).__name__}: {error}".strip()
         super().__init__(
-            f"stage '{stage}' failed after {attempts} attempt(s): {reason}. Full log: {log_path}. "
+            f"stage '{stage}' failed after {attempts} attempt(s): {describe(error)}. Full log: {log_path}. "
             "Fix the cause and run the same command again: finished stages are reused."
         )
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` of the real error (a Ray task's error wraps it), tracebacks cut to their last line."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    if len(lines) > 3:  # Ray worker-group errors embed whole tracebacks: keep the final exception line
+        return f"{type(cause).__name__}: {lines[0]} ... {lines[-1]}"
+    return f"{type(cause).__name__}: {' '.join(lines)}"
 
 
 @dataclass
@@ -275,10 +283,11 @@ class DagRunner:
                 stage.run(ctx)
                 return ctx
             except Exception as error:  # noqa: BLE001 - retried, then raised as StageFailed
-                ctx.log.error("attempt %d/%d failed:\n%s", attempt, attempts, traceback.format_exc())
+                # The traceback goes to the stage log only; the console gets one line (or StageFailed).
+                ctx.log.info("attempt %d/%d failed:\n%s", attempt, attempts, traceback.format_exc())
                 if attempt == attempts:
                     raise StageFailed(stage.name, attempts, error, log_path) from error
-                self.report(f"{stage.name:<10} retry   attempt {attempt} failed ({type(error).__name__}: {error})")
+                self.report(f"{stage.name:<10} retry   attempt {attempt} failed ({describe(error)})")
         raise AssertionError("unreachable")
 
     def _commit(self, stage: Stage, item: PlanItem, partial: Path, ctx: StageContext) -> None:

@@ -83,7 +83,7 @@ class RunDir:
     def write_state(self, state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         state["updated_at"] = now_iso()
-        write_atomic(self.state_path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
 
     def update(self, **fields: Any) -> dict[str, Any]:
         state = self.read_state()

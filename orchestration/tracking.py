@@ -154,8 +154,11 @@ class MlflowTracker(NullTracker):
         return self.queue.close(timeout_s)
 
     def run_url(self, handle: RunHandle) -> str | None:
-        experiment = self.queue._experiment_id
-        if handle.run_id is None or experiment is None:
+        if handle.run_id is None:
+            return None
+        try:
+            experiment = self.queue._experiment_id or self.client.get_run(handle.run_id).info.experiment_id
+        except Exception:  # noqa: BLE001 - a link is a convenience; the server may be away
             return None
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{handle.run_id}"

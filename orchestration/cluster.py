@@ -1,0 +1,78 @@
+"""Joining Ray: `ray.address`, else RAY_ADDRESS, else a fresh local cluster; a dead address fails fast.
+
+    address = ray_address_from(config.ray.address)    # "127.0.0.1:6379", or "local"
+    start_ray(address)                                # RayUnreachable names the address if nothing answers
+
+`ray.init("host:port")` on an address where nothing listens retries for a long while before it
+gives up with a long traceback; a TCP connect with a short timeout answers the same question in
+at most a few seconds, so the run stops with one sentence naming the address.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+
+class RayUnreachable(ConnectionError):
+    """Nothing answers at the configured Ray address."""
+
+
+def ray_address_from(configured: str | None) -> str:
+    # "local", not None: ray.init(None) would join whatever cluster `ray start` last left on this machine.
+    return configured or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    if address in ("local", "auto") or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as error:
+        source = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") == address else "ray.address"
+        raise RayUnreachable(
+            f"cannot reach the Ray cluster at {address} (from {source}): {error}. Start one there with "
+            f"`ray start --head --port={port or 6379}`, fix the address, or leave ray.address unset "
+            "(and RAY_ADDRESS empty) to run on a local Ray cluster started for this run."
+        ) from None
+
+
+def use_token_if_present() -> None:
+    """Send the local Ray auth token when joining a cluster, as `ray start` does when it finds one.
+
+    Ray 2.60: a local `ray.init()` writes ~/.ray/auth_token, after which `ray start --head` enables
+    token auth, but `ray.init(address=...)` keeps RAY_AUTH_MODE disabled and is refused. A client in
+    token mode is accepted by clusters with and without token auth alike.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:  # Ray's own switch also refreshes its cached config, which a bare env var would not
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # another Ray version: no token auth to worry about, or a new API
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def start_ray(address: str) -> bool:
+    """Connect (or start local); True when this call initialised Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    check_reachable(address)
+    if address != "local":
+        use_token_if_present()
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+    except (ConnectionError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise RayUnreachable(
+            f"could not join the Ray cluster at {address}: {reason}. Check that the address is the head's "
+            "GCS port (ray start --head prints it) and, on a token-auth cluster, that ~/.ray/auth_token or "
+            "RAY_AUTH_TOKEN holds its token."
+        ) from error
+    return True

@@ -1,0 +1,341 @@
+"""The pipeline's stages: tokenizer -> tokenize -> pretrain -> extend1..N -> evaluate -> export.
+
+    stages = build_stages(load_config("configs/quickstart.yaml"))
+    [stage.name for stage in stages]   # ['tokenizer', 'tokenize', 'pretrain', 'evaluate', 'export']
+
+Each stage's `config` is what decides its output (what the folder hash covers); the stage
+functions wire the real work: `pipeline.data_stages.train_tokenizer` (a Ray task),
+`orchestration.data.tokenize_corpus` (Ray tasks per unit), `orchestration.ray_train.train_on_ray`
+(a Ray Train job; rank 0's metrics come back to this driver and go to MLflow), and
+`pipeline.eval_stage` for evaluation and export (Ray tasks). Settings that change nothing in a
+stage's output (how often to log or checkpoint) are left out of its hash, so changing them
+resumes a stage instead of restarting it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import RunConfig
+from orchestration.dag import Stage, StageContext
+
+# Train settings that only change logging/checkpoint cadence, never the trained weights.
+OPERATIONAL_TRAIN_FIELDS = {
+    "log_every",
+    "val_every",
+    "val_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "peak_tflops",
+    "sample_log",
+}
+
+
+class PipelineSetupError(ValueError):
+    """The config asks for something the pipeline cannot do (named in the message)."""
+
+
+def corpus_fingerprint(config: RunConfig) -> str:
+    """sha256 over the corpus files' ids, sizes and mtimes: an edited corpus is a new tokenizer input.
+
+    Raises tokenization's CorpusError (naming the path) when a path does not exist, before any work.
+    """
+    from tokenization.sources import resolve_sources
+
+    digest = hashlib.sha256()
+    for source in resolve_sources(config.data.paths, config.data.root):
+        digest.update(f"{source.rel}\0{source.size}\0{os.stat(source.path).st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def on_ray(function: Callable[..., Any], *args: Any, num_cpus: float = 1) -> Any:
+    """Run a pure function as one Ray task when Ray is up (so a cluster may place it), else here."""
+    import ray
+
+    if not ray.is_initialized():
+        return function(*args)
+    return ray.get(ray.remote(num_cpus=num_cpus, max_retries=0)(function).remote(*args))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value.model_dump(mode="json")
+
+
+def build_stages(config: RunConfig) -> list[Stage]:
+    data = config.data.model_dump(mode="json")
+    tokenizer_data = {key: value for key, value in data.items() if key != "val_fraction"}
+    corpus = corpus_fingerprint(config)
+    train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL_TRAIN_FIELDS}
+    stages = [
+        Stage(
+            "tokenizer",
+            tokenizer_stage(config),
+            config={"data": tokenizer_data, "corpus": corpus, "tokenizer": _jsonable(config.tokenizer)},
+        ),
+        Stage("tokenize", tokenize_stage(config), config={"data": data}, inputs=("tokenizer",)),
+        Stage(
+            "pretrain",
+            pretrain_stage(config),
+            config={"model": _jsonable(config.model), "train": train, "workers": config.ray.num_workers},
+            inputs=("tokenize",),
+        ),
+    ]
+    previous = "pretrain"
+    for number, extension in enumerate(config.extend, start=1):
+        name = f"extend{number}"
+        stages.append(
+            Stage(
+                name,
+                extend_stage(config, number, previous),
+                config={"extend": _jsonable(extension)},
+                inputs=(previous, "tokenize"),
+            )
+        )
+        previous = name
+    stages.append(
+        Stage(
+            "evaluate",
+            evaluate_stage(config, previous),
+            config={"eval": _jsonable(config.eval)},
+            inputs=(previous, "tokenize", "tokenizer"),
+        )
+    )
+    stages.append(Stage("export", export_stage(config, previous), config={}, inputs=(previous, "tokenizer")))
+    return stages
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def tokenizer_stage(config: RunConfig) -> Callable[[StageContext], None]:
+    def run(ctx: StageContext) -> None:
+        from pipeline.data_stages import train_tokenizer
+
+        on_ray(train_tokenizer, config.data, config.tokenizer, ctx.out_dir.resolve())
+        info = json.loads((ctx.out_dir / "tokenizer.json").read_text())
+        ctx.log_params({"vocab_size": info["vocab_size"], "model_sha256": info["model_sha256"]})
+        ctx.log_artifact(ctx.out_dir / "tokenizer.model", "tokenizer")
+        ctx.log_artifact(ctx.out_dir / "tokenizer.json", "tokenizer")
+
+    return run
+
+
+def tokenize_stage(config: RunConfig) -> Callable[[StageContext], None]:
+    def run(ctx: StageContext) -> None:
+        from orchestration.data import tokenize_corpus
+
+        tokenize_corpus(
+            config.data,
+            ctx.inputs["tokenizer"],
+            ctx.out_dir,
+            ray_address=config.ray.address,
+            num_workers=config.ray.data_workers,
+            max_retries=config.ray.max_retries,
+        )
+        manifest = json.loads((ctx.out_dir / "manifest.json").read_text())
+        totals = {k: v for k, v in manifest.get("totals", {}).items() if isinstance(v, int | float)}
+        ctx.log_metrics({f"data/{key}": value for key, value in _flat_numbers(totals).items()}, step=0)
+        ctx.log_artifact(ctx.out_dir / "manifest.json", "data")
+
+    return run
+
+
+def _flat_numbers(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_numbers(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+class MetricHistory:
+    """Rank 0's metrics as they arrive: sent to MLflow and appended to metrics.jsonl for the plots."""
+
+    def __init__(self, ctx: StageContext, total_steps: int) -> None:
+        self.ctx, self.total_steps = ctx, total_steps
+        self.path = ctx.out_dir / "metrics.jsonl"
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        self.ctx.log_metrics(metrics, step)
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.ctx.progress(step, self.total_steps)
+
+    def curves(self) -> dict[str, tuple[list[float], list[float]]]:
+        """Loss and val loss by step; a resumed run's replayed steps keep their latest value."""
+        by_step: dict[int, dict[str, float]] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                record = json.loads(line)
+                by_step.setdefault(record.pop("step"), {}).update(record)
+        curves = {}
+        for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
+            steps = sorted(step for step, values in by_step.items() if key in values)
+            if steps:
+                curves[label] = ([float(s) for s in steps], [by_step[s][key] for s in steps])
+        return curves
+
+
+def _with_vocab(config: RunConfig, shard_dir: Path) -> RunConfig:
+    from tokenization.manifest import read_manifest
+
+    vocab = read_manifest(shard_dir)["tokenizer"]["vocab_size"]
+    model = dataclasses.replace(config.model, vocab_size=vocab)  # the tokenizer decides; ids past it are never data
+    return config.model_copy(update={"model": model})
+
+
+def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: Path | None = None) -> None:
+    from orchestration.ray_train import train_on_ray
+    from pipeline.eval_stage import plot_series
+
+    history = MetricHistory(ctx, config.train.steps)
+    extra = {"init_weights": init_weights} if init_weights is not None else {}
+    ctx.log_params({f"train.{k}": v for k, v in config.train.model_dump().items()})
+    result = train_on_ray(
+        config,
+        shard_dir,
+        ctx.out_dir,
+        log_metrics=history,
+        storage_path=ctx.out_dir / "ray",
+        name=ctx.name,
+        tracking_run_id=ctx.run.run_id,
+        **extra,
+    )
+    curves = history.curves()
+    if curves:
+        plot_series(curves, "step", "loss (nats)", f"{ctx.name}: loss", ctx.out_dir / "loss_curve.png")
+        ctx.log_artifact(ctx.out_dir / "loss_curve.png", "plots")
+    from pipeline.eval_stage import sha256_of
+
+    weights = ctx.out_dir / "final_weights.pt"
+    record = {
+        "weights": weights.name,
+        "sha256": sha256_of(weights),
+        "checkpoint": str(result.get("checkpoint")),
+        "model_config": dataclasses.asdict(config.model),
+    }
+    (ctx.out_dir / "checkpoint_manifest.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    ctx.log_artifact(ctx.out_dir / "checkpoint_manifest.json", "checkpoint")
+
+
+def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
+    def run(ctx: StageContext) -> None:
+        _train(ctx, _with_vocab(config, ctx.inputs["tokenize"]), ctx.inputs["tokenize"])
+
+    return run
+
+
+def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[StageContext], None]:
+    """Fine-tune at extend[number-1].ctx_len with a constant LR, from the previous stage's weights."""
+    import inspect
+
+    from orchestration.ray_train import train_on_ray
+
+    if "init_weights" not in inspect.signature(train_on_ray).parameters:
+        raise PipelineSetupError(
+            "config.extend asks for context-extension stages, but this version of the training launcher "
+            "(orchestration.ray_train.train_on_ray) cannot start from given weights yet; remove the extend "
+            "section or run the extension with a later version."
+        )
+    extension = config.extend[number - 1]
+    if extension.chunk_len:
+        raise PipelineSetupError(
+            f"extend.{number - 1}.chunk_len={extension.chunk_len}: the training loop does not train in chunks "
+            "yet; set chunk_len: 0 (whole windows) for this stage."
+        )
+
+    def run(ctx: StageContext) -> None:
+        train = config.train.model_copy(
+            update={
+                "ctx_len": extension.ctx_len,
+                "steps": extension.steps,
+                "lr_init": extension.lr,
+                "lr_final": extension.lr,
+                "lr_schedule": "constant",
+                "warmup_steps": 0,
+            }
+        )
+        staged = _with_vocab(config.model_copy(update={"train": train}), ctx.inputs["tokenize"])
+        _train(ctx, staged, ctx.inputs["tokenize"], init_weights=ctx.inputs[previous] / "final_weights.pt")
+
+    return run
+
+
+# --- evaluate and export ------------------------------------------------------------------------
+
+
+def _model_config(config: RunConfig, trained_dir: Path) -> Any:
+    from model import ModelConfig
+
+    record = json.loads((trained_dir / "checkpoint_manifest.json").read_text())
+    return ModelConfig(**record["model_config"])
+
+
+def _evaluate_task(
+    weights: Path, model_cfg: Any, shard_dir: Path, tokenizer_dir: Path, eval_cfg: Any, ctx_len: int, out_dir: Path
+) -> dict[str, Any]:
+    from pipeline.eval_stage import evaluate, load_trained
+
+    return evaluate(load_trained(weights, model_cfg), shard_dir, tokenizer_dir, eval_cfg, ctx_len, out_dir)
+
+
+def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], None]:
+    ctx_len = config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
+
+    def run(ctx: StageContext) -> None:
+        model_cfg = _model_config(config, ctx.inputs[trained])
+        report = on_ray(
+            _evaluate_task,
+            (ctx.inputs[trained] / "final_weights.pt").resolve(),
+            model_cfg,
+            ctx.inputs["tokenize"].resolve(),
+            ctx.inputs["tokenizer"].resolve(),
+            config.eval,
+            ctx_len,
+            ctx.out_dir.resolve(),
+        )
+        ctx.log_metrics(
+            {k: report[k] for k in ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter")}, step=0
+        )
+        for name in ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv"):
+            ctx.log_artifact(ctx.out_dir / name, "eval")
+
+    return run
+
+
+def _export_task(weights: Path, model_cfg: Any, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
+    from pipeline.eval_stage import export, load_trained
+
+    return export(load_trained(weights, model_cfg), tokenizer_dir, out_dir, model_cfg)
+
+
+def export_stage(config: RunConfig, trained: str, max_artifact_mb: float = 512) -> Callable[[StageContext], None]:
+    def run(ctx: StageContext) -> None:
+        model_cfg = _model_config(config, ctx.inputs[trained])
+        record = on_ray(
+            _export_task,
+            (ctx.inputs[trained] / "final_weights.pt").resolve(),
+            model_cfg,
+            ctx.inputs["tokenizer"].resolve(),
+            ctx.out_dir.resolve(),
+        )
+        total_mb = sum(item["bytes"] for item in record["files"].values()) / 1e6
+        if total_mb <= max_artifact_mb:  # big models: the manifest (paths, sha256) stands in for the weights
+            ctx.log_artifact(ctx.out_dir, "model")
+        else:
+            ctx.log_artifact(ctx.out_dir / "export.json", "model")
+
+    return run

@@ -1,0 +1,159 @@
+"""Evaluate and export a trained model: pure compute, no Ray or MLflow.
+
+    model = load_trained(Path("runs/q/pretrain-1a2b/final_weights.pt"), ModelConfig(vocab_size=4096))
+    report = evaluate(model, Path("runs/q/tokenize-3c4d"), Path("runs/q/tokenizer-5e6f"),
+                      EvalConfig(batches=4), ctx_len=128, out_dir=Path("out"))
+    export(model, Path("runs/q/tokenizer-5e6f"), Path("out/export"))
+
+`evaluate` writes eval_report.json (val loss, perplexity, tokens, a generated sample) and
+loss_vs_position.png + .csv: the mean loss at each position of a window, which shows whether
+the model uses its context (it should fall with position, and keep falling past the training
+length after a context extension). `export` writes the official RWKV-4 `model.pth` (the `rwkv`
+package loads it), the same weights as `model.safetensors`, and the tokenizer beside them.
+
+Legend: B windows in a batch, T ctx_len, V vocab.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model import ModelConfig, build_model, generate, save_rwkv4_pth, save_rwkv4_safetensors
+from pipeline.config import EvalConfig
+from tokenization.dataset import TokenDataset
+
+EVAL_MICRO_BSZ = 4
+
+
+def load_trained(weights: Path, model_cfg: ModelConfig) -> torch.nn.Module:
+    """The training stage's final_weights.pt (our parameter names, fp32) in a fresh model, eval mode."""
+    model = build_model(model_cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+@torch.no_grad()
+def loss_by_position(model: torch.nn.Module, data: TokenDataset, ctx_len: int, windows: int) -> np.ndarray:
+    """Mean next-token loss at each of the ctx_len positions over `windows` evenly spread windows (T,)."""
+    span = data.num_tokens - (ctx_len + 1)
+    if span < 0:
+        raise ValueError(f"the val split holds {data.num_tokens} tokens, fewer than one window of {ctx_len + 1}")
+    starts = [(i * span) // max(windows - 1, 1) for i in range(windows)]
+    totals_T = torch.zeros(ctx_len, dtype=torch.float64)
+    for first in range(0, windows, EVAL_MICRO_BSZ):
+        batch = np.stack([data.window(start, ctx_len + 1) for start in starts[first : first + EVAL_MICRO_BSZ]])
+        tokens_BT = torch.from_numpy(batch)
+        logits_BTV = model(tokens_BT[:, :-1]).float()
+        losses_BT = F.cross_entropy(logits_BTV.transpose(1, 2), tokens_BT[:, 1:], reduction="none")
+        totals_T += losses_BT.double().sum(0)
+    return (totals_T / windows).numpy()
+
+
+def sample(model: torch.nn.Module, tokenizer_dir: Path, prompt: str, tokens: int, seed: int = 0) -> str:
+    """RNN-mode continuation of `prompt` (top-p 0.85, temperature 1), decoded to text."""
+    from tokenization.tokenizer import load_tokenizer
+
+    processor, info = load_tokenizer(tokenizer_dir)
+    prompt_ids = processor.encode(prompt) or [info.eod_id]
+    new_ids = generate(model, prompt_ids, tokens, seed=seed, stop_token=info.eod_id)
+    return prompt + processor.decode([t for t in new_ids if t != info.eod_id and t < processor.get_piece_size()])
+
+
+def plot_series(
+    series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path
+) -> None:
+    """One matplotlib line chart as PNG (Agg backend: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
+    for label, (xs, ys) in series.items():
+        axes.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def evaluate(
+    model: torch.nn.Module, shard_dir: Path, tokenizer_dir: Path, cfg: EvalConfig, ctx_len: int, out_dir: Path
+) -> dict[str, Any]:
+    """Val loss, perplexity, loss vs position (PNG + CSV) and a sample; returns the report it writes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = TokenDataset(shard_dir, split="val")
+    windows = cfg.batches * EVAL_MICRO_BSZ
+    by_position_T = loss_by_position(model, data, ctx_len, windows)
+    val_loss = float(by_position_T.mean())
+    positions = list(range(1, ctx_len + 1))
+    np.savetxt(
+        out_dir / "loss_vs_position.csv",
+        np.stack([positions, by_position_T], 1),
+        delimiter=",",
+        header="position,loss",
+        comments="",
+        fmt=["%d", "%.6f"],
+    )
+    smooth = max(1, ctx_len // 64)  # average neighbouring positions so the trend is visible
+    kernel = np.ones(smooth) / smooth
+    plot_series(
+        {"loss": ([float(p) for p in positions[smooth - 1 :]], list(np.convolve(by_position_T, kernel, mode="valid")))},
+        "token position",
+        "mean loss (nats)",
+        f"val loss vs position (ctx {ctx_len})",
+        out_dir / "loss_vs_position.png",
+    )
+    report = {
+        "val_loss": val_loss,
+        "perplexity": float(np.exp(val_loss)),
+        "ctx_len": ctx_len,
+        "windows": windows,
+        "tokens": windows * ctx_len,
+        "loss_first_quarter": float(by_position_T[: max(1, ctx_len // 4)].mean()),
+        "loss_last_quarter": float(by_position_T[-max(1, ctx_len // 4) :].mean()),
+        "prompt": cfg.sample_prompt,
+        "sample": sample(model, tokenizer_dir, cfg.sample_prompt, cfg.sample_tokens) if cfg.sample_tokens else "",
+    }
+    (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path, model_cfg: ModelConfig | None = None) -> dict:
+    """model.pth (official RWKV-4), model.safetensors, tokenizer.model/.json and export.json."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_rwkv4_pth(model, out_dir / "model.pth")
+    save_rwkv4_safetensors(model, out_dir / "model.safetensors")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
+    files = {
+        name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_of(out_dir / name)}
+        for name in ("model.pth", "model.safetensors", "tokenizer.model", "tokenizer.json")
+    }
+    record = {
+        "format": "rwkv4-official",
+        "files": files,
+        "model_config": model_cfg.__dict__ if model_cfg is not None else None,
+        "load_with": "rwkv.model.RWKV(model='model.pth', strategy='cpu fp32')",
+    }
+    (out_dir / "export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record

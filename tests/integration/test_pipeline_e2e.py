@@ -1,0 +1,228 @@
+"""The whole DAG through the real CLI, on a real Ray cluster and a real `mlflow server`.
+
+One small run (two stdlib packages as the corpus, a 2-layer model, 30 steps on 2 Ray Train
+workers) is shared by the tests of this module, which then rerun it, change it, kill it and take
+its tracking server away. Each run is a `rwkv-pipeline` subprocess, so kill -9 hits a real driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+STAGES = ["tokenizer", "tokenize", "pretrain", "evaluate", "export"]
+
+
+def tiny_config(workdir: Path, mlflow_uri: str, ray_address: str) -> Path:
+    config = {
+        "name": "e2e",
+        "workdir": str(workdir),
+        "data": {
+            "paths": [str(STDLIB / "json" / "*.py"), str(STDLIB / "email" / "*.py")],
+            "val_fraction": 0.2,
+            "unit_bytes": 200_000,
+        },
+        "tokenizer": {"vocab_size": 512, "sample_bytes": 300_000},
+        "model": {"n_layer": 2, "n_embd": 32, "wkv_backend": "torch"},
+        "train": {
+            "ctx_len": 32,
+            "micro_bsz": 4,
+            "steps": 30,
+            "log_every": 2,
+            "val_every": 10,
+            "val_batches": 2,
+            "checkpoint_every": 10,
+        },
+        "eval": {"batches": 2, "sample_tokens": 8},
+        "ray": {"address": ray_address, "num_workers": 2, "stage_retries": 0},
+        "tracking": {"uri": mlflow_uri, "experiment": "e2e", "system_metrics_interval_s": 1, "flush_timeout_s": 120},
+    }
+    path = workdir / "e2e.yaml"
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args: str, timeout_s: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        env=_env(),
+    )
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+def state_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "state.json").read_text())
+
+
+def stage_dirs(run_dir: Path) -> dict[str, Path]:
+    return {name: run_dir / stage["dir"] for name, stage in state_of(run_dir)["stages"].items()}
+
+
+def markers(run_dir: Path) -> dict[str, int]:
+    return {name: (path / "_SUCCESS").stat().st_mtime_ns for name, path in stage_dirs(run_dir).items()}
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def nested_runs(uri: str, parent_id: str) -> dict[str, list]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    by_stage: dict[str, list] = {}
+    for run in children:
+        by_stage.setdefault(run.data.tags["mlflow.runName"], []).append(run)
+    return by_stage
+
+
+def steps_of(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    return [metric.step for metric in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, mlflow_uri: str, ray_address: str):
+    workdir = tmp_path_factory.mktemp("e2e")
+    config = tiny_config(workdir, mlflow_uri, ray_address)
+    done = cli("run", str(config))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return config, workdir / "e2e", done
+
+
+def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_run, mlflow_uri: str):
+    from mlflow import MlflowClient
+
+    config, run_dir, done = first_run
+    assert "val loss" in done.stdout and "sample:" in done.stdout and "MLflow" in done.stdout
+    state = state_of(run_dir)
+    assert [name for name in state["stages"]] == STAGES
+    assert all(stage["status"] == "done" for stage in state["stages"].values())
+
+    client = MlflowClient(mlflow_uri)
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["train.lr_init"] == "0.0006"
+    assert [item.path for item in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
+    runs = nested_runs(mlflow_uri, parent.info.run_id)
+    assert sorted(runs) == sorted(STAGES) and all(len(found) == 1 for found in runs.values())
+    pretrain = runs["pretrain"][0]
+    assert steps_of(mlflow_uri, pretrain.info.run_id, "loss") == list(range(2, 31, 2))
+    assert steps_of(mlflow_uri, pretrain.info.run_id, "val_loss") == [10, 20, 30]
+    assert any(key.startswith("system/cpu") for key in pretrain.data.metrics)
+
+    def listed(stage: str, folder: str) -> set[str]:
+        return {item.path for item in client.list_artifacts(runs[stage][0].info.run_id, folder)}
+
+    assert listed("tokenizer", "tokenizer") == {"tokenizer/tokenizer.model", "tokenizer/tokenizer.json"}
+    assert listed("tokenize", "data") == {"data/manifest.json"}
+    assert "plots/loss_curve.png" in listed("pretrain", "plots")
+    assert {"eval/eval_report.json", "eval/loss_vs_position.png"} <= listed("evaluate", "eval")
+    assert {"model/model.pth", "model/model.safetensors", "model/tokenizer.model"} <= listed("export", "model")
+    report = json.loads(
+        Path(client.download_artifacts(runs["evaluate"][0].info.run_id, "eval/eval_report.json")).read_text()
+    )
+    assert runs["evaluate"][0].data.metrics["val_loss"] == pytest.approx(report["val_loss"])
+
+
+def test_rerun_of_a_finished_run_does_no_work(first_run):
+    config, run_dir, _ = first_run
+    before, folders = markers(run_dir), sorted(p.name for p in run_dir.iterdir())
+    again = cli("run", str(config))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert markers(run_dir) == before and sorted(p.name for p in run_dir.iterdir()) == folders
+    plan = cli("plan", str(config))
+    assert [line.split()[1] for line in plan.stdout.splitlines()] == ["cached"] * len(STAGES)
+
+
+def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(first_run, mlflow_uri: str):
+    config, run_dir, _ = first_run
+    before_dirs, before_markers = stage_dirs(run_dir), markers(run_dir)
+    plan = cli("plan", str(config), "train.lr_init=0.001")
+    assert [line.split()[1] for line in plan.stdout.splitlines()] == ["cached", "cached", "run", "run", "run"]
+
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "run", str(config), "train.lr_init=0.001"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(),
+    )
+    try:
+        wait_for(lambda: any(run_dir.glob("pretrain-*.partial/ray/pretrain/step_00000010")), 300, "checkpoint 10")
+        assert driver.poll() is None, "the run ended before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    partial = next(run_dir.glob("pretrain-*.partial"))
+    assert state_of(run_dir)["stages"]["pretrain"]["status"] == "running"
+
+    resumed = cli("run", str(config), "train.lr_init=0.001")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = stage_dirs(run_dir)
+    assert after["tokenizer"] == before_dirs["tokenizer"] and after["tokenize"] == before_dirs["tokenize"]
+    assert markers(run_dir)["tokenize"] == before_markers["tokenize"]
+    assert after["pretrain"] != before_dirs["pretrain"] and after["pretrain"].name == partial.name[: -len(".partial")]
+    result = json.loads((after["pretrain"] / "train_result.json").read_text())
+    assert result["step"] == 30 and result["resumed_from"] is not None
+
+    runs = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])
+    assert {name: len(found) for name, found in runs.items()} == {"pretrain": 1, "evaluate": 1, "export": 1}
+    assert steps_of(mlflow_uri, runs["pretrain"][0].info.run_id, "loss") == list(range(2, 31, 2))
+
+
+def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(first_run, own_mlflow_server):
+    config, run_dir, _ = first_run
+    server = own_mlflow_server
+    overrides = [f"tracking.uri={server.uri}", "train.lr_init=0.002"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "run", str(config), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    try:
+        pretrain_state = lambda: state_of(run_dir)["stages"].get("pretrain", {})  # noqa: E731
+        wait_for(
+            lambda: pretrain_state().get("status") == "running" and pretrain_state().get("mlflow_run_id"),
+            120,
+            "pretrain to start",
+        )
+        run_id = pretrain_state()["mlflow_run_id"]
+        server.stop()  # down before the first training step is logged
+        wait_for(lambda: pretrain_state().get("status") == "done", 300, "pretrain to finish without MLflow")
+        server.start()
+        output, _ = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+    assert output.count("is unreachable") == 1 and "reachable again" in output
+    assert steps_of(server.uri, run_id, "loss") == list(range(2, 31, 2))
