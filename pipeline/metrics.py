@@ -10,7 +10,9 @@ training (forward + backward) is three times that, 6(VD + 13D²L).
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -45,6 +47,13 @@ class Throughput:
 
     def add(self, tokens: int) -> None:
         self.tokens += tokens
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation, checkpoints) does not count against training throughput."""
+        started = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - started
 
     def rate(self, device: torch.device) -> float:
         if device.type == "cuda":

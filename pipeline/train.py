@@ -281,7 +281,8 @@ def train(
                 print(f"step {step}/{cfg.steps} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
 
         if step % cfg.val_every == 0 or step == cfg.steps:
-            val_loss = evaluate(engine, val, cfg, device)
+            with throughput.paused():
+                val_loss = evaluate(engine, val, cfg, device)
             if val_loss is not None:
                 log({"val_loss": val_loss}, step)
 
@@ -299,11 +300,12 @@ def train(
                 "parameter_shapes": shapes,
             }
             last_ckpt = ckpt.step_dir(root, step)
-            ckpt.save(engine, last_ckpt, state)
-            if rank == 0:
-                ckpt.prune(root, cfg.keep_checkpoints)
-            if on_checkpoint is not None:
-                on_checkpoint(last_ckpt, {"step": step, "loss": loss_now, "tokens_seen": tokens_seen})
+            with throughput.paused():
+                ckpt.save(engine, last_ckpt, state)
+                if rank == 0:
+                    ckpt.prune(root, cfg.keep_checkpoints)
+                if on_checkpoint is not None:
+                    on_checkpoint(last_ckpt, {"step": step, "loss": loss_now, "tokens_seen": tokens_seen})
 
     if sample_log is not None:
         sample_log.close()
