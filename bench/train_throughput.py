@@ -107,6 +107,7 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="shard directory (default: synthetic, made once)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
+    parser.add_argument("--budget", type=float, default=None, help="seconds for all; later configs are skipped")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one spec (JSON)
     args = parser.parse_args()
     if args.one:
@@ -128,6 +129,7 @@ def main() -> int:
 def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     """Every (model, backend, compile) configuration in its own process; one JSON row each."""
     rows = []
+    deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     for model in args.models:
         for backend in args.backends:
             for compiled in args.compile:
@@ -144,13 +146,17 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
                     "data": str(data),
                 }
                 started = time.perf_counter()
+                timeout = min(args.timeout, deadline - time.monotonic())
+                if timeout < 20:
+                    rows.append({**spec, "error": "skipped: out of --budget", "wall_s": 0.0})
+                    continue
                 command = [sys.executable, __file__, "--one", json.dumps(spec)]
                 try:
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
                     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
                     row = json.loads(lines[-1][7:]) if lines else {**spec, "error": done.stderr[-800:]}
                 except subprocess.TimeoutExpired:
-                    row = {**spec, "error": f"timed out after {args.timeout:.0f} s"}
+                    row = {**spec, "error": f"timed out after {timeout:.0f} s"}
                 row["wall_s"] = time.perf_counter() - started
                 rows.append(row)
                 print(json.dumps(row), flush=True)
