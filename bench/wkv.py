@@ -43,21 +43,26 @@ from model.wkv_reference import zero_state
 
 
 def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median and minimum wall time in ms of fn() over `repeats` calls, after one warm-up call."""
+    """Wall time (median, min) and process CPU time (median) in ms of fn(), after one warm-up call.
+
+    On a shared machine the CPU time of a 1-thread run is the steadier figure: it leaves out the time
+    spent waiting for a core that another process holds.
+    """
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         sync()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times)}
+        wall.append((time.perf_counter() - start) * 1e3)
+        cpu.append((time.process_time() - start_cpu) * 1e3)
+    return {"median_ms": statistics.median(wall), "min_ms": min(wall), "cpu_ms": statistics.median(cpu)}
 
 
 def op_case(backend: str, shape: tuple[int, int, int], device: torch.device, **kwargs) -> dict[str, Callable]:
@@ -126,28 +131,26 @@ def bench_step(backend: str, device, n_layer: int, n_embd: int, ctx_len: int, ba
     full, stub = [], []
     for _ in range(repeats):  # interleaved, so a load change on a shared machine hits both alike
         rwkv_module.wkv = real_wkv
-        full.append(timed(step, device, 1)["median_ms"])
+        full.append(timed(step, device, 1))
         rwkv_module.wkv = identity_wkv
-        stub.append(timed(step, device, 1)["median_ms"])
+        stub.append(timed(step, device, 1))
     rwkv_module.wkv = real_wkv
-    op = op_case(backend, (batch, ctx_len, n_embd), device)
-    op_ms = timed(op["fwd+bwd"], device, repeats)["median_ms"] * n_layer
-    full_ms, stub_ms = statistics.median(full), statistics.median(stub)
-    return {
-        "backend": backend,
-        "model": f"{n_layer} layers x {n_embd}, vocab {vocab}",
-        "B": batch,
-        "ctx": ctx_len,
-        "step_ms": full_ms,
-        "step_without_wkv_ms": stub_ms,
-        "wkv_share": (full_ms - stub_ms) / full_ms,
-        "op_alone_x_layers_ms": op_ms,
-        "op_alone_share": op_ms / full_ms,
-    }
+    op = timed(op_case(backend, (batch, ctx_len, n_embd), device)["fwd+bwd"], device, repeats)
+    row = {"backend": backend, "model": f"{n_layer} layers x {n_embd}, vocab {vocab}", "B": batch, "ctx": ctx_len}
+    for clock in ("median_ms", "cpu_ms"):
+        full_ms, stub_ms = (statistics.median(t[clock] for t in runs) for runs in (full, stub))
+        row[clock] = {
+            "step": full_ms,
+            "step_wkv_identity": stub_ms,
+            "wkv_share": (full_ms - stub_ms) / full_ms,
+            "op_alone_x_layers": op[clock] * n_layer,
+            "op_alone_share": op[clock] * n_layer / full_ms,
+        }
+    return row
 
 
 def fmt(t: dict) -> str:
-    return f"{t['median_ms']:.1f} (min {t['min_ms']:.1f})"
+    return f"{t['median_ms']:.1f} (min {t['min_ms']:.1f}, CPU {t['cpu_ms']:.1f})"
 
 
 def print_report(report: dict) -> None:
@@ -164,13 +167,16 @@ def print_report(report: dict) -> None:
             print(f"| {r['chunk_len']} | {r['shape']} | {fmt(r['fwd+bwd'])} |")
         print()
     for r in report.get("step", []):
-        print("| backend | model | B x ctx | step ms | step, WKV as identity ms | WKV share | op alone x layers |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"Training step ({r['backend']}, {r['model']}, B {r['B']} x ctx {r['ctx']}), medians:\n")
         print(
-            f"| {r['backend']} | {r['model']} | {r['B']} x {r['ctx']} | {r['step_ms']:.0f} | "
-            f"{r['step_without_wkv_ms']:.0f} | {100 * r['wkv_share']:.1f} % | "
-            f"{r['op_alone_x_layers_ms']:.0f} ms ({100 * r['op_alone_share']:.1f} %) |"
+            "| clock | step ms | step, WKV as identity ms | WKV share | WKV op alone x layers |\n|---|---|---|---|---|"
         )
+        for clock, name in (("median_ms", "wall"), ("cpu_ms", "process CPU")):
+            c = r[clock]
+            print(
+                f"| {name} | {c['step']:.0f} | {c['step_wkv_identity']:.0f} | {100 * c['wkv_share']:.1f} % | "
+                f"{c['op_alone_x_layers']:.0f} ms ({100 * c['op_alone_share']:.1f} %) |"
+            )
 
 
 def main() -> None:
