@@ -151,3 +151,22 @@ def test_bad_input_is_counted_in_the_manifest(tmp_path: Path, stage: tuple[Path,
     counts = {key: totals["totals"][key] for key in ("documents", "invalid_utf8_docs", "empty_files", "empty_docs")}
     assert counts == {"documents": 2, "invalid_utf8_docs": 1, "empty_files": 1, "empty_docs": 1}
     assert (totals["totals"]["bad_records"], totals["totals"]["missing_text"]) == (1, 1)
+
+
+def test_resume_redoes_only_units_without_a_valid_shard(stage: tuple[Path, Path], tmp_path: Path) -> None:
+    tokenizer_dir, shard_dir = stage
+    copy = tmp_path / "shards"
+    (copy / "units").mkdir(parents=True)
+    for path in shard_dir.rglob("*.*"):
+        (copy / path.relative_to(shard_dir)).write_bytes(path.read_bytes())
+    (copy / "manifest.json").unlink()  # as after a kill: units done, manifest not yet written
+    victim = sorted(copy.glob("train-*.arrow"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])  # torn (as if written without the atomic rename)
+    unit_of_victim = int(victim.stem.split("-")[1])
+    records = {path.name: path.stat().st_mtime_ns for path in (copy / "units").iterdir()}
+    tokenize_in_process(DATA, tokenizer_dir, copy)
+    redone = {path.name for path in (copy / "units").iterdir() if path.stat().st_mtime_ns != records[path.name]}
+    assert redone == {f"unit-{unit_of_victim:06d}.json"}
+    assert {p.name: p.read_bytes() for p in copy.rglob("*.*")} == {
+        p.name: p.read_bytes() for p in shard_dir.rglob("*.*")
+    }
