@@ -311,7 +311,6 @@ class DagRunner:
             os.fsync(handle.fileno())
         for path, artifact_path in ctx.artifacts:
             final = item.folder / path.relative_to(partial) if path.is_relative_to(partial) else path
-            final = item.folder / path if not path.is_absolute() else final
             self.tracker.log_artifact(ctx.run, final, artifact_path)
 
     def _write_progress(self, stage: str, done: int, total: int) -> None:

@@ -43,7 +43,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 class RunDir:
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # stage code and Ray tasks get absolute paths
 
     # -- layout ---------------------------------------------------------------------------------
     @property

@@ -49,7 +49,9 @@ class Operation:
 
 
 def is_permanent(error: Exception) -> bool:
-    """4xx answers will not get better by retrying; anything else (network, 5xx) might."""
+    """4xx answers and missing local files will not get better by retrying; network errors and 5xx might."""
+    if isinstance(error, FileNotFoundError | IsADirectoryError | NotADirectoryError | PermissionError):
+        return True
     status = getattr(error, "get_http_status_code", None)
     return status is not None and 400 <= int(status()) < 500
 

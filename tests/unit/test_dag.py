@@ -113,3 +113,28 @@ def test_second_driver_on_the_same_run_directory_is_refused(tmp_path: Path):
     run_dir = RunDir(tmp_path / "run")
     with run_dir.locked(), pytest.raises(RunDirBusy, match="in use by another"), RunDir(run_dir.root).locked():
         pass
+
+
+def test_embedded_tracking_sqlite_in_workdir_with_artifacts_beside_it(tmp_path: Path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from orchestration.tracking import MlflowTracker, resolve_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_tracking_uri(None, tmp_path)
+    assert uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    tracker = MlflowTracker(uri, "unit")
+    run_dir = RunDir(tmp_path / "run")
+    outputs = DagRunner(run_dir, tracker, system_metrics_s=None).run(make_stages([]), "demo", {"lr": 1e-3})
+    assert tracker.close(timeout_s=30) == 0
+
+    state = run_dir.read_state()
+    client = MlflowClient(uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name("unit").experiment_id], f"tags.mlflow.parentRunId = '{state['parent_run_id']}'"
+    )
+    assert sorted(run.data.tags["mlflow.runName"] for run in children) == ["report", "shards", "tokenizer", "train"]
+    train_run = state["stage_runs"][outputs["train"].name]
+    assert [item.path for item in client.list_artifacts(train_run)] == ["out.txt"]
+    stored = tmp_path / "mlartifacts"
+    assert [p.read_text() for p in stored.rglob("out.txt") if train_run in str(p)] == ["trainshardstokenizer"]

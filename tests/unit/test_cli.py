@@ -1,0 +1,87 @@
+"""CLI errors a user can fix: one paragraph naming the cause, no traceback (unless --debug); --help everywhere."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestration.cli import build_parser, main
+from orchestration.tracking import NullTracker, make_tracker
+
+QUICKSTART = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [
+        (["train.lr_innit=3e-4"], "train.lr_innit: unknown field"),
+        (["model.n_layer=zero"], "model.n_layer"),
+        (["train.lr_init"], "not of the form key=value"),
+        (["data.paths=[/no/such/corpus]"], "data.paths: '/no/such/corpus' does not exist"),
+        ([f"ray.address=127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
+    ],
+)
+def test_user_errors_are_one_paragraph_without_traceback(capsys, tmp_path: Path, args: list[str], cause: str):
+    code, err = run_cli(capsys, "run", QUICKSTART, f"workdir={tmp_path}", *args)
+    assert code == 2 and cause in err and err.startswith("error: ")
+    assert "Traceback" not in err and "\n\n" not in err.strip()
+    assert not (tmp_path / "quickstart").exists()  # stopped before any work
+
+
+def test_missing_config_file_and_debug_traceback(capsys, tmp_path: Path):
+    code, err = run_cli(capsys, "plan", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "config file not found" in err
+    debug = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "--debug", "plan", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_status_of_something_that_is_not_a_run_directory(capsys, tmp_path: Path):
+    code, err = run_cli(capsys, "status", str(tmp_path))
+    assert code == 2 and "is not a run directory" in err
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
+    assert {"run", "plan", "status", "generate", "eval", "export", "print-config"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as shown:
+            main([name, "--help"])
+        assert shown.value.code == 0 and "usage: rwkv-pipeline" in capsys.readouterr().out
+
+
+def test_plan_lists_every_stage_without_running(capsys, tmp_path: Path):
+    assert main(["plan", QUICKSTART, f"workdir={tmp_path}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [
+        [stage, "run"] for stage in ("tokenizer", "tokenize", "pretrain", "evaluate", "export")
+    ]
+    assert not (tmp_path / "quickstart").exists()
+
+
+def test_tracker_falls_back_to_null_without_mlflow(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` sees when it is not installed
+    tracker = make_tracker("sqlite:///unused.db", "x")
+    assert type(tracker) is NullTracker and "not installed" in caplog.text
+    handle = tracker.open_run("stage")
+    tracker.log_metrics(handle, {"loss": 1.0}, 0)
+    assert tracker.close(1) == 0
