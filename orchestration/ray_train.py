@@ -21,15 +21,17 @@ Ray is imported inside the functions, so importing this module needs neither Ray
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestration.config import RunConfig
-from pipeline.train import CheckpointFn, MetricsFn
+if TYPE_CHECKING:  # keep this module importable without torch (the driver needs only Ray)
+    from orchestration.config import RunConfig
+    from pipeline.train import MetricsFn
 
 
 def _worker_loop(loop_config: dict[str, Any]) -> None:
@@ -62,7 +64,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     def send_metrics(metrics: dict[str, float], step: int) -> None:  # the loop calls this on rank 0 only
         metrics_queue.put((metrics, step))
 
-    on_checkpoint: CheckpointFn = report
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_dir:
         train(
@@ -73,10 +74,11 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             log_metrics=send_metrics,
             checkpoint_root=staging,
             resume_from=resume_dir,
-            on_checkpoint=on_checkpoint,
+            on_checkpoint=report,
             tracking_run_id=loop_config["tracking_run_id"],
             init_weights=loop_config["init_weights"],
         )
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _pump(metrics_queue: Any, log_metrics: MetricsFn | None, stop: threading.Event) -> None:
