@@ -20,9 +20,10 @@ the decays to the chunk's end; a short loop over chunks (T/L steps on (B, C) ten
 end sums into the state entering each chunk, exactly as the reference's max-trick would. Backward
 is the same structure transposed (two more matmuls and a reverse loop over chunks).
 
-Layout: each chunk is transposed to (B, N, C, L) (a cheap, cache-local L x C transpose), so every
-elementwise op is contiguous and, viewed as (C, rows, L), the matmuls are plain strided BLAS calls.
-A full (B, T, C) -> (C, B, T) transpose would cost ~5 elementwise passes on the CPU.
+Layout: the work is done in (B, N, C, L) order, so that, viewed as (C, rows, L), the matmul operands
+are plain strided BLAS matrices. k, v, y and their gradients stay in (B, T, C) memory: the ops that
+read or write them do the per-chunk L x C transposes on the way, at no extra pass. (A full
+(B, T, C) -> (C, B, T) transpose would cost about five elementwise passes on this CPU.)
 
 Numerics: every factor is <= 1 except exp(u), so nothing overflows; a term underflows only when
 keys inside one chunk span more than ~80 nats, far past the |k| <= 20 this op is tested for.
@@ -69,16 +70,23 @@ def wkv_torch(
     for start, n_chunks, length in ((0, n_full, chunk_len), (n_full * chunk_len, 1 if rest else 0, rest)):
         if n_chunks == 0:
             continue
-        k_BNCL, v_BNCL = (_to_chunks(x[:, start : start + n_chunks * length], n_chunks, length) for x in (k, v))
+        k_BNCL, v_BNCL = (_as_chunks(x[:, start : start + n_chunks * length], n_chunks, length) for x in (k, v))
         y_BNCL, *carry = _ChunkedWkv.apply(w_C, u_C, k_BNCL, v_BNCL, *carry)
         ys.append(y_BNCL.transpose(2, 3).reshape(batch, n_chunks * length, channels))
     y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0] if ys else k.new_zeros(batch, 0, channels)
     return y.to(k_BTC.dtype), tuple(carry)  # type: ignore[return-value]
 
 
-def _to_chunks(x_BTC: torch.Tensor, n_chunks: int, length: int) -> torch.Tensor:
-    """(B, N*L, C) -> (B, N, C, L), contiguous."""
-    return x_BTC.reshape(x_BTC.shape[0], n_chunks, length, x_BTC.shape[2]).transpose(2, 3).contiguous()
+def _as_chunks(x_BTC: torch.Tensor, n_chunks: int, length: int) -> torch.Tensor:
+    """(B, N*L, C) -> a (B, N, C, L) view, no copy: the first op that reads it writes the (B, N, C, L) layout."""
+    return x_BTC.view(x_BTC.shape[0], n_chunks, length, x_BTC.shape[2]).transpose(2, 3)
+
+
+def _empty_in_time_order(like_BNCL: torch.Tensor) -> torch.Tensor:
+    """An empty (B, N, C, L) tensor stored as (B, N, L, C): seen as (B, T, C) it is contiguous, so y and the
+    gradients of k and v leave without a transpose (writing them strided costs about what a contiguous write does)."""
+    batch, n_chunks, channels, length = like_BNCL.shape
+    return like_BNCL.new_empty(batch, n_chunks, length, channels).transpose(2, 3)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -148,9 +156,9 @@ class _ChunkedWkv(torch.autograd.Function):
         top = torch.maximum(m_BNC1[..., 0], pp0)
         e_intra, e_start = _flushed_exp(m_BNC1[..., 0] - top), _flushed_exp(pp0 - top)
         decay_CL = dt_CIT[:, 0, 1:]  # exp(t w), t = 0..L-1
-        num = torch.mul(s[0, ..., :length], e_intra[..., None], out=torch.empty_like(k))
+        num = torch.mul(s[0, ..., :length], e_intra[..., None], out=_empty_in_time_order(k))
         num.addcmul_((aa0 * e_start)[..., None], decay_CL)
-        den = torch.mul(s[1, ..., :length], e_intra[..., None], out=torch.empty_like(k))
+        den = torch.mul(s[1, ..., :length], e_intra[..., None], out=torch.empty_like(x))
         den.addcmul_((bb0 * e_start)[..., None], decay_CL)
         y = num.div_(den)
         ctx.save_for_backward(v, x2, dt_CIT, lag_IT, s_CRT, end, y, den, e_intra, e_start, arg_BNC, rescale)
@@ -164,10 +172,9 @@ class _ChunkedWkv(torch.autograd.Function):
         batch, n_chunks, channels, length = v.shape
         s, decay_CL = _unrows(s_CRT, batch, n_chunks), dt_CIT[:, 0, 1:]
         aa0, bb0 = ctx.scan["aa0"], ctx.scan["bb0"]
-        # gy arrives in the caller's (B, N, L, C) layout: a cheap per-chunk transpose makes the ops below contiguous.
-        gy = gy.contiguous() if gy is not None else torch.zeros_like(y)
-        q = gy / den  # dL/dnum; dL/dden = -q*y
-        qy = q * y
+        gy = gy if gy is not None else torch.zeros_like(y)
+        q = torch.div(gy, den, out=torch.empty_like(den))  # dL/dnum, in (B, N, C, L) order; dL/dden = -q*y
+        qy = torch.mul(q, y, out=torch.empty_like(q))
 
         def per_chunk(x_BNCL: torch.Tensor, weights_CLJ: torch.Tensor) -> torch.Tensor:
             """sum over t of x[b, n, c, t] * weights[c, t, j] -> (B, N, C, J)."""
@@ -202,8 +209,8 @@ class _ChunkedWkv(torch.autograd.Function):
         g_dt = torch.bmm(_rows(x2).transpose(1, 2), g_s_CRT) * dt_CIT  # dL/d(exponent of each D entry)
 
         x = x2[1]
-        gv = torch.mul(g_x[0], x, out=torch.empty_like(v))
-        gk = torch.addcmul(g_x[1], g_x[0], v, out=torch.empty_like(v)).mul_(x)
+        gv = torch.mul(g_x[0], x, out=torch.empty_like(x))
+        gk = torch.addcmul(g_x[1], g_x[0], v, out=torch.empty_like(x)).mul_(x)
         gk.scatter_add_(3, arg_BNC[..., None], g_p[..., None])  # P = k[arg] + (L-1-arg) w
 
         gu_C = torch.diagonal(g_dt[:, :, :length], dim1=1, dim2=2).sum(dim=1)
