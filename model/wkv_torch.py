@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from model.wkv_reference import State, zero_state
 
@@ -78,8 +79,8 @@ def wkv_torch(
 
 
 def _as_chunks(x_BTC: torch.Tensor, n_chunks: int, length: int) -> torch.Tensor:
-    """(B, N*L, C) -> a (B, N, C, L) view, no copy: the first op that reads it writes the (B, N, C, L) layout."""
-    return x_BTC.view(x_BTC.shape[0], n_chunks, length, x_BTC.shape[2]).transpose(2, 3)
+    """(B, N*L, C) -> a (B, N, C, L) view (no copy for a contiguous input): the ops that read it do the transpose."""
+    return x_BTC.reshape(x_BTC.shape[0], n_chunks, length, x_BTC.shape[2]).transpose(2, 3)
 
 
 def _empty_in_time_order(like_BNCL: torch.Tensor) -> torch.Tensor:
@@ -167,6 +168,7 @@ class _ChunkedWkv(torch.autograd.Function):
         return y, aa1, bb1, pp1
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy, gaa1, gbb1, gpp1):  # type: ignore[override]
         v, x2, dt_CIT, lag_IT, s_CRT, end, y, den, e_intra, e_start, arg_BNC, rescale = ctx.saved_tensors
         batch, n_chunks, channels, length = v.shape

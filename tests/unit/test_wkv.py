@@ -175,3 +175,12 @@ def test_op_dispatches_to_the_torch_backend():
     time_decay, time_first, k, v, *_ = make_inputs(1, 10, 4, seed=5)
     y, _ = wkv(time_decay, time_first, k, v, backend="torch")
     assert torch.equal(y, wkv_torch(time_decay, time_first, k, v)[0])
+
+
+def test_non_contiguous_inputs():
+    """k and v as strided views (every other channel of a wider tensor) give the same result as copies."""
+    time_decay, time_first, k, v, *state = make_inputs(2, 70, 12, seed=6)
+    wide_k, wide_v = (torch.stack((x, x + 1), dim=-1).flatten(2) for x in (k, v))
+    y_view, state_view = wkv_torch(time_decay, time_first, wide_k[..., ::2], wide_v[..., ::2], tuple(state))
+    y_copy, state_copy = wkv_torch(time_decay, time_first, k, v, tuple(state))
+    assert torch.equal(y_view, y_copy) and all(torch.equal(a, b) for a, b in zip(state_view, state_copy, strict=True))
