@@ -106,7 +106,7 @@ def evaluate(
         comments="",
         fmt=["%d", "%.6f"],
     )
-    smooth = max(1, ctx_len // 64)  # average neighbouring positions so the trend is visible
+    smooth = max(1, ctx_len // 16)  # average neighbouring positions so the trend is visible
     kernel = np.ones(smooth) / smooth
     plot_series(
         {"loss": ([float(p) for p in positions[smooth - 1 :]], list(np.convolve(by_position_T, kernel, mode="valid")))},

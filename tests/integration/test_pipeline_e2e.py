@@ -150,6 +150,21 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     assert runs["evaluate"][0].data.metrics["val_loss"] == pytest.approx(report["val_loss"])
 
 
+def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_path: Path):
+    from model import load_rwkv4_pth
+
+    _, run_dir, _ = first_run
+    status = cli("status", str(run_dir))
+    assert status.returncode == 0 and "MLflow" in status.stdout
+    assert all(f"{stage}" in status.stdout for stage in STAGES) and status.stdout.count(" done ") == len(STAGES)
+    generated = cli("generate", str(stage_dirs(run_dir)["export"]), "--prompt", "def ", "--tokens", "8")
+    assert generated.returncode == 0 and generated.stdout.startswith("def "), generated.stderr[-2000:]
+    exported = cli("export", str(run_dir), "--out", str(tmp_path / "exported"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    model = load_rwkv4_pth(tmp_path / "exported" / "model.pth")
+    assert model.emb.weight.shape == (512, 32) and (tmp_path / "exported" / "tokenizer.model").is_file()
+
+
 def test_rerun_of_a_finished_run_does_no_work(first_run):
     config, run_dir, _ = first_run
     before, folders = markers(run_dir), sorted(p.name for p in run_dir.iterdir())
