@@ -224,38 +224,66 @@ class _ChunkedWkv(torch.autograd.Function):
 def _scan_forward(
     chunk_decay_C: torch.Tensor, p_BNC: torch.Tensor, end_num: torch.Tensor, end_den: torch.Tensor, carry: State
 ) -> dict:
-    """The max-trick recurrence over chunks: states entering each chunk (B, N, C) and after the last."""
-    aa, bb, pp = carry
-    starts, steps = [], []
-    for p, num, den in zip(p_BNC.unbind(1), end_num.unbind(1), end_den.unbind(1), strict=True):
-        starts.append((aa, bb, pp))
-        decayed = pp + chunk_decay_C
-        new = torch.maximum(decayed, p)
-        e_old, e_new = torch.exp(decayed - new), torch.exp(p - new)
-        steps.append((aa, bb, num, den, e_old, e_new, decayed >= p))
-        aa, bb, pp = e_old * aa + e_new * num, e_old * bb + e_new * den, new
-    aa0, bb0, pp0 = (torch.stack(column, dim=1) for column in zip(*starts, strict=True))
-    return {"aa0": aa0, "bb0": bb0, "pp0": pp0, "final": (aa, bb, pp), "steps": steps}
+    """The max-trick recurrence over chunks: states entering each chunk (B, N, C) and after the last.
+
+    Only two multiply-adds per chunk stay in the Python loop. The exponents are solved up front: pp after
+    chunk n is max(pp_0 + (n+1) L w, max over m <= n of P_m + (n-m) L w), a cummax once the drift n L w
+    is taken out; in float64, because n L w reaches ~1e7 for long sequences. (Each op in the loop, an
+    exp above all, may enter a 2-thread parallel region, which stalls on a busy machine.)
+    """
+    aa_in, bb_in, pp_in = carry
+    n_chunks = p_BNC.shape[1]
+    decay64_C, p64 = chunk_decay_C.double(), p_BNC.double()
+    drift = torch.arange(n_chunks + 1, dtype=torch.float64, device=p_BNC.device)[:, None] * decay64_C
+    candidates = torch.cat((pp_in.double()[:, None], p64 - drift[1:]), dim=1)
+    pp_all = candidates.cummax(dim=1).values + drift  # (B, N+1, C): entering each chunk, then the final
+    decayed = pp_all[:, :-1] + decay64_C
+    old_wins = decayed >= p64
+    e_old = torch.exp(decayed - pp_all[:, 1:]).to(p_BNC.dtype)
+    e_new = torch.exp(p64 - pp_all[:, 1:]).to(p_BNC.dtype)
+    add_num, add_den = e_new * end_num, e_new * end_den
+    aa, bb = [aa_in], [bb_in]
+    for n in range(n_chunks):
+        aa.append(torch.addcmul(add_num[:, n], e_old[:, n], aa[-1]))
+        bb.append(torch.addcmul(add_den[:, n], e_old[:, n], bb[-1]))
+    aa_all, bb_all, pp_all = torch.stack(aa, dim=1), torch.stack(bb, dim=1), pp_all.to(p_BNC.dtype)
+    final = (aa_all[:, -1].clone(), bb_all[:, -1].clone(), pp_all[:, -1].clone())
+    return {
+        **{"aa0": aa_all[:, :-1], "bb0": bb_all[:, :-1], "pp0": pp_all[:, :-1], "final": final},
+        **{"e_old": e_old, "e_new": e_new, "old_wins": old_wins, "end_num": end_num, "end_den": end_den},
+    }
 
 
 def _scan_backward(
     scan: dict, length: int, g_starts: tuple[torch.Tensor, ...], g_final: list[torch.Tensor]
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor]:
-    """Reverse of `_scan_forward`: grads of the end sums and P per chunk (B, N, C), of the carry in, and of w."""
-    gaa, gbb, gpp = g_final
-    g_num, g_den, g_p = [], [], []
-    g_decayed_sum = torch.zeros_like(gaa)
-    for n in range(len(scan["steps"]) - 1, -1, -1):
-        aa, bb, num, den, e_old, e_new, old_wins = scan["steps"][n]
-        g_e_old, g_e_new = gaa * aa + gbb * bb, gaa * num + gbb * den
-        g_new = gpp - g_e_old * e_old - g_e_new * e_new
-        g_decayed = g_e_old * e_old + torch.where(old_wins, g_new, 0.0)
-        g_p.append(g_e_new * e_new + torch.where(old_wins, 0.0, g_new))
-        g_num.append(gaa * e_new)
-        g_den.append(gbb * e_new)
-        g_decayed_sum += g_decayed
-        gaa = gaa * e_old + g_starts[0][:, n]
-        gbb = gbb * e_old + g_starts[1][:, n]
-        gpp = g_decayed + g_starts[2][:, n]
-    g_end = tuple(torch.stack(g[::-1], dim=1) for g in (g_num, g_den, g_p))
-    return g_end, (gaa, gbb, gpp), g_decayed_sum.sum(dim=0) * length  # decayed = pp + L*w
+    """Reverse of `_scan_forward`: grads of the end sums and P per chunk (B, N, C), of the carry in, and of w.
+
+    Chunk n maps (aa, bb, pp) to (e_old aa + e_new num, e_old bb + e_new den, max(pp + L w, P)), with
+    e_old = exp(pp + L w - pp'), e_new = exp(P - pp'). Three reverse recurrences (for aa, bb, pp) stay in
+    the loop, one multiply-add each; everything else is vectorised over chunks.
+    """
+    e_old, e_new, old = scan["e_old"], scan["e_new"], scan["old_wins"].to(scan["e_old"].dtype)
+    g_aa0, g_bb0, g_pp0 = g_starts
+    g_aa, g_bb = [], []  # grads of the state after each chunk
+    gaa, gbb = g_final[0], g_final[1]
+    for n in range(e_old.shape[1] - 1, -1, -1):
+        g_aa.append(gaa)
+        g_bb.append(gbb)
+        gaa = torch.addcmul(g_aa0[:, n], e_old[:, n], gaa)
+        gbb = torch.addcmul(g_bb0[:, n], e_old[:, n], gbb)
+    g_aa_all, g_bb_all = torch.stack(g_aa[::-1], dim=1), torch.stack(g_bb[::-1], dim=1)
+    via_old = (g_aa_all * scan["aa0"] + g_bb_all * scan["bb0"]) * e_old  # dL/d e_old * e_old
+    via_new = (g_aa_all * scan["end_num"] + g_bb_all * scan["end_den"]) * e_new
+    # pp' = max(pp + L w, P): its gradient, minus what e_old and e_new already take, goes to the larger one.
+    offset = via_old * (1 - old) - via_new * old + g_pp0
+    g_pp = []
+    gpp = g_final[2]
+    for n in range(e_old.shape[1] - 1, -1, -1):
+        g_pp.append(gpp)
+        gpp = torch.addcmul(offset[:, n], old[:, n], gpp)
+    g_new = torch.stack(g_pp[::-1], dim=1) - via_old - via_new
+    g_decayed = via_old + old * g_new
+    g_p = via_new + (1 - old) * g_new
+    g_end = (g_aa_all * e_new, g_bb_all * e_new, g_p)
+    return g_end, (gaa, gbb, gpp), g_decayed.sum(dim=(0, 1)) * length  # decayed = pp + L*w
