@@ -16,14 +16,15 @@ step i on step t is exp((t-1-i) w + k_i), and of the step itself exp(u + k_t). T
 into a matrix D[c, t, i] (exp((t-1-i) w_c) below the diagonal, exp(u_c) on it) that depends only
 on the parameters, times x_i = exp(k_i - M) with M the chunk's max key: one batched matmul with C
 as the batch gives every intra-chunk numerator and denominator at once. D's extra row t = L holds
-the decays to the chunk's end; a short loop over chunks (T/L steps on (B, C) tensors) turns those
-end sums into the state entering each chunk, exactly as the reference's max-trick would. Backward
-is the same structure transposed (two more matmuls and a reverse loop over chunks).
+the decays to the chunk's end; a scan over chunks turns those end sums into the state entering each
+chunk, exactly as the reference's max-trick would (the exponents pp by one cummax, the sums by two
+multiply-adds per chunk on (B, C) tensors). Backward is the same structure transposed: two more
+matmuls and a reverse scan. Nothing loops over time steps.
 
 Layout: the work is done in (B, N, C, L) order, so that, viewed as (C, rows, L), the matmul operands
 are plain strided BLAS matrices. k, v, y and their gradients stay in (B, T, C) memory: the ops that
-read or write them do the per-chunk L x C transposes on the way, at no extra pass. (A full
-(B, T, C) -> (C, B, T) transpose would cost about five elementwise passes on this CPU.)
+read or write them do the per-chunk L x C transposes on the way, with no copy of their own. (A full
+(B, T, C) -> (C, B, T) transpose costs several elementwise passes on this CPU.)
 
 Numerics: every factor is <= 1 except exp(u), so nothing overflows; a term underflows only when
 keys inside one chunk span more than ~80 nats, far past the |k| <= 20 this op is tested for.
@@ -198,7 +199,7 @@ class _ChunkedWkv(torch.autograd.Function):
         g_final = [g if g is not None else torch.zeros_like(aa0[:, 0]) for g in (gaa1, gbb1, gpp1)]
         g_end, g_carry, gw_scan = _scan_backward(ctx.scan, length, (g_aa0, g_bb0, g_pp0), g_final)
         g_end_num, g_end_den, g_p = g_end
-        g_p = g_p - (g_end_num * end[0] + g_end_den * end[1])
+        g_p = g_p - (g_end_num * end[0] + g_end_den * end[1])  # end = S_end exp(M - P): d end / dP = -end
 
         # Gradient of the matmul's output, in its channel-major layout; then both matmul gradients.
         g_s_CRT = torch.empty_like(s_CRT)
