@@ -20,6 +20,7 @@ import datetime as dt
 import fcntl
 import json
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def now_iso() -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -44,6 +45,7 @@ def write_atomic(path: Path, text: str) -> None:
 class RunDir:
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()  # stage code and Ray tasks get absolute paths
+        self._state_lock = threading.RLock()  # the metrics thread writes progress while stages run
 
     # -- layout ---------------------------------------------------------------------------------
     @property
@@ -86,16 +88,18 @@ class RunDir:
         write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
 
     def update(self, **fields: Any) -> dict[str, Any]:
-        state = self.read_state()
-        state.update(fields)
-        self.write_state(state)
-        return state
+        with self._state_lock:
+            state = self.read_state()
+            state.update(fields)
+            self.write_state(state)
+            return state
 
     def update_stage(self, stage: str, **fields: Any) -> dict[str, Any]:
-        state = self.read_state()
-        state["stages"].setdefault(stage, {}).update(fields)
-        self.write_state(state)
-        return state
+        with self._state_lock:
+            state = self.read_state()
+            state["stages"].setdefault(stage, {}).update(fields)
+            self.write_state(state)
+            return state
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

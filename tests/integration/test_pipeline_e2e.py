@@ -23,8 +23,19 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 STAGES = ["tokenizer", "tokenize", "pretrain", "evaluate", "export"]
 
 
+QUICKSTART = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
 def tiny_config(workdir: Path, mlflow_uri: str, ray_address: str) -> Path:
-    config = {
+    """configs/quickstart.yaml, shortened: two stdlib packages, a 2-layer model, 30 steps."""
+    changes = {
         "name": "e2e",
         "workdir": str(workdir),
         "data": {
@@ -42,6 +53,8 @@ def tiny_config(workdir: Path, mlflow_uri: str, ray_address: str) -> Path:
             "val_every": 10,
             "val_batches": 2,
             "checkpoint_every": 10,
+            "lr_init": 6e-4,
+            "lr_final": 1e-5,
         },
         "eval": {"batches": 2, "sample_tokens": 8},
         "ray": {"address": ray_address, "num_workers": 2, "stage_retries": 0},
@@ -49,7 +62,7 @@ def tiny_config(workdir: Path, mlflow_uri: str, ray_address: str) -> Path:
     }
     path = workdir / "e2e.yaml"
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(merged(yaml.safe_load(QUICKSTART.read_text()), changes)))
     return path
 
 
