@@ -102,6 +102,19 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def checkpoint_registered(run_dir: Path, name: str):
+    """True once Ray Train recorded checkpoint `name` (what a rerun of the driver resumes from)."""
+
+    def check() -> bool:
+        snapshots = list(run_dir.glob("pretrain-*.partial/ray/pretrain/checkpoint_manager_snapshot.json"))
+        try:
+            return any(name in path.read_text() for path in snapshots)
+        except OSError:  # replaced while we read it
+            return False
+
+    return check
+
+
 def nested_runs(uri: str, parent_id: str) -> dict[str, list]:
     from mlflow import MlflowClient
 
@@ -201,7 +214,7 @@ def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(firs
         env=_env(),
     )
     try:
-        wait_for(lambda: any(run_dir.glob("pretrain-*.partial/ray/pretrain/step_00000010")), 300, "checkpoint 10")
+        wait_for(checkpoint_registered(run_dir, "step_00000010"), 300, "checkpoint 10 registered with Ray Train")
         assert driver.poll() is None, "the run ended before it could be killed"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
