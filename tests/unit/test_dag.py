@@ -138,3 +138,27 @@ def test_embedded_tracking_sqlite_in_workdir_with_artifacts_beside_it(tmp_path: 
     assert [item.path for item in client.list_artifacts(train_run)] == ["out.txt"]
     stored = tmp_path / "mlartifacts"
     assert [p.read_text() for p in stored.rglob("out.txt") if train_run in str(p)] == ["trainshardstokenizer"]
+
+
+def test_pipeline_stage_graph_and_what_each_hash_covers():
+    from orchestration.config import load_config
+    from orchestration.stages import build_stages
+
+    quickstart = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+    extended = ["extend=[{ctx_len: 256, steps: 10, lr: 1.0e-5}]"]
+    stages = build_stages(load_config(quickstart, extended))
+    assert [(s.name, s.inputs) for s in stages] == [
+        ("tokenizer", ()),
+        ("tokenize", ("tokenizer",)),
+        ("pretrain", ("tokenize",)),
+        ("extend1", ("pretrain", "tokenize")),
+        ("evaluate", ("extend1", "tokenize", "tokenizer")),
+        ("export", ("extend1", "tokenizer")),
+    ]
+    base = stage_hashes(stages)
+    new_lr = stage_hashes(build_stages(load_config(quickstart, [*extended, "extend.0.lr=2.0e-5"])))
+    assert [name for name in base if base[name] != new_lr[name]] == ["extend1", "evaluate", "export"]
+    cadence = stage_hashes(build_stages(load_config(quickstart, [*extended, "train.log_every=1"])))
+    assert cadence == base  # logging cadence does not change what training produces
+    val = stage_hashes(build_stages(load_config(quickstart, [*extended, "data.val_fraction=0.05"])))
+    assert val["tokenizer"] == base["tokenizer"] and val["tokenize"] != base["tokenize"]
