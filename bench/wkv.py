@@ -15,23 +15,17 @@ identity of the same shapes (y = v, k kept in the graph); the WKV share is the d
 full step. It also reports the op alone at the layer's shape times the number of layers.
 """
 
-# ruff: noqa: E402  (the sys.path fix below must run before the other imports)
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# `python bench/wkv.py` puts bench/ first on sys.path, where bench/tokenize.py would shadow the stdlib
-# module that torch imports; put the repository root there instead.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
 import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 

@@ -1,7 +1,7 @@
 """Tokenize-stage throughput: the Ray stage with 1 and 2 workers against a single-process encode loop.
 
-    python bench/tokenize.py                       # the Python standard library, vocab 4096
-    python bench/tokenize.py --unit-kb 1024 --repeats 3
+    python bench/tokenize_throughput.py                       # the Python standard library, vocab 4096
+    python bench/tokenize_throughput.py --unit-kb 1024 --repeats 3
 
 All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
 document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
