@@ -235,7 +235,11 @@ def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(firs
 
     runs = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])
     assert {name: len(found) for name, found in runs.items()} == {"pretrain": 1, "evaluate": 1, "export": 1}
-    assert steps_of(mlflow_uri, runs["pretrain"][0].info.run_id, "loss") == list(range(2, 31, 2))
+    pretrain = runs["pretrain"][0]
+    assert steps_of(mlflow_uri, pretrain.info.run_id, "loss") == list(range(2, 31, 2))
+    for key in pretrain.data.metrics:  # no step stored twice, system metrics included
+        steps = steps_of(mlflow_uri, pretrain.info.run_id, key)
+        assert len(steps) == len(set(steps)), key
 
 
 def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(first_run, own_mlflow_server):
