@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 TESTS = Path(__file__).parent
+
+# Ray 2.60 turns token authentication on for every later `ray start` once any local `ray.init()` has
+# written ~/.ray/auth_token, and then refuses drivers that join by address without the token. Tests
+# run their clusters on loopback only, so they keep authentication off, in every process they start.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
