@@ -92,13 +92,17 @@ class _Progress:
 def run_units(
     units: list[WorkUnit], data: DataConfig, tokenizer_dir: Path, out_dir: Path, num_workers: int, max_retries: int
 ) -> list[dict[str, Any]]:
-    """Run `units` as Ray tasks, at most num_workers at a time; their records in unit order."""
+    """Run `units` as Ray tasks, at most num_workers at a time; their records in unit order.
+
+    The largest units go first, so the last ones to finish are small and the tail where one worker
+    runs alone is short; the order does not change the output (records are merged by unit index).
+    """
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=max_retries)(_tokenize_task)
     workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     data_ref = ray.put(data)
-    pending = list(reversed(units))
+    pending = sorted(units, key=lambda unit: (unit.bytes, -unit.index))  # pop() takes the largest
     running: dict[Any, int] = {}
     records: dict[int, dict[str, Any]] = {}
     progress = _Progress(len(units), 0)
