@@ -198,6 +198,8 @@ def train(
     flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
     engine = build_engine(model, cfg, world, device.type)
     if cfg.compile:
+        # Each block is its own compiled frame (specialised on its layer index): allow one per layer.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * model_cfg.n_layer)
         engine.compile()
 
     # Resume from the newest complete checkpoint (or the one named).
@@ -285,6 +287,8 @@ def train(
                 val_loss = evaluate(engine, val, cfg, device)
             if val_loss is not None:
                 log({"val_loss": val_loss}, step)
+                if rank == 0:
+                    print(f"step {step}/{cfg.steps} val_loss={val_loss:.4g}", flush=True)
 
         if checkpoints and not step_bad and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
             state = {
