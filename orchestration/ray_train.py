@@ -120,8 +120,9 @@ def train_on_ray(
     from ray.util.queue import Queue
 
     out_dir = Path(out_dir).resolve()
-    if not ray.is_initialized():
-        ray.init(address=config.ray.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    from orchestration.cluster import ray_address_from, start_ray
+
+    start_ray(ray_address_from(config.ray.address))  # no-op when this process already joined Ray
     use_gpu = config.ray.use_gpu
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {

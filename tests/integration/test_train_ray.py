@@ -30,9 +30,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_driver(ray_address: str) -> Iterator[str]:
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=ray_address)
+    from orchestration.cluster import start_ray
+
+    started = start_ray(ray_address)  # sends the local auth token when the cluster wants one
     yield ray_address
     if started:
         ray.shutdown()
