@@ -110,12 +110,18 @@ def ray_address() -> Iterator[str]:
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
+    # Ray 2.60 turns token auth on for `ray start` once ~/.ray/auth_token exists (any local ray.init()
+    # writes it), and `ray status` then fails for want of the token: keep this throwaway head token-free
+    # unless RAY_AUTH_MODE says otherwise (drivers in token mode join token-free clusters too).
+    env = dict(os.environ, RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
     # --block keeps the head's processes in this process group, so the session stops exactly this
     # cluster (`ray stop` would stop every Ray cluster on the machine).
-    head = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env
+    )
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 90
-    while subprocess.run([ray_cli, "status", "--address", address], capture_output=True).returncode != 0:
+    while subprocess.run([ray_cli, "status", "--address", address], capture_output=True, env=env).returncode != 0:
         if time.monotonic() > deadline or head.poll() is not None:
             os.killpg(head.pid, signal.SIGKILL)
             raise RuntimeError(f"ray head did not start on {address}")
