@@ -152,7 +152,7 @@ def main() -> None:
     tokenizer_dir = train_tokenizer(data, TokenizerConfig(vocab_size=args.vocab, sample_bytes=4 << 20), scratch / "tok")
     pool = multiprocessing.get_context("fork").Pool(2, initializer=_pool_init, initargs=(tokenizer_dir,))
     pool.map(time.sleep, [0.1, 0.1])  # forked before Ray starts threads; warm
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.data.connect_ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.cluster._start_local_cluster
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     ray_stage(data, tokenizer_dir, 2, scratch, limit=4)  # start and warm both workers (imports, tokenizer load)
 

@@ -64,8 +64,10 @@ def start_ray(address: str) -> bool:
     if ray.is_initialized():
         return False
     check_reachable(address)
-    if address != "local":
-        use_token_if_present()
+    if address == "local":
+        _start_local_cluster()
+        return True
+    use_token_if_present()
     try:
         ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
     except (ConnectionError, RuntimeError) as error:
@@ -76,3 +78,22 @@ def start_ray(address: str) -> bool:
             "RAY_AUTH_TOKEN holds its token."
         ) from error
     return True
+
+
+def _start_local_cluster() -> None:
+    """A private cluster for this run, without token authentication.
+
+    Ray 2.60 turns token auth on for a new local cluster and writes ~/.ray/auth_token; from then on
+    every `ray start` on the machine demands a token that drivers joining by address do not send.
+    A throwaway loopback cluster needs none; an explicit RAY_AUTH_MODE still wins.
+    """
+    import ray
+
+    if "RAY_AUTH_MODE" in os.environ:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        return
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    finally:  # set only for the start: later joins in this process decide afresh
+        del os.environ["RAY_AUTH_MODE"]

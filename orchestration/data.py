@@ -16,11 +16,11 @@ cluster); each task takes one CPU and encodes with one sentencepiece thread.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
+from orchestration.cluster import ray_address_from, start_ray
 from pipeline.data_stages import tokenize_unit
 from tokenization.config import DataConfig
 from tokenization.manifest import completed_record, remove_temporaries, write_manifest
@@ -30,41 +30,6 @@ from tokenization.units import WorkUnit, plan_units
 
 def _tokenize_task(unit: WorkUnit, data: DataConfig, tokenizer_dir: str, out_dir: str) -> dict[str, Any]:
     return tokenize_unit(unit, data, Path(tokenizer_dir), Path(out_dir))
-
-
-def connect_ray(ray_address: str | None = None) -> bool:
-    """Join `ray_address` (or RAY_ADDRESS), else start a local cluster; True when this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    # "local", not None: ray.init(None) would join whatever cluster `ray start` last left on this machine
-    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    if address == "local":
-        # Ray 2.60 turns token auth on for a new local cluster and writes ~/.ray/auth_token; from then on
-        # every `ray start` on the machine demands a token that drivers given an explicit address do not
-        # send, so they fail to connect. Our own throwaway local cluster needs no token; an explicit
-        # RAY_AUTH_MODE still wins. Set only for the start: later joins in this process decide afresh.
-        if "RAY_AUTH_MODE" not in os.environ:
-            os.environ["RAY_AUTH_MODE"] = "disabled"
-            try:
-                ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-            finally:
-                del os.environ["RAY_AUTH_MODE"]
-            return True
-    elif "RAY_AUTH_MODE" not in os.environ:
-        # Joining: send the local token when there is one, as `ray start` does; clusters with and
-        # without token auth both accept a client in token mode (checked on ray 2.60).
-        try:
-            from ray._private.authentication.authentication_token_setup import (
-                maybe_enable_token_auth_if_token_available,
-            )
-
-            maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-        except ImportError:  # another Ray version, without this switch
-            pass
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-    return True
 
 
 class _Progress:
@@ -139,7 +104,7 @@ def tokenize_corpus(
     todo = [unit for unit in units if unit.index not in done]
     print(f"tokenize: {len(units)} units, {len(done)} already complete, {len(todo)} to run")
     if todo:
-        started_ray = connect_ray(ray_address)
+        started_ray = start_ray(ray_address_from(ray_address))
         try:
             for record in run_units(todo, data, tokenizer_dir, out_dir, num_workers, max_retries):
                 done[record["unit"]["index"]] = record
