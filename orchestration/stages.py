@@ -24,6 +24,7 @@ from typing import Any
 
 from orchestration.config import RunConfig
 from orchestration.dag import Stage, StageContext
+from pipeline.config import ExtendStageConfig, TrainConfig
 
 # Train settings that only change logging/checkpoint cadence, never the trained weights.
 OPERATIONAL_TRAIN_FIELDS = {
@@ -74,6 +75,8 @@ def build_stages(config: RunConfig) -> list[Stage]:
     tokenizer_data = {key: value for key, value in data.items() if key != "val_fraction"}
     corpus = corpus_fingerprint(config)
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL_TRAIN_FIELDS}
+    if not train["chunk_len"]:  # absent when off, so pretrain outputs made before the field existed keep their hash
+        del train["chunk_len"]
     stages = [
         Stage(
             "tokenizer",
@@ -232,6 +235,12 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
 
 
 def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
+    if config.train.chunk_len and config.model.arch != "rwkv4":
+        raise PipelineSetupError(
+            f"train.chunk_len={config.train.chunk_len}: training in chunks carries the RWKV state from chunk "
+            f"to chunk, and model.arch={config.model.arch} has no state; set chunk_len: 0."
+        )
+
     def run(ctx: StageContext) -> None:
         _train(ctx, _with_vocab(config, ctx.inputs["tokenize"]), ctx.inputs["tokenize"])
 
@@ -251,27 +260,33 @@ def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[Sta
             "section or run the extension with a later version."
         )
     extension = config.extend[number - 1]
-    if extension.chunk_len:
+    if extension.chunk_len and config.model.arch != "rwkv4":
         raise PipelineSetupError(
-            f"extend.{number - 1}.chunk_len={extension.chunk_len}: the training loop does not train in chunks "
-            "yet; set chunk_len: 0 (whole windows) for this stage."
+            f"extend.{number - 1}.chunk_len={extension.chunk_len}: training in chunks carries the RWKV state "
+            f"from chunk to chunk, and model.arch={config.model.arch} has no state; set chunk_len: 0."
         )
 
     def run(ctx: StageContext) -> None:
-        train = config.train.model_copy(
-            update={
-                "ctx_len": extension.ctx_len,
-                "steps": extension.steps,
-                "lr_init": extension.lr,
-                "lr_final": extension.lr,
-                "lr_schedule": "constant",
-                "warmup_steps": 0,
-            }
-        )
+        train = extend_train_config(config, extension)
         staged = _with_vocab(config.model_copy(update={"train": train}), ctx.inputs["tokenize"])
         _train(ctx, staged, ctx.inputs["tokenize"], init_weights=ctx.inputs[previous] / "final_weights.pt")
 
     return run
+
+
+def extend_train_config(config: RunConfig, extension: ExtendStageConfig) -> TrainConfig:
+    """The train section of an extension stage: the pretrain recipe at the new length, constant LR, chunking."""
+    return config.train.model_copy(
+        update={
+            "ctx_len": extension.ctx_len,
+            "steps": extension.steps,
+            "lr_init": extension.lr,
+            "lr_final": extension.lr,
+            "lr_schedule": "constant",
+            "warmup_steps": 0,
+            "chunk_len": extension.chunk_len,
+        }
+    )
 
 
 # --- evaluate and export ------------------------------------------------------------------------

@@ -32,6 +32,9 @@ class TrainConfig(_Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
     grad_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    chunk_len: int = Field(
+        0, ge=0, description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole."
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     val_every: int = Field(100, ge=1, description="Steps between validation passes.")
     val_batches: int = Field(8, ge=1, description="Batches per validation pass.")
@@ -50,7 +53,9 @@ class ExtendStageConfig(_Strict):
     ctx_len: int = Field(..., ge=2, description="New context length.")
     steps: int = Field(100, ge=1, description="Optimizer steps at this length.")
     lr: float = Field(1e-5, gt=0, description="Constant learning rate of the fine-tune.")
-    chunk_len: int = Field(0, ge=0, description="Process each sample in chunks carrying state; 0 = whole.")
+    chunk_len: int = Field(
+        0, ge=0, description="RWKV only: process each sample in chunks carrying state (full BPTT); 0 = whole."
+    )
 
 
 class EvalConfig(_Strict):
