@@ -2,12 +2,15 @@
 
     python bench/train_step_breakdown.py                 # RWKV-4 169M, bf16, 16 x 1024 tokens, one GPU
     python bench/train_step_breakdown.py --model 430m --backend torch
+    python bench/train_step_breakdown.py --no-plain --compile 0 --ds-config old new   # DeepSpeed settings
 
 Phases are timed with a device synchronisation around each (so they add up to more than a
 pipelined step): forward+loss, backward, optimizer step; "step" is the three back to back.
 "plain" is the model cast to bf16 with fused torch AdamW (no fp32 master weights); "deepspeed" is
 pipeline.engine.build_engine (ZeRO-2, bf16 with fp32 master weights, FusedAdam), as the training
-loop runs it.
+loop runs it. `--ds-config` names DeepSpeed settings to compare (DS_CONFIGS: overrides merged over
+pipeline.engine.deepspeed_config; "new" is the config as the training loop builds it now, "old" the
+one before check_grad_overflow and single-rank overlap_comm were turned off).
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 SIZES = {"tiny": (2, 64), "169m": (12, 768), "430m": (24, 1024)}
+DS_CONFIGS = {
+    "new": {},
+    "old": {"bf16": {"check_grad_overflow": True}, "zero_optimization": {"overlap_comm": True}},
+    "overflow-check": {"bf16": {"check_grad_overflow": True}},  # new, but with the per-tensor check
+    "overlap": {"zero_optimization": {"overlap_comm": True}},  # new, but overlapping on one rank
+}
 
 
 def _timed(fn, repeats: int) -> float:
@@ -72,6 +81,7 @@ def main() -> int:
     parser.add_argument("--zero", type=int, nargs="+", default=[2], help="ZeRO stages of the DeepSpeed rows")
     parser.add_argument("--compile", type=int, nargs="+", default=[0, 1], help="0 eager, 1 compiled")
     parser.add_argument("--no-plain", action="store_true", help="only the DeepSpeed rows")
+    parser.add_argument("--ds-config", nargs="+", default=["new"], choices=sorted(DS_CONFIGS))
     args = parser.parse_args()
 
     from model import ModelConfig, build_model
@@ -106,18 +116,21 @@ def main() -> int:
         torch.cuda.empty_cache()
 
     init_process_group("cuda")
-    runs = [(stage, bool(c)) for stage in args.zero for c in args.compile]
-    for stage, compiled in runs:
+    runs = [(name, stage, bool(c)) for name in args.ds_config for stage in args.zero for c in args.compile]
+    for name, stage, compiled in runs:
         cfg = TrainConfig(
             ctx_len=args.ctx, micro_bsz=args.micro_bsz, precision="bf16", zero_stage=stage, compile=compiled
         )
-        engine = build_engine(build_model(model_cfg), cfg, world_size=1, device_type="cuda")
+        overrides = DS_CONFIGS[name]
+        if stage == 0:  # no zero_optimization keys below stage 1
+            overrides = {key: value for key, value in overrides.items() if key != "zero_optimization"}
+        engine = build_engine(build_model(model_cfg), cfg, world_size=1, device_type="cuda", ds_overrides=overrides)
         if compiled:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layer)
             engine.compile()
         rows.append(
             (
-                f"deepspeed ZeRO-{stage} {'compiled' if compiled else 'eager'}",
+                f"deepspeed {name} ZeRO-{stage} {'compiled' if compiled else 'eager'}",
                 _phases(
                     lambda engine=engine: language_model_loss(engine(x_BT), y_BT),
                     lambda loss, engine=engine: engine.backward(loss),

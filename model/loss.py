@@ -22,29 +22,23 @@ L2WRAP_FACTOR = 1e-4
 
 class L2Wrap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits_BTV: torch.Tensor, positions: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, loss: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(logits_BTV)
-        ctx.positions = positions
         return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
         (logits_BTV,) = ctx.saved_tensors
+        positions = logits_BTV.numel() // logits_BTV.shape[-1]  # B*T
         max_logit, argmax = torch.max(logits_BTV, dim=-1, keepdim=True)
         grad_logits = torch.zeros_like(logits_BTV)
-        grad_logits.scatter_(-1, argmax, max_logit * (L2WRAP_FACTOR / ctx.positions))
-        return grad_loss, grad_logits, None
+        grad_logits.scatter_(-1, argmax, max_logit * (L2WRAP_FACTOR / positions))
+        return grad_loss, grad_logits
 
 
-def l2wrap(loss: torch.Tensor, logits_BTV: torch.Tensor, positions: int | None = None) -> torch.Tensor:
-    """`loss` unchanged; backward also pushes each position's max logit towards 0.
-
-    positions: what the pull is averaged over, B*T of these logits by default; a sample trained in
-    chunks passes the whole sample's B*T so that the chunks' terms add up to the unchunked one.
-    """
-    if positions is None:
-        positions = logits_BTV.numel() // logits_BTV.shape[-1]
-    return L2Wrap.apply(loss, logits_BTV, positions)
+def l2wrap(loss: torch.Tensor, logits_BTV: torch.Tensor) -> torch.Tensor:
+    """`loss` unchanged; backward also pushes each position's max logit towards 0."""
+    return L2Wrap.apply(loss, logits_BTV)
 
 
 def language_model_loss(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:

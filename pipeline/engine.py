@@ -11,6 +11,19 @@ The optimizer is Adam (or AdamW when weight decay is on) with the reference's be
   * on CPU without offload: `torch.optim.Adam/AdamW` (`"torch_adam": true`), which needs no
     compiled op.
 The LR schedule is ours (pipeline/optim.py), applied to the groups each step, so no DeepSpeed scheduler.
+
+Why some DeepSpeed defaults are off (DeepSpeed 0.19.8; measured in docs/benchmarks.md, "Training throughput"):
+  * `bf16.check_grad_overflow`: before each step DeepSpeed's ZeRO-1/2 optimizer tests every gradient
+    tensor on its own (`has_overflow_partitioned_grads_serial`: amax, amin, isfinite... per tensor, ~7
+    kernel launches x ~220 tensors at 169M), then all-reduces and `.item()`s the flag. bf16 has fp32's
+    exponent range, so the check is for fp16 loss scaling; the training loop already skips a step whose
+    loss is non-finite (pipeline/train.py). With it off, a non-finite *gradient* behind a finite loss
+    is no longer skipped by DeepSpeed: it reaches the weights, the next loss is non-finite, and the
+    loop's bad-step counter stops the run with the last good checkpoint kept.
+  * `overlap_comm` with one rank: there is no communication to overlap, only a side stream and its
+    synchronisations per bucket (on the H200 its effect was within noise; the overflow pass was ~29 ms
+    of a 110 ms step at 169M).
+Gradient clipping (global norm) and the fp32 master weights are unchanged.
 """
 
 from __future__ import annotations
@@ -64,6 +77,13 @@ def optimizer_config(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
     return {"type": "AdamW" if decoupled else "Adam", "params": params}
 
 
+def _bf16_config(cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.precision != "bf16":
+        return {"enabled": False}
+    # No per-tensor overflow test before each step: see the module docstring (the loop checks the loss).
+    return {"enabled": True, "check_grad_overflow": False}
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
     """The DeepSpeed JSON config of a TrainConfig (ZeRO stage, precision, accumulation, clipping, offload)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -72,8 +92,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
             allgather_bucket_size=BUCKET_BYTES,
             reduce_bucket_size=BUCKET_BYTES,
             contiguous_gradients=True,
-            # Overlapping communication with backward needs streams; on CPU it only adds threads.
-            overlap_comm=device_type == "cuda",
+            # Overlapping communication with backward needs streams; on CPU it only adds threads, and
+            # with one rank there is nothing to overlap.
+            overlap_comm=device_type == "cuda" and world_size > 1,
         )
     if cfg.offload and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
@@ -83,7 +104,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         "train_batch_size": cfg.micro_bsz * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        "bf16": _bf16_config(cfg),
         "optimizer": optimizer_config(cfg, device_type),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1 << 30,  # we log ourselves
@@ -91,15 +112,37 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
     }
 
 
-def build_engine(model: nn.Module, cfg: TrainConfig, world_size: int, device_type: str) -> Any:
-    """Wrap the model in a DeepSpeed engine with our parameter groups; returns the engine."""
+def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `overrides` merged in, section by section (nested dicts merge, values replace)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_config(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_engine(
+    model: nn.Module,
+    cfg: TrainConfig,
+    world_size: int,
+    device_type: str,
+    ds_overrides: dict[str, Any] | None = None,
+) -> Any:
+    """Wrap the model in a DeepSpeed engine with our parameter groups; returns the engine.
+
+    ds_overrides: DeepSpeed config keys merged over `deepspeed_config` (benchmarks compare settings).
+    """
     import deepspeed
 
     # Activation checkpointing per block: both model classes recompute each block in backward when asked.
     model.checkpoint_blocks = cfg.grad_checkpointing
     groups = param_groups(model, weight_decay=cfg.weight_decay, layerwise_lr=cfg.layerwise_lr)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=deepspeed_config(cfg, world_size, device_type)
+        model=model,
+        model_parameters=groups,
+        config=merge_config(deepspeed_config(cfg, world_size, device_type), ds_overrides or {}),
     )
     return engine
 

@@ -20,8 +20,11 @@ def test_deepspeed_config_maps_train_config():
     ds = deepspeed_config(cfg, world_size=2, device_type="cuda")
     assert ds["train_batch_size"] == 8 * 4 * 2
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 4
-    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True}
+    # bf16: no per-tensor overflow pass (the loop checks the loss); clipping stays.
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 200_000_000
+    assert ds["zero_optimization"]["overlap_comm"] is True  # two ranks on GPU: overlap
+    assert deepspeed_config(cfg, world_size=1, device_type="cuda")["zero_optimization"]["overlap_comm"] is False
     # Reference §4.1: Adam (not AdamW) without weight decay, betas (0.9, 0.99), eps 1e-8; FusedAdam on GPU.
     assert ds["optimizer"] == {
         "type": "Adam",
