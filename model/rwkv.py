@@ -121,14 +121,18 @@ class RWKV(nn.Module):
     """RWKV-4 language model; `model(idx_BT)` returns logits (B, T, V).
 
     Set `checkpoint_blocks = True` to recompute each block in backward (activation checkpointing
-    via torch.utils.checkpoint, no DeepSpeed needed). Construct under `torch.device("meta")` to skip
-    the initialisation (the checkpoint loader does this and assigns the loaded tensors).
+    via torch.utils.checkpoint, no DeepSpeed needed). Set `chunk_len = N` to run `model(idx_BT)`
+    N tokens at a time, the state carried from chunk to chunk without detaching it: the same logits
+    and, in backward, the same gradients (full BPTT), with each WKV call at most N long. Construct
+    under `torch.device("meta")` to skip the initialisation (the checkpoint loader does this and
+    assigns the loaded tensors).
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.checkpoint_blocks = False
+        self.chunk_len = 0
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
@@ -139,7 +143,13 @@ class RWKV(nn.Module):
             init_rwkv4_(self)
 
     def forward(self, idx_BT: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
-        return self.forward_with_state(idx_BT, state)[0]
+        if not 0 < self.chunk_len < idx_BT.shape[1]:
+            return self.forward_with_state(idx_BT, state)[0]
+        chunks_BtV = []
+        for start in range(0, idx_BT.shape[1], self.chunk_len):
+            logits_BtV, state = self.forward_with_state(idx_BT[:, start : start + self.chunk_len], state)
+            chunks_BtV.append(logits_BtV)
+        return torch.cat(chunks_BtV, dim=1)
 
     def forward_with_state(
         self, idx_BT: torch.Tensor, state: ModelState | None = None

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
 from pipeline import checkpoint as ckpt
-from pipeline.chunked import chunked_loss
 from pipeline.config import TrainConfig
 from pipeline.engine import build_engine, device_for_rank, init_process_group
 from pipeline.metrics import Throughput, accelerator_memory_gib, mfu, train_flops_per_token
@@ -193,11 +192,12 @@ def train(
         raise ValueError(
             f"train.chunk_len={cfg.chunk_len} needs model.arch=rwkv4 (a state to carry), not {model_cfg.arch}"
         )
-    chunked = 0 < cfg.chunk_len < cfg.ctx_len
 
     # Model: the same init on every rank (same seed); DeepSpeed wraps it and builds the optimizer.
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg, lr_init=cfg.lr_init)
+    if cfg.chunk_len:  # RWKV runs each window chunk by chunk inside one forward: full BPTT, one backward
+        model.chunk_len = cfg.chunk_len
     shapes = ckpt.parameter_shapes(model)
     resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
     if init_weights is not None and resume is None:
@@ -240,10 +240,7 @@ def train(
         for micro in range(cfg.grad_accum):
             sample_ids = sampler.rank_indices(step * cfg.grad_accum + micro, cfg.micro_bsz, rank, world)
             x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
-            if chunked:  # the state carried from chunk to chunk; one backward through all of them (BPTT)
-                loss = chunked_loss(engine.module, x_BT, y_BT, cfg.chunk_len)
-            else:
-                loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
+            loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
             loss_sum, micro_bad = _global_loss(loss)
             if micro_bad:
                 loss, step_bad = _zero_surrogate(engine.module).to(device), True
