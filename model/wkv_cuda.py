@@ -20,6 +20,7 @@ the `torch` backend (`model.wkv_backend=torch`) as the fallback.
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -30,8 +31,17 @@ from model.wkv_reference import State, zero_state
 
 __all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "SOURCE_DIR"]
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda"
 SOURCES = ("wkv.cu", "wkv_binding.cpp")
+
+
+def _source_dir() -> Path:
+    """cuda/ of the checkout (editable installs, tests), else the copy a wheel installs under share/."""
+    checkout = Path(__file__).resolve().parent.parent / "cuda"
+    installed = Path(sys.prefix) / "share" / "rwkv-pipeline" / "cuda"
+    return checkout if (checkout / SOURCES[0]).is_file() or not installed.is_dir() else installed
+
+
+SOURCE_DIR = _source_dir()
 NVCC_FLAGS = ["-O3", "-Xptxas", "-O3", "-std=c++17"]
 
 _extension: ModuleType | None = None
