@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -15,15 +14,7 @@ from model import RWKV, ModelConfig, build_model, detach_state
 from model.loss import L2WRAP_FACTOR, language_model_loss
 
 CONFIG = ModelConfig(n_layer=2, n_embd=16, dim_ffn=48, vocab_size=37, wkv_backend="reference")
-BACKENDS = [
-    "reference",
-    pytest.param(
-        "torch",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("model.wkv_torch") is None, reason="no torch WKV backend yet"
-        ),
-    ),
-]
+BACKENDS = ["reference", "torch"]
 
 
 @functools.cache  # one init per module: orthogonal init (QR) is the slow part of these tests

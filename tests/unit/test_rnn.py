@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -15,15 +14,7 @@ from model.rnn import flat_state, generate, nested_state, rnn_step, sample_token
 CONFIG = ModelConfig(n_layer=3, n_embd=16, dim_att=24, dim_ffn=40, vocab_size=29, wkv_backend="reference")
 
 
-BACKENDS = [
-    "reference",
-    pytest.param(
-        "torch",
-        marks=pytest.mark.skipif(
-            importlib.util.find_spec("model.wkv_torch") is None, reason="no torch WKV backend yet"
-        ),
-    ),
-]
+BACKENDS = ["reference", "torch"]
 
 
 @functools.cache  # one init per module; no test mutates the model
