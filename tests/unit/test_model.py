@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_fixtures import perturbed_rwkv
 
 from model import RWKV, ModelConfig, build_model, detach_state
 from model.loss import L2WRAP_FACTOR, language_model_loss
@@ -18,14 +18,8 @@ BACKENDS = ["reference", "torch"]
 
 
 @functools.cache  # one init per module: orthogonal init (QR) is the slow part of these tests
-def perturbed_model(backend: str = "reference", scale: float = 0.3) -> RWKV:
-    """A model away from init: every residual branch is active and time_* are not the init curves."""
-    model = RWKV(dataclasses.replace(CONFIG, wkv_backend=backend))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
+def perturbed_model(backend: str = "reference") -> RWKV:
+    return perturbed_rwkv(CONFIG, backend)
 
 
 def tokens(batch: int, steps: int, vocab: int = CONFIG.vocab_size, seed: int = 2) -> torch.Tensor:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pytest
 import torch
+from model_fixtures import perturbed_rwkv
 
 from model import RWKV, ModelConfig
 from model.rnn import flat_state, generate, nested_state, rnn_step, sample_token, zero_rnn_state
@@ -18,13 +18,8 @@ BACKENDS = ["reference", "torch"]
 
 
 @functools.cache  # one init per module; no test mutates the model
-def perturbed_model(scale: float = 0.3, backend: str = "reference") -> RWKV:
-    model = RWKV(dataclasses.replace(CONFIG, wkv_backend=backend))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(scale * torch.randn(param.shape, generator=generator))
-    return model
+def perturbed_model(backend: str = "reference") -> RWKV:
+    return perturbed_rwkv(CONFIG, backend)
 
 
 def tokens(batch: int, steps: int, seed: int = 2) -> torch.Tensor:
