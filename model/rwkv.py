@@ -70,7 +70,10 @@ class TimeMix(nn.Module):
         k_BTA = self.key(mix(x_BTC, xx, self.time_mix_k))
         v_BTA = self.value(mix(x_BTC, xx, self.time_mix_v))
         sr_BTA = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
-        y_BTA, wkv_state = wkv(self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, backend=self.wkv_backend)
+        # The WKV op picks its own precision from k's dtype (fp32 state, max-trick); under torch.autocast
+        # (bf16 training on fp32 weights) its backends' internal matmuls must not be recast.
+        with torch.autocast(k_BTA.device.type, enabled=False):
+            y_BTA, wkv_state = wkv(self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, backend=self.wkv_backend)
         return self.output(sr_BTA * y_BTA.to(sr_BTA.dtype)), x_BTC[:, -1], wkv_state
 
 
@@ -95,7 +98,12 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN residual block; block 0 also owns ln0, the LayerNorm right after the embedding."""
+    """Pre-LN residual block; block 0 also owns ln0, the LayerNorm right after the embedding.
+
+    ln0 lives in block 0 for the checkpoint key (`blocks.0.ln0.*`), but RWKV applies it, so that
+    every block runs the same code: torch.compile then traces one frame for all of them instead of
+    specialising block 0 (and recompiling per layer index).
+    """
 
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
@@ -109,8 +117,6 @@ class Block(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         att_x_prev, wkv_state, ffn_x_prev = state if state is not None else (None, None, None)
-        if self.layer_id == 0:
-            x_BTC = self.ln0(x_BTC)
         att_out, att_last, wkv_state = self.att(self.ln1(x_BTC), att_x_prev, wkv_state)
         x_BTC = x_BTC + att_out
         ffn_out, ffn_last = self.ffn(self.ln2(x_BTC), ffn_x_prev)
@@ -155,7 +161,7 @@ class RWKV(nn.Module):
         self, idx_BT: torch.Tensor, state: ModelState | None = None
     ) -> tuple[torch.Tensor, ModelState]:
         """Logits (B, T, V) and the state after the last token; pass it back in to continue the sequence."""
-        x_BTC = self.emb(idx_BT)
+        x_BTC = self.blocks[0].ln0(self.emb(idx_BT))
         new_state: ModelState = []
         for i, block in enumerate(self.blocks):
             layer_state = state[i] if state is not None else None

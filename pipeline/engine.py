@@ -24,6 +24,20 @@ Why some DeepSpeed defaults are off (DeepSpeed 0.19.8; measured in docs/benchmar
     synchronisations per bucket (on the H200 its effect was within noise; the overflow pass was ~29 ms
     of a 110 ms step at 169M).
 Gradient clipping (global norm) and the fp32 master weights are unchanged.
+
+bf16 at ZeRO stage 0 (one GPU, or plain data parallelism) takes another path, because DeepSpeed's
+stage-0 bf16 wrapper (`FP16_Optimizer` in bf16 mode) repeats the per-tensor overflow pass and
+flattens/copies the gradients every step. Instead:
+  * the weights stay fp32 and DeepSpeed runs the forward under `torch.autocast(bfloat16)`
+    (`"torch_autocast"`): the matmuls run in bf16 (Linear weights cast per forward), LayerNorm and
+    the residual stream in fp32; the fp32 weights *are* the master weights, so no copy exists;
+  * the optimizer is ours (`pipeline.optim.clipped_adam`): torch's fused Adam/AdamW on the fp32
+    weights, after a foreach global-norm clip (DeepSpeed's formula); DeepSpeed's own clipping is off
+    for it (it would loop over the tensors once more), and the norm is kept for `get_global_grad_norm`.
+What differs from DeepSpeed bf16: activations between matmuls are fp32 where the reference keeps
+bf16 (the residual stream, the token-shift mixes), i.e. slightly more precise, not less; the
+optimizer maths (Adam, betas, eps, L2 or decoupled decay, clip at the global norm) is the same.
+Measured in docs/benchmarks.md, "Training throughput".
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.optim import param_groups
+from pipeline.optim import clipped_adam, param_groups
 
 # DeepSpeed's bucket sizes, as the reference sets them (ds_bucket_mb = 200).
 BUCKET_BYTES = 200_000_000
@@ -84,8 +98,17 @@ def _bf16_config(cfg: TrainConfig) -> dict[str, Any]:
     return {"enabled": True, "check_grad_overflow": False}
 
 
+def uses_autocast(cfg: TrainConfig) -> bool:
+    """bf16 without ZeRO: fp32 weights under torch.autocast and our fused optimizer (module docstring)."""
+    return cfg.precision == "bf16" and cfg.zero_stage == 0
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed JSON config of a TrainConfig (ZeRO stage, precision, accumulation, clipping, offload)."""
+    """The DeepSpeed JSON config of a TrainConfig (ZeRO stage, precision, accumulation, clipping, offload).
+
+    With `uses_autocast(cfg)` there is no "optimizer" section (build_engine passes ours) and DeepSpeed's
+    clipping is 0 (ours clips at cfg.grad_clip).
+    """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
         zero.update(
@@ -98,7 +121,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         )
     if cfg.offload and cfg.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_bsz,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_bsz * cfg.grad_accum * world_size,
@@ -110,6 +133,14 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         "steps_per_print": 1 << 30,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if uses_autocast(cfg):
+        del config["optimizer"]
+        config.update(
+            gradient_clipping=0.0,
+            bf16={"enabled": False},
+            torch_autocast={"enabled": True, "dtype": "bfloat16"},
+        )
+    return config
 
 
 def merge_config(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -139,11 +170,18 @@ def build_engine(
     # Activation checkpointing per block: both model classes recompute each block in backward when asked.
     model.checkpoint_blocks = cfg.grad_checkpointing
     groups = param_groups(model, weight_decay=cfg.weight_decay, layerwise_lr=cfg.layerwise_lr)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        config=merge_config(deepspeed_config(cfg, world_size, device_type), ds_overrides or {}),
-    )
+    config = merge_config(deepspeed_config(cfg, world_size, device_type), ds_overrides or {})
+    optimizer = None
+    if "optimizer" not in config:  # the autocast path: DeepSpeed calls this once the model is on its device
+        opt = optimizer_config(cfg, device_type)["params"]
+
+        def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+            betas = tuple(opt["betas"])
+            return clipped_adam(
+                groups, max_norm=cfg.grad_clip, lr=opt["lr"], betas=betas, eps=opt["eps"], adam_w=opt["adam_w_mode"]
+            )
+
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
     return engine
 
 

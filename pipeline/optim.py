@@ -6,6 +6,7 @@ Pure functions: no DeepSpeed here, so the formulas are unit-tested on their own.
     lr = learning_rate(step, cfg)                          # warmup + exponential/cosine decay
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
+    opt = clipped_adam(groups, max_norm=1.0, betas=(0.9, 0.99), eps=1e-8, adam_w=False)  # one-GPU fast path
 
 Schedule (§4.3), with `step` counted from 0 over the whole run (not since process start: we save
 the optimizer state, so the reference's re-warmup after a restart is not needed and would break
@@ -110,3 +111,56 @@ def set_learning_rate(optimizer: Any, lr: float) -> None:
     """Apply `lr * lr_scale` to every group (works on torch optimizers and DeepSpeed's ZeRO wrappers)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class _ClipMixin:
+    """Clip the global gradient norm before the Adam update, and keep the norm for the metrics.
+
+    DeepSpeed reads `_global_grad_norm` after `step()` (engine.get_global_grad_norm). The norm stays
+    a device tensor (no host sync); the clip multiplies every gradient by min(1, max_norm / (norm +
+    1e-6)), DeepSpeed's own formula, with foreach kernels: a handful of launches instead of two per
+    tensor.
+    """
+
+    max_norm: float
+    _global_grad_norm: torch.Tensor | None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]  # type: ignore[attr-defined]
+        if params:
+            grads = [p.grad for p in params]
+            self._global_grad_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if self.max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, self._global_grad_norm, foreach=True)
+        return super().step(closure)  # type: ignore[misc]
+
+
+class ClippedAdam(_ClipMixin, torch.optim.Adam):
+    """torch Adam (L2-style weight decay, as DeepSpeed's FusedAdam with adam_w_mode=False) + global-norm clip."""
+
+
+class ClippedAdamW(_ClipMixin, torch.optim.AdamW):
+    """torch AdamW (decoupled weight decay) + global-norm clip."""
+
+
+def clipped_adam(
+    groups: list[dict[str, Any]],
+    *,
+    max_norm: float,
+    lr: float = 6e-4,
+    betas: tuple[float, float] = (0.9, 0.99),
+    eps: float = 1e-8,
+    adam_w: bool = False,
+) -> torch.optim.Optimizer:
+    """Adam/AdamW over `groups` that clips the global gradient norm to `max_norm` first (0 = no clip).
+
+    Fused (one multi-tensor CUDA kernel) when the parameters are on CUDA, foreach otherwise. The
+    groups keep their `name`/`lr_scale`/`weight_decay` keys, so `set_learning_rate` works unchanged.
+    """
+    on_cuda = any(p.is_cuda for group in groups for p in group["params"])
+    cls = ClippedAdamW if adam_w else ClippedAdam
+    optimizer = cls(groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None, foreach=None if on_cuda else True)
+    optimizer.max_norm = max_norm
+    optimizer._global_grad_norm = None
+    return optimizer
