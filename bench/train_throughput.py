@@ -2,11 +2,14 @@
 
     python bench/train_throughput.py                                   # 169M and 430M, bf16, ctx 1024 (GPU)
     python bench/train_throughput.py --models 169m --backends cuda --compile 0 1 --steps 40
+    python bench/train_throughput.py --models 169m --backends cuda --zero 0 2 --micro-bsz 16 32 --compile 0
     python bench/train_throughput.py --models tiny --backends torch --precision fp32 --ctx 64 \
         --micro-bsz 4 --steps 6 --warmup 2                             # CPU smoke run
 
 Each configuration runs in its own process through the real training loop (pipeline.train.train:
-DeepSpeed ZeRO-2, the optimizer groups, L2Wrap, the LR schedule, the finite-loss check), on synthetic
+the DeepSpeed engine at the `--zero` stage, the optimizer groups, L2Wrap, the LR schedule, clipping,
+the finite-loss check; bf16 at ZeRO-0 means fp32 weights under torch.autocast with our fused Adam,
+bf16 at ZeRO >= 1 DeepSpeed's bf16 weights with fp32 master copies: see pipeline/engine.py), on synthetic
 shards of random tokens with the RWKV-4 Pile vocabulary (50277; the model pads it to 50304, a multiple
 of 128, which keeps the head matmuls on fast kernels). tokens/s is measured over the steps after the
 first `--warmup` (compilation, allocator and kernel autotuning happen there). MFU counts the model
@@ -73,7 +76,7 @@ def run_one(spec: dict) -> dict:
         steps=spec["warmup"] + spec["steps"],
         warmup_steps=0,
         precision=spec["precision"],
-        zero_stage=2,
+        zero_stage=spec["zero"],
         compile=bool(spec["compile"]),
         log_every=spec["warmup"],
         val_every=1 << 30,
@@ -100,7 +103,8 @@ def main() -> int:
     parser.add_argument("--compile", nargs="+", type=int, default=[0, 1], help="0 eager, 1 torch.compile")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--ctx", type=int, default=1024)
-    parser.add_argument("--micro-bsz", type=int, default=16, help="16 x 1024 = 16,384 tokens per step")
+    parser.add_argument("--micro-bsz", type=int, nargs="+", default=[16], help="16 x 1024 = 16,384 tokens per step")
+    parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: autocast path for bf16)")
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -117,7 +121,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as scratch:
         data = Path(args.data) if args.data else Path(scratch)
         if args.data is None:
-            needed = (args.steps + args.warmup + 2) * args.micro_bsz * (args.ctx + 1) * 2
+            needed = (args.steps + args.warmup + 2) * max(args.micro_bsz) * (args.ctx + 1) * 2
             write_synthetic_shards(data, tokens=max(needed, 1 << 20))
         rows = run_all(args, data)
     print_table(rows)
@@ -127,53 +131,71 @@ def main() -> int:
 
 
 def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
-    """Every (model, backend, compile) configuration in its own process; one JSON row each."""
+    """Every (model, backend, zero, micro-bsz, compile) configuration in its own process; one JSON row each."""
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
-    for model in args.models:
-        for backend in args.backends:
-            for compiled in args.compile:
-                spec = {
-                    "model": model,
-                    "backend": backend,
-                    "compile": compiled,
-                    "precision": args.precision,
-                    "ctx": args.ctx,
-                    "micro_bsz": args.micro_bsz,
-                    "steps": args.steps,
-                    "warmup": args.warmup,
-                    "peak_tflops": args.peak_tflops,
-                    "data": str(data),
-                }
-                started = time.perf_counter()
-                timeout = min(args.timeout, deadline - time.monotonic())
-                if timeout < 20:
-                    rows.append({**spec, "error": "skipped: out of --budget", "wall_s": 0.0})
-                    continue
-                command = [sys.executable, __file__, "--one", json.dumps(spec)]
-                try:
-                    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-                    row = json.loads(lines[-1][7:]) if lines else {**spec, "error": done.stderr[-800:]}
-                except subprocess.TimeoutExpired:
-                    row = {**spec, "error": f"timed out after {timeout:.0f} s"}
-                row["wall_s"] = time.perf_counter() - started
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+    grid = [
+        (model, backend, zero, micro_bsz, compiled)
+        for model in args.models
+        for backend in args.backends
+        for zero in args.zero
+        for micro_bsz in args.micro_bsz
+        for compiled in args.compile
+    ]
+    for model, backend, zero, micro_bsz, compiled in grid:
+        spec = {
+            "model": model,
+            "backend": backend,
+            "zero": zero,
+            "compile": compiled,
+            "precision": args.precision,
+            "ctx": args.ctx,
+            "micro_bsz": micro_bsz,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "peak_tflops": args.peak_tflops,
+            "data": str(data),
+        }
+        started = time.perf_counter()
+        timeout = min(args.timeout, deadline - time.monotonic())
+        if timeout < 20:
+            rows.append({**spec, "error": "skipped: out of --budget", "wall_s": 0.0})
+            continue
+        command = [sys.executable, __file__, "--one", json.dumps(spec)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            row = json.loads(lines[-1][7:]) if lines else {**spec, "error": done.stderr[-800:]}
+        except subprocess.TimeoutExpired:
+            row = {**spec, "error": f"timed out after {timeout:.0f} s"}
+        row["wall_s"] = time.perf_counter() - started
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print()
-    print("| model | WKV backend | torch.compile | tokens/s | MFU | peak GPU mem (GiB) | wall (s) |")
-    print("|---|---|---|---|---|---|---|")
+    header = (
+        "| model | WKV backend | precision path | micro-bsz | torch.compile | tokens/s | MFU | peak GPU mem (GiB) |"
+    )
+    print(header + " wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | |"
         else:
             cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {row.get('gpu_mem_peak_gib', 0):.1f} |"
         compiled = "yes" if row["compile"] else "no"
-        print(f"| {row['model']} | {row['backend']} | {compiled} | {cells} {row['wall_s']:.0f} |")
+        path = precision_path(row["precision"], row["zero"])
+        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} |"
+        print(f"{config} {cells} {row['wall_s']:.0f} |")
+
+
+def precision_path(precision: str, zero: int) -> str:
+    if precision != "bf16":
+        return f"{precision}, ZeRO-{zero}"
+    return "bf16 autocast, fp32 weights, ZeRO-0" if zero == 0 else f"DeepSpeed bf16 + fp32 master, ZeRO-{zero}"
 
 
 if __name__ == "__main__":
