@@ -11,10 +11,28 @@ One checkpoint is one directory, `<root>/step_00000100/`:
     save(engine, ckpt_dir, state)          # every rank; collective
     latest = latest_complete(root)         # None when there is none
     state = load(engine, latest, expected_shapes)   # raises CheckpointMismatch on another model config
+    weights = consolidated_state_dict(latest)       # offline: full fp32 weights, any ZeRO stage/world
+    export_rwkv4_pth(latest, "model.pth")           # the official RWKV-4 .pth from a training checkpoint
 
 A checkpoint without COMPLETE (a crash while saving) is ignored by `latest_complete` and removed by
 `prune`. Everything of ours is JSON, so reading it never unpickles; the DeepSpeed files are read by
 DeepSpeed's own loader.
+
+Another world size. DeepSpeed's own loader refuses ZeRO-1/2/3 optimizer shards written by a different
+number of ranks (`ZeRORuntimeException: ... DP world size of 2 but the current world size is 1`).
+DeepSpeed's maintained answer is the universal checkpoint: `deepspeed.checkpoint.ds_to_universal`
+rewrites the shards as one folder per parameter (fp32 master weights, exp_avg, exp_avg_sq, step),
+and an engine built with `{"checkpoint": {"load_universal": true}}` slices those into its own
+partitioning. `to_universal` runs that converter (in-process, on rank 0) into scratch space beside
+the run, and `load(..., universal=...)` reads from it; the checkpoint itself is never modified (under
+Ray Train it is Ray's stored copy). ZeRO-0 checkpoints hold the whole optimizer state in
+`mp_rank_00_model_states.pt`, so they load on any world size as they are. (DeepSpeed's older
+`zero_optimization.elastic_checkpoint` is no way round it: in 0.19.8 `engine._load_zero_checkpoint`
+raises on a DP-size change before the elastic path is reached, and it is deprecated for ZeRO-3.)
+
+Consolidated weights come from `deepspeed.utils.zero_to_fp32` (DeepSpeed's offline merger of the
+fp32 master partitions, ZeRO-1/2/3, any world size): no process group and no engine needed, so a
+checkpoint written on 8 GPUs exports on a laptop.
 """
 
 from __future__ import annotations
@@ -37,7 +55,8 @@ FORMAT_VERSION = 1
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint written for another model config (its message lists the mismatched shapes)."""
+    """A checkpoint this run cannot continue from: another model config (the message lists the
+    mismatched shapes) or a global batch the new world size cannot keep."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -115,6 +134,11 @@ def check_shapes(saved: dict[str, list[int]], expected: dict[str, list[int]], wh
         )
 
 
+def has_zero_shards(ckpt_dir: Path) -> bool:
+    """Whether the optimizer state is partitioned per rank (ZeRO-1/2/3), i.e. tied to the world size."""
+    return any(Path(ckpt_dir).glob("*zero_pp_rank_*_optim_states.pt"))
+
+
 def is_complete(ckpt_dir: Path) -> bool:
     return (Path(ckpt_dir) / COMPLETE).is_file() and (Path(ckpt_dir) / TRAIN_STATE).is_file()
 
@@ -157,18 +181,65 @@ def read_state(ckpt_dir: Path) -> dict[str, Any]:
     return json.loads((Path(ckpt_dir) / TRAIN_STATE).read_text())
 
 
-def load(engine: Any, ckpt_dir: Path, expected_shapes: dict[str, list[int]]) -> dict[str, Any]:
-    """Restore weights, optimizer and this rank's RNG from a complete checkpoint; returns train_state."""
+def read_complete_state(ckpt_dir: Path, expected_shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """train_state of a complete checkpoint written for these parameter shapes (else a named error)."""
     ckpt_dir = Path(ckpt_dir)
     if not is_complete(ckpt_dir):
         raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no {COMPLETE} or {TRAIN_STATE})")
     state = read_state(ckpt_dir)
     check_shapes(state["parameter_shapes"], expected_shapes, ckpt_dir)
+    return state
+
+
+def to_universal(ckpt_dir: Path, scratch: Path) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal layout under `scratch`; collective.
+
+    Rank 0 converts (DeepSpeed's `ds_to_universal`, in-process, one worker: no process pool), the
+    others wait at a barrier, so `scratch` must be visible to every rank (one host, or a shared
+    filesystem). Returns the folder to pass to `load(..., universal=...)`: `scratch/<step dir name>`.
+    """
+    ckpt_dir, scratch = Path(ckpt_dir), Path(scratch)
+    target = scratch / ckpt_dir.name
+    if _rank() == 0:
+        from argparse import Namespace
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        shutil.rmtree(scratch, ignore_errors=True)  # leftovers of an interrupted conversion
+        scratch.mkdir(parents=True)
+        ds_to_universal.main(
+            Namespace(
+                input_folder=str(ckpt_dir),
+                output_folder=str(target),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                # Our engines are plain data parallel: the converter's "universal checkpoint info"
+                # (tensor/pipeline-parallel layout hints written by Megatron-style clients) is empty.
+                inject_missing_state=True,
+            )
+        )
+    _barrier()
+    return target
+
+
+def load(
+    engine: Any, ckpt_dir: Path, expected_shapes: dict[str, list[int]], universal: Path | None = None
+) -> dict[str, Any]:
+    """Restore weights, optimizer and this rank's RNG from a complete checkpoint; returns train_state.
+
+    universal: the `to_universal` conversion of `ckpt_dir`, for an engine built with
+    `{"checkpoint": {"load_universal": true}}` (a world size other than the checkpoint's).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    state = read_complete_state(ckpt_dir, expected_shapes)
+    source = Path(universal) if universal is not None else ckpt_dir
     load_path, _ = engine.load_checkpoint(
-        str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {ckpt_dir}")
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {source}")
     rng_file = ckpt_dir / f"rng_rank_{_rank():05d}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
@@ -187,3 +258,33 @@ def prune(root: Path, keep: int) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (our parameter names) of a checkpoint, offline, whatever its ZeRO stage and world.
+
+    ZeRO-1/2/3: the fp32 master partitions merged by `deepspeed.utils.zero_to_fp32` (under bf16 these
+    are the optimizer's fp32 weights, not the bf16 module copy). ZeRO-0: the module weights DeepSpeed
+    saved whole in `mp_rank_00_model_states.pt` (fp32 weights under fp32 training).
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not is_complete(ckpt_dir):
+        raise FileNotFoundError(f"{ckpt_dir} is not a complete checkpoint (no {COMPLETE} or {TRAIN_STATE})")
+    if has_zero_shards(ckpt_dir):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+    else:
+        # DeepSpeed's own file (it pickles its config and version objects): read as DeepSpeed reads it.
+        saved = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = saved["module"]
+    expected = read_state(ckpt_dir)["parameter_shapes"]
+    check_shapes({name: list(tensor.shape) for name, tensor in state.items()}, expected, ckpt_dir)
+    return {name: tensor.detach().float().contiguous() for name, tensor in state.items()}
+
+
+def export_rwkv4_pth(ckpt_dir: Path, path: str | os.PathLike) -> None:
+    """The official RWKV-4 `.pth` (model/checkpoint.py) of a training checkpoint, written from any world size."""
+    from model.checkpoint import save_rwkv4_pth
+
+    save_rwkv4_pth(consolidated_state_dict(ckpt_dir), path)

@@ -8,10 +8,18 @@ Every rank runs this same function: under `torchrun`/`deepspeed` (orchestration/
 Train (orchestration/ray_train.py, which passes `on_checkpoint` to report checkpoints to Ray), or
 as a plain process (a world of one). `log_metrics` is called on rank 0 only.
 
-Exact resume: the data order is a pure function of the step (WindowSampler), the per-step seed is a
-function of (seed, step, rank), the optimizer state and RNG states are checkpointed, and the LR is
-a pure function of the step. A rerun after a crash therefore replays exactly what an uninterrupted
-run would have done from the newest complete checkpoint on.
+Exact resume: the data order is a pure function of the global sample index (WindowSampler), the
+per-step seed is a function of (seed, step, rank), the optimizer state and RNG states are
+checkpointed, and the LR is a pure function of the step. A rerun after a crash therefore replays
+exactly what an uninterrupted run would have done from the newest complete checkpoint on.
+
+Another world size on resume (N workers wrote the checkpoint, M resume it): the global batch
+(micro_bsz x grad_accum x world) is kept by rescaling grad_accum (e.g. 2 workers x 4 x 1 -> 1 worker
+x 4 x 2), so step n still reads global samples [n * batch, (n + 1) * batch), only spread over other
+ranks and micro-steps: no sample is read twice or skipped, and the LR schedule is unchanged. When
+micro_bsz x M does not divide the batch, the resume is refused (CheckpointMismatch) naming the
+numbers. ZeRO-1/2/3 optimizer shards are repartitioned through DeepSpeed's universal checkpoint
+(pipeline/checkpoint.py). The loss curve then equals the N-worker run's up to reduction order.
 
 Non-finite loss: every rank sees the all-reduced loss, so all take the same branch. A bad
 micro-batch backpropagates an exactly-zero surrogate instead (keeping DeepSpeed's collectives and
@@ -27,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -145,6 +154,25 @@ def _save_weights(engine: Any, cfg: TrainConfig, path: Path) -> None:
         torch.save({name: tensor.detach().float().cpu() for name, tensor in state.items()}, path)
 
 
+def keep_global_batch(cfg: TrainConfig, saved: dict[str, Any], world: int) -> TrainConfig:
+    """`cfg` with grad_accum rescaled so micro_bsz x grad_accum x world equals the checkpoint's batch.
+
+    Only a change of world size is absorbed this way; a batch that cannot be kept raises
+    CheckpointMismatch (the data order per step, and so the run, would change).
+    """
+    batch, per_micro_step = saved["samples_per_step"], cfg.micro_bsz * world
+    if cfg.micro_bsz * cfg.grad_accum * world == batch:
+        return cfg
+    if saved.get("world_size", world) != world and batch % per_micro_step == 0:
+        return cfg.model_copy(update={"grad_accum": batch // per_micro_step})
+    raise ckpt.CheckpointMismatch(
+        f"the checkpoint was written with {batch} samples per step (micro_bsz x grad_accum x world, world "
+        f"{saved.get('world_size')}); this run has micro_bsz {cfg.micro_bsz} x grad_accum {cfg.grad_accum} x "
+        f"world {world} = {cfg.micro_bsz * cfg.grad_accum * world}, and no grad_accum keeps {batch} "
+        f"(micro_bsz x world = {per_micro_step} must divide it): the batches would change"
+    )
+
+
 def train(
     cfg: TrainConfig,
     model_cfg: ModelConfig,
@@ -186,7 +214,6 @@ def train(
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < the data's vocab size {data.vocab_size}")
     val = _val_data(data_dir, cfg.ctx_len + 1)
     sampler = WindowSampler(data.num_tokens, cfg.ctx_len, cfg.seed)
-    samples_per_step = cfg.micro_bsz * cfg.grad_accum * world
 
     if cfg.chunk_len and model_cfg.arch != "rwkv4":
         raise ValueError(
@@ -202,26 +229,52 @@ def train(
     resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
     if init_weights is not None and resume is None:
         load_weights(model, Path(init_weights))
+
+    # A checkpoint of another world size: keep its global batch, and let DeepSpeed repartition ZeRO state.
+    ds_overrides: dict[str, Any] = {}
+    saved = ckpt.read_complete_state(resume, shapes) if resume is not None else None
+    repartition = False
+    if saved is not None:
+        fitted = keep_global_batch(cfg, saved, world)
+        if fitted.grad_accum != cfg.grad_accum and rank == 0:
+            print(
+                f"{resume} was written by {saved['world_size']} workers: grad_accum {cfg.grad_accum} -> "
+                f"{fitted.grad_accum} keeps its {saved['samples_per_step']} samples per step on {world}",
+                flush=True,
+            )
+        cfg = fitted
+        repartition = saved.get("world_size", world) != world and ckpt.has_zero_shards(resume)
+        if repartition:
+            ds_overrides = {"checkpoint": {"load_universal": True}}
+    samples_per_step = cfg.micro_bsz * cfg.grad_accum * world
+
     flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
-    engine = build_engine(model, cfg, world, device.type)
+    engine = build_engine(model, cfg, world, device.type, ds_overrides)
     if cfg.compile:
         # Each block is its own compiled frame (specialised on its layer index): allow one per layer.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * model_cfg.n_layer)
         engine.compile()
 
     # Resume from the newest complete checkpoint (or the one named).
-    step, tokens_seen, bad_total = 0, 0, 0
+    # The data position is the global sample index: step n reads [first_sample + (n - first_step) x batch, ...).
+    step, tokens_seen, bad_total, first_step, first_sample = 0, 0, 0, 0, 0
     if resume is not None:
-        state = ckpt.load(engine, resume, shapes)
-        if state["samples_per_step"] != samples_per_step:
-            raise ValueError(
-                f"{resume} was written with {state['samples_per_step']} samples per step "
-                f"(micro_bsz x grad_accum x world); this run has {samples_per_step}: the data order would change"
-            )
+        scratch = out_dir / "universal"  # DeepSpeed's universal layout of a checkpoint of another world size
+        universal = ckpt.to_universal(resume, scratch) if repartition else None
+        state = ckpt.load(engine, resume, shapes, universal=universal)
+        if universal is not None:
+            dist.barrier()  # every rank has read it
+            if rank == 0:
+                shutil.rmtree(scratch, ignore_errors=True)
         step, tokens_seen, bad_total = state["step"], state["tokens_seen"], state["bad_steps"]
+        first_step, first_sample = step, state["sampler"]["next_sample"]
         tracking_run_id = tracking_run_id or state.get("tracking_run_id")
         if rank == 0:
-            print(f"resumed from {resume} at step {step}", flush=True)
+            print(
+                f"resumed from {resume} at step {step} (global sample {first_sample}; written by "
+                f"{state.get('world_size')} workers, now {world})",
+                flush=True,
+            )
 
     sample_log = None
     if cfg.sample_log:
@@ -237,8 +290,9 @@ def train(
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         lr = learning_rate(step, cfg)
         step_loss, step_bad, step_samples = 0.0, False, []
+        step_first_sample = first_sample + (step - first_step) * samples_per_step
         for micro in range(cfg.grad_accum):
-            sample_ids = sampler.rank_indices(step * cfg.grad_accum + micro, cfg.micro_bsz, rank, world)
+            sample_ids = [step_first_sample + i for i in sampler.rank_indices(micro, cfg.micro_bsz, rank, world)]
             x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
             loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
             loss_sum, micro_bad = _global_loss(loss)
@@ -301,9 +355,16 @@ def train(
             state = {
                 "step": step,
                 "tokens_seen": tokens_seen,
-                "sampler": {"seed": cfg.seed, "ctx_len": cfg.ctx_len, "next_sample": step * samples_per_step},
+                "sampler": {
+                    "seed": cfg.seed,
+                    "ctx_len": cfg.ctx_len,
+                    "next_sample": first_sample + (step - first_step) * samples_per_step,
+                },
                 "samples_per_step": samples_per_step,
                 "world_size": world,
+                "micro_bsz": cfg.micro_bsz,
+                "grad_accum": cfg.grad_accum,
+                "zero_stage": cfg.zero_stage,
                 "bad_steps": bad_total,
                 "loss": loss_now,
                 "tracking_run_id": tracking_run_id,

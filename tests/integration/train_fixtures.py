@@ -6,8 +6,11 @@ The corpus is a fixed subset of the running Python's standard library source (js
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -64,3 +67,36 @@ def tiny_config(path: Path, **train: object) -> Path:
 def single_thread_env() -> dict[str, str]:
     """One intra-op thread per process: multi-threaded CPU kernels are not bit-reproducible run to run."""
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def train_command(config: Path, shards: Path, out: Path, nproc: int, *extra: str) -> list[str]:
+    """The standalone entry point: under torchrun with `nproc` workers (gloo), or a plain process for 1."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    entry = ["-m", "orchestration.train", str(config), *extra, "--data", str(shards), "--out", str(out)]
+    return [sys.executable, *launcher, *entry]
+
+
+def run_ok(command: list[str], timeout: float = 180) -> str:
+    """Run to completion with one thread per process; returns stdout, fails the test with the log tail."""
+    done = subprocess.run(command, env=single_thread_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def step_records(out: Path) -> dict[int, dict]:
+    """Per optimizer step, over every rank of a run with `train.sample_log`: the mean loss (every rank logs
+    the all-reduced value) and the sorted global sample indices all ranks read; the last record of a
+    step counts (a replayed step overwrites)."""
+    per_rank = [
+        {record["step"]: record for record in map(json.loads, path.read_text().splitlines())}
+        for path in sorted((out / "samples").glob("rank_*.jsonl"))
+    ]
+    steps: dict[int, dict] = {}
+    for step in per_rank[0]:
+        losses = {ranked[step]["loss"] for ranked in per_rank}
+        assert len(losses) == 1, f"step {step}: ranks logged different losses {losses}"
+        steps[step] = {
+            "loss": losses.pop(),
+            "samples": sorted(i for ranked in per_rank for i in ranked[step]["samples"]),
+        }
+    return steps
