@@ -2,17 +2,19 @@
 
     python bench/tokenize_throughput.py                       # the Python standard library, vocab 4096
     python bench/tokenize_throughput.py --unit-kb 1024 --repeats 3
+    python bench/tokenize_throughput.py --workers 1 2 4 8 --unit-kb 256   # on a machine with >= 8 cores
 
 All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
 document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
-cluster once (2 CPUs), warm its workers on a small run, then time `run_units` over all units into a
-fresh directory, plus the manifest. A third row runs the baseline's loop in 2 forked processes
-(no Ray, no shards): on a shared machine it shows what the two cores deliver at that moment, the
-ceiling for the 2-worker Ray row. Shard writing is the time units spent in the Arrow writer
-(building batches, writing, fsync, rename, sha256) over their total time; CPU s is the process CPU
-time of the baseline or the sum over the Ray tasks (overhead check that wall time on a busy machine
-cannot give). Prints a Markdown table. `--verify` then checks that every document in the 2-worker
-shards equals sentencepiece's own encoding plus the eod id, and that 1 and 2 workers wrote the same bytes.
+cluster once (as many CPUs as the most workers asked for), warm its workers on a small run, then
+time `run_units` over all units into a fresh directory, plus the manifest, for each worker count.
+The "plain processes" rows run the baseline's loop in N forked processes (no Ray, no shards): on a
+shared machine they show what N cores deliver at that moment, the ceiling for the N-worker Ray row.
+Shard writing is the time units spent in the Arrow writer (building batches, writing, fsync, rename,
+sha256) over their total time; CPU s is the process CPU time of the baseline or the sum over the Ray
+tasks (overhead check that wall time on a busy machine cannot give). Prints a Markdown table.
+`--verify` then checks that every document in the largest run's shards equals sentencepiece's own
+encoding plus the eod id, and that every worker count wrote the same bytes.
 """
 
 # ruff: noqa: E402 - the sys.path fix below must run before the other imports
@@ -32,6 +34,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from multiprocessing.pool import ThreadPool
 
 from orchestration.data import run_units
 from pipeline.data_stages import train_tokenizer
@@ -73,10 +76,13 @@ def _encode_unit(job: tuple) -> tuple[int, int, float]:
     return text_bytes, tokens, time.process_time() - cpu_started
 
 
-def plain_processes(data: DataConfig, pool) -> dict[str, float]:
-    """The same encode loop in 2 forked processes (no Ray, no shards): what the cores give right now."""
+def plain_processes(data: DataConfig, pool, workers: int) -> dict[str, float]:
+    """The same encode loop in `workers` forked processes (no Ray, no shards): what the cores give right now."""
     started = time.perf_counter()
-    results = pool.map(_encode_unit, [(unit, data) for unit in plan_units(data)], chunksize=1)
+    # Largest units first, as the Ray stage submits them, so both rows have the same tail.
+    jobs = sorted(((unit, data) for unit in plan_units(data)), key=lambda job: -job[0].bytes)
+    with ThreadPool(workers) as feeders:  # at most `workers` units in flight on the shared process pool
+        results = feeders.map(lambda job: pool.apply(_encode_unit, (job,)), jobs, chunksize=1)
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--unit-kb", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the median is shown")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to time")
     parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
     args = parser.parse_args()
 
@@ -150,19 +157,27 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
     data = DataConfig(paths=args.paths, unit_bytes=args.unit_kb << 10)
     tokenizer_dir = train_tokenizer(data, TokenizerConfig(vocab_size=args.vocab, sample_bytes=4 << 20), scratch / "tok")
-    pool = multiprocessing.get_context("fork").Pool(2, initializer=_pool_init, initargs=(tokenizer_dir,))
-    pool.map(time.sleep, [0.1, 0.1])  # forked before Ray starts threads; warm
+    most = max(args.workers)
+    pool = multiprocessing.get_context("fork").Pool(most, initializer=_pool_init, initargs=(tokenizer_dir,))
+    pool.map(time.sleep, [0.1] * most)  # forked before Ray starts threads; warm
+    # The baseline again in a spawned interpreter that has done nothing else: this process trained the
+    # tokenizer first, and on some machines (a sandboxed kernel) that alone changes its encode speed.
+    fresh = multiprocessing.get_context("spawn").Pool(1)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.cluster._start_local_cluster
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    ray_stage(data, tokenizer_dir, 2, scratch, limit=4)  # start and warm both workers (imports, tokenizer load)
+    ray.init(address="local", num_cpus=most, include_dashboard=False, logging_level="WARNING")
+    ray_stage(data, tokenizer_dir, most, scratch, limit=2 * most)  # start and warm the workers
 
     rows = {}
     runs = {
         "single process, sentencepiece encode loop": lambda: single_process(data, tokenizer_dir),
-        "2 plain processes, encode only (no Ray, no shards)": lambda: plain_processes(data, pool),
-        "Ray stage, 1 worker": lambda: ray_stage(data, tokenizer_dir, 1, scratch),
-        "Ray stage, 2 workers": lambda: ray_stage(data, tokenizer_dir, 2, scratch),
+        "single process, same loop in a fresh interpreter": lambda: fresh.apply(single_process, (data, tokenizer_dir)),
     }
+    workers_of = {}  # row name -> worker count, for the parallel efficiency column
+    for n in sorted(args.workers):
+        name = f"{n} plain process{'es' if n > 1 else ''}, encode only (no Ray, no shards)"
+        runs[name], workers_of[name] = (lambda n=n: plain_processes(data, pool, n)), n
+        name = f"Ray stage, {n} worker{'s' if n > 1 else ''}"
+        runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch)), n
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for _ in range(args.repeats):  # round robin, so a change in the neighbours' load hits every row alike
         for name, run in runs.items():
@@ -171,6 +186,7 @@ def main() -> None:
         rows[name] = {key: statistics.median(r[key] for r in runs_of_row) for key in runs_of_row[0]}
     ray.shutdown()
     pool.close()
+    fresh.close()
 
     base = rows["single process, sentencepiece encode loop"]
     base_rate = base["bytes"] / base["seconds"]
@@ -182,17 +198,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         rate = row["bytes"] / row["seconds"]
-        workers = 2 if "2 " in name else 1
+        workers = workers_of.get(name, 1)
         print(
             f"| {name} | {row['seconds']:.2f} | {rate / 1e6:.2f} | {row['tokens'] / row['seconds'] / 1e6:.2f} "
             f"| {rate / base_rate:.2f}x | {rate / base_rate / workers:.0%} | {row['write_share']:.1%} "
             f"| {row['cpu_s']:.2f} |"
         )
     if args.verify:
-        print(f"\nverified: {verify(data, tokenizer_dir, scratch / 'shards-2')} documents equal encode(text) + [eod]")
-        files = {workers: tree(scratch / f"shards-{workers}") for workers in (1, 2)}
-        same = files[1] == files[2]
-        print(f"1 vs 2 workers: {len(files[1])} files, byte-identical: {same}")
+        print(f"\nverified: {verify(data, tokenizer_dir, scratch / f'shards-{most}')} documents equal encode + [eod]")
+        files = {workers: tree(scratch / f"shards-{workers}") for workers in args.workers}
+        same = all(files[workers] == files[most] for workers in args.workers)
+        print(f"{' vs '.join(map(str, args.workers))} workers: {len(files[most])} files, byte-identical: {same}")
     shutil.rmtree(scratch, ignore_errors=True)
 
 
