@@ -249,16 +249,6 @@ def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
 
 def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[StageContext], None]:
     """Fine-tune at extend[number-1].ctx_len with a constant LR, from the previous stage's weights."""
-    import inspect
-
-    from orchestration.ray_train import train_on_ray
-
-    if "init_weights" not in inspect.signature(train_on_ray).parameters:
-        raise PipelineSetupError(
-            "config.extend asks for context-extension stages, but this version of the training launcher "
-            "(orchestration.ray_train.train_on_ray) cannot start from given weights yet; remove the extend "
-            "section or run the extension with a later version."
-        )
     extension = config.extend[number - 1]
     if extension.chunk_len and config.model.arch != "rwkv4":
         raise PipelineSetupError(

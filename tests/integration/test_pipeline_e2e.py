@@ -271,3 +271,51 @@ def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(firs
     assert driver.returncode == 0, output[-3000:]
     assert output.count("is unreachable") == 1 and "reachable again" in output
     assert steps_of(server.uri, run_id, "loss") == list(range(2, 31, 2))
+
+
+def test_context_extension_stage_continues_from_pretrain_at_the_longer_length(first_run, mlflow_uri: str):
+    """`extend` adds a stage that starts from pretrain's weights: cached pretrain, trained extension, new eval."""
+    import torch
+
+    config, run_dir, _ = first_run
+    extension = ["extend=[{ctx_len: 64, steps: 8, lr: 3.0e-4, chunk_len: 32}]"]
+    plan = cli("plan", str(config), *extension)
+    assert [line.split()[:2] for line in plan.stdout.splitlines()] == [
+        ["tokenizer", "cached"],
+        ["tokenize", "cached"],
+        ["pretrain", "cached"],
+        ["extend1", "run"],
+        ["evaluate", "run"],
+        ["export", "run"],
+    ], plan.stdout
+    done = cli("run", str(config), *extension)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    dirs = stage_dirs(run_dir)
+    result = json.loads((dirs["extend1"] / "train_result.json").read_text())
+    assert result["step"] == 8
+    runs = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])
+    extend = runs["extend1"][0]
+    assert extend.data.params["train.ctx_len"] == "64" and extend.data.params["train.chunk_len"] == "32"
+    assert extend.data.params["train.lr_schedule"] == "constant"
+
+    from mlflow import MlflowClient
+
+    def losses(run_id: str) -> list[float]:
+        return [metric.value for metric in MlflowClient(mlflow_uri).get_metric_history(run_id, "loss")]
+
+    pretrain_id = state_of(run_dir)["stage_runs"][dirs["pretrain"].name]  # the run that made the cached folder
+    pretrain_losses, extend_losses = losses(pretrain_id), losses(extend.info.run_id)
+    # Started from the trained weights, not from a fresh init: the extension's first logged loss is
+    # near where pretraining ended (~5.6 for this tiny run), below where it started (~6.3, ln 512 = 6.2).
+    assert extend_losses[0] < pretrain_losses[0] - 0.4, (pretrain_losses, extend_losses)
+    assert abs(extend_losses[0] - pretrain_losses[-1]) < 0.3, (pretrain_losses, extend_losses)
+
+    from model import load_rwkv4_pth
+
+    before = torch.load(dirs["pretrain"] / "final_weights.pt", map_location="cpu", weights_only=True)
+    after = torch.load(dirs["extend1"] / "final_weights.pt", map_location="cpu", weights_only=True)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((dirs["evaluate"] / "eval_report.json").read_text())["ctx_len"] == 64  # the last stage's
+    exported = load_rwkv4_pth(dirs["export"] / "model.pth")  # the extension's weights, not pretrain's
+    assert torch.equal(exported.emb.weight.float(), after["emb.weight"].float())
