@@ -235,11 +235,26 @@ def load(
     ckpt_dir = Path(ckpt_dir)
     state = read_complete_state(ckpt_dir, expected_shapes)
     source = Path(universal) if universal is not None else ckpt_dir
+    # Our groups' hyperparameters (lr_scale, weight_decay, name), which come from the config, not the file.
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in engine.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(
         str(source.parent), tag=source.name, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if load_path is None:
         raise FileNotFoundError(f"DeepSpeed found no checkpoint files in {source}")
+    if universal is not None:
+        # DeepSpeed 0.19.8's ZeRO-3 universal loader (stage3.load_hp_checkpoint_state_from_checkpoint_dir_stage3)
+        # copies param group 0's hyperparameters into every group: time_decay/time_first would lose their
+        # x2/x3 LR and the matrices their weight decay. Put each group's own back (ZeRO-1/2 load them per group).
+        for group, own in zip(engine.optimizer.param_groups, hyper, strict=True):
+            group.update(own)
+        # The same loader stores ONE `step` tensor object in the state of every ZeRO-3 sub-group; torch's
+        # Adam increments it in place once per sub-group, so after the first update the bias corrections
+        # run ahead (resumed loss off by ~1e-3 after two steps). Give each state its own counter.
+        base_optimizer = getattr(engine.optimizer, "optimizer", None)
+        for param_state in getattr(base_optimizer, "state", {}).values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
     rng_file = ckpt_dir / f"rng_rank_{_rank():05d}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
