@@ -4,6 +4,9 @@
     python bench/wkv_cuda.py --json out.json # also write the figures
     python bench/wkv_cuda.py --smoke         # one small forward+backward (for compute-sanitizer)
     python bench/wkv_cuda.py --profile 8 4096 768 bfloat16   # three fwd+bwd calls (for ncu)
+    python bench/wkv_cuda.py --variants "old:WKV_FUSED_SCANS=0,WKV_ACCURATE_EXP=1;new:" --accuracy
+        # build cuda/wkv.cu with other tuning macros side by side (in parallel), check each against
+        # the float64 reference, and time each; an empty define list is the default build
 
 Legend: B batch, T time, C channels. Times are medians of triton.testing.do_bench (CUDA events,
 L2 flushed before each call) of the extension's forward, and of forward followed by backward,
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,8 +48,8 @@ def copy_rate_gbps() -> float:
     return 2 * src.numel() * 4 / ms / 1e6
 
 
-def make_case(batch, steps, channels, dtype):
-    ext = load_extension()
+def make_case(batch, steps, channels, dtype, ext=None):
+    ext = ext or load_extension()
     td = torch.rand(channels, device="cuda") * 8 - 5
     tf = torch.randn(channels, device="cuda")
     k = torch.randn(batch, steps, channels, device="cuda").to(dtype)
@@ -63,11 +68,11 @@ def make_case(batch, steps, channels, dtype):
     return forward, forward_backward
 
 
-def bench(shapes, copy_gbps):
+def bench(shapes, copy_gbps, ext=None, dtypes=(torch.float32, torch.bfloat16)):
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in dtypes:
         for (batch, steps, channels), ref_ms in zip(shapes, REFERENCE_BF16_FWD_BWD_MS, strict=True):
-            forward, forward_backward = make_case(batch, steps, channels, dtype)
+            forward, forward_backward = make_case(batch, steps, channels, dtype, ext)
             elements = batch * steps * channels * torch.tensor([], dtype=dtype).element_size()
             row = {"B": batch, "T": steps, "C": channels, "dtype": str(dtype).removeprefix("torch.")}
             for name, fn, units in (("fwd", forward, 3), ("fwd+bwd", forward_backward, 9)):
@@ -127,12 +132,121 @@ def smoke():
     print("smoke ok")
 
 
+def parse_variants(spec: str) -> dict[str, tuple[str, ...]]:
+    """'name:DEF=1,DEF2=3;name2:' -> {name: (defines...)}."""
+    variants = {}
+    for item in filter(None, (part.strip() for part in spec.split(";"))):
+        name, _, defines = item.partition(":")
+        variants[name] = tuple(d for d in defines.split(",") if d)
+    return variants
+
+
+def _build_variant(defines: tuple[str, ...]) -> float:
+    start = time.perf_counter()
+    load_extension(defines)
+    return time.perf_counter() - start
+
+
+def build_all(variants: dict[str, tuple[str, ...]]) -> None:
+    """Compile every variant in its own process at once (nvcc is single-threaded per file)."""
+    with ProcessPoolExecutor(len(variants)) as pool:
+        futures = {name: pool.submit(_build_variant, defines) for name, defines in variants.items()}
+        for name, future in futures.items():
+            print(f"built {name} in {future.result():.0f} s", flush=True)
+
+
+def ext_gradients(ext, td, tf, k, v, state, gy, gstate):
+    """y, state out and the seven gradients straight from the extension (no autograd)."""
+    y, aa1, bb1, pp1, sub, lastwin = ext.forward(td, tf, k, v, *state, False)
+    grads = ext.backward(td, tf, k, v, gy, state[0], state[1], aa1, bb1, *gstate, sub, lastwin, False)
+    gk, gv, gtd, gtf, gaa0, gbb0, gpp0 = grads
+    return [y, aa1, bb1, pp1, gtd, gtf, gk, gv, gaa0, gbb0, gpp0]
+
+
+def reference_gradients(td, tf, k, v, state, gy, gstate):
+    from model.wkv_reference import wkv_reference
+
+    leaves = [x.detach().double().requires_grad_(True) for x in (td, tf, k, v, *state)]
+    y, out = wkv_reference(leaves[0], leaves[1], leaves[2], leaves[3], tuple(leaves[4:]))
+    loss = (y * gy.double()).sum() + sum((s * g.double()).sum() for s, g in zip(out, gstate, strict=True))
+    loss.backward()
+    grads = [leaf.grad for leaf in leaves]
+    return [y.detach(), *(s.detach() for s in out), grads[0], grads[1], grads[2], grads[3], *grads[4:]]
+
+
+ACCURACY_CASES = {  # name: (B, T, C, dtype, |k| bound or None for N(0, 1), time_decay range)
+    "fp32 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.float32, 60.0, (-8.0, 8.0)),
+    "fp32 2x4097x32 td[-8,1]": (2, 4097, 32, torch.float32, None, (-8.0, 1.0)),
+    "fp32 3x1024x96 td[-5,3]": (3, 1024, 96, torch.float32, None, (-5.0, 3.0)),
+    "bf16 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.bfloat16, 60.0, (-8.0, 8.0)),
+}
+
+
+def accuracy(exts: dict) -> dict[str, dict[str, float]]:
+    """Max relative L2 error over y, the state and all gradients, per case and variant."""
+    torch.manual_seed(0)
+    table: dict[str, dict[str, float]] = {}
+    for case, (batch, steps, channels, dtype, k_bound, (lo, hi)) in ACCURACY_CASES.items():
+        td = torch.rand(channels, device="cuda") * (hi - lo) + lo
+        tf = torch.randn(channels, device="cuda")
+        raw = torch.randn(batch, steps, channels, device="cuda")
+        if k_bound is not None:
+            raw = (torch.rand_like(raw) * 2 - 1) * k_bound
+        k, v = raw.to(dtype), torch.randn_like(raw).to(dtype)
+        bb = torch.rand(batch, channels, device="cuda") + 0.1
+        state = (torch.randn_like(bb) * bb, bb, torch.randn_like(bb) * 4)
+        gy = torch.randn_like(raw).to(dtype)
+        gstate = [torch.randn_like(bb) for _ in range(3)]
+        ref = reference_gradients(td, tf, k, v, state, gy, gstate)
+        table[case] = {}
+        for name, ext in exts.items():
+            got = ext_gradients(ext, td, tf, k, v, state, gy, gstate)
+            errors = [
+                ((g.double() - r).norm() / r.norm().clamp_min(1e-300)).item() for g, r in zip(got, ref, strict=True)
+            ]
+            table[case][name] = max(errors) if all(torch.isfinite(g.float()).all() for g in got) else float("nan")
+    return table
+
+
+def run_variants(spec: str, check: bool, json_path: Path | None) -> None:
+    variants = parse_variants(spec)
+    build_all(variants)
+    exts = {name: load_extension(defines) for name, defines in variants.items()}
+    copy_gbps = copy_rate_gbps()
+    results: dict = {"copy_GBps": copy_gbps, "device": torch.cuda.get_device_name(), "variants": {}}
+    errors = accuracy(exts) if check else {}
+    for name, ext in exts.items():
+        rows = bench(SHAPES, copy_gbps, ext)
+        results["variants"][name] = {"defines": variants[name], "rows": rows}
+        print(f"\n## variant {name}: {' '.join(variants[name]) or '(defaults)'}")
+        print_table(rows, copy_gbps)
+    if errors:
+        results["accuracy"] = errors
+        names = list(exts)
+        print("\n| max rel L2 (y, state, all grads) | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 1) + "|")
+        for case, per in errors.items():
+            print(f"| {case} | " + " | ".join(f"{per[n]:.2e}" for n in names) + " |")
+    print("\n| variant | " + " | ".join(f"{r['B']}x{r['T']}x{r['C']} {r['dtype'][:4]}" for r in rows) + " |")
+    print("|---" * (len(rows) + 1) + "|")
+    for name, result in results["variants"].items():
+        cells = [f"{r['fwd+bwd']['ms']:.3f} ({r['fwd+bwd']['copy%']:.0f}%)" for r in result["rows"]]
+        print(f"| {name} fwd+bwd ms | " + " | ".join(cells) + " |")
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--smoke", action="store_true", help="one small forward+backward, no timing")
     parser.add_argument("--profile", nargs=4, metavar=("B", "T", "C", "DTYPE"), help="3 fwd+bwd calls, for ncu")
+    parser.add_argument("--variants", help="'name:DEF=1,DEF2=2;name2:' builds to compare (see module doc)")
+    parser.add_argument("--accuracy", action="store_true", help="with --variants: errors against float64")
     args = parser.parse_args()
+    if args.variants:
+        run_variants(args.variants, args.accuracy, args.json)
+        return
     if args.smoke:
         smoke()
         return

@@ -38,8 +38,33 @@
 
 namespace {
 
-constexpr int SUB = 16;          // steps per thread (held in registers)
-constexpr int SUBS = 8;          // sub-chunks per block (blockDim.y)
+// Compile-time tuning knobs (defaults are the measured best on an H200; bench/wkv_cuda.py
+// --variants builds others side by side):
+//   WKV_SUB           steps per thread (held in registers)
+//   WKV_SUBS          sub-chunks per block (blockDim.y)
+//   WKV_FUSED_SCANS   1: the per-lane segment scans and the time_* reduction run in the last block
+//                     to finish of the kernel before them (4 launches per fwd+bwd); 0: own kernels (7)
+//   WKV_ACCURATE_EXP  1: state rescaling factors use the split-argument exp; 0: one ex2.approx
+//   WKV_BWD_MIN_BLOCKS  minimum resident blocks per SM asked of the compiler for the backward kernels
+#ifndef WKV_SUB
+#define WKV_SUB 16
+#endif
+#ifndef WKV_SUBS
+#define WKV_SUBS 8
+#endif
+#ifndef WKV_FUSED_SCANS
+#define WKV_FUSED_SCANS 1
+#endif
+#ifndef WKV_ACCURATE_EXP
+#define WKV_ACCURATE_EXP 0
+#endif
+#ifndef WKV_BWD_MIN_BLOCKS
+#define WKV_BWD_MIN_BLOCKS 3
+#endif
+
+constexpr int SUB = WKV_SUB;
+constexpr int SUBS = WKV_SUBS;
+constexpr bool FUSED = WKV_FUSED_SCANS != 0;
 constexpr int LANES = 32;        // channels per block (blockDim.x)
 constexpr int SEG = SUB * SUBS;  // steps per block segment
 constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
@@ -94,7 +119,10 @@ struct Rescale {
 __device__ __forceinline__ Rescale rescale(float p_plus_x, float err, float q) {
     bool q_wins = q > p_plus_x;
     float diff = q - p_plus_x;  // exact where it matters (close exponents)
-    float e = accurate_exp(q_wins ? err - diff : diff);
+    float x = q_wins ? err - diff : diff;
+    // The factor's own error (ex2.approx, ~2 ulp) dominates; the argument's rounding adds at most
+    // |x| 2^-24 relative to a factor e^x, i.e. < 2.2e-8 of the state per rescale.
+    float e = WKV_ACCURATE_EXP ? accurate_exp(x) : fast_exp(x);
     // When the old exponent wins it is stored rounded: factor e^err ~ 1 + err (|err| <= half an ulp).
     return {q_wins ? q : p_plus_x, q_wins ? e : fmaxf(1.f + err, 0.f), q_wins ? 1.f : e};
 }
@@ -198,6 +226,39 @@ __device__ __forceinline__ void store3(float* __restrict__ s, int i, int n, int 
     s[chunk_idx(b, i, n, 2, 3, c, C)] = x.p;
 }
 
+// Loads of values other blocks of the same launch wrote (through L2, never a stale L1 line).
+__device__ __forceinline__ St load3_cg(const float* s, int i, int n, int b, int c, int C) {
+    return {__ldcg(s + chunk_idx(b, i, n, 0, 3, c, C)), __ldcg(s + chunk_idx(b, i, n, 1, 3, c, C)),
+            __ldcg(s + chunk_idx(b, i, n, 2, 3, c, C))};
+}
+
+// Last-block-done: every block of a group of `total` blocks calls this once after its global
+// writes; it returns true (in all threads) in the block that arrives last, which then sees every
+// other block's writes. That block resets the counter, so counters stay zero between launches
+// (the binding keeps one zeroed buffer per device and stream). Deterministic: what the last block
+// computes does not depend on which block it is.
+__device__ __forceinline__ bool last_block_arrives(int* counter, int total) {
+    __shared__ int is_last;
+    __threadfence();  // release this thread's writes before the block's arrival is counted
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        int before = atomicAdd(counter, 1);
+        is_last = before == total - 1;
+        if (is_last) {
+            atomicExch(counter, 0);
+            __threadfence();  // acquire: the other blocks' writes, before this block reads them
+        }
+    }
+    __syncthreads();
+    return is_last != 0;
+}
+
+// The time_* reduction, defined with its own kernel below and also run by the last block of the
+// gradients kernel (FUSED).
+template <int ROWS>
+__device__ void reduce_channels(int B, int C, int nseg, int c0, int row, const float* __restrict__ td,
+                                const float* part, float* __restrict__ gtd, float* __restrict__ gtf, double* sh);
+
 // Per-block shared staging of one St per (sub-chunk, lane).
 struct Shared3 {
     float v[3][SUBS][LANES];
@@ -210,6 +271,79 @@ struct Shared3 {
         return {v[0][m][threadIdx.x], v[1][m][threadIdx.x], v[2][m][threadIdx.x]};
     }
 };
+
+// The per-lane segment scans as the last block of a summaries kernel runs them (FUSED): row m of
+// the block loads segment g0 + m of each chunk of SUBS segments into shared memory, row 0 scans a
+// chunk serially while all rows load the next (double buffer), then all rows store the chunk's
+// results. Same arithmetic in the same order as the scan kernels below, with few registers (the
+// summaries kernels keep their occupancy).
+__device__ __forceinline__ void fwd_scan_block(const Tile& q, int C, int nseg, float w, St s, float* seg,
+                                               Shared3& sh0) {
+    __shared__ Shared3 sh1;
+    auto fetch = [&](int g0) {
+        int g = g0 + q.m;
+        return q.lane_ok && g + 1 < nseg ? load3_cg(seg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
+    };
+    sh0.put(q.m, fetch(0));
+    __syncthreads();
+    for (int g0 = 0, it = 0; g0 < nseg; g0 += SUBS, ++it) {
+        Shared3& cur = it & 1 ? sh1 : sh0;  // no pointer array: a runtime index would go to local memory
+        Shared3& nxt = it & 1 ? sh0 : sh1;
+        St next = fetch(g0 + SUBS);  // in flight during the scan
+        if (q.m == 0 && q.lane_ok) {
+            for (int i = 0; i < SUBS && g0 + i < nseg; ++i) {
+                St x = cur.get(i);
+                cur.put(i, s);
+                s = apply(s, x, SEG, w);
+            }
+        }
+        nxt.put(q.m, next);
+        __syncthreads();
+        if (q.lane_ok && g0 + q.m < nseg) store3(seg, g0 + q.m, nseg, q.b, q.c, C, cur.get(q.m));
+    }
+}
+
+__device__ __forceinline__ void bwd_scan_block(const Tile& q, int C, int nseg, const float* __restrict__ gaa1,
+                                               const float* __restrict__ gbb1, const int* __restrict__ lastwin,
+                                               float* aseg, int* __restrict__ argmax, Shared3& sh0) {
+    __shared__ Shared3 sh1;
+    __shared__ int wins[2][SUBS][LANES];
+    auto fetch = [&](int g0) {  // row m holds segment g0 - m
+        int g = g0 - q.m;
+        return q.lane_ok && g > 0 ? load3_cg(aseg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, 1.f};
+    };
+    auto fetch_win = [&](int g0) {
+        int g = g0 - q.m;
+        return q.lane_ok && g >= 0 ? lastwin[(static_cast<size_t>(q.b) * nseg + g) * C + q.c] : -1;
+    };
+    size_t lane = static_cast<size_t>(q.b) * C + q.c;
+    float al = 0.f, be = 0.f;
+    if (q.m == 0 && q.lane_ok) al = gaa1[lane], be = gbb1[lane];
+    int best = -1;  // row 0: the last step where k won, over the segments scanned so far (from the end)
+    sh0.put(q.m, fetch(nseg - 1));
+    wins[0][q.m][threadIdx.x] = fetch_win(nseg - 1);
+    __syncthreads();
+    for (int g0 = nseg - 1, it = 0; g0 >= 0; g0 -= SUBS, ++it) {
+        Shared3& cur = it & 1 ? sh1 : sh0;  // no pointer array: a runtime index would go to local memory
+        Shared3& nxt = it & 1 ? sh0 : sh1;
+        St next = fetch(g0 - SUBS);  // in flight during the scan
+        int next_win = fetch_win(g0 - SUBS);
+        if (q.m == 0 && q.lane_ok) {
+            for (int i = 0; i < SUBS && g0 - i >= 0; ++i) {
+                St x = cur.get(i);
+                cur.put(i, {al, be, 0.f});
+                al = x.p * al + x.a;
+                be = x.p * be + x.b;
+                if (best < 0) best = wins[it & 1][i][threadIdx.x];
+            }
+        }
+        nxt.put(q.m, next);
+        wins[(it + 1) & 1][q.m][threadIdx.x] = next_win;
+        __syncthreads();
+        if (q.lane_ok && g0 - q.m >= 0) store3(aseg, g0 - q.m, nseg, q.b, q.c, C, cur.get(q.m));
+    }
+    if (q.m == 0 && q.lane_ok) argmax[lane] = best;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread walks over a tile (FULL = all SUB steps valid).
@@ -342,7 +476,9 @@ template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS) fwd_summaries(int T, int C, int nseg, int nsub,
                                                               const float* __restrict__ td, const F* __restrict__ k_,
                                                               const F* __restrict__ v_, float* __restrict__ sub,
-                                                              float* __restrict__ seg) {
+                                                              float* __restrict__ seg, const float* __restrict__ aa0,
+                                                              const float* __restrict__ bb0,
+                                                              const float* __restrict__ pp0, int* __restrict__ counters) {
     __shared__ Shared3 sh;
     __shared__ int shn[SUBS][LANES];
     Tile q = tile(T, C);
@@ -367,23 +503,21 @@ __global__ void __launch_bounds__(LANES* SUBS) fwd_summaries(int T, int C, int n
         for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh.get(m), shn[m][threadIdx.x], w);
         store3(seg, q.seg, nseg, q.b, q.c, C, acc);
     }
+    if (FUSED && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg)) {
+        size_t lane = static_cast<size_t>(q.b) * C + q.c;
+        St s0 = q.m == 0 && q.lane_ok ? St{aa0[lane], bb0[lane], pp0[lane]} : St{0.f, 0.f, EMPTY};
+        fwd_scan_block(q, C, nseg, w, s0, seg, sh);
+    }
 }
 
 // Forward 2: per lane, scan the segment summaries from the input state, replacing each summary
 // in `seg` by the state at that segment's start. Loads go in batches so their latency overlaps.
-__global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
-                                 const float* __restrict__ bb0, const float* __restrict__ pp0,
-                                 float* __restrict__ seg) {
-    int lane = blockIdx.x * blockDim.x + threadIdx.x;
-    if (lane >= B * C) return;
-    int b = lane / C, c = lane - b * C;
-    float w = -expf(td[c]);
-    St s{aa0[lane], bb0[lane], pp0[lane]};
+__device__ __forceinline__ void fwd_scan_lane(int b, int c, int C, int nseg, float w, St s, float* seg) {
     for (int g0 = 0; g0 < nseg; g0 += SCAN_BATCH) {
         St x[SCAN_BATCH];
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i)
-            x[i] = g0 + i + 1 < nseg ? load3(seg, g0 + i, nseg, b, c, C) : St{0.f, 0.f, EMPTY};
+            x[i] = g0 + i + 1 < nseg ? load3_cg(seg, g0 + i, nseg, b, c, C) : St{0.f, 0.f, EMPTY};
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
             if (g0 + i < nseg) {
@@ -392,6 +526,15 @@ __global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict
             }
         }
     }
+}
+
+__global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
+                                 const float* __restrict__ bb0, const float* __restrict__ pp0,
+                                 float* __restrict__ seg) {
+    int lane = blockIdx.x * blockDim.x + threadIdx.x;
+    if (lane >= B * C) return;
+    int b = lane / C, c = lane - b * C;
+    fwd_scan_lane(b, c, C, nseg, -expf(td[c]), St{aa0[lane], bb0[lane], pp0[lane]}, seg);
 }
 
 // Forward 3: outputs. The block scans its sub-chunk summaries from the segment start state and
@@ -450,10 +593,12 @@ __global__ void __launch_bounds__(LANES* SUBS)
 // Backward 1: per sub-chunk adjoint summaries (kept in `asub` for backward 3), combined per
 // segment into `aseg` for backward 2.
 template <typename F>
-__global__ void __launch_bounds__(LANES* SUBS, 3)
+__global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     bwd_summaries(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                   const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
-                  const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg) {
+                  const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg,
+                  const float* __restrict__ gaa1, const float* __restrict__ gbb1, const int* __restrict__ lastwin,
+                  int* __restrict__ argmax, int* __restrict__ counters) {
     __shared__ Shared3 sh;
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
@@ -482,17 +627,17 @@ __global__ void __launch_bounds__(LANES* SUBS, 3)
         }
         store3(aseg, q.seg, nseg, q.b, q.c, C, acc);
     }
+    if (FUSED && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg))
+        bwd_scan_block(q, C, nseg, gaa1, gbb1, lastwin, aseg, argmax, sh);
 }
 
 // Backward 2: per lane, scan the adjoint backwards over segments from the state-out gradient,
 // replacing each summary in `aseg` by the adjoint at that segment's end; and find the arg-max
 // step of pp_T (the last step where k won, -1 for the input pp) from the forward's `lastwin`.
-__global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1,
-                                 const float* __restrict__ gbb1, const int* __restrict__ lastwin,
-                                 float* __restrict__ aseg, int* __restrict__ argmax) {
-    int lane = blockIdx.x * blockDim.x + threadIdx.x;
-    if (lane >= B * C) return;
-    int b = lane / C, c = lane - b * C;
+__device__ __forceinline__ void bwd_scan_lane(int b, int c, int C, int nseg, const float* __restrict__ gaa1,
+                                              const float* __restrict__ gbb1, const int* __restrict__ lastwin,
+                                              float* aseg, int* __restrict__ argmax) {
+    size_t lane = static_cast<size_t>(b) * C + c;
     float al = gaa1[lane], be = gbb1[lane];  // alpha_T = dL/daa_T since a_T = aa_T e^(pp_T)
     int best = -1;
     for (int g0 = nseg - 1; g0 >= 0; g0 -= SCAN_BATCH) {
@@ -501,7 +646,7 @@ __global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
             int g = g0 - i;
-            x[i] = g > 0 ? load3(aseg, g, nseg, b, c, C) : St{0.f, 0.f, 1.f};
+            x[i] = g > 0 ? load3_cg(aseg, g, nseg, b, c, C) : St{0.f, 0.f, 1.f};
             wins[i] = g >= 0 ? lastwin[(static_cast<size_t>(b) * nseg + g) * C + c] : -1;
         }
 #pragma unroll
@@ -518,11 +663,20 @@ __global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict
     argmax[lane] = best;
 }
 
+__global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1,
+                                 const float* __restrict__ gbb1, const int* __restrict__ lastwin,
+                                 float* __restrict__ aseg, int* __restrict__ argmax) {
+    int lane = blockIdx.x * blockDim.x + threadIdx.x;
+    if (lane >= B * C) return;
+    int b = lane / C, c = lane - b * C;
+    bwd_scan_lane(b, c, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
+}
+
 // Backward 3: gradients. The block scans the adjoint back over its sub-chunks from the segment
 // end; each thread walks its tile (gradient_walk); the block writes per-segment partials of gw,
 // gu, and the thread owning step 0 writes the input-state gradient.
 template <typename F>
-__global__ void __launch_bounds__(LANES* SUBS, 3)
+__global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     bwd_gradients(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                   const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
                   const float* __restrict__ sub, const float* __restrict__ asub, const float* __restrict__ aseg,
@@ -530,7 +684,8 @@ __global__ void __launch_bounds__(LANES* SUBS, 3)
                   const float* __restrict__ aa1, const float* __restrict__ bb1, const float* __restrict__ gaa1,
                   const float* __restrict__ gbb1, const float* __restrict__ gpp1, F* __restrict__ gk_,
                   F* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0, float* __restrict__ gbb0,
-                  float* __restrict__ gpp0) {
+                  float* __restrict__ gpp0, float* __restrict__ gtd, float* __restrict__ gtf,
+                  int* __restrict__ counters) {
     __shared__ Shared3 sh;
     extern __shared__ float stash_mem[];
     Tile q = tile(T, C);
@@ -583,35 +738,47 @@ __global__ void __launch_bounds__(LANES* SUBS, 3)
         part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c, C)] = sw;
         part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c, C)] = su;
     }
+    // The stash is free now: the last block of this channel block reduces the partials in it.
+    if (FUSED && last_block_arrives(counters + blockIdx.y, nseg * gridDim.z))
+        reduce_channels<SUBS>(gridDim.z, C, nseg, blockIdx.y * LANES, threadIdx.y, td, part, gtd, gtf,
+                              reinterpret_cast<double*>(stash_mem));
 }
 
 // Backward 4: reduce the partials over (batch, segment) items in a fixed order (deterministic,
-// in double): block = 32 channels x 8 rows, row r sums items r, r+8, ...; then the rows in order.
-__global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, const float* __restrict__ td,
-                                                       const float* __restrict__ part, float* __restrict__ gtd,
-                                                       float* __restrict__ gtf) {
-    __shared__ double sh[2][8][LANES];
-    int c = blockIdx.x * LANES + threadIdx.x;
+// in double): ROWS x 32 threads, row r sums items r, r + ROWS, ...; then the rows in order.
+// `sh` holds 2 * ROWS * LANES doubles.
+template <int ROWS>
+__device__ void reduce_channels(int B, int C, int nseg, int c0, int row, const float* __restrict__ td,
+                                                const float* part, float* __restrict__ gtd, float* __restrict__ gtf,
+                                                double* sh) {
+    int c = c0 + threadIdx.x;
     double sw = 0.0, su = 0.0;
     if (c < C) {
         long long items = static_cast<long long>(B) * nseg;
 #pragma unroll 4
-        for (long long i = threadIdx.y; i < items; i += 8) {
-            sw += part[(i * 2 + 0) * C + c];
-            su += part[(i * 2 + 1) * C + c];
+        for (long long i = row; i < items; i += ROWS) {
+            sw += __ldcg(part + (i * 2 + 0) * C + c);
+            su += __ldcg(part + (i * 2 + 1) * C + c);
         }
     }
-    sh[0][threadIdx.y][threadIdx.x] = sw;
-    sh[1][threadIdx.y][threadIdx.x] = su;
+    sh[row * LANES + threadIdx.x] = sw;
+    sh[(ROWS + row) * LANES + threadIdx.x] = su;
     __syncthreads();
-    if (threadIdx.y == 0 && c < C) {
-        for (int r = 1; r < 8; ++r) {
-            sw += sh[0][r][threadIdx.x];
-            su += sh[1][r][threadIdx.x];
+    if (row == 0 && c < C) {
+        for (int r = 1; r < ROWS; ++r) {
+            sw += sh[r * LANES + threadIdx.x];
+            su += sh[(ROWS + r) * LANES + threadIdx.x];
         }
         gtd[c] = static_cast<float>(sw * -exp(static_cast<double>(td[c])));
         gtf[c] = static_cast<float>(su);
     }
+}
+
+__global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, const float* __restrict__ td,
+                                                       const float* __restrict__ part, float* __restrict__ gtd,
+                                                       float* __restrict__ gtf) {
+    __shared__ double sh[2 * 8 * LANES];
+    reduce_channels<8>(B, C, nseg, blockIdx.x * LANES, threadIdx.y, td, part, gtd, gtf, sh);
 }
 
 int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
@@ -619,17 +786,33 @@ int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b
 template <typename F>
 int forward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const float* aa0,
                  const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1, float* sub,
-                 int* lastwin, float* seg, cudaStream_t stream) {
+                 int* lastwin, float* seg, int* counters, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
-    fwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, kk, vv, sub, seg);
-    fwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, td, aa0, bb0,
-                                                                                        pp0, seg);
+    fwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, kk, vv, sub, seg, aa0, bb0, pp0, counters);
+    if (!FUSED)
+        fwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, td, aa0, bb0,
+                                                                                            pp0, seg);
     fwd_outputs<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, static_cast<F*>(y), seg, sub,
                                                lastwin, aa1, bb1, pp1);
     return static_cast<int>(cudaGetLastError());
+}
+
+// The stash plus the static shared memory pass the default 48 KiB per block: opt in, once per
+// device (the attribute is per function and device; setting it on every call costs host time).
+template <typename F>
+cudaError_t allow_stash() {
+    static unsigned long long done_mask = 0;  // one bit per device; a race only repeats the call
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    unsigned long long bit = 1ull << (device & 63);
+    if (__atomic_load_n(&done_mask, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
+    err = cudaFuncSetAttribute(bwd_gradients<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    if (err == cudaSuccess && device < 64) __atomic_fetch_or(&done_mask, bit, __ATOMIC_RELEASE);
+    return err;
 }
 
 template <typename F>
@@ -637,21 +820,23 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
                   const float* aa0, const float* bb0, const float* aa1, const float* bb1, const float* gaa1,
                   const float* gbb1, const float* gpp1, const float* sub, const int* lastwin, float* asub,
                   float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
-                  float* gbb0, float* gpp0, cudaStream_t stream) {
+                  float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
     const F* gg = static_cast<const F*>(gy);
-    bwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg);
-    bwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, gaa1, gbb1,
-                                                                                        lastwin, aseg, argmax);
-    // The stash plus the static shared memory pass the default 48 KiB per block: opt in.
-    cudaFuncSetAttribute(bwd_gradients<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
-    bwd_gradients<F><<<grid, block, STASH_BYTES, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0,
-                                                 bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<F*>(gk),
-                                                 static_cast<F*>(gv), part, gaa0, gbb0, gpp0);
-    bwd_reduce<<<ceil_div(C, LANES), dim3(LANES, 8), 0, stream>>>(B, C, nseg, td, part, gtd, gtf);
+    bwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, gaa1, gbb1,
+                                                 lastwin, argmax, counters);
+    if (!FUSED)
+        bwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, gaa1, gbb1,
+                                                                                            lastwin, aseg, argmax);
+    cudaError_t err = allow_stash<F>();
+    if (err != cudaSuccess) return static_cast<int>(err);
+    bwd_gradients<F><<<grid, block, STASH_BYTES, stream>>>(
+        T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+        static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters);
+    if (!FUSED) bwd_reduce<<<ceil_div(C, LANES), dim3(LANES, 8), 0, stream>>>(B, C, nseg, td, part, gtd, gtf);
     return static_cast<int>(cudaGetLastError());
 }
 
@@ -670,20 +855,26 @@ long long wkv_sub_floats(int B, int T, int C) { return static_cast<long long>(B)
 long long wkv_segment_elems(int B, int T, int C, int ncomp) {
     return static_cast<long long>(B) * ceil_div(T, SEG) * ncomp * C;
 }
+// Arrival counters (ints) both launchers need: zero before the first call; every launch leaves
+// them zero again. Calls that may run at the same time need separate counters.
+long long wkv_counter_ints(int B, int C) { return static_cast<long long>(B) * ceil_div(C, LANES); }
+// Steps per sub-chunk and per segment of this build (the workspace sizes above follow from them).
+int wkv_sub_steps() { return SUB; }
+int wkv_segment_steps() { return SEG; }
 
 // dtype: 0 = float32, 1 = bfloat16 (k, v, y). Returns a cudaError_t value (0 = success), or -1
 // for a bad shape or dtype. Workspaces: sub (sub floats) and lastwin (segment elems, ncomp 1,
 // int) are kept for the backward; seg (segment elems, ncomp 3) is scratch.
 int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                 const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
-                float* pp1, float* sub, int* lastwin, float* seg, cudaStream_t stream) {
+                float* pp1, float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream) {
     if (!shape_ok(B, T, C)) return -1;
     if (dtype == 0)
         return forward_impl<float>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
-                                   lastwin, seg, stream);
+                                   lastwin, seg, counters, stream);
     if (dtype == 1)
         return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
-                                           sub, lastwin, seg, stream);
+                                           sub, lastwin, seg, counters, stream);
     return -1;
 }
 
@@ -694,16 +885,16 @@ int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const 
                  const void* v, const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
                  const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                  float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* g_time_decay,
-                 float* g_time_first, float* gaa0, float* gbb0, float* gpp0, cudaStream_t stream) {
+                 float* g_time_first, float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
     if (!shape_ok(B, T, C)) return -1;
     if (dtype == 0)
         return backward_impl<float>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                                     sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0,
-                                    gbb0, gpp0, stream);
+                                    gbb0, gpp0, counters, stream);
     if (dtype == 1)
         return backward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1,
                                             gbb1, gpp1, sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay,
-                                            g_time_first, gaa0, gbb0, gpp0, stream);
+                                            g_time_first, gaa0, gbb0, gpp0, counters, stream);
     return -1;
 }
 

@@ -4,6 +4,8 @@
 // backward(time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub, lastwin, poison)
 //     -> [gk, gv, g_time_decay, g_time_first, gaa0, gbb0, gpp0]
 // poison = true fills every output and workspace with NaN before the launch (a test hook).
+// sub_steps(), segment_steps(): the build's step counts, from which the workspace sizes follow
+// (model/wkv_cuda.py's fake implementations use them to give workspace shapes without a launch).
 // Shapes: k, v, y, gy [B, T, C] (float32 or bfloat16, contiguous); time_* (C,) float32; state
 // tensors (B, C) float32. sub and lastwin are the forward's workspaces kept for backward.
 
@@ -13,6 +15,9 @@
 #include <torch/extension.h>
 
 #include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 extern "C" {
@@ -20,12 +25,15 @@ long long wkv_sub_floats(int B, int T, int C);
 long long wkv_segment_elems(int B, int T, int C, int ncomp);
 int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                 const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
-                float* pp1, float* sub, int* lastwin, float* seg, cudaStream_t stream);
+                float* pp1, float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream);
 int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                  const void* v, const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
                  const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                  float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* g_time_decay,
-                 float* g_time_first, float* gaa0, float* gbb0, float* gpp0, cudaStream_t stream);
+                 float* g_time_first, float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream);
+long long wkv_counter_ints(int B, int C);
+int wkv_sub_steps();
+int wkv_segment_steps();
 }
 
 namespace {
@@ -63,6 +71,20 @@ void poison(std::initializer_list<torch::Tensor*> tensors) {
     for (auto* t : tensors) t->fill_(std::numeric_limits<float>::quiet_NaN());
 }
 
+// The kernels' arrival counters: one zeroed int buffer per (device, stream), grown on demand.
+// Each launch leaves its counters zero again, so calls in stream order share one buffer; calls on
+// different streams get different buffers, so they may run at the same time.
+int* counters_for(const torch::Tensor& like, long long needed) {
+    static std::mutex mutex;
+    static std::map<std::pair<int, cudaStream_t>, torch::Tensor> buffers;
+    auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
+    std::lock_guard<std::mutex> lock(mutex);
+    auto& buffer = buffers[{like.device().index(), stream.stream()}];
+    if (!buffer.defined() || buffer.numel() < needed)
+        buffer = torch::zeros({std::max<long long>(needed, 4096)}, like.options().dtype(torch::kInt32));
+    return buffer.data_ptr<int>();
+}
+
 }  // namespace
 
 std::vector<torch::Tensor> wkv_forward_op(torch::Tensor time_decay, torch::Tensor time_first, torch::Tensor k,
@@ -88,7 +110,8 @@ std::vector<torch::Tensor> wkv_forward_op(torch::Tensor time_decay, torch::Tenso
                              k.data_ptr(), v.data_ptr(), aa0.data_ptr<float>(), bb0.data_ptr<float>(),
                              pp0.data_ptr<float>(), y.data_ptr(), aa1.data_ptr<float>(), bb1.data_ptr<float>(),
                              pp1.data_ptr<float>(), sub.data_ptr<float>(), lastwin.data_ptr<int>(),
-                             seg.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
+                             seg.data_ptr<float>(), counters_for(k, wkv_counter_ints(B, C)),
+                             c10::cuda::getCurrentCUDAStream().stream());
     check_status(status, "forward");
     return {y, aa1, bb1, pp1, sub, lastwin};
 }
@@ -126,7 +149,7 @@ std::vector<torch::Tensor> wkv_backward_op(torch::Tensor time_decay, torch::Tens
         sub.data_ptr<float>(), lastwin.data_ptr<int>(), asub.data_ptr<float>(), aseg.data_ptr<float>(),
         part.data_ptr<float>(), argmax.data_ptr<int>(), gk.data_ptr(), gv.data_ptr(), gtd.data_ptr<float>(),
         gtf.data_ptr<float>(), gaa0.data_ptr<float>(), gbb0.data_ptr<float>(), gpp0.data_ptr<float>(),
-        c10::cuda::getCurrentCUDAStream().stream());
+        counters_for(k, wkv_counter_ints(B, C)), c10::cuda::getCurrentCUDAStream().stream());
     check_status(status, "backward");
     return {gk, gv, gtd, gtf, gaa0, gbb0, gpp0};
 }
@@ -134,4 +157,6 @@ std::vector<torch::Tensor> wkv_backward_op(torch::Tensor time_decay, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &wkv_forward_op, "WKV forward with state (CUDA)");
     m.def("backward", &wkv_backward_op, "WKV backward with state (CUDA)");
+    m.def("sub_steps", &wkv_sub_steps, "steps per sub-chunk of this build (workspace `sub` sizes)");
+    m.def("segment_steps", &wkv_segment_steps, "steps per segment of this build (workspace `lastwin` sizes)");
 }
