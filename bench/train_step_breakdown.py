@@ -1,16 +1,18 @@
 """Where a training step's time goes: plain PyTorch vs the DeepSpeed engine, per phase, and a kernel profile.
 
     python bench/train_step_breakdown.py                       # 169M, bf16, 16 x 1024 tokens, the default runs
-    python bench/train_step_breakdown.py --runs autocast-z0 bf16-z2 --micro-bsz 16 32 64
-    python bench/train_step_breakdown.py --runs autocast-z0 --profile autocast-z0 --out prof/
+    python bench/train_step_breakdown.py --runs master-z0 autocast-z0 bf16-z2 --micro-bsz 16 32 64
+    python bench/train_step_breakdown.py --runs master-z0 --profile master-z0 --out prof/
     python bench/train_step_breakdown.py --model tiny --backend torch --ctx 64 --micro-bsz 2 \
-        --runs plain autocast-z0 bf16-z0 bf16-z2 --repeats 2 --profile autocast-z0   # CPU smoke run
+        --runs plain plain-master master-z0 autocast-z0 bf16-z2 --repeats 2 --profile master-z0   # CPU smoke
 
 Runs (RUNS below; a `-compile` suffix adds torch.compile of the model):
   plain          the model cast to bf16, fused torch AdamW, no DeepSpeed, no fp32 master weights
+  plain-master   the model cast to bf16, pipeline.optim.MasterWeightAdam (fp32 masters), no DeepSpeed
   plain-autocast fp32 weights under torch.autocast(bf16), pipeline.optim.clipped_adam, no DeepSpeed
-  autocast-z0    pipeline.engine.build_engine at ZeRO-0 (what the training loop builds for bf16 at stage 0:
-                 the same as plain-autocast, inside DeepSpeed)
+  master-z0      pipeline.engine.build_engine at ZeRO-0, bf16 "master" path (the training loop's default for
+                 bf16 at stage 0: plain-master inside DeepSpeed)
+  autocast-z0    the same with the "autocast" path (plain-autocast inside DeepSpeed)
   bf16-z0/z2     DeepSpeed bf16 (bf16 weights, fp32 master copy, FusedAdam) at ZeRO-0 / ZeRO-2, as the
                  loop builds bf16 at stage >= 1 (stage 0 forced to DeepSpeed's bf16 wrapper here)
 Phases are timed with a device synchronisation around each (so they add up to more than a pipelined
@@ -40,7 +42,7 @@ SIZES = {"tiny": (2, 64), "169m": (12, 768), "430m": (24, 1024)}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # DeepSpeed bf16 at stage 0: the FP16_Optimizer wrapper in bf16 mode, with DeepSpeed's FusedAdam.
 DS_BF16 = {"bf16": {"enabled": True, "check_grad_overflow": False}, "torch_autocast": {"enabled": False}}
-RUNS = ("plain", "plain-autocast", "autocast-z0", "bf16-z0", "bf16-z2")
+RUNS = ("plain", "plain-master", "plain-autocast", "master-z0", "autocast-z0", "bf16-z0", "bf16-z2")
 
 
 def _sync() -> None:
@@ -86,19 +88,22 @@ def build_run(name: str, model_cfg, micro_bsz: int, ctx: int, n_layer: int):
     from model.loss import language_model_loss
     from pipeline.config import TrainConfig
     from pipeline.engine import build_engine, optimizer_config
-    from pipeline.optim import clipped_adam, param_groups, set_learning_rate
+    from pipeline.optim import MasterWeightAdam, clipped_adam, param_groups, set_learning_rate
 
     kind, compiled = name.removesuffix("-compile"), name.endswith("-compile")
     if compiled:  # older engines compiled one frame per block; harmless now
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * n_layer)
-    if kind in ("plain", "plain-autocast"):
+    if kind.startswith("plain"):
         model = build_model(model_cfg).to(DEVICE)
         if kind == "plain":
             model = model.to(torch.bfloat16)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=DEVICE.type == "cuda")
+        elif kind == "plain-master":
+            model = model.to(torch.bfloat16)
+            optimizer = MasterWeightAdam(param_groups(model), max_norm=1.0, lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         else:
             optimizer = clipped_adam(param_groups(model), max_norm=1.0, lr=1e-4)
-            set_learning_rate(optimizer, 1e-4)
+        set_learning_rate(optimizer, 1e-4)
         forward = torch.compile(model) if compiled else model
 
         def forward_loss(x_BT, y_BT):
@@ -111,12 +116,14 @@ def build_run(name: str, model_cfg, micro_bsz: int, ctx: int, n_layer: int):
             optimizer.zero_grad(set_to_none=True)
 
         return forward_loss, lambda loss: loss.backward(), step
-    stage = {"autocast-z0": 0, "bf16-z0": 0, "bf16-z2": 2}[kind]
+    stage = {"master-z0": 0, "autocast-z0": 0, "bf16-z0": 0, "bf16-z2": 2}[kind]
     cfg = TrainConfig(ctx_len=ctx, micro_bsz=micro_bsz, precision="bf16", zero_stage=stage, compile=compiled)
     overrides = {}
     if kind == "bf16-z0":  # DeepSpeed's own bf16 path at stage 0, with its optimizer and clipping
         overrides = {**DS_BF16, "optimizer": optimizer_config(cfg, DEVICE.type), "gradient_clipping": cfg.grad_clip}
-    engine = build_engine(build_model(model_cfg), cfg, world_size=1, device_type=DEVICE.type, ds_overrides=overrides)
+    mode = kind.removesuffix("-z0") if kind in ("master-z0", "autocast-z0") else None
+    model = build_model(model_cfg)
+    engine = build_engine(model, cfg, world_size=1, device_type=DEVICE.type, ds_overrides=overrides, bf16_stage0=mode)
     set_learning_rate(engine.optimizer, 1e-4)
     if compiled:
         engine.compile()
@@ -175,7 +182,7 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
     valid = [*RUNS, *(f"{r}-compile" for r in RUNS)]
-    parser.add_argument("--runs", nargs="+", default=["plain", "autocast-z0", "bf16-z2"], choices=valid)
+    parser.add_argument("--runs", nargs="+", default=["plain", "master-z0", "bf16-z2"], choices=valid)
     parser.add_argument("--profile", default=None, choices=valid, help="also profile this run")
     parser.add_argument("--out", type=Path, default=None, help="write the profiler trace here")
     args = parser.parse_args()

@@ -8,7 +8,8 @@
 
 Each configuration runs in its own process through the real training loop (pipeline.train.train:
 the DeepSpeed engine at the `--zero` stage, the optimizer groups, L2Wrap, the LR schedule, clipping,
-the finite-loss check; bf16 at ZeRO-0 means fp32 weights under torch.autocast with our fused Adam,
+the finite-loss check; bf16 at ZeRO-0 means our optimizer, on bf16 weights with fp32 masters
+("master") or on fp32 weights under torch.autocast ("autocast"), and
 bf16 at ZeRO >= 1 DeepSpeed's bf16 weights with fp32 master copies: see pipeline/engine.py), on synthetic
 shards of random tokens with the RWKV-4 Pile vocabulary (50277; the model pads it to 50304, a multiple
 of 128, which keeps the head matmuls on fast kernels). tokens/s is measured over the steps after the
@@ -64,9 +65,12 @@ def run_one(spec: dict) -> dict:
     """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
     import torch
 
+    import pipeline.engine
     from model import ModelConfig
     from pipeline.config import TrainConfig
     from pipeline.train import train
+
+    pipeline.engine.BF16_STAGE0 = spec["bf16_stage0"]  # the training loop builds its engine with the default
 
     n_layer, n_embd = SIZES[spec["model"]]
     model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
@@ -104,7 +108,8 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--micro-bsz", type=int, nargs="+", default=[16], help="16 x 1024 = 16,384 tokens per step")
-    parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: autocast path for bf16)")
+    parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: our bf16 optimizer)")
+    parser.add_argument("--bf16-stage0", nargs="+", default=["master"], choices=["master", "autocast"])
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -135,18 +140,20 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, micro_bsz, compiled)
+        (model, backend, zero, mode, micro_bsz, compiled)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
+        for mode in (args.bf16_stage0 if zero == 0 else ["master"])
         for micro_bsz in args.micro_bsz
         for compiled in args.compile
     ]
-    for model, backend, zero, micro_bsz, compiled in grid:
+    for model, backend, zero, mode, micro_bsz, compiled in grid:
         spec = {
             "model": model,
             "backend": backend,
             "zero": zero,
+            "bf16_stage0": mode,
             "compile": compiled,
             "precision": args.precision,
             "ctx": args.ctx,
@@ -187,15 +194,17 @@ def print_table(rows: list[dict]) -> None:
         else:
             cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {row.get('gpu_mem_peak_gib', 0):.1f} |"
         compiled = "yes" if row["compile"] else "no"
-        path = precision_path(row["precision"], row["zero"])
+        path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")
 
 
-def precision_path(precision: str, zero: int) -> str:
+def precision_path(precision: str, zero: int, mode: str) -> str:
     if precision != "bf16":
         return f"{precision}, ZeRO-{zero}"
-    return "bf16 autocast, fp32 weights, ZeRO-0" if zero == 0 else f"DeepSpeed bf16 + fp32 master, ZeRO-{zero}"
+    if zero == 0:
+        return "ZeRO-0, bf16 weights + our fp32 masters" if mode == "master" else "ZeRO-0, fp32 weights + autocast"
+    return f"ZeRO-{zero}, DeepSpeed bf16 + fp32 masters"
 
 
 if __name__ == "__main__":

@@ -25,18 +25,20 @@ Why some DeepSpeed defaults are off (DeepSpeed 0.19.8; measured in docs/benchmar
     of a 110 ms step at 169M).
 Gradient clipping (global norm) and the fp32 master weights are unchanged.
 
-bf16 at ZeRO stage 0 (one GPU, or plain data parallelism) takes another path, because DeepSpeed's
-stage-0 bf16 wrapper (`FP16_Optimizer` in bf16 mode) repeats the per-tensor overflow pass and
-flattens/copies the gradients every step. Instead:
-  * the weights stay fp32 and DeepSpeed runs the forward under `torch.autocast(bfloat16)`
-    (`"torch_autocast"`): the matmuls run in bf16 (Linear weights cast per forward), LayerNorm and
-    the residual stream in fp32; the fp32 weights *are* the master weights, so no copy exists;
-  * the optimizer is ours (`pipeline.optim.clipped_adam`): torch's fused Adam/AdamW on the fp32
-    weights, after a foreach global-norm clip (DeepSpeed's formula); DeepSpeed's own clipping is off
-    for it (it would loop over the tensors once more), and the norm is kept for `get_global_grad_norm`.
-What differs from DeepSpeed bf16: activations between matmuls are fp32 where the reference keeps
-bf16 (the residual stream, the token-shift mixes), i.e. slightly more precise, not less; the
-optimizer maths (Adam, betas, eps, L2 or decoupled decay, clip at the global norm) is the same.
+bf16 at ZeRO stage 0 (one GPU, or plain data parallelism) takes our own optimizer path, because
+DeepSpeed's stage-0 bf16 wrapper (`FP16_Optimizer` in bf16 mode) repeats the per-tensor overflow pass
+and flattens/copies the gradients every step. DeepSpeed keeps the engine (data-parallel all-reduce,
+accumulation, checkpoints); its bf16 mode and clipping are off, and ours does (BF16_STAGE0 picks):
+  * "master" (default): the module's weights are cast to bf16, as DeepSpeed bf16 does, and
+    `pipeline.optim.MasterWeightAdam` keeps the fp32 masters and moments: per step one foreach copy of
+    the gradients to fp32, a foreach global-norm clip (DeepSpeed's formula), torch's fused Adam on the
+    masters, one foreach copy back. Same numerics as DeepSpeed bf16 (bf16 forward/backward, fp32
+    update, bf16 gradients accumulated), a few kernels instead of loops over ~220 tensors.
+  * "autocast": the weights stay fp32 and DeepSpeed runs the forward under `torch.autocast(bf16)`
+    (`"torch_autocast"`) with `pipeline.optim.clipped_adam` on the fp32 weights. More precise
+    (fp32 residual stream and token-shift mixes) but slower in eager mode: on the H200 the fp32
+    element-wise work and the per-forward weight casts cost more than the optimizer saves.
+The grad norm is kept for `get_global_grad_norm` in both.
 Measured in docs/benchmarks.md, "Training throughput".
 """
 
@@ -50,7 +52,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.optim import clipped_adam, param_groups
+from pipeline.optim import MasterWeightAdam, clipped_adam, param_groups
 
 # DeepSpeed's bucket sizes, as the reference sets them (ds_bucket_mb = 200).
 BUCKET_BYTES = 200_000_000
@@ -98,16 +100,27 @@ def _bf16_config(cfg: TrainConfig) -> dict[str, Any]:
     return {"enabled": True, "check_grad_overflow": False}
 
 
-def uses_autocast(cfg: TrainConfig) -> bool:
-    """bf16 without ZeRO: fp32 weights under torch.autocast and our fused optimizer (module docstring)."""
-    return cfg.precision == "bf16" and cfg.zero_stage == 0
+BF16_STAGE0 = "master"
+"""How bf16 runs at ZeRO stage 0: "master" (bf16 weights, our fp32 masters) or "autocast" (fp32 weights)."""
+BF16_STAGE0_MODES = ("master", "autocast")
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
+def own_optimizer_mode(cfg: TrainConfig, mode: str | None = None) -> str | None:
+    """The stage-0 bf16 path ("master"/"autocast") when our optimizer replaces DeepSpeed's, else None."""
+    mode = mode or BF16_STAGE0
+    if mode not in BF16_STAGE0_MODES:
+        raise ValueError(f"unknown bf16 stage-0 mode {mode!r}; choose one of {BF16_STAGE0_MODES}")
+    return mode if cfg.precision == "bf16" and cfg.zero_stage == 0 else None
+
+
+def deepspeed_config(
+    cfg: TrainConfig, world_size: int, device_type: str, bf16_stage0: str | None = None
+) -> dict[str, Any]:
     """The DeepSpeed JSON config of a TrainConfig (ZeRO stage, precision, accumulation, clipping, offload).
 
-    With `uses_autocast(cfg)` there is no "optimizer" section (build_engine passes ours) and DeepSpeed's
-    clipping is 0 (ours clips at cfg.grad_clip).
+    On the stage-0 bf16 path (`own_optimizer_mode`) there is no "optimizer" section (build_engine passes
+    ours), DeepSpeed's bf16 mode and clipping are off (ours clips at cfg.grad_clip), and "autocast" turns
+    on DeepSpeed's torch_autocast.
     """
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
@@ -133,13 +146,12 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device_type: str) -> dic
         "steps_per_print": 1 << 30,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if uses_autocast(cfg):
+    mode = own_optimizer_mode(cfg, bf16_stage0)
+    if mode is not None:
         del config["optimizer"]
-        config.update(
-            gradient_clipping=0.0,
-            bf16={"enabled": False},
-            torch_autocast={"enabled": True, "dtype": "bfloat16"},
-        )
+        config.update(gradient_clipping=0.0, bf16={"enabled": False})
+        if mode == "autocast":
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     return config
 
 
@@ -160,28 +172,34 @@ def build_engine(
     world_size: int,
     device_type: str,
     ds_overrides: dict[str, Any] | None = None,
+    bf16_stage0: str | None = None,
 ) -> Any:
     """Wrap the model in a DeepSpeed engine with our parameter groups; returns the engine.
 
     ds_overrides: DeepSpeed config keys merged over `deepspeed_config` (benchmarks compare settings).
+    bf16_stage0: "master" or "autocast" for bf16 at ZeRO-0 (default BF16_STAGE0; module docstring).
     """
     import deepspeed
 
     # Activation checkpointing per block: both model classes recompute each block in backward when asked.
     model.checkpoint_blocks = cfg.grad_checkpointing
+    config = merge_config(deepspeed_config(cfg, world_size, device_type, bf16_stage0), ds_overrides or {})
+    mode = own_optimizer_mode(cfg, bf16_stage0) if "optimizer" not in config else None
+    if mode == "master":
+        model.to(torch.bfloat16)  # what DeepSpeed bf16 would do; our optimizer keeps the fp32 masters
     groups = param_groups(model, weight_decay=cfg.weight_decay, layerwise_lr=cfg.layerwise_lr)
-    config = merge_config(deepspeed_config(cfg, world_size, device_type), ds_overrides or {})
-    optimizer = None
-    if "optimizer" not in config:  # the autocast path: DeepSpeed calls this once the model is on its device
-        opt = optimizer_config(cfg, device_type)["params"]
+    adam = optimizer_config(cfg, device_type)["params"]
+    settings = {"lr": adam["lr"], "betas": tuple(adam["betas"]), "eps": adam["eps"], "adam_w": adam["adam_w_mode"]}
 
-        def optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-            betas = tuple(opt["betas"])
-            return clipped_adam(
-                groups, max_norm=cfg.grad_clip, lr=opt["lr"], betas=betas, eps=opt["eps"], adam_w=opt["adam_w_mode"]
-            )
+    def own_optimizer(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        # DeepSpeed calls this once the model is on its device.
+        if mode == "master":
+            return MasterWeightAdam(groups, max_norm=cfg.grad_clip, **settings)
+        return clipped_adam(groups, max_norm=cfg.grad_clip, **settings)
 
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer, config=config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, optimizer=own_optimizer if mode else None, config=config
+    )
     return engine
 
 

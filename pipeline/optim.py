@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 # Layerwise LR scales of §4.2 (my_pile_stage != 2): matched on the parameter's last name part.
 LR_SCALES = {"time_mix": 1.0, "time_decay": 2.0, "time_first": 3.0}
@@ -164,3 +165,90 @@ def clipped_adam(
     optimizer.max_norm = max_norm
     optimizer._global_grad_norm = None
     return optimizer
+
+
+class MasterWeightAdam(torch.optim.Optimizer):
+    """Adam/AdamW for low-precision (bf16) weights: fp32 master copies, moments and clip in one foreach pass.
+
+    What DeepSpeed's bf16 optimizers do, without their per-tensor Python loops: each step copies the
+    bf16 gradients into fp32 buffers (one foreach copy), clips them at the global norm (DeepSpeed's
+    formula, min(1, max_norm / (norm + 1e-6))), runs torch's fused (CUDA) or foreach Adam on the fp32
+    masters, and rounds the masters back into the bf16 weights. The masters and moments live in the
+    optimizer state, so a checkpoint (state_dict) resumes them exactly; `_global_grad_norm` keeps the
+    pre-clip norm for DeepSpeed's `get_global_grad_norm`. The param groups are the model's own (with
+    `lr_scale`, `weight_decay`), so `set_learning_rate` works unchanged.
+    """
+
+    def __init__(
+        self,
+        groups: list[dict[str, Any]],
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        max_norm: float,
+        adam_w: bool = False,
+    ) -> None:
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        self.max_norm, self.adam_w = max_norm, adam_w
+        self._global_grad_norm: torch.Tensor | None = None
+        self._grad32: dict[torch.Tensor, torch.Tensor] = {}  # fp32 gradient buffers, not checkpointed
+
+    def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.state[param]
+        if "master" not in state:  # masters start from the weights as they are (DeepSpeed does the same)
+            master = param.detach().to(torch.float32, copy=True)
+            step = torch.zeros((), dtype=torch.float32, device=param.device)
+            state.update(
+                master=master, exp_avg=torch.zeros_like(master), exp_avg_sq=torch.zeros_like(master), step=step
+            )
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts loaded state to the parameter's dtype (bf16): put the fp32 masters and moments back."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            param = params[index]
+            for key, value in saved.items():
+                self.state[param][key] = value.to(device=param.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        work = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [self._grad32.setdefault(p, torch.empty_like(p, dtype=torch.float32)) for p in params]
+            if params:
+                torch._foreach_copy_(grads, [p.grad for p in params])
+                work.append((group, params, [self._state(p) for p in params], grads))
+        all_grads = [g for *_, grads in work for g in grads]
+        if not all_grads:
+            return
+        self._global_grad_norm = torch.nn.utils.get_total_norm(all_grads, foreach=True)
+        if self.max_norm > 0:
+            torch._foreach_mul_(all_grads, torch.clamp(self.max_norm / (self._global_grad_norm + 1e-6), max=1.0))
+        for group, params, states, grads in work:
+            masters = [s["master"] for s in states]
+            decay = group["weight_decay"]
+            if self.adam_w and decay:  # decoupled: w <- w (1 - lr wd), as torch AdamW, before the Adam update
+                torch._foreach_mul_(masters, 1 - group["lr"] * decay)
+            fused = masters[0].is_cuda
+            adam(
+                masters,
+                grads,
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [],
+                [s["step"] for s in states],
+                foreach=None if fused else True,
+                fused=fused or None,
+                amsgrad=False,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=group["lr"],
+                weight_decay=0.0 if self.adam_w else decay,  # Adam: L2 added to the gradient
+                eps=group["eps"],
+                maximize=False,
+            )
+            torch._foreach_copy_(params, masters)  # round to the weights' dtype

@@ -1,4 +1,4 @@
-"""bf16 at ZeRO-0: fp32 weights under torch.autocast with our clipped Adam, checked against a by-hand step."""
+"""bf16 at ZeRO-0: our optimizers (fp32 masters of bf16 weights, or fp32 weights under autocast) vs by-hand steps."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
 from pipeline.config import TrainConfig
-from pipeline.engine import build_engine, deepspeed_config, uses_autocast
-from pipeline.optim import clipped_adam, param_groups, set_learning_rate
+from pipeline.engine import build_engine, deepspeed_config, own_optimizer_mode
+from pipeline.optim import MasterWeightAdam, clipped_adam, param_groups, set_learning_rate
 
 
 def test_clipped_adam_equals_clip_then_adam():
@@ -43,39 +43,86 @@ def test_clipped_adamw_decouples_weight_decay():
     torch.testing.assert_close(weight.detach(), torch.full((4,), 1 - 0.1 * 0.5))
 
 
-def test_config_autocast_only_for_bf16_at_zero_0():
+def test_master_weight_adam_is_fp32_adam_rounded_to_bf16_and_resumes_exactly():
+    torch.manual_seed(2)
+    start = [torch.randn(6, 4), torch.randn(9)]
+    weights = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in start]
+    masters = [torch.nn.Parameter(w.detach().float()) for w in weights]  # fp32 copies of the bf16 values
+    groups = [{"params": weights[:1], "lr_scale": 1.0, "weight_decay": 0.0}, {"params": weights[1:], "lr_scale": 3.0}]
+    optimizer = MasterWeightAdam(groups, lr=0.05, betas=(0.9, 0.99), eps=1e-8, max_norm=1.0)
+    reference = torch.optim.Adam(
+        [{"params": masters[:1], "lr": 0.05}, {"params": masters[1:], "lr": 0.15}], betas=(0.9, 0.99), eps=1e-8
+    )
+    set_learning_rate(optimizer, 0.05)
+    for _ in range(3):
+        grads = [4 * torch.randn_like(m) for m in masters]
+        for w, m, g in zip(weights, masters, grads, strict=True):
+            w.grad, m.grad = g.to(torch.bfloat16), g.to(torch.bfloat16).float()
+        expected_norm = torch.nn.utils.clip_grad_norm_(masters, 1.0)
+        optimizer.step()
+        reference.step()
+        torch.testing.assert_close(optimizer._global_grad_norm, expected_norm, rtol=1e-6, atol=0)
+        for w, m in zip(weights, masters, strict=True):
+            assert w.dtype == torch.bfloat16 and optimizer.state[w]["master"].dtype == torch.float32
+            torch.testing.assert_close(optimizer.state[w]["master"], m.detach(), rtol=1e-6, atol=1e-7)
+            assert torch.equal(w.detach(), m.detach().to(torch.bfloat16))
+    # A checkpoint round trip keeps the fp32 masters and moments (torch would cast them to bf16).
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    restored = MasterWeightAdam(
+        [{"params": copies[:1], "weight_decay": 0.0}, {"params": copies[1:]}], lr=0.05, betas=(0.9, 0.99), eps=1e-8,
+        max_norm=1.0,
+    )  # fmt: skip
+    restored.load_state_dict(optimizer.state_dict())
+    for w, c in zip(weights, copies, strict=True):
+        for key in ("master", "exp_avg", "exp_avg_sq", "step"):
+            assert restored.state[c][key].dtype == torch.float32
+            assert torch.equal(restored.state[c][key], optimizer.state[w][key])
+
+
+def test_stage0_config_for_bf16_only():
     cfg = TrainConfig(precision="bf16", zero_stage=0, grad_clip=1.0)
-    ds = deepspeed_config(cfg, world_size=1, device_type="cuda")
-    assert uses_autocast(cfg) and "optimizer" not in ds
+    ds = deepspeed_config(cfg, world_size=1, device_type="cuda")  # default mode: master weights
+    assert own_optimizer_mode(cfg) == "master" and "optimizer" not in ds and "torch_autocast" not in ds
     assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == 0.0  # our optimizer clips
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    autocast = deepspeed_config(cfg, world_size=1, device_type="cuda", bf16_stage0="autocast")
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "optimizer" not in autocast
     for other in (TrainConfig(precision="bf16", zero_stage=2), TrainConfig(precision="fp32", zero_stage=0)):
-        assert not uses_autocast(other) and "torch_autocast" not in deepspeed_config(other, 1, "cuda")
+        assert own_optimizer_mode(other) is None and "optimizer" in deepspeed_config(other, 1, "cuda")
+    with pytest.raises(ValueError, match="bf16 stage-0 mode"):
+        own_optimizer_mode(cfg, "fp8")
 
 
-@pytest.fixture
-def world_of_one(monkeypatch: pytest.MonkeyPatch):
+@pytest.fixture(scope="module")
+def world_of_one():
+    """One gloo world for the module: DeepSpeed caches its groups, so it is not torn down between tests."""
     from pipeline.engine import _free_port, init_process_group
 
-    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    init_process_group("cpu")
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            patch.setenv(key, value)
+        patch.setenv("MASTER_PORT", str(_free_port()))
+        init_process_group("cpu")
+        yield
+    import deepspeed.comm
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, for later tests
 
 
-def test_engine_step_equals_autocast_step_by_hand(world_of_one):
-    """Two DeepSpeed steps (weights fp32, forward under bf16 autocast) = the same steps written out."""
+@pytest.mark.parametrize("mode", ["master", "autocast"])
+def test_engine_steps_equal_steps_by_hand(world_of_one, mode):
+    """Two DeepSpeed steps on the stage-0 bf16 path = the same steps written out without DeepSpeed."""
     model_cfg = ModelConfig(n_layer=2, n_embd=32, vocab_size=64, wkv_backend="torch")
     cfg = TrainConfig(precision="bf16", zero_stage=0, micro_bsz=2, ctx_len=12, grad_clip=0.5, lr_init=1e-2)
     model = build_model(model_cfg, lr_init=cfg.lr_init)
     by_hand, initial = copy.deepcopy(model), copy.deepcopy(model.state_dict())
-    engine = build_engine(model, cfg, world_size=1, device_type="cpu")
-    optimizer = clipped_adam(param_groups(by_hand), max_norm=0.5, lr=1e-2, betas=(0.9, 0.99), eps=1e-8)
+    engine = build_engine(model, cfg, world_size=1, device_type="cpu", bf16_stage0=mode)
+    settings = {"max_norm": 0.5, "lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8}
+    if mode == "master":
+        optimizer = MasterWeightAdam(param_groups(by_hand.to(torch.bfloat16)), **settings)
+    else:
+        optimizer = clipped_adam(param_groups(by_hand), **settings)
     tokens = torch.randint(0, 64, (2, 2, 13))
     for step in range(2):
         x_BT, y_BT = tokens[step, :, :-1], tokens[step, :, 1:]
@@ -84,14 +131,16 @@ def test_engine_step_equals_autocast_step_by_hand(world_of_one):
         engine.backward(loss)
         engine.step()
         set_learning_rate(optimizer, 1e-2)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
             logits = by_hand(x_BT)
         language_model_loss(logits, y_BT).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         assert logits.dtype == torch.bfloat16
     assert float(engine.get_global_grad_norm()) == pytest.approx(float(optimizer._global_grad_norm), rel=1e-6)
+    weight_dtype = torch.bfloat16 if mode == "master" else torch.float32
     for (name, ours), theirs in zip(engine.module.state_dict().items(), by_hand.state_dict().values(), strict=True):
-        assert ours.dtype == torch.float32, name
+        assert ours.dtype == weight_dtype, name
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
-    assert not torch.equal(engine.module.state_dict()["head.weight"], initial["head.weight"])  # it trained
+    head = engine.module.state_dict()["head.weight"]
+    assert not torch.equal(head, initial["head.weight"].to(head.dtype))  # it trained
