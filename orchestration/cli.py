@@ -154,10 +154,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model_config, tokenizer_dir)
+    """A training checkpoint's weights (any ZeRO stage and worker count, merged offline) and the run's tokenizer."""
+    from model import ModelConfig, build_model
+    from orchestration.rundir import RunDir
+    from pipeline.checkpoint import consolidated_state_dict, is_complete, read_state
+
+    tokenizer = RunDir(run_dir).read_state()["stages"].get("tokenizer", {})
+    if tokenizer.get("status") not in ("done", "cached"):
+        raise UsageError(f"{run_dir} has no finished tokenizer stage: give the run directory the checkpoint belongs to")
+    if not is_complete(checkpoint):
+        raise UsageError(f"{checkpoint} is not a complete training checkpoint (a step_* folder with COMPLETE)")
+    model_cfg = ModelConfig(**read_state(checkpoint)["model_config"])
+    model = build_model(model_cfg)
+    model.load_state_dict(consolidated_state_dict(checkpoint))
+    return model.eval(), model_cfg, run_dir / tokenizer["dir"]
+
+
 def _export(args: argparse.Namespace) -> int:
     from pipeline.eval_stage import export
 
-    model, model_cfg, _, tokenizer = _load_run_model(Path(args.run_dir))
+    if args.checkpoint:
+        model, model_cfg, tokenizer = _load_checkpoint_model(Path(args.run_dir), Path(args.checkpoint))
+    else:
+        model, model_cfg, _, tokenizer = _load_run_model(Path(args.run_dir))
     export(model, tokenizer, Path(args.out), model_cfg)
     print(
         f"wrote {Path(args.out) / 'model.pth'}, model.safetensors and the tokenizer; load with "
@@ -205,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("export", help="Write a run's model as official RWKV-4 .pth + safetensors + tokenizer.")
     ex.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
     ex.add_argument("--out", required=True, help="Folder to write model.pth, model.safetensors, tokenizer.*.")
+    ex.add_argument(
+        "--checkpoint",
+        default=None,
+        help="A training checkpoint (step_* folder) to export instead of the final weights; any ZeRO stage "
+        "and worker count (the run need not have finished).",
+    )
     ex.set_defaults(handler=_export)
     return parser
 

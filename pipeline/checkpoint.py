@@ -290,8 +290,8 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
     else:
-        # DeepSpeed's own file (it pickles its config and version objects): read as DeepSpeed reads it.
-        saved = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        # Plain containers, tensors and strings in 0.19.8, so the safe unpickler reads it.
+        saved = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
         state = saved["module"]
     expected = read_state(ckpt_dir)["parameter_shapes"]
     check_shapes({name: list(tensor.shape) for name, tensor in state.items()}, expected, ckpt_dir)

@@ -113,15 +113,28 @@ def test_one_worker_checkpoint_resumes_on_two_workers(shards: Path, tmp_path: Pa
     _check_resume(clean, resumed, stdout, saved_world=1, world=2)
 
 
-def test_export_of_two_worker_zero2_checkpoint_gives_live_logits(two_worker_run: Path, tmp_path: Path) -> None:
+def test_export_of_two_worker_zero2_checkpoint_gives_live_logits(
+    two_worker_run: Path, shards: Path, tmp_path: Path
+) -> None:
+    """`rwkv-pipeline export RUN --checkpoint step_N` and `pipeline.checkpoint.export_rwkv4_pth`."""
+    import json
+
     from model import ModelConfig, build_model
     from model.checkpoint import load_rwkv4_pth
+    from orchestration.cli import main as cli
     from pipeline.checkpoint import consolidated_state_dict, export_rwkv4_pth
 
     checkpoint = two_worker_run / "checkpoints" / f"step_{STEPS:08d}"
     assert len(list(checkpoint.glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    # A run directory whose tokenizer stage is done (the export copies the tokenizer beside the weights).
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(
+        json.dumps({"stages": {"tokenizer": {"status": "done", "dir": str(shards.parent / "tokenizer")}}})
+    )
+    assert cli(["export", str(run_dir), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "tokenizer.model").is_file()
     export_rwkv4_pth(checkpoint, tmp_path / "model.pth")
-    exported = load_rwkv4_pth(tmp_path / "model.pth", wkv_backend="torch").eval()
 
     # The live model: the weights the training engine held at its last step (written by rank 0 at the end).
     live = build_model(ModelConfig(**read_state(checkpoint)["model_config"]))
@@ -134,7 +147,10 @@ def test_export_of_two_worker_zero2_checkpoint_gives_live_logits(two_worker_run:
 
     tokens_BT = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(exported(tokens_BT), live(tokens_BT))
+        expected_BTV = live(tokens_BT)
+        for path in (tmp_path / "cli" / "model.pth", tmp_path / "model.pth"):
+            exported = load_rwkv4_pth(path, wkv_backend="torch").eval()
+            assert torch.equal(exported(tokens_BT), expected_BTV), path
 
 
 def test_zero3_two_worker_checkpoint_resumes_on_one_worker_and_exports(shards: Path, tmp_path: Path) -> None:

@@ -209,10 +209,15 @@ def test_zero_stages_0_to_3_give_the_same_losses(runs: tuple[Path, dict[str, Any
     assert layouts["zero0"] == ["mp_rank_00_model_states.pt"]
     assert layouts["zero1"] == layouts["zero2"] == ["mp_rank_00_model_states.pt", *shards]
     assert layouts["zero3"] == sorted([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)] + shards)
-    # Final weights (ZeRO-3 gathers its partitions on save) agree too.
+    # Final weights (ZeRO-3 gathers its partitions on save) agree too, and each stage's checkpoint merges
+    # offline (pipeline.checkpoint.consolidated_state_dict, the export's source) into exactly those weights.
+    from pipeline.checkpoint import consolidated_state_dict
+
     reference = torch.load(out / "zero2" / "final_weights.pt", weights_only=True)
-    for stage in ("zero0", "zero1", "zero3"):
+    for stage in ("zero0", "zero1", "zero2", "zero3"):
         weights = torch.load(out / stage / "final_weights.pt", weights_only=True)
+        merged = consolidated_state_dict(out / stage / "checkpoints" / f"step_{STEPS:08d}")
+        assert merged.keys() == weights.keys() and all(torch.equal(merged[k], weights[k]) for k in weights), stage
         assert weights.keys() == reference.keys()
         for name, tensor in reference.items():
             assert weights[name].shape == tensor.shape, (stage, name)
