@@ -172,3 +172,20 @@ def test_zero3_two_worker_checkpoint_resumes_on_one_worker_and_exports(shards: P
     assert merged.keys() == live.keys()
     for name, tensor in live.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_global_batch_kept_or_refused_with_the_numbers() -> None:
+    """grad_accum absorbs a change of worker count; a batch the new count cannot keep is refused."""
+    from pipeline.checkpoint import CheckpointMismatch
+    from pipeline.config import TrainConfig
+    from pipeline.train import keep_global_batch
+
+    saved = {"samples_per_step": 8, "world_size": 2}
+    assert keep_global_batch(TrainConfig(micro_bsz=4, grad_accum=1), saved, world=1).grad_accum == 2
+    assert keep_global_batch(TrainConfig(micro_bsz=2, grad_accum=1), saved, world=1).grad_accum == 4
+    assert keep_global_batch(TrainConfig(micro_bsz=4, grad_accum=2), {**saved, "world_size": 1}, 2).grad_accum == 1
+    assert keep_global_batch(TrainConfig(micro_bsz=4, grad_accum=1), saved, world=2).grad_accum == 1
+    with pytest.raises(CheckpointMismatch, match=r"micro_bsz x world = 12 must divide it"):
+        keep_global_batch(TrainConfig(micro_bsz=4, grad_accum=1), saved, world=3)
+    with pytest.raises(CheckpointMismatch, match=r"written with 8 samples per step"):  # same world, other batch
+        keep_global_batch(TrainConfig(micro_bsz=2, grad_accum=1), saved, world=2)
