@@ -32,8 +32,10 @@ accumulation, checkpoints); its bf16 mode and clipping are off, and ours does (B
   * "master" (default): the module's weights are cast to bf16, as DeepSpeed bf16 does, and
     `pipeline.optim.MasterWeightAdam` keeps the fp32 masters and moments: per step one foreach copy of
     the gradients to fp32, a foreach global-norm clip (DeepSpeed's formula), torch's fused Adam on the
-    masters, one foreach copy back. Same numerics as DeepSpeed bf16 (bf16 forward/backward, fp32
-    update, bf16 gradients accumulated), a few kernels instead of loops over ~220 tensors.
+    masters, one foreach copy back. The numerics of DeepSpeed bf16 (bf16 forward/backward, fp32 update
+    of fp32 masters; gradients summed in bf16 `.grad` across accumulation micro-steps), in a few
+    kernels instead of loops over ~220 tensors. Select per process with `build_engine(bf16_stage0=...)`
+    or by setting `pipeline.engine.BF16_STAGE0` (no config field yet).
   * "autocast": the weights stay fp32 and DeepSpeed runs the forward under `torch.autocast(bf16)`
     (`"torch_autocast"`) with `pipeline.optim.clipped_adam` on the fp32 weights. More precise
     (fp32 residual stream and token-shift mixes) but slower in eager mode: on the H200 the fp32
