@@ -144,3 +144,30 @@ def test_engine_steps_equal_steps_by_hand(world_of_one, mode):
         torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7, msg=name)
     head = engine.module.state_dict()["head.weight"]
     assert not torch.equal(head, initial["head.weight"].to(head.dtype))  # it trained
+
+
+def test_deepspeed_checkpoint_resumes_master_path_exactly(world_of_one, tmp_path):
+    """save_checkpoint -> fresh engine -> load_checkpoint: the next step equals the uninterrupted one."""
+    model_cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=64, wkv_backend="torch")
+    cfg = TrainConfig(precision="bf16", zero_stage=0, micro_bsz=2, ctx_len=12, lr_init=1e-2)
+    tokens = torch.randint(0, 64, (3, 2, 13))
+
+    def train_step(engine, step):
+        set_learning_rate(engine.optimizer, 1e-2)
+        engine.backward(language_model_loss(engine(tokens[step, :, :-1]), tokens[step, :, 1:]))
+        engine.step()
+
+    first = build_engine(build_model(model_cfg, lr_init=1e-2), cfg, world_size=1, device_type="cpu")
+    for step in range(2):
+        train_step(first, step)
+    first.save_checkpoint(str(tmp_path), tag="step2")
+    train_step(first, 2)
+    resumed = build_engine(build_model(model_cfg, lr_init=1e-2), cfg, world_size=1, device_type="cpu")
+    resumed.load_checkpoint(str(tmp_path), tag="step2", load_optimizer_states=True, load_lr_scheduler_states=False)
+    master = next(iter(resumed.optimizer.state.values()))["master"]
+    assert master.dtype == torch.float32
+    train_step(resumed, 2)
+    for (name, ours), theirs in zip(
+        resumed.module.state_dict().items(), first.module.state_dict().values(), strict=True
+    ):
+        assert torch.equal(ours, theirs), name
