@@ -280,7 +280,8 @@ def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
     ZeRO-1/2/3: the fp32 master partitions merged by `deepspeed.utils.zero_to_fp32` (under bf16 these
     are the optimizer's fp32 weights, not the bf16 module copy). ZeRO-0: the module weights DeepSpeed
-    saved whole in `mp_rank_00_model_states.pt` (fp32 weights under fp32 training).
+    saved whole in `mp_rank_00_model_states.pt`: fp32 under fp32 training, the bf16 weights under bf16
+    (equal to final_weights.pt; the fp32 masters of pipeline.optim.MasterWeightAdam are not mapped to names).
     """
     ckpt_dir = Path(ckpt_dir)
     if not is_complete(ckpt_dir):
