@@ -70,3 +70,11 @@ def test_cli_print_config_and_error_exit() -> None:
     )
     assert bad.returncode != 0 and "modle" in bad.stderr and "quickstart.yaml" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_loads_and_plans(path: Path) -> None:
+    from orchestration.stages import build_stages
+
+    config = load_config(path)
+    assert [stage.name for stage in build_stages(config)][:3] == ["tokenizer", "tokenize", "pretrain"]
