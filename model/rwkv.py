@@ -127,11 +127,17 @@ class RWKV(nn.Module):
     """RWKV-4 language model; `model(idx_BT)` returns logits (B, T, V).
 
     Set `checkpoint_blocks = True` to recompute each block in backward (activation checkpointing
-    via torch.utils.checkpoint, no DeepSpeed needed). Set `chunk_len = N` to run `model(idx_BT)`
-    N tokens at a time, the state carried from chunk to chunk without detaching it: the same logits
-    and, in backward, the same gradients (full BPTT), with each WKV call at most N long. Construct
-    under `torch.device("meta")` to skip the initialisation (the checkpoint loader does this and
-    assigns the loaded tensors).
+    via torch.utils.checkpoint, no DeepSpeed needed). Construct under `torch.device("meta")` to
+    skip the initialisation (the checkpoint loader does this and assigns the loaded tensors).
+
+    Set `chunk_len = N` to run `model(idx_BT)` N tokens at a time, the state carried from chunk to
+    chunk without detaching it: the same logits and, in backward, the same gradients (full BPTT),
+    with each WKV call at most N long. With `checkpoint_chunks` (the default) each chunk's
+    embedding, blocks and ln_out run under one activation checkpoint whose inputs and outputs are
+    the chunk's tokens and the carried state: the forward keeps only the tokens, the state at each
+    chunk boundary and ln_out's output (what the head needs); backward recomputes one chunk at a
+    time (about one extra forward), so activation memory is one chunk's, not one window's. The
+    head and its logits (B, T, V) stay whole: the loss outside the model needs them.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -139,6 +145,7 @@ class RWKV(nn.Module):
         self.config = config
         self.checkpoint_blocks = False
         self.chunk_len = 0
+        self.checkpoint_chunks = True
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
@@ -151,16 +158,21 @@ class RWKV(nn.Module):
     def forward(self, idx_BT: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
         if not 0 < self.chunk_len < idx_BT.shape[1]:
             return self.forward_with_state(idx_BT, state)[0]
-        chunks_BtV = []
+        chunks_BtC = []
         for start in range(0, idx_BT.shape[1], self.chunk_len):
-            logits_BtV, state = self.forward_with_state(idx_BT[:, start : start + self.chunk_len], state)
-            chunks_BtV.append(logits_BtV)
-        return torch.cat(chunks_BtV, dim=1)
+            x_BtC, state = self._chunk_features(idx_BT[:, start : start + self.chunk_len], state)
+            chunks_BtC.append(x_BtC)
+        return self.head(torch.cat(chunks_BtC, dim=1))
 
     def forward_with_state(
         self, idx_BT: torch.Tensor, state: ModelState | None = None
     ) -> tuple[torch.Tensor, ModelState]:
         """Logits (B, T, V) and the state after the last token; pass it back in to continue the sequence."""
+        x_BTC, new_state = self.features(idx_BT, state)
+        return self.head(x_BTC), new_state
+
+    def features(self, idx_BT: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+        """Everything before the head: ln_out's output (B, T, C) and the state after the last token."""
         x_BTC = self.blocks[0].ln0(self.emb(idx_BT))
         new_state: ModelState = []
         for i, block in enumerate(self.blocks):
@@ -170,7 +182,33 @@ class RWKV(nn.Module):
             else:
                 x_BTC, layer_state = block(x_BTC, layer_state)
             new_state.append(layer_state)
-        return self.head(self.ln_out(x_BTC)), new_state
+        return self.ln_out(x_BTC), new_state
+
+    def _chunk_features(self, idx_BT: torch.Tensor, state: ModelState | None) -> tuple[torch.Tensor, ModelState]:
+        if not (self.checkpoint_chunks and torch.is_grad_enabled()):
+            return self.features(idx_BT, state)
+        # The state goes in and out as flat tensors: checkpoint saves tensor arguments for the
+        # recompute (and counts them as saved for backward) but would only hold a nested list.
+        x_BTC, *flat_state = checkpoint(self._flat_features, idx_BT, *flatten_state(state), use_reentrant=False)
+        return x_BTC, unflatten_state(flat_state)
+
+    def _flat_features(self, idx_BT: torch.Tensor, *flat_state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x_BTC, state = self.features(idx_BT, unflatten_state(list(flat_state)))
+        # Cloned: the token-shift states are views x[:, -1] of whole-chunk activations, which as
+        # outputs (and the next chunk's saved inputs) would keep every chunk's activations alive.
+        return x_BTC, *(tensor.clone() for tensor in flatten_state(state))
+
+
+def flatten_state(state: ModelState | None) -> list[torch.Tensor]:
+    """Per layer [att x_prev, aa, bb, pp, ffn x_prev]; [] for no state (the start of a sequence)."""
+    return [] if state is None else [t for att, wkv_state, ffn in state for t in (att, *wkv_state, ffn)]
+
+
+def unflatten_state(flat: list[torch.Tensor]) -> ModelState | None:
+    """The inverse of `flatten_state`."""
+    if not flat:
+        return None
+    return [(flat[i], (flat[i + 1], flat[i + 2], flat[i + 3]), flat[i + 4]) for i in range(0, len(flat), 5)]
 
 
 def detach_state(state: ModelState) -> ModelState:

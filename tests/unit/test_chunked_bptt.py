@@ -47,8 +47,8 @@ def test_chunked_loss_and_gradients_equal_whole_windows(chunk_len: int):
 class _Truncated(RWKV):
     """Detaches the state between chunks (truncated BPTT)."""
 
-    def forward_with_state(self, idx_BT, state=None):
-        return super().forward_with_state(idx_BT, detach_state(state) if state is not None else None)
+    def features(self, idx_BT, state=None):
+        return super().features(idx_BT, detach_state(state) if state is not None else None)
 
 
 def test_the_gradient_through_the_state_is_what_makes_them_equal():
