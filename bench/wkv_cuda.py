@@ -2,6 +2,8 @@
 
     python bench/wkv_cuda.py                 # the five issue shapes, fp32 and bf16, prints a table
     python bench/wkv_cuda.py --json out.json # also write the figures
+    python bench/wkv_cuda.py --graph         # the same, each call captured in a CUDA graph and replayed
+                                             # (GPU time without the host's launch and allocation work)
     python bench/wkv_cuda.py --smoke         # one small forward+backward (for compute-sanitizer)
     python bench/wkv_cuda.py --profile 8 4096 768 bfloat16   # three fwd+bwd calls (for ncu)
     python bench/wkv_cuda.py --variants "old:WKV_FUSED_SCANS=0,WKV_ACCURATE_EXP=1;new:" --accuracy
@@ -68,11 +70,27 @@ def make_case(batch, steps, channels, dtype, ext=None):
     return forward, forward_backward
 
 
-def bench(shapes, copy_gbps, ext=None, dtypes=(torch.float32, torch.bfloat16)):
+def graphed(fn):
+    """fn captured once in a CUDA graph (after warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def bench(shapes, copy_gbps, ext=None, dtypes=(torch.float32, torch.bfloat16), graph=False):
     rows = []
     for dtype in dtypes:
         for (batch, steps, channels), ref_ms in zip(shapes, REFERENCE_BF16_FWD_BWD_MS, strict=True):
             forward, forward_backward = make_case(batch, steps, channels, dtype, ext)
+            if graph:
+                forward, forward_backward = graphed(forward), graphed(forward_backward)
             elements = batch * steps * channels * torch.tensor([], dtype=dtype).element_size()
             row = {"B": batch, "T": steps, "C": channels, "dtype": str(dtype).removeprefix("torch.")}
             for name, fn, units in (("fwd", forward, 3), ("fwd+bwd", forward_backward, 9)):
@@ -174,6 +192,7 @@ def reference_gradients(td, tf, k, v, state, gy, gstate):
     return [y.detach(), *(s.detach() for s in out), grads[0], grads[1], grads[2], grads[3], *grads[4:]]
 
 
+OUTPUT_NAMES = ("y", "aa", "bb", "pp", "g_time_decay", "g_time_first", "gk", "gv", "gaa0", "gbb0", "gpp0")
 ACCURACY_CASES = {  # name: (B, T, C, dtype, |k| bound or None for N(0, 1), time_decay range)
     "fp32 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.float32, 60.0, (-8.0, 8.0)),
     "fp32 2x4097x32 td[-8,1]": (2, 4097, 32, torch.float32, None, (-8.0, 1.0)),
@@ -182,10 +201,10 @@ ACCURACY_CASES = {  # name: (B, T, C, dtype, |k| bound or None for N(0, 1), time
 }
 
 
-def accuracy(exts: dict) -> dict[str, dict[str, float]]:
-    """Max relative L2 error over y, the state and all gradients, per case and variant."""
+def accuracy(exts: dict) -> dict[str, dict[str, tuple[float, str]]]:
+    """Max relative L2 error over y, the state and all gradients (and which), per case and variant."""
     torch.manual_seed(0)
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, tuple[float, str]]] = {}
     for case, (batch, steps, channels, dtype, k_bound, (lo, hi)) in ACCURACY_CASES.items():
         td = torch.rand(channels, device="cuda") * (hi - lo) + lo
         tf = torch.randn(channels, device="cuda")
@@ -204,7 +223,9 @@ def accuracy(exts: dict) -> dict[str, dict[str, float]]:
             errors = [
                 ((g.double() - r).norm() / r.norm().clamp_min(1e-300)).item() for g, r in zip(got, ref, strict=True)
             ]
-            table[case][name] = max(errors) if all(torch.isfinite(g.float()).all() for g in got) else float("nan")
+            finite = all(torch.isfinite(g.float()).all() for g in got)
+            worst = max(range(len(errors)), key=errors.__getitem__)
+            table[case][name] = (errors[worst], OUTPUT_NAMES[worst]) if finite else (float("nan"), "non-finite")
     return table
 
 
@@ -226,7 +247,7 @@ def run_variants(spec: str, check: bool, json_path: Path | None) -> None:
         print("\n| max rel L2 (y, state, all grads) | " + " | ".join(names) + " |")
         print("|---" * (len(names) + 1) + "|")
         for case, per in errors.items():
-            print(f"| {case} | " + " | ".join(f"{per[n]:.2e}" for n in names) + " |")
+            print(f"| {case} | " + " | ".join(f"{per[n][0]:.2e} {per[n][1]}" for n in names) + " |")
     print("\n| variant | " + " | ".join(f"{r['B']}x{r['T']}x{r['C']} {r['dtype'][:4]}" for r in rows) + " |")
     print("|---" * (len(rows) + 1) + "|")
     for name, result in results["variants"].items():
@@ -241,6 +262,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--smoke", action="store_true", help="one small forward+backward, no timing")
     parser.add_argument("--profile", nargs=4, metavar=("B", "T", "C", "DTYPE"), help="3 fwd+bwd calls, for ncu")
+    parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of each call")
     parser.add_argument("--variants", help="'name:DEF=1,DEF2=2;name2:' builds to compare (see module doc)")
     parser.add_argument("--accuracy", action="store_true", help="with --variants: errors against float64")
     args = parser.parse_args()
@@ -259,7 +281,7 @@ def main() -> None:
         return
     load_extension()
     copy_gbps = copy_rate_gbps()
-    rows = bench(SHAPES, copy_gbps)
+    rows = bench(SHAPES, copy_gbps, graph=args.graph)
     print_table(rows, copy_gbps)
     if args.json:
         args.json.write_text(

@@ -29,6 +29,10 @@
 //
 // Kernels per call: forward 3 (summaries, per-lane segment scan, outputs), backward 4 (adjoint
 // summaries, per-lane reverse scan, gradients, deterministic reduction of the time_* gradients).
+// The second and later kernels of each pass are programmatic dependent launches (Hopper): they
+// start while the kernel before finishes and load their k, v, gy before waiting for its results.
+// (WKV_FUSED_SCANS moves the per-lane work into the last block of the kernel before instead;
+// measured on an H200 that is slower once dependent launch hides the launch gaps.)
 //
 // Launchers have a C interface (no torch headers); cuda/wkv_binding.cpp binds them for torch.
 
@@ -38,14 +42,21 @@
 
 namespace {
 
-// Compile-time tuning knobs (defaults are the measured best on an H200; bench/wkv_cuda.py
-// --variants builds others side by side):
+// Compile-time tuning knobs (defaults: the best measured on an H200, docs/benchmarks.md;
+// bench/wkv_cuda.py --variants builds others side by side):
 //   WKV_SUB           steps per thread (held in registers)
 //   WKV_SUBS          sub-chunks per block (blockDim.y)
-//   WKV_FUSED_SCANS   1: the per-lane segment scans and the time_* reduction run in the last block
-//                     to finish of the kernel before them (4 launches per fwd+bwd); 0: own kernels (7)
+//   WKV_FUSED_SCANS   bit mask of the per-lane work run by the last block to finish of the kernel
+//                     before it instead of its own kernel: 1 forward segment scan, 2 backward
+//                     segment scan, 4 time_* reduction (7: 4 launches per fwd+bwd; 0: 7 launches)
+//                     (default 0: with WKV_PDL the separate kernels were faster, docs/benchmarks.md)
+//   WKV_FENCE_ALL     1: every thread fences before the arrival count; 0: a barrier, then one
+//                     thread fences and counts (the cooperative-groups grid-sync pattern)
+//   WKV_PDL           1: the second and later kernels of a pass are launched as programmatic
+//                     dependents (Hopper): they load k, v, gy while the kernel before finishes
 //   WKV_ACCURATE_EXP  1: state rescaling factors use the split-argument exp; 0: one ex2.approx
-//   WKV_BWD_MIN_BLOCKS  minimum resident blocks per SM asked of the compiler for the backward kernels
+//   WKV_BWD_MIN_BLOCKS, WKV_FWD_MIN_BLOCKS  minimum resident blocks per SM asked of the compiler
+//                     for the backward and forward kernels (register budget)
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -53,7 +64,13 @@ namespace {
 #define WKV_SUBS 8
 #endif
 #ifndef WKV_FUSED_SCANS
-#define WKV_FUSED_SCANS 1
+#define WKV_FUSED_SCANS 0
+#endif
+#ifndef WKV_FENCE_ALL
+#define WKV_FENCE_ALL 0
+#endif
+#ifndef WKV_PDL
+#define WKV_PDL 1
 #endif
 #ifndef WKV_ACCURATE_EXP
 #define WKV_ACCURATE_EXP 0
@@ -61,10 +78,16 @@ namespace {
 #ifndef WKV_BWD_MIN_BLOCKS
 #define WKV_BWD_MIN_BLOCKS 3
 #endif
+#ifndef WKV_FWD_MIN_BLOCKS
+#define WKV_FWD_MIN_BLOCKS 4
+#endif
 
 constexpr int SUB = WKV_SUB;
 constexpr int SUBS = WKV_SUBS;
-constexpr bool FUSED = WKV_FUSED_SCANS != 0;
+constexpr bool FUSED_FWD_SCAN = (WKV_FUSED_SCANS & 1) != 0;
+constexpr bool FUSED_BWD_SCAN = (WKV_FUSED_SCANS & 2) != 0;
+constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
+constexpr bool PDL = WKV_PDL != 0;
 constexpr int LANES = 32;        // channels per block (blockDim.x)
 constexpr int SEG = SUB * SUBS;  // steps per block segment
 constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
@@ -239,9 +262,12 @@ __device__ __forceinline__ St load3_cg(const float* s, int i, int n, int b, int 
 // computes does not depend on which block it is.
 __device__ __forceinline__ bool last_block_arrives(int* counter, int total) {
     __shared__ int is_last;
-    __threadfence();  // release this thread's writes before the block's arrival is counted
+    if (WKV_FENCE_ALL) __threadfence();  // release this thread's writes before the arrival is counted
     __syncthreads();
     if (threadIdx.x == 0 && threadIdx.y == 0) {
+        // After the barrier one thread's fence is cumulative over the block's writes (as in the
+        // cooperative-groups grid sync), without every thread waiting for its own stores.
+        if (!WKV_FENCE_ALL) __threadfence();
         int before = atomicAdd(counter, 1);
         is_last = before == total - 1;
         if (is_last) {
@@ -251,6 +277,16 @@ __device__ __forceinline__ bool last_block_arrives(int* counter, int total) {
     }
     __syncthreads();
     return is_last != 0;
+}
+
+// Programmatic dependent launch (sm_90): a kernel lets the next one in the stream start once all
+// its blocks have started (trigger), and the next one waits for this one's completion and memory
+// (wait) only before it reads what this one wrote. Both are no-ops in a plain launch.
+__device__ __forceinline__ void pdl_trigger() {
+    if (PDL) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+__device__ __forceinline__ void pdl_wait() {
+    if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
 // The time_* reduction, defined with its own kernel below and also run by the last block of the
@@ -473,12 +509,13 @@ __device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, f
 // Forward 1: sub-chunk summaries from the zero state (kept in `sub` for forward 3) and their
 // combination into segment summaries (`seg`, read by forward 2).
 template <typename F>
-__global__ void __launch_bounds__(LANES* SUBS) fwd_summaries(int T, int C, int nseg, int nsub,
+__global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS) fwd_summaries(int T, int C, int nseg, int nsub,
                                                               const float* __restrict__ td, const F* __restrict__ k_,
                                                               const F* __restrict__ v_, float* __restrict__ sub,
                                                               float* __restrict__ seg, const float* __restrict__ aa0,
                                                               const float* __restrict__ bb0,
                                                               const float* __restrict__ pp0, int* __restrict__ counters) {
+    pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
     __shared__ Shared3 sh;
     __shared__ int shn[SUBS][LANES];
     Tile q = tile(T, C);
@@ -503,7 +540,7 @@ __global__ void __launch_bounds__(LANES* SUBS) fwd_summaries(int T, int C, int n
         for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh.get(m), shn[m][threadIdx.x], w);
         store3(seg, q.seg, nseg, q.b, q.c, C, acc);
     }
-    if (FUSED && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg)) {
+    if (FUSED_FWD_SCAN && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg)) {
         size_t lane = static_cast<size_t>(q.b) * C + q.c;
         St s0 = q.m == 0 && q.lane_ok ? St{aa0[lane], bb0[lane], pp0[lane]} : St{0.f, 0.f, EMPTY};
         fwd_scan_block(q, C, nseg, w, s0, seg, sh);
@@ -531,6 +568,8 @@ __device__ __forceinline__ void fwd_scan_lane(int b, int c, int C, int nseg, flo
 __global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
                                  const float* __restrict__ bb0, const float* __restrict__ pp0,
                                  float* __restrict__ seg) {
+    pdl_trigger();
+    pdl_wait();
     int lane = blockIdx.x * blockDim.x + threadIdx.x;
     if (lane >= B * C) return;
     int b = lane / C, c = lane - b * C;
@@ -542,7 +581,7 @@ __global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict
 // walks its steps writing y; the thread with the last step writes the output state; the block
 // writes the last step in the segment where k won the running max (-1 if none) to `lastwin`.
 template <typename F>
-__global__ void __launch_bounds__(LANES* SUBS)
+__global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS)
     fwd_outputs(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                 const F* __restrict__ k_, const F* __restrict__ v_, F* __restrict__ y_, const float* __restrict__ seg,
                 float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1, float* __restrict__ bb1,
@@ -553,8 +592,10 @@ __global__ void __launch_bounds__(LANES* SUBS)
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB];
-    load_steps(k_, q, C, k);
+    pdl_trigger();
+    load_steps(k_, q, C, k);  // k, v were complete before the pass's first kernel started
     load_steps(v_, q, C, v);
+    pdl_wait();  // the summaries (and scan) kernels' results, from here on
     St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
     sh.put(q.m, s);
     shn[q.m][threadIdx.x] = q.n;
@@ -599,6 +640,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
                   const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg,
                   const float* __restrict__ gaa1, const float* __restrict__ gbb1, const int* __restrict__ lastwin,
                   int* __restrict__ argmax, int* __restrict__ counters) {
+    pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
     __shared__ Shared3 sh;
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
@@ -627,7 +669,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         }
         store3(aseg, q.seg, nseg, q.b, q.c, C, acc);
     }
-    if (FUSED && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg))
+    if (FUSED_BWD_SCAN && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg))
         bwd_scan_block(q, C, nseg, gaa1, gbb1, lastwin, aseg, argmax, sh);
 }
 
@@ -666,6 +708,8 @@ __device__ __forceinline__ void bwd_scan_lane(int b, int c, int C, int nseg, con
 __global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1,
                                  const float* __restrict__ gbb1, const int* __restrict__ lastwin,
                                  float* __restrict__ aseg, int* __restrict__ argmax) {
+    pdl_trigger();
+    pdl_wait();
     int lane = blockIdx.x * blockDim.x + threadIdx.x;
     if (lane >= B * C) return;
     int b = lane / C, c = lane - b * C;
@@ -692,9 +736,11 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB], gy[SUB];
-    load_steps(k_, q, C, k);
+    pdl_trigger();
+    load_steps(k_, q, C, k);  // k, v, gy were complete before the pass's first kernel started
     load_steps(v_, q, C, v);
     load_steps(gy_, q, C, gy);
+    pdl_wait();  // the adjoint summaries (and scan) kernels' results, from here on
     sh.put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, 1.f});
     __syncthreads();
     if (q.m == 0 && q.lane_ok) {
@@ -739,7 +785,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c, C)] = su;
     }
     // The stash is free now: the last block of this channel block reduces the partials in it.
-    if (FUSED && last_block_arrives(counters + blockIdx.y, nseg * gridDim.z))
+    if (FUSED_REDUCE && last_block_arrives(counters + blockIdx.y, nseg * gridDim.z))
         reduce_channels<SUBS>(gridDim.z, C, nseg, blockIdx.y * LANES, threadIdx.y, td, part, gtd, gtf,
                               reinterpret_cast<double*>(stash_mem));
 }
@@ -778,10 +824,29 @@ __global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, c
                                                        const float* __restrict__ part, float* __restrict__ gtd,
                                                        float* __restrict__ gtf) {
     __shared__ double sh[2 * 8 * LANES];
+    pdl_wait();
     reduce_channels<8>(B, C, nseg, blockIdx.x * LANES, threadIdx.y, td, part, gtd, gtf, sh);
 }
 
 int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// Launch `kernel`; `dependent` = a later kernel of a pass, launched as a programmatic dependent
+// of the kernel before it when PDL is on (it calls pdl_wait() before reading that kernel's output).
+template <typename... Params, typename... Args>
+cudaError_t launch(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args... args) {
+    cudaLaunchAttribute attribute;
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = PDL && dependent ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
 
 template <typename F>
 int forward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const float* aa0,
@@ -791,13 +856,15 @@ int forward_impl(int B, int T, int C, const float* td, const float* tf, const vo
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
-    fwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, kk, vv, sub, seg, aa0, bb0, pp0, counters);
-    if (!FUSED)
-        fwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, td, aa0, bb0,
-                                                                                            pp0, seg);
-    fwd_outputs<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, static_cast<F*>(y), seg, sub,
-                                               lastwin, aa1, bb1, pp1);
-    return static_cast<int>(cudaGetLastError());
+    cudaError_t err = launch(false, fwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg,
+                             aa0, bb0, pp0, counters);
+    if (err == cudaSuccess && !FUSED_FWD_SCAN)
+        err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+                     B, C, nseg, td, aa0, bb0, pp0, seg);
+    if (err == cudaSuccess)
+        err = launch(true, fwd_outputs<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, static_cast<F*>(y),
+                     seg, sub, lastwin, aa1, bb1, pp1);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 // The stash plus the static shared memory pass the default 48 KiB per block: opt in, once per
@@ -826,18 +893,20 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
     const F* gg = static_cast<const F*>(gy);
-    bwd_summaries<F><<<grid, block, 0, stream>>>(T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, gaa1, gbb1,
-                                                 lastwin, argmax, counters);
-    if (!FUSED)
-        bwd_segment_scan<<<ceil_div(static_cast<long long>(B) * C, 256), 256, 0, stream>>>(B, C, nseg, gaa1, gbb1,
-                                                                                            lastwin, aseg, argmax);
-    cudaError_t err = allow_stash<F>();
-    if (err != cudaSuccess) return static_cast<int>(err);
-    bwd_gradients<F><<<grid, block, STASH_BYTES, stream>>>(
-        T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
-        static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters);
-    if (!FUSED) bwd_reduce<<<ceil_div(C, LANES), dim3(LANES, 8), 0, stream>>>(B, C, nseg, td, part, gtd, gtf);
-    return static_cast<int>(cudaGetLastError());
+    cudaError_t err = launch(false, bwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
+                             sub, asub, aseg, gaa1, gbb1, lastwin, argmax, counters);
+    if (err == cudaSuccess && !FUSED_BWD_SCAN)
+        err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+                     B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
+    if (err == cudaSuccess) err = allow_stash<F>();
+    if (err == cudaSuccess)
+        err = launch(true, bwd_gradients<F>, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub,
+                     td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                     static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters);
+    if (err == cudaSuccess && !FUSED_REDUCE)
+        err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
+                     gtf);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
 bool shape_ok(int B, int T, int C) {
@@ -857,7 +926,10 @@ long long wkv_segment_elems(int B, int T, int C, int ncomp) {
 }
 // Arrival counters (ints) both launchers need: zero before the first call; every launch leaves
 // them zero again. Calls that may run at the same time need separate counters.
-long long wkv_counter_ints(int B, int C) { return static_cast<long long>(B) * ceil_div(C, LANES); }
+// 0 when this build fuses nothing (no counters are used; the pointer may be null).
+long long wkv_counter_ints(int B, int C) {
+    return WKV_FUSED_SCANS ? static_cast<long long>(B) * ceil_div(C, LANES) : 0;
+}
 // Steps per sub-chunk and per segment of this build (the workspace sizes above follow from them).
 int wkv_sub_steps() { return SUB; }
 int wkv_segment_steps() { return SEG; }
