@@ -57,6 +57,12 @@ def use_token_if_present() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+# Ray Train (2.60) patches `print` in its workers to go through the root logger, and also prints the
+# line itself when stdout is wrapped, which Ray's log capture does: every training log line reached the
+# driver's console twice. Our workers print plain progress lines, so leave `print` alone.
+_JOB_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 def start_ray(address: str) -> bool:
     """Connect (or start local); True when this call initialised Ray."""
     import ray
@@ -69,7 +75,13 @@ def start_ray(address: str) -> bool:
         return True
     use_token_if_present()
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=True,
+            runtime_env=_JOB_RUNTIME_ENV,
+        )
     except (ConnectionError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
         raise RayUnreachable(
@@ -90,10 +102,10 @@ def _start_local_cluster() -> None:
     import ray
 
     if "RAY_AUTH_MODE" in os.environ:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_JOB_RUNTIME_ENV)
         return
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_JOB_RUNTIME_ENV)
     finally:  # set only for the start: later joins in this process decide afresh
         del os.environ["RAY_AUTH_MODE"]

@@ -147,6 +147,8 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
 
     config, run_dir, done = first_run
     assert "val loss" in done.stdout and "sample:" in done.stdout and "MLflow" in done.stdout
+    console = done.stdout + done.stderr
+    assert console.count("step 10/30 loss=") == 1, console[-3000:]  # rank 0's line, forwarded once by Ray
     state = state_of(run_dir)
     assert [name for name in state["stages"]] == STAGES
     assert all(stage["status"] == "done" for stage in state["stages"].values())
