@@ -1,18 +1,44 @@
-"""Chunked BPTT (`RWKV.chunk_len`): step time, peak memory and gradient match against whole windows.
+"""Chunked BPTT (`RWKV.chunk_len`): step time, memory and gradient match against whole windows.
 
     python bench/chunked_bptt.py                                  # CPU, small model
     python bench/chunked_bptt.py --device cuda --layers 12 --width 768 --vocab 50304 --ctx 4096 --chunks 0,512,1024
 
 Each row is one forward + backward of the training loss (cross-entropy with L2Wrap) on a (B, T)
-batch of random tokens, fp32, with `chunk_len` as given (0 = whole window) and block checkpointing
-off or on. Time is the median of --repeats steps after one warm-up; peak memory is
-torch.cuda.max_memory_allocated over one step (CUDA only). "grad rel err" is the largest relative
-L2 difference of any parameter's gradient against the whole-window step without checkpointing.
+batch of random tokens, fp32, with `chunk_len` as given (0 = whole window), chunk checkpointing
+(`checkpoint_chunks`, the default when chunking) on or off, and block checkpointing off or on.
+"ms/step" is the fastest of --repeats steps after one warm-up, "ms forward" the fastest forward
+and loss with autograd recording (what backward recomputes with chunk checkpointing, plus the head
+and loss). Memory, three ways:
 
-Measured (H200, 2026-11-29, L12 C768 V50304 B1 T4096, cuda WKV, fp32; ms/step, peak GiB, grad rel err):
-whole 90.9 / 8.14; chunk 512: 398.7 / 8.15 / 1.6e-6; with block checkpointing whole 125.4 / 4.58,
-chunk 512: 671.2 / 4.84 / 1.6e-6. One backward keeps every chunk's graph, so memory does not drop;
-at B=1 the 8x12 small calls cost about 4x in time.
+* saved MiB: bytes of the distinct storages saved for backward by the forward and the loss
+  (torch.autograd.graph.saved_tensors_hooks; parameters left out): what the step keeps until
+  backward. Any device.
+* live peak MiB: the peak of all tensor storages created during one step, forward and backward
+  (a TorchDispatchMode that tracks each op's outputs until they are freed): CPU only, as it slows
+  the step down; it includes what backward recomputes, the gradients and the logits.
+* GPU peak GiB: torch.cuda.max_memory_allocated over the timed steps (CUDA only).
+
+"grad rel err" is the largest relative L2 difference of any parameter's gradient against the
+whole-window step without checkpointing.
+
+Measured (CPU, one thread of a shared 2-core machine, 2026-11-29, torch WKV, fp32; ms/step,
+saved MiB, live peak MiB):
+
+    OMP_NUM_THREADS=1 python bench/chunked_bptt.py --repeats 7              # L4 C128 V1024 B1 T1024
+    whole 132 / 72.2 / 84.3; chunk 128: 450 / 8.6 / 20.8 (no chunk checkpointing: 260 / 86.9 / 99.0);
+    chunk 256: 284 / 8.5 / 28.8 (175 / 78.5 / 90.6); whole with block checkpointing 164 / 11.5 / 29.7.
+    OMP_NUM_THREADS=1 python bench/chunked_bptt.py --repeats 3 --ctx 4096 --chunks 0,256
+    whole 599 / 282.7 / 319.8; chunk 256: 1324 / 34.2 / 71.8 (754 / 314.0 / 351.2); whole with
+    block checkpointing 698 / 46.1 / 99.6.
+
+What a chunked step still saves is the head's: logits (B, T, V) for L2Wrap, cross-entropy's
+log-softmax (B, T, V) and ln_out's output (B, T, C) = 8.5 of the 8.6 MiB at T1024. Chunk
+checkpointing adds one forward of the chunks in backward (ms forward above); on CPU, small chunks
+also cost more per token than whole windows (many small ops), with or without checkpointing.
+
+Before chunk checkpointing (H200, L12 C768 V50304 B1 T4096, cuda WKV, fp32; ms/step, peak GiB):
+whole 90.9 / 8.14; chunk 512: 398.7 / 8.15; with block checkpointing whole 125.4 / 4.58, chunk 512:
+671.2 / 4.84. Every chunk's graph was kept until the one backward, so memory did not drop.
 
 Legend: B batch, T ctx_len.
 """
@@ -20,19 +46,82 @@ Legend: B batch, T ctx_len.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
+
+MiB = 2**20
 
 
 def step(model: torch.nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     language_model_loss(model(x_BT), y_BT).backward()
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+
+
+def best_ms(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    """The fastest of `repeats` runs, in ms: on a shared machine the minimum is the least disturbed."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - started) * 1e3)
+    return min(times)
+
+
+def saved_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the distinct storages that `forward()` saves for backward, parameters left out."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return sum(storages.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that ops create while active (autograd's backward included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.total = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
+                storage = tensor.untyped_storage()
+                self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+                self.total += storage.nbytes()
+        if self.total > self.peak:  # only then can the live total be a new peak: drop freed storages
+            self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+            self.total = sum(size for _, size in self.live.values())
+            self.peak = max(self.peak, self.total)
+        return out
+
+
+def settings(chunks: list[int]) -> list[tuple[int, bool, bool]]:
+    """(chunk_len, checkpoint_chunks, checkpoint_blocks) rows; chunk checkpointing only when chunked."""
+    rows = []
+    for blocks in (False, True):
+        for chunk_len in chunks:
+            rows += [(chunk_len, True, blocks)] + ([(chunk_len, False, blocks)] if chunk_len else [])
+    return rows
 
 
 def main() -> None:
@@ -56,26 +145,32 @@ def main() -> None:
 
     reference = None
     print(f"L{args.layers} C{args.width} V{args.vocab} B{args.batch} T{args.ctx} on {device}")
-    print(f"{'chunk_len':>9} {'ckpt':>5} {'ms/step':>9} {'peak GiB':>9} {'grad rel err':>13}")
-    for checkpointing in (False, True):
-        for chunk_len in (int(c) for c in args.chunks.split(",")):
-            model.chunk_len, model.checkpoint_blocks = chunk_len, checkpointing
-            grads = step(model, x_BT, y_BT)  # warm-up (and kernel build)
-            if reference is None:
-                reference = grads
-            error = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference.items())
-            del grads
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for _ in range(args.repeats):
-                sync()
-                started = time.perf_counter()
+    header = ("chunk_len", "ckpt chunks", "ckpt blocks", "ms/step", "ms forward", "saved MiB", "live peak MiB")
+    header += ("GPU peak GiB",)
+    print(f"{header[0]:>9} {header[1]:>11} {header[2]:>11} " + " ".join(f"{h:>13}" for h in header[3:]), end="")
+    print(f" {'grad rel err':>13}")
+    for chunk_len, checkpoint_chunks, checkpoint_blocks in settings([int(c) for c in args.chunks.split(",")]):
+        model.chunk_len, model.checkpoint_chunks = chunk_len, checkpoint_chunks
+        model.checkpoint_blocks = checkpoint_blocks
+        grads = step(model, x_BT, y_BT)  # warm-up (and kernel build)
+        if reference is None:
+            reference = grads
+        error = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference.items())
+        del grads
+        saved = saved_bytes(model, lambda: language_model_loss(model(x_BT), y_BT)) / MiB
+        live = float("nan")
+        if device.type == "cpu":
+            with LiveBytes() as tracker:
                 step(model, x_BT, y_BT)
-                sync()
-                times.append((time.perf_counter() - started) * 1e3)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-            print(f"{chunk_len:>9} {checkpointing!s:>5} {statistics.median(times):>9.1f} {peak:>9.2f} {error:>13.2e}")
+            live = tracker.peak / MiB
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step_ms = best_ms(lambda: step(model, x_BT, y_BT), args.repeats, sync)
+        forward_ms = best_ms(lambda: language_model_loss(model(x_BT), y_BT), args.repeats, sync)
+        gpu_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        figures = (step_ms, forward_ms, saved, live, gpu_peak)
+        print(f"{chunk_len:>9} {checkpoint_chunks!s:>11} {checkpoint_blocks!s:>11} ", end="")
+        print(" ".join(f"{f:>13.2f}" for f in figures) + f" {error:>13.2e}")
 
 
 if __name__ == "__main__":
