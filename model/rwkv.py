@@ -137,7 +137,9 @@ class RWKV(nn.Module):
     the chunk's tokens and the carried state: the forward keeps only the tokens, the state at each
     chunk boundary and ln_out's output (what the head needs); backward recomputes one chunk at a
     time (about one extra forward), so activation memory is one chunk's, not one window's. The
-    head and its logits (B, T, V) stay whole: the loss outside the model needs them.
+    head and its logits (B, T, V) stay whole: the loss outside the model needs them. With
+    `checkpoint_blocks` as well, the blocks are checkpointed inside each chunk's recompute: one
+    more forward, for one block's activations at a time instead of one chunk's.
     """
 
     def __init__(self, config: ModelConfig) -> None:
