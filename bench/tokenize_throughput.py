@@ -93,14 +93,16 @@ def plain_processes(data: DataConfig, pool, workers: int) -> dict[str, float]:
     }
 
 
-def ray_stage(data: DataConfig, tokenizer_dir: Path, workers: int, scratch: Path, limit: int = 0) -> dict[str, float]:
+def ray_stage(
+    data: DataConfig, tokenizer_dir: Path, workers: int, scratch: Path, limit: int = 0, queued: int = 1
+) -> dict[str, float]:
     out = scratch / f"shards-{workers}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     _, info = load_tokenizer(tokenizer_dir)
     started = time.perf_counter()
     units = plan_units(data)[: limit or None]
-    records = run_units(units, data, tokenizer_dir, out, workers, max_retries=2)
+    records = run_units(units, data, tokenizer_dir, out, workers, max_retries=2, queued_per_worker=queued)
     write_manifest(out, records, data, info)
     seconds = time.perf_counter() - started
     return {
@@ -149,6 +151,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the median is shown")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to time")
+    parser.add_argument(
+        "--compare-queue", action="store_true", help="also time the most workers without a task queued ahead"
+    )
     parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
     args = parser.parse_args()
 
@@ -178,6 +183,9 @@ def main() -> None:
         runs[name], workers_of[name] = (lambda n=n: plain_processes(data, pool, n)), n
         name = f"Ray stage, {n} worker{'s' if n > 1 else ''}"
         runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch)), n
+        if n == most and args.compare_queue:
+            name += ", no task queued ahead"
+            runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch, queued=0)), n
     results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
     for _ in range(args.repeats):  # round robin, so a change in the neighbours' load hits every row alike
         for name, run in runs.items():

@@ -10,7 +10,7 @@ resumed unit simply rewrites the same bytes, and the manifest is merged in unit 
 
 Resume: units whose record and shards verify are skipped (`completed_record`), so rerunning after
 kill -9 of the driver or of a worker redoes only the missing units; a worker that dies mid-unit is
-retried by Ray (`max_retries`). At most `num_workers` tasks are in flight (0 = every CPU of the
+retried by Ray (`max_retries`). At most `num_workers` tasks run at once (0 = every CPU of the
 cluster); each task takes one CPU and encodes with one sentencepiece thread.
 """
 
@@ -55,7 +55,13 @@ class _Progress:
 
 
 def run_units(
-    units: list[WorkUnit], data: DataConfig, tokenizer_dir: Path, out_dir: Path, num_workers: int, max_retries: int
+    units: list[WorkUnit],
+    data: DataConfig,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    num_workers: int,
+    max_retries: int,
+    queued_per_worker: int = 1,
 ) -> list[dict[str, Any]]:
     """Run `units` as Ray tasks, at most num_workers at a time; their records in unit order.
 
@@ -65,7 +71,13 @@ def run_units(
     import ray
 
     task = ray.remote(num_cpus=1, max_retries=max_retries)(_tokenize_task)
-    workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cluster_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = num_workers or cluster_cpus
+    # When the cluster's CPUs are what bounds the tasks (1 CPU each), keep `queued_per_worker` more
+    # tasks queued per worker: Ray hands one to a worker the moment its last one ends, instead of after
+    # a round trip through this loop (~10 ms per unit). With fewer workers than CPUs, queued tasks
+    # would run at once and exceed num_workers, so then exactly num_workers are in flight.
+    in_flight = workers * (1 + queued_per_worker) if workers >= cluster_cpus else workers
     data_ref = ray.put(data)
     pending = sorted(units, key=lambda unit: (unit.bytes, -unit.index))  # pop() takes the largest
     running: dict[Any, int] = {}
@@ -73,7 +85,7 @@ def run_units(
     progress = _Progress(len(units), 0)
     try:
         while pending or running:
-            while pending and len(running) < workers:
+            while pending and len(running) < in_flight:
                 unit = pending.pop()
                 running[task.remote(unit, data_ref, str(tokenizer_dir), str(out_dir))] = unit.index
             done, _ = ray.wait(list(running), num_returns=1)
