@@ -57,10 +57,18 @@ def use_token_if_present() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-# Ray Train (2.60) patches `print` in its workers to go through the root logger, and also prints the
-# line itself when stdout is wrapped, which Ray's log capture does: every training log line reached the
-# driver's console twice. Our workers print plain progress lines, so leave `print` alone.
-_JOB_RUNTIME_ENV = {"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+def _job_runtime_env() -> dict:
+    """Environment of every task and actor of our Ray jobs, Ray Train's workers included.
+
+    NVLink multicast off (pipeline.distributed_env): Ray Train makes the process group before the
+    training loop could set it. And Ray Train (2.60) patches `print` in its workers to go through the
+    root logger, also printing the line itself when stdout is wrapped, which Ray's log capture does:
+    every training log line reached the driver's console twice. Our workers print plain progress
+    lines, so `print` is left alone.
+    """
+    from pipeline.distributed_env import multicast_off_env
+
+    return {"env_vars": {**multicast_off_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
 
 
 def start_ray(address: str) -> bool:
@@ -80,7 +88,7 @@ def start_ray(address: str) -> bool:
             include_dashboard=False,
             logging_level="WARNING",
             log_to_driver=True,
-            runtime_env=_JOB_RUNTIME_ENV,
+            runtime_env=_job_runtime_env(),
         )
     except (ConnectionError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0]
@@ -102,10 +110,10 @@ def _start_local_cluster() -> None:
     import ray
 
     if "RAY_AUTH_MODE" in os.environ:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_JOB_RUNTIME_ENV)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_job_runtime_env())
         return
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_JOB_RUNTIME_ENV)
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_job_runtime_env())
     finally:  # set only for the start: later joins in this process decide afresh
         del os.environ["RAY_AUTH_MODE"]

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.distributed_env import keep_multicast_off
 from pipeline.optim import MasterWeightAdam, clipped_adam, param_groups
 
 # DeepSpeed's bucket sizes, as the reference sets them (ds_bucket_mb = 200).
@@ -71,6 +72,7 @@ def init_process_group(device_type: str) -> None:
     import deepspeed
     import torch.distributed as dist
 
+    keep_multicast_off()  # NCCL reads it when the first communicator is made, after this
     if dist.is_available() and dist.is_initialized():
         return
     if "RANK" not in os.environ:  # plain `python -m ...`: a single-process world
