@@ -50,11 +50,10 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
+from model.memory import PeakLiveBytes, saved_tensor_bytes
 
 MiB = 2**20
 
@@ -75,44 +74,6 @@ def best_ms(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -
         sync()
         times.append((time.perf_counter() - started) * 1e3)
     return min(times)
-
-
-def saved_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the distinct storages that `forward()` saves for backward, parameters left out."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
-    return sum(storages.values())
-
-
-class LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages that ops create while active (autograd's backward included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.total = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
-                storage = tensor.untyped_storage()
-                self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                self.total += storage.nbytes()
-        if self.total > self.peak:  # only then can the live total be a new peak: drop freed storages
-            self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-            self.total = sum(size for _, size in self.live.values())
-            self.peak = max(self.peak, self.total)
-        return out
 
 
 def settings(chunks: list[int]) -> list[tuple[int, bool, bool]]:
@@ -157,10 +118,10 @@ def main() -> None:
             reference = grads
         error = max(float((grads[n] - g).norm() / g.norm().clamp_min(1e-30)) for n, g in reference.items())
         del grads
-        saved = saved_bytes(model, lambda: language_model_loss(model(x_BT), y_BT)) / MiB
+        saved = saved_tensor_bytes(lambda: language_model_loss(model(x_BT), y_BT), model.parameters()) / MiB
         live = float("nan")
         if device.type == "cpu":
-            with LiveBytes() as tracker:
+            with PeakLiveBytes() as tracker:
                 step(model, x_BT, y_BT)
             live = tracker.peak / MiB
         if device.type == "cuda":

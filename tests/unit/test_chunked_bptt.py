@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import RWKV, ModelConfig
 from model.loss import language_model_loss
+from model.memory import PeakLiveBytes, saved_tensor_bytes
 from model.rwkv import detach_state
 
 T = 48
@@ -79,19 +78,8 @@ MEMORY_T, MEMORY_CHUNK, MEMORY_B = 256, 32, 2
 
 def _saved_bytes(model: RWKV, x_BT: torch.Tensor, chunk_len: int) -> int:
     """Bytes of the distinct storages that `model(x_BT)` saves for backward, parameters left out."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
     model.chunk_len = chunk_len
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(x_BT)
-    return sum(storages.values())
+    return saved_tensor_bytes(lambda: model(x_BT), exclude=model.parameters())
 
 
 def test_chunk_checkpointing_keeps_only_tokens_boundary_states_and_the_head_input():
@@ -112,32 +100,10 @@ def test_chunk_checkpointing_keeps_only_tokens_boundary_states_and_the_head_inpu
     assert whole - head_input >= 30 * (chunked - head_input)
 
 
-class _LiveBytes(TorchDispatchMode):
-    """Peak bytes of the storages that ops create while active (autograd's backward included)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.total = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage()._cdata not in self.live:
-                storage = tensor.untyped_storage()
-                self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                self.total += storage.nbytes()
-        if self.total > self.peak:  # only then can the live total be a new peak: drop freed storages
-            self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
-            self.total = sum(size for _, size in self.live.values())
-            self.peak = max(self.peak, self.total)
-        return out
-
-
 def _peak_step_bytes(model: RWKV, tokens_BT: torch.Tensor, chunk_len: int) -> int:
     model.zero_grad(set_to_none=True)
     model.chunk_len = chunk_len
-    with _LiveBytes() as tracker:
+    with PeakLiveBytes() as tracker:
         language_model_loss(model(tokens_BT[:, :-1]), tokens_BT[:, 1:]).backward()
     return tracker.peak
 
