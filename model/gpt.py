@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.fused_loss import LMHead
 
 ROPE_BASE = 10_000.0
 
@@ -87,7 +88,7 @@ class GPT(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = LMHead(config.n_embd, config.vocab_size)  # nn.Linear(C, V), no bias; + fused loss
         self.reset_parameters()
 
     @torch.no_grad()
@@ -100,11 +101,12 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(param, std=residual_std if name.endswith("proj.weight") else 0.02)
 
-    def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx_BT: torch.Tensor, *, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, V); with `targets` (B, T) the fused head loss instead, as RWKV.forward."""
         x_BTC = self.emb(idx_BT)
         for block in self.blocks:
             if self.checkpoint_blocks and torch.is_grad_enabled():
                 x_BTC = checkpoint(block, x_BTC, use_reentrant=False)
             else:
                 x_BTC = block(x_BTC)
-        return self.head(self.ln_out(x_BTC))
+        return self.head(self.ln_out(x_BTC), targets)

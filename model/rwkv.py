@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
+from model.fused_loss import LMHead
 from model.wkv import wkv
 from model.wkv_reference import State as WkvState
 
@@ -140,6 +141,7 @@ class RWKV(nn.Module):
     head and its logits (B, T, V) stay whole: the loss outside the model needs them. With
     `checkpoint_blocks` as well, the blocks are checkpointed inside each chunk's recompute: one
     more forward, for one block's activations at a time instead of one chunk's.
+    `model(idx_BT, targets=y_BT)` returns the loss instead, the head fused with it: no logits kept.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -151,20 +153,27 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = LMHead(config.n_embd, config.vocab_size)  # nn.Linear(C, V), no bias; + fused loss
         if not self.emb.weight.is_meta:
             from model.init import init_rwkv4_  # init imports this module for its type
 
             init_rwkv4_(self)
 
-    def forward(self, idx_BT: torch.Tensor, state: ModelState | None = None) -> torch.Tensor:
+    def forward(
+        self, idx_BT: torch.Tensor, state: ModelState | None = None, *, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, V); with `targets` (B, T) the training loss instead, fused with the head.
+
+        The loss equals `language_model_loss(model(idx_BT), targets)` (cross-entropy with L2Wrap) but
+        never holds the logits: `head.fused_loss_chunk` rows of them at a time (model/fused_loss.py).
+        """
         if not 0 < self.chunk_len < idx_BT.shape[1]:
-            return self.forward_with_state(idx_BT, state)[0]
+            return self.head(self.features(idx_BT, state)[0], targets)
         chunks_BtC = []
         for start in range(0, idx_BT.shape[1], self.chunk_len):
             x_BtC, state = self._chunk_features(idx_BT[:, start : start + self.chunk_len], state)
             chunks_BtC.append(x_BtC)
-        return self.head(torch.cat(chunks_BtC, dim=1))
+        return self.head(torch.cat(chunks_BtC, dim=1), targets)
 
     def forward_with_state(
         self, idx_BT: torch.Tensor, state: ModelState | None = None
