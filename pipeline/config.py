@@ -35,6 +35,12 @@ class TrainConfig(_Strict):
     chunk_len: int = Field(
         0, ge=0, description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole."
     )
+    fused_loss_chunk: int = Field(
+        0,
+        ge=0,
+        description="Fuse head + loss (cross-entropy, L2Wrap) over this many rows (tokens) at a time, never "
+        "keeping the (B, T, V) logits; 0 = off (logits, then the loss). Not yet measured on a GPU.",
+    )
     log_every: int = Field(10, ge=1, description="Steps between metric reports.")
     val_every: int = Field(100, ge=1, description="Steps between validation passes.")
     val_batches: int = Field(8, ge=1, description="Batches per validation pass.")

@@ -225,6 +225,7 @@ def train(
     model = build_model(model_cfg, lr_init=cfg.lr_init)
     if cfg.chunk_len:  # RWKV runs each window chunk by chunk inside one forward: full BPTT, one backward
         model.chunk_len = cfg.chunk_len
+    model.head.fused_loss_chunk = cfg.fused_loss_chunk  # rows of logits at a time when the loss is fused
     shapes = ckpt.parameter_shapes(model)
     resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
     if init_weights is not None and resume is None:
@@ -294,7 +295,10 @@ def train(
         for micro in range(cfg.grad_accum):
             sample_ids = [step_first_sample + i for i in sampler.rank_indices(micro, cfg.micro_bsz, rank, world)]
             x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
-            loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
+            if cfg.fused_loss_chunk:  # the model returns the loss, its head fused with it (no logits)
+                loss = engine(x_BT, targets=y_BT)
+            else:
+                loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
             loss_sum, micro_bad = _global_loss(loss)
             if micro_bad:
                 loss, step_bad = _zero_surrogate(engine.module).to(device), True

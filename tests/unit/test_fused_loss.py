@@ -1,0 +1,245 @@
+"""The fused head loss (model/fused_loss.py) against the unfused head + language_model_loss.
+
+Function level: loss and gradients of hidden and head weight, fp64 to ~1e-12, fp32 to ~1e-6, bf16
+within bf16 rounding; chunk sizes that do and do not divide N; ties at the arg-max (L2Wrap's rule);
+an incoming gradient other than 1 (L2Wrap's part is not scaled by it). Model level: RWKV/GPT
+`model(idx, targets=y)` against `language_model_loss(model(idx), y)`, also with chunk_len. Memory:
+nothing (B, T, V)-sized is saved for backward. Engine level: DeepSpeed (ZeRO-2 with gradient
+accumulation, ZeRO-3) steps with the fused loss equal the unfused steps.
+
+Legend: N rows (B*T), C n_embd, V vocab.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_fixtures import perturbed_rwkv
+
+from model import GPT, ModelConfig, build_model
+from model.fused_loss import fused_head_loss
+from model.loss import language_model_loss
+
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def _grads(loss_fn, hidden_NC, weight_VC, scale=0.25):
+    """Loss and (grad hidden, grad weight) after backward of `scale * loss` (as DeepSpeed's 1/grad_accum)."""
+    hidden, weight = hidden_NC.detach().requires_grad_(), weight_VC.detach().requires_grad_()
+    loss = loss_fn(hidden, weight)
+    (scale * loss).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def _unfused(targets_N):
+    return lambda hidden, weight: language_model_loss(hidden @ weight.T, targets_N)
+
+
+def _fused(targets_N, chunk_rows):
+    return lambda hidden, weight: fused_head_loss(hidden, weight, targets_N, chunk_rows)
+
+
+def _inputs(rows, channels, vocab, dtype, logit_scale=3.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, channels, generator=generator, dtype=torch.float64)
+    weight = torch.randn(vocab, channels, generator=generator, dtype=torch.float64) * logit_scale / channels**0.5
+    targets = torch.randint(0, vocab, (rows,), generator=generator)
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("chunk_rows", [0, 1, 4, 5, 24, 100])  # N = 24: 4 divides it, 5 does not
+def test_loss_and_gradients_equal_the_unfused_head(dtype, chunk_rows):
+    hidden, weight, targets = _inputs(24, 16, 97, dtype)
+    expected = _grads(_unfused(targets), hidden, weight)
+    got = _grads(_fused(targets, chunk_rows), hidden, weight)
+    tol = TOLERANCE[dtype]
+    for name, ours, theirs in zip(("loss", "grad hidden", "grad weight"), got, expected, strict=True):
+        assert ours.dtype == theirs.dtype, name
+        torch.testing.assert_close(ours, theirs, rtol=tol, atol=tol * theirs.abs().max().item(), msg=name)
+
+
+def test_the_l2wrap_part_is_there_and_not_scaled_by_the_incoming_gradient():
+    """Without L2Wrap (plain cross-entropy) the gradients differ by far more than the fp64 tolerance."""
+    hidden, weight, targets = _inputs(24, 16, 97, torch.float64, logit_scale=20.0)
+    _, fused_hidden, fused_weight = _grads(_fused(targets, 5), hidden, weight, scale=0.25)
+    _, plain_hidden, plain_weight = _grads(lambda h, w: F.cross_entropy(h @ w.T, targets), hidden, weight, scale=0.25)
+    assert (fused_hidden - plain_hidden).abs().max() > 1e-6 * plain_hidden.abs().max()
+    assert (fused_weight - plain_weight).abs().max() > 1e-6 * plain_weight.abs().max()
+    # scale 0 leaves exactly L2Wrap's term, as in the unfused graph.
+    _, zero_hidden, zero_weight = _grads(_fused(targets, 5), hidden, weight, scale=0.0)
+    _, ref_hidden, ref_weight = _grads(_unfused(targets), hidden, weight, scale=0.0)
+    assert zero_hidden.abs().max() > 0
+    torch.testing.assert_close(zero_hidden, ref_hidden, rtol=1e-12, atol=1e-18)
+    torch.testing.assert_close(zero_weight, ref_weight, rtol=1e-12, atol=1e-18)
+
+
+def test_ties_at_the_max_logit_go_to_the_first_index_as_in_l2wrap():
+    """Integer inputs make tied logits exact: L2Wrap's gradient goes to torch.max's (first) index."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randint(-3, 4, (12, 6), generator=generator).double()
+    weight[7], weight[9] = 10.0, 10.0  # rows 7 and 9 tie at every position's max (positive hidden)
+    hidden = torch.randint(0, 3, (10, 6), generator=generator).double() + 1
+    targets = torch.randint(0, 12, (10,), generator=generator)
+    logits = hidden @ weight.T
+    assert (logits[:, 7] == logits.max(-1).values).all() and (logits[:, 7] == logits[:, 9]).all()
+    expected = _grads(_unfused(targets), hidden, weight)
+    for chunk_rows in (3, 10):
+        got = _grads(_fused(targets, chunk_rows), hidden, weight)
+        for ours, theirs in zip(got, expected, strict=True):
+            torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-15)
+    # The tie matters: row 7 (first) gets L2Wrap's pull, row 9 does not.
+    _, _, weight_grad = _grads(_fused(targets, 3), hidden, weight, scale=0.0)
+    assert weight_grad[7].abs().sum() > 0 and weight_grad[9].abs().sum() == 0
+
+
+# bf16: both paths round the logits to bf16; ours keeps softmax, loss and grad_weight sums in fp32.
+BF16_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_within_bf16_rounding_of_the_unfused_head(autocast):
+    """bf16 weights (DeepSpeed bf16) or fp32 weights under autocast: both near the fp64 truth as unfused."""
+    hidden64, weight64, targets = _inputs(64, 32, 257, torch.float64)
+    truth = _grads(_unfused(targets), hidden64, weight64)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = _grads(_fused(targets, 24), hidden64.to(dtype), weight64.to(dtype))
+        unfused = _grads(_unfused(targets), hidden64.to(dtype), weight64.to(dtype))
+    assert got[0].dtype == torch.float32 and got[2].dtype == dtype  # fp32 loss; grads in the weight's dtype
+    for name, ours, theirs, exact in zip(("loss", "grad hidden", "grad weight"), got, unfused, truth, strict=True):
+        scale = exact.abs().max().item()
+        ours_err = (ours.double() - exact).abs().max().item() / scale
+        theirs_err = (theirs.double() - exact).abs().max().item() / scale
+        assert ours_err < BF16_RTOL, (name, ours_err)
+        assert ours_err <= 2 * theirs_err + 1e-3, (name, ours_err, theirs_err)  # not worse than unfused
+
+
+def test_no_grad_gives_the_loss_without_gradient_buffers():
+    hidden, weight, targets = _inputs(24, 16, 97, torch.float64)
+    with torch.no_grad():
+        loss = fused_head_loss(hidden, weight, targets, 5)
+    torch.testing.assert_close(loss, F.cross_entropy(hidden @ weight.T, targets), rtol=1e-12, atol=0)
+
+
+def _all_grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk_len", [0, 4])
+def test_rwkv_targets_equal_language_model_loss_of_the_logits(chunk_len):
+    model = perturbed_rwkv(ModelConfig(n_layer=2, n_embd=32, vocab_size=60)).double()
+    model.chunk_len, model.head.fused_loss_chunk = chunk_len, 7  # N = 22: chunks of 7 rows, the last 1
+    idx, targets = torch.randint(0, 60, (2, 11)), torch.randint(0, 60, (2, 11))
+    expected_loss, expected = _all_grads(model, lambda: language_model_loss(model(idx), targets))
+    loss, grads = _all_grads(model, lambda: model(idx, targets=targets))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gpt_targets_equal_language_model_loss_of_the_logits():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(arch="gpt", n_layer=1, n_embd=16, n_head=2, vocab_size=40)).double()
+    model.head.fused_loss_chunk = 5
+    idx, targets = torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (2, 9))
+    expected_loss, expected = _all_grads(model, lambda: language_model_loss(model(idx), targets))
+    loss, grads = _all_grads(model, lambda: model(idx, targets=targets))
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def _saved_storage_bytes(forward):
+    """Bytes of each distinct storage saved for backward by `forward()` (parameters included)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        forward()
+    return storages
+
+
+@pytest.mark.parametrize("chunk_len", [0, 8])
+def test_nothing_logits_sized_is_saved_for_backward(chunk_len):
+    batch, steps, vocab = 4, 32, 1024
+    model = build_model(ModelConfig(n_layer=1, n_embd=16, vocab_size=vocab, wkv_backend="torch"), lr_init=1e-3)
+    model.chunk_len, model.head.fused_loss_chunk = chunk_len, 20
+    idx, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
+    logits_bytes = batch * steps * vocab * 4
+    unfused = _saved_storage_bytes(lambda: language_model_loss(model(idx), targets))
+    fused = _saved_storage_bytes(lambda: model(idx, targets=targets))
+    assert max(unfused.values()) >= logits_bytes  # the unfused graph keeps the logits (B, T, V)
+    assert max(fused.values()) < logits_bytes / 2
+    assert sum(fused.values()) < sum(unfused.values()) - logits_bytes
+
+
+def test_the_fused_function_saves_gradients_hidden_and_two_vectors():
+    """Exactly: grad_hidden x2 and hidden (N, C), fp32 grad_weight (V, C), arg-max and coefficient (N,)."""
+    rows, channels, vocab = 96, 8, 300
+    hidden, weight, targets = _inputs(rows, channels, vocab, torch.float32)
+    hidden.requires_grad_(), weight.requires_grad_()
+    saved = _saved_storage_bytes(lambda: fused_head_loss(hidden, weight, targets, 10))
+    expected = [3 * [rows * channels * 4], [vocab * channels * 4], [rows * 8], [rows * 4]]
+    assert sorted(saved.values()) == sorted(sum(expected, []))
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """One gloo world for the module (DeepSpeed caches its groups), destroyed at the end."""
+    from pipeline.engine import _free_port, init_process_group
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
+            patch.setenv(key, value)
+        patch.setenv("MASTER_PORT", str(_free_port()))
+        init_process_group("cpu")
+        yield
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        deepspeed.comm.destroy_process_group()
+
+
+def _engine_steps(model, cfg, tokens_SBT1, fused_chunk):
+    """Losses of DeepSpeed steps as pipeline/train.py takes them (fused: `engine(x, targets=y)`)."""
+    from pipeline.engine import build_engine
+    from pipeline.optim import set_learning_rate
+
+    model.head.fused_loss_chunk = fused_chunk
+    engine = build_engine(model, cfg, world_size=1, device_type="cpu")
+    losses = []
+    for x_BT, y_BT in zip(tokens_SBT1[:, :, :-1], tokens_SBT1[:, :, 1:], strict=True):
+        set_learning_rate(engine.optimizer, cfg.lr_init)
+        loss = engine(x_BT, targets=y_BT) if fused_chunk else language_model_loss(engine(x_BT), y_BT)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses, {name: tensor.detach().clone() for name, tensor in engine.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_steps_with_the_fused_loss_equal_unfused_steps(world_of_one, zero_stage):
+    """fp32, grad_accum 2 (DeepSpeed scales the loss by 1/2, L2Wrap's part is not); ZeRO-3 gathers the head."""
+    from pipeline.config import TrainConfig
+
+    cfg = TrainConfig(precision="fp32", zero_stage=zero_stage, micro_bsz=2, grad_accum=2, ctx_len=12, lr_init=1e-2)
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, vocab_size=64, wkv_backend="torch"), lr_init=1e-2)
+    tokens = torch.randint(0, 64, (6, 2, 13), generator=torch.Generator().manual_seed(5))
+    unfused_losses, unfused_weights = _engine_steps(copy.deepcopy(model), cfg, tokens, 0)
+    fused_losses, fused_weights = _engine_steps(copy.deepcopy(model), cfg, tokens, 7)  # N = 24 rows, 7 per chunk
+    assert fused_losses == pytest.approx(unfused_losses, rel=1e-6)
+    assert unfused_losses[-1] != unfused_losses[0]  # the weights moved (3 optimizer steps)
+    # Adam turns fp32 rounding differences of small gradients into ~1e-6 weight differences (steps are 1e-2).
+    for name, tensor in unfused_weights.items():
+        torch.testing.assert_close(fused_weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
