@@ -72,15 +72,19 @@ class FusedHeadLoss(torch.autograd.Function):
             hidden_nC, target_n = hidden_NC[start:end].to(compute_dtype), targets_N[start:end]
             logits_nV = hidden_nC @ weight_c.T
             max_logit_n, argmax_n = torch.max(logits_nV, dim=-1)  # L2Wrap reads the compute-dtype logits
-            logits_nV = logits_nV.to(acc)
-            lse_n = torch.logsumexp(logits_nV, dim=-1)
-            loss_sum += (lse_n - logits_nV.gather(1, target_n[:, None]).squeeze(1)).sum()
+            logp_nV = torch.log_softmax(logits_nV, dim=-1, dtype=acc)  # one pass, fp32 out of bf16 logits
+            del logits_nV
+            loss_sum -= logp_nV.gather(1, target_n[:, None]).sum()
             if not need_grads:
                 continue
-            # d(mean CE)/d logits = (softmax - onehot) / N, computed in place over the chunk's logits.
-            grad_nV = logits_nV.sub_(lse_n[:, None]).exp_()
-            grad_nV.scatter_add_(1, target_n[:, None], torch.full_like(lse_n[:, None], -1.0))
-            grad_nV = grad_nV.mul_(1.0 / rows).to(compute_dtype)
+            # d(mean CE)/d logits = (softmax - onehot) / N, in place over the chunk's log-probabilities;
+            # the scale and the cast to the compute dtype in one pass (one rounding).
+            grad_nV = logp_nV.exp_()
+            grad_nV.scatter_add_(1, target_n[:, None], torch.full_like(grad_nV[:, :1], -1.0))
+            if compute_dtype == acc:
+                grad_nV = grad_nV.mul_(1.0 / rows)
+            else:
+                grad_nV = torch.mul(grad_nV, 1.0 / rows, out=torch.empty_like(grad_nV, dtype=compute_dtype))
             ce_grad_hidden_NC[start:end] = grad_nV @ weight_c
             ce_grad_weight_VC += grad_nV.T @ hidden_nC
             # L2Wrap: the logit gradient max_logit * 1e-4 / N at the arg-max only, so d hidden = coef * W[argmax].
