@@ -86,7 +86,10 @@ class FusedHeadLoss(torch.autograd.Function):
             else:
                 grad_nV = torch.mul(grad_nV, 1.0 / rows, out=torch.empty_like(grad_nV, dtype=compute_dtype))
             ce_grad_hidden_NC[start:end] = grad_nV @ weight_c
-            ce_grad_weight_VC += grad_nV.T @ hidden_nC
+            if compute_dtype == acc:  # into the accumulator, no (V, C) temporary
+                ce_grad_weight_VC.addmm_(grad_nV.T, hidden_nC)
+            else:  # the chunk's product rounds once to the compute dtype, then adds into fp32
+                ce_grad_weight_VC += grad_nV.T @ hidden_nC
             # L2Wrap: the logit gradient max_logit * 1e-4 / N at the arg-max only, so d hidden = coef * W[argmax].
             coef_n = max_logit_n * (L2WRAP_FACTOR / rows)
             l2_grad_hidden_NC[start:end] = coef_n[:, None].to(acc) * weight_c[argmax_n].to(acc)
