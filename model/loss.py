@@ -4,6 +4,7 @@ L2Wrap returns the loss unchanged; in backward it adds max_logit * 1e-4 / (B*T) 
 gradient at each position's arg-max. That is the gradient of 1e-4 * mean_positions(max_logit^2) / 2,
 a z-loss-like pull that keeps logits near zero. As in the reference, the extra term is not scaled
 by the incoming gradient (loss scaling or averaging over micro-batches does not shrink it).
+model/fused_loss.py computes the same loss and gradients from the head's input, without the logits.
 
 Legend: B batch, T time, V vocab.
 
