@@ -243,3 +243,46 @@ def test_deepspeed_steps_with_the_fused_loss_equal_unfused_steps(world_of_one, z
     # Adam turns fp32 rounding differences of small gradients into ~1e-6 weight differences (steps are 1e-2).
     for name, tensor in unfused_weights.items():
         torch.testing.assert_close(fused_weights[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_train_with_fused_loss_chunk_logs_the_losses_of_the_unfused_loop(world_of_one, tmp_path, monkeypatch):
+    """pipeline/train.py's call site: the same per-step losses and gradient norms with the fused loss."""
+    import sysconfig
+    from pathlib import Path
+
+    import model.fused_loss
+    from pipeline.config import TrainConfig
+    from pipeline.data_stages import tokenize_in_process, train_tokenizer
+    from pipeline.train import train
+    from tokenization.config import DataConfig, TokenizerConfig
+
+    data = DataConfig(paths=[str(Path(sysconfig.get_paths()["stdlib"]) / "json")], val_fraction=0.2)
+    tokenizer = train_tokenizer(data, TokenizerConfig(vocab_size=400, sample_bytes=128 << 10), tmp_path / "tok")
+    shards = tokenize_in_process(data, tokenizer, tmp_path / "shards")
+    cfg = TrainConfig(
+        ctx_len=24, micro_bsz=2, grad_accum=2, steps=2, lr_init=1e-3, lr_schedule="constant", precision="fp32",
+        zero_stage=2, log_every=1, val_every=100, val_batches=1, checkpoint_every=100,
+    )  # fmt: skip
+    chunk_rows_seen = []  # which loss the loop took: the fused function is called with the configured chunk
+
+    def counted(hidden_NC, weight_VC, targets_N, chunk_rows=0):
+        chunk_rows_seen.append(chunk_rows)
+        return fused_head_loss(hidden_NC, weight_VC, targets_N, chunk_rows)
+
+    monkeypatch.setattr(model.fused_loss, "fused_head_loss", counted)
+    runs = {}
+    for chunk in (0, 20):  # N = 48 rows per micro-batch: chunks 20, 20, 8
+        metrics: dict[int, dict[str, float]] = {}
+        model_cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=400, wkv_backend="torch")
+        train(
+            cfg.model_copy(update={"fused_loss_chunk": chunk}), model_cfg, shards, tmp_path / f"run{chunk}",
+            log_metrics=lambda m, step, metrics=metrics: metrics.setdefault(step, {}).update(m), checkpoints=False,
+        )  # fmt: skip
+        runs[chunk] = metrics
+    assert chunk_rows_seen == [20] * 4  # 2 steps x 2 micro-steps, fused only when fused_loss_chunk is set
+    assert sorted(runs[0]) == sorted(runs[20]) == [1, 2]
+    for step, unfused in runs[0].items():
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in unfused:
+                assert runs[20][step][key] == pytest.approx(unfused[key], rel=1e-5), (step, key)
