@@ -20,8 +20,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def saved_tensor_bytes(forward: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct storages that `forward()` saves for backward, `exclude`d tensors left out."""
+def saved_storages(forward: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> dict[int, int]:
+    """Bytes of each distinct storage that `forward()` saves for backward (keyed by address), `exclude`d left out."""
     excluded = {tensor.untyped_storage().data_ptr() for tensor in exclude}
     storages: dict[int, int] = {}
 
@@ -33,7 +33,12 @@ def saved_tensor_bytes(forward: Callable[[], Any], exclude: Iterable[torch.Tenso
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward()
-    return sum(storages.values())
+    return storages
+
+
+def saved_tensor_bytes(forward: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages that `forward()` saves for backward, `exclude`d tensors left out."""
+    return sum(saved_storages(forward, exclude).values())
 
 
 class PeakLiveBytes(TorchDispatchMode):

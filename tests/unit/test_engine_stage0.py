@@ -92,24 +92,6 @@ def test_stage0_config_for_bf16_only():
         own_optimizer_mode(cfg, "fp8")
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One gloo world for the module: DeepSpeed caches its groups, so it is not torn down between tests."""
-    from pipeline.engine import _free_port, init_process_group
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            patch.setenv(key, value)
-        patch.setenv("MASTER_PORT", str(_free_port()))
-        init_process_group("cpu")
-        yield
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, for later tests
-
-
 @pytest.mark.parametrize("mode", ["master", "autocast"])
 def test_engine_steps_equal_steps_by_hand(world_of_one, mode):
     """Two DeepSpeed steps on the stage-0 bf16 path = the same steps written out without DeepSpeed."""

@@ -22,6 +22,7 @@ from model_fixtures import perturbed_rwkv
 from model import GPT, ModelConfig, build_model
 from model.fused_loss import fused_head_loss
 from model.loss import language_model_loss
+from model.memory import saved_storages
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6}
 
@@ -132,41 +133,30 @@ def _all_grads(model, loss_fn):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("chunk_len", [0, 4])
-def test_rwkv_targets_equal_language_model_loss_of_the_logits(chunk_len):
+def _fused_rwkv(chunk_len: int):
     model = perturbed_rwkv(ModelConfig(n_layer=2, n_embd=32, vocab_size=60)).double()
     model.chunk_len, model.head.fused_loss_chunk = chunk_len, 7  # N = 22: chunks of 7 rows, the last 1
-    idx, targets = torch.randint(0, 60, (2, 11)), torch.randint(0, 60, (2, 11))
-    expected_loss, expected = _all_grads(model, lambda: language_model_loss(model(idx), targets))
-    loss, grads = _all_grads(model, lambda: model(idx, targets=targets))
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    return model, 60, 11
 
 
-def test_gpt_targets_equal_language_model_loss_of_the_logits():
+def _fused_gpt():
     torch.manual_seed(0)
     model = GPT(ModelConfig(arch="gpt", n_layer=1, n_embd=16, n_head=2, vocab_size=40)).double()
     model.head.fused_loss_chunk = 5
-    idx, targets = torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (2, 9))
+    return model, 40, 9
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: _fused_rwkv(0), lambda: _fused_rwkv(4), _fused_gpt], ids=["rwkv", "rwkv-chunk4", "gpt"]
+)
+def test_model_targets_equal_language_model_loss_of_the_logits(make):
+    model, vocab, steps = make()
+    idx, targets = torch.randint(0, vocab, (2, steps)), torch.randint(0, vocab, (2, steps))
     expected_loss, expected = _all_grads(model, lambda: language_model_loss(model(idx), targets))
     loss, grads = _all_grads(model, lambda: model(idx, targets=targets))
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
-
-
-def _saved_storage_bytes(forward):
-    """Bytes of each distinct storage saved for backward by `forward()` (parameters included)."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        forward()
-    return storages
 
 
 @pytest.mark.parametrize("chunk_len", [0, 8])
@@ -176,8 +166,8 @@ def test_nothing_logits_sized_is_saved_for_backward(chunk_len):
     model.chunk_len, model.head.fused_loss_chunk = chunk_len, 20
     idx, targets = torch.randint(0, vocab, (batch, steps)), torch.randint(0, vocab, (batch, steps))
     logits_bytes = batch * steps * vocab * 4
-    unfused = _saved_storage_bytes(lambda: language_model_loss(model(idx), targets))
-    fused = _saved_storage_bytes(lambda: model(idx, targets=targets))
+    unfused = saved_storages(lambda: language_model_loss(model(idx), targets))
+    fused = saved_storages(lambda: model(idx, targets=targets))
     assert max(unfused.values()) >= logits_bytes  # the unfused graph keeps the logits (B, T, V)
     assert max(fused.values()) < logits_bytes / 2
     assert sum(fused.values()) < sum(unfused.values()) - logits_bytes
@@ -188,27 +178,9 @@ def test_the_fused_function_saves_gradients_hidden_and_two_vectors():
     rows, channels, vocab = 96, 8, 300
     hidden, weight, targets = _inputs(rows, channels, vocab, torch.float32)
     hidden.requires_grad_(), weight.requires_grad_()
-    saved = _saved_storage_bytes(lambda: fused_head_loss(hidden, weight, targets, 10))
+    saved = saved_storages(lambda: fused_head_loss(hidden, weight, targets, 10))
     expected = [3 * [rows * channels * 4], [vocab * channels * 4], [rows * 8], [rows * 4]]
     assert sorted(saved.values()) == sorted(sum(expected, []))
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One gloo world for the module (DeepSpeed caches its groups), destroyed at the end."""
-    from pipeline.engine import _free_port, init_process_group
-
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1").items():
-            patch.setenv(key, value)
-        patch.setenv("MASTER_PORT", str(_free_port()))
-        init_process_group("cpu")
-        yield
-    import deepspeed.comm
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        deepspeed.comm.destroy_process_group()
 
 
 def _engine_steps(model, cfg, tokens_SBT1, fused_chunk):
