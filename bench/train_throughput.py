@@ -3,6 +3,8 @@
     python bench/train_throughput.py                                   # 169M and 430M, bf16, ctx 1024 (GPU)
     python bench/train_throughput.py --models 169m --backends cuda --compile 0 1 --steps 40
     python bench/train_throughput.py --models 169m --backends cuda --zero 0 2 --micro-bsz 16 32 --compile 0
+    python bench/train_throughput.py --models 169m --backends cuda --zero 0 --micro-bsz 64 --compile 1 \
+        --fused-loss-chunk 0 4096                                      # the fused head loss, side by side
     python bench/train_throughput.py --models tiny --backends torch --precision fp32 --ctx 64 \
         --micro-bsz 4 --steps 6 --warmup 2                             # CPU smoke run
 
@@ -86,6 +88,7 @@ def run_one(spec: dict) -> dict:
         val_every=1 << 30,
         val_batches=1,
         peak_tflops=spec["peak_tflops"],
+        fused_loss_chunk=spec.get("fused_loss_chunk", 0),
     )
     windows: list[dict] = []
     with tempfile.TemporaryDirectory() as out:
@@ -110,6 +113,9 @@ def main() -> int:
     parser.add_argument("--micro-bsz", type=int, nargs="+", default=[16], help="16 x 1024 = 16,384 tokens per step")
     parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: our bf16 optimizer)")
     parser.add_argument("--bf16-stage0", nargs="+", default=["master"], choices=["master", "autocast"])
+    parser.add_argument(
+        "--fused-loss-chunk", type=int, nargs="+", default=[0], help="train.fused_loss_chunk values (0: unfused)"
+    )
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -140,15 +146,16 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled)
+        (model, backend, zero, mode, micro_bsz, compiled, fused)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
         for mode in (args.bf16_stage0 if zero == 0 else ["master"])
         for micro_bsz in args.micro_bsz
         for compiled in args.compile
+        for fused in args.fused_loss_chunk
     ]
-    for model, backend, zero, mode, micro_bsz, compiled in grid:
+    for model, backend, zero, mode, micro_bsz, compiled, fused in grid:
         spec = {
             "model": model,
             "backend": backend,
@@ -158,6 +165,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "precision": args.precision,
             "ctx": args.ctx,
             "micro_bsz": micro_bsz,
+            "fused_loss_chunk": fused,
             "steps": args.steps,
             "warmup": args.warmup,
             "peak_tflops": args.peak_tflops,
@@ -184,10 +192,11 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print()
     header = (
-        "| model | WKV backend | precision path | micro-bsz | torch.compile | tokens/s | MFU | peak GPU mem (GiB) |"
+        "| model | WKV backend | precision path | micro-bsz | torch.compile | fused loss chunk | tokens/s | MFU "
+        "| peak GPU mem (GiB) |"
     )
     print(header + " wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
             cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | |"
@@ -195,7 +204,8 @@ def print_table(rows: list[dict]) -> None:
             cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {row.get('gpu_mem_peak_gib', 0):.1f} |"
         compiled = "yes" if row["compile"] else "no"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
-        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} |"
+        fused = row.get("fused_loss_chunk", 0) or "off"
+        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")
 
 
