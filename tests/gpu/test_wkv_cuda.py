@@ -94,6 +94,19 @@ def test_zero_state_matches_reference(dtype):
     assert not bad, f"relative L2 errors over {TOL[dtype]}: {bad}"
 
 
+@pytest.mark.xfail(
+    reason="known: 1.6e-5 on g_time_decay (H200, 2026-11-29, old and new kernel); the torch backend gives ~1e-6 "
+    "in this regime, so the kernel's time_decay-gradient accumulation is what loses it",
+    strict=False,
+)
+def test_long_sequence_with_slow_decays_keeps_the_time_decay_gradient_accurate():
+    """time_decay in [-8, 1] at T = 4097: the w-gradient sums long runs of slowly decaying terms."""
+    torch.manual_seed(2)
+    errors = compare(2, 4097, 32, torch.float32, decay_range=(-8.0, 1.0))
+    bad = {name: err for name, err in errors.items() if err > TOL[torch.float32]}
+    assert not bad, f"relative L2 errors over {TOL[torch.float32]}: {bad}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_extreme_inputs_stay_finite_and_accurate(dtype):
     """|k| up to 60 and time_decay over [-8, 8]: no overflow, still within tolerance."""
