@@ -138,7 +138,7 @@ class RWKV(nn.Module):
     the chunk's tokens and the carried state: the forward keeps only the tokens, the state at each
     chunk boundary and ln_out's output (what the head needs); backward recomputes one chunk at a
     time (about one extra forward), so activation memory is one chunk's, not one window's. The
-    head and its logits (B, T, V) stay whole: the loss outside the model needs them. With
+    head and its logits (B, T, V) stay whole when the loss is computed outside the model. With
     `checkpoint_blocks` as well, the blocks are checkpointed inside each chunk's recompute: one
     more forward, for one block's activations at a time instead of one chunk's.
     `model(idx_BT, targets=y_BT)` returns the loss instead, the head fused with it: no logits kept.

@@ -252,7 +252,8 @@ def train(
     flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
     engine = build_engine(model, cfg, world, device.type, ds_overrides)
     if cfg.compile:
-        # Each block is its own compiled frame (specialised on its layer index): allow one per layer.
+        # The blocks share one frame (RWKV applies ln0), so this is headroom, in case Dynamo still
+        # specialises on a block's attributes: then it recompiles per layer instead of falling back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * model_cfg.n_layer)
         engine.compile()
 
@@ -277,6 +278,10 @@ def train(
                 flush=True,
             )
 
+    def first_sample_of(n: int) -> int:
+        """Global index of the first sample step n reads (also where a checkpoint after step n - 1 resumes)."""
+        return first_sample + (n - first_step) * samples_per_step
+
     sample_log = None
     if cfg.sample_log:
         (out_dir / "samples").mkdir(exist_ok=True)
@@ -291,7 +296,7 @@ def train(
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         lr = learning_rate(step, cfg)
         step_loss, step_bad, step_samples = 0.0, False, []
-        step_first_sample = first_sample + (step - first_step) * samples_per_step
+        step_first_sample = first_sample_of(step)
         for micro in range(cfg.grad_accum):
             sample_ids = [step_first_sample + i for i in sampler.rank_indices(micro, cfg.micro_bsz, rank, world)]
             x_BT, y_BT = _batch(data, [sampler.start(i) for i in sample_ids], cfg.ctx_len, device)
@@ -362,7 +367,7 @@ def train(
                 "sampler": {
                     "seed": cfg.seed,
                     "ctx_len": cfg.ctx_len,
-                    "next_sample": first_sample + (step - first_step) * samples_per_step,
+                    "next_sample": first_sample_of(step),
                 },
                 "samples_per_step": samples_per_step,
                 "world_size": world,
