@@ -109,11 +109,11 @@ def _start_local_cluster() -> None:
     """
     import ray
 
-    if "RAY_AUTH_MODE" in os.environ:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_job_runtime_env())
-        return
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    set_here = "RAY_AUTH_MODE" not in os.environ
+    if set_here:
+        os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING", runtime_env=_job_runtime_env())
     finally:  # set only for the start: later joins in this process decide afresh
-        del os.environ["RAY_AUTH_MODE"]
+        if set_here:
+            del os.environ["RAY_AUTH_MODE"]
