@@ -11,6 +11,8 @@
 * Failures: `FailureConfig(max_failures=ray.max_retries)` restarts the worker group, and each worker
   resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
   resumes the same way.
+* Worker records: `<out_dir>/workers/rank_N.pid` and `rank_N.env.json` (pid, the NVLink multicast
+  variables as the worker process sees them, process-group backend, its GPU), for tests and debugging.
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
   rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
   (the tracker lives in the driver; workers never import MLflow).
@@ -20,6 +22,7 @@ Ray is imported inside the functions, so importing this module needs neither Ray
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -52,6 +55,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     pid_dir = Path(loop_config["out_dir"]) / "workers"  # which process is which rank (debugging, tests)
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank_{rank:05d}.pid").write_text(str(os.getpid()))
+    (pid_dir / f"rank_{rank:05d}.env.json").write_text(json.dumps(_worker_env(context.get_local_rank())))
 
     def report(ckpt_dir: Path, metrics: dict[str, Any]) -> None:  # a barrier: every rank reports each one
         ray.train.report(
@@ -79,6 +83,23 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             init_weights=loop_config["init_weights"],
         )
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _worker_env(local_rank: int) -> dict[str, Any]:
+    """What this worker runs with, as the process sees it: NVLink multicast variables, process group, GPU."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.distributed_env import NVLINK_MULTICAST_OFF
+
+    return {
+        "pid": os.getpid(),
+        "env": {name: os.environ.get(name) for name in NVLINK_MULTICAST_OFF},
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "local_rank": local_rank,
+        "gpu_uuid": str(torch.cuda.get_device_properties(local_rank).uuid) if torch.cuda.is_available() else None,
+    }
 
 
 def _pump(metrics_queue: Any, log_metrics: MetricsFn | None, stop: threading.Event) -> None:
