@@ -192,7 +192,30 @@ class MasterWeightAdam(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
         self.max_norm, self.adam_w = max_norm, adam_w
         self._global_grad_norm: torch.Tensor | None = None
-        self._grad32: dict[torch.Tensor, torch.Tensor] = {}  # fp32 gradient buffers, not checkpointed
+        # fp32 gradient buffers, views of one flat buffer (one kernel zeroes a skipped step); not checkpointed
+        self._flat32: torch.Tensor | None = None
+        self._grad32: dict[torch.Tensor, torch.Tensor] = {}
+        self._skip: torch.Tensor | None = None
+
+    def skip_step_if(self, flag: torch.Tensor) -> None:
+        """Make the next `step()` a skipped step if the 0-dim bool tensor `flag` is true, decided on the device.
+
+        A skipped step is what the training loop's non-finite-loss skip was when it synchronised: every
+        gradient counts as exactly zero (NaN/inf included) and the LR is 0, so the weights and masters do
+        not move, the moments decay by one step and the step count advances; the grad norm reads 0. On
+        CUDA no host sync: the gradients are zeroed by a masked fill and the LR is a device tensor.
+        """
+        self._skip = flag
+
+    def _fp32_grads(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self._flat32 is None:  # one flat buffer for every parameter of every group, made on the first step
+            every = [p for group in self.param_groups for p in group["params"]]
+            self._flat32 = torch.empty(sum(p.numel() for p in every), dtype=torch.float32, device=every[0].device)
+            offset = 0
+            for p in every:
+                self._grad32[p] = self._flat32[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+        return [self._grad32[p] for p in params]
 
     def _state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.state[param]
@@ -215,25 +238,37 @@ class MasterWeightAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
+        skip, self._skip = self._skip, None
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            grads = [self._grad32.setdefault(p, torch.empty_like(p, dtype=torch.float32)) for p in params]
             if params:
+                grads = self._fp32_grads(params)
                 torch._foreach_copy_(grads, [p.grad for p in params])
                 work.append((group, params, [self._state(p) for p in params], grads))
         all_grads = [g for *_, grads in work for g in grads]
         if not all_grads:
             return
+        fused = all_grads[0].is_cuda
+        if skip is not None and not fused:  # CPU: the flag is a host value anyway
+            skip = None if not bool(skip) else torch.ones((), dtype=torch.bool)
+        if skip is not None:
+            # NaN * 0 is NaN, so the gradients are replaced, not scaled; on CPU only when the step is skipped
+            if fused:
+                self._flat32.masked_fill_(skip.to(self._flat32.device), 0.0)  # type: ignore[union-attr]
+            else:
+                self._flat32.zero_()  # type: ignore[union-attr]
         self._global_grad_norm = torch.nn.utils.get_total_norm(all_grads, foreach=True)
         if self.max_norm > 0:
             torch._foreach_mul_(all_grads, torch.clamp(self.max_norm / (self._global_grad_norm + 1e-6), max=1.0))
         for group, params, states, grads in work:
             masters = [s["master"] for s in states]
             decay = group["weight_decay"]
+            lr: float | torch.Tensor = group["lr"]
+            if skip is not None:  # LR 0: a device tensor for the fused CUDA kernel, a float otherwise
+                lr = torch.where(skip.to(masters[0].device), 0.0, float(lr)) if fused else 0.0
             if self.adam_w and decay:  # decoupled: w <- w (1 - lr wd), as torch AdamW, before the Adam update
-                torch._foreach_mul_(masters, 1 - group["lr"] * decay)
-            fused = masters[0].is_cuda
+                torch._foreach_mul_(masters, 1 - lr * decay)
             adam(
                 masters,
                 grads,
@@ -246,7 +281,7 @@ class MasterWeightAdam(torch.optim.Optimizer):
                 amsgrad=False,
                 beta1=group["betas"][0],
                 beta2=group["betas"][1],
-                lr=group["lr"],
+                lr=lr,
                 weight_decay=0.0 if self.adam_w else decay,  # Adam: L2 added to the gradient
                 eps=group["eps"],
                 maximize=False,

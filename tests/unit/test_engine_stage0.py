@@ -153,3 +153,32 @@ def test_deepspeed_checkpoint_resumes_master_path_exactly(world_of_one, tmp_path
         resumed.module.state_dict().items(), first.module.state_dict().values(), strict=True
     ):
         assert torch.equal(ours, theirs), name
+
+
+def test_skip_step_if_is_a_zero_gradient_step_at_lr_0_even_with_nan_gradients():
+    """The deferred non-finite check's skip: what the synchronous one did (zero surrogate, LR 0), on a flag."""
+    torch.manual_seed(3)
+    start = [torch.randn(6, 4), torch.randn(9)]
+    groups = lambda weights: [{"params": weights[:1], "weight_decay": 0.1}, {"params": weights[1:]}]  # noqa: E731
+    settings = {"lr": 0.05, "betas": (0.9, 0.99), "eps": 1e-8, "max_norm": 1.0}
+    ours = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in start]
+    twin = [torch.nn.Parameter(w.to(torch.bfloat16)) for w in start]
+    optimizer, reference = MasterWeightAdam(groups(ours), **settings), MasterWeightAdam(groups(twin), **settings)
+    for flag in (False, True, False):  # a normal step, a skipped one with NaN/inf gradients, a normal one
+        grads = [torch.randn_like(w, dtype=torch.float32) for w in start]
+        for w, t, g in zip(ours, twin, grads, strict=True):
+            w.grad = (g.masked_fill(torch.rand_like(g) < 0.3, float("nan")) if flag else g).to(torch.bfloat16)
+            t.grad = torch.zeros_like(g, dtype=torch.bfloat16) if flag else g.to(torch.bfloat16)
+        set_learning_rate(optimizer, 0.05)
+        set_learning_rate(reference, 0.0 if flag else 0.05)
+        before = [w.detach().clone() for w in ours]
+        optimizer.skip_step_if(torch.tensor(flag))
+        optimizer.step()
+        reference.step()
+        assert float(optimizer._global_grad_norm) == float(reference._global_grad_norm)
+        for w, t, old in zip(ours, twin, before, strict=True):
+            assert torch.equal(w, t)
+            assert torch.equal(w, old) == flag  # a skipped step moves nothing
+            for key in ("master", "exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(optimizer.state[w][key], reference.state[t][key]), key
+    assert optimizer._skip is None  # the flag applies to one step only
