@@ -21,11 +21,22 @@ micro_bsz x M does not divide the batch, the resume is refused (CheckpointMismat
 numbers. ZeRO-1/2/3 optimizer shards are repartitioned through DeepSpeed's universal checkpoint
 (pipeline/checkpoint.py). The loss curve then equals the N-worker run's up to reduction order.
 
-Non-finite loss: every rank sees the all-reduced loss, so all take the same branch. A bad
-micro-batch backpropagates an exactly-zero surrogate instead (keeping DeepSpeed's collectives and
-counters in step), and the optimizer step runs at LR 0, so the weights do not move (Adam's moments
-decay by one step). After `max_bad_steps` bad steps in a row the run stops with NonFiniteLoss,
-without writing a checkpoint of the bad state.
+Non-finite loss: every rank sees the all-reduced loss, so all take the same branch, and a bad step
+changes no weight (Adam's moments decay by one step, as for a zero gradient). Two ways, same result:
+  * deferred (our stage-0 bf16 optimizer, `MasterWeightAdam.skip_step_if`): the loss and a bad flag
+    stay on the device; backward runs as usual and the optimizer itself zeroes the step's gradients
+    and LR when the all-reduced flag is set. The host reads the flag one step later (a pinned copy,
+    by then long finished), so the device never waits for the host; a step's bookkeeping (bad-step
+    count, loss log, sample log) is settled before the next log line or checkpoint, and before
+    NonFiniteLoss is raised.
+  * synchronous (DeepSpeed's optimizers): one all-reduce and host read per micro-step before
+    backward; a bad micro-batch backpropagates an exactly-zero surrogate instead (keeping DeepSpeed's
+    collectives and counters in step), and the optimizer step runs at LR 0.
+After `max_bad_steps` bad steps in a row the run stops with NonFiniteLoss, without writing a
+checkpoint of the bad state.
+
+No other host sync per step: batches go up from pinned memory, and DeepSpeed's throughput timer
+(which synchronises the device at every forward and step) is off.
 
 Legend: B micro-batch, T ctx_len.
 """
@@ -36,6 +47,7 @@ import json
 import math
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,7 +62,7 @@ from model import ModelConfig, build_model
 from model.loss import language_model_loss
 from pipeline import checkpoint as ckpt
 from pipeline.config import TrainConfig
-from pipeline.engine import build_engine, device_for_rank, init_process_group
+from pipeline.engine import build_engine, device_for_rank, init_process_group, merge_config
 from pipeline.metrics import Throughput, accelerator_memory_gib, mfu, train_flops_per_token
 from pipeline.optim import learning_rate, set_learning_rate
 from tokenization.dataset import TokenDataset
@@ -58,6 +70,15 @@ from tokenization.sampler import WindowSampler
 
 MetricsFn = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[Path, dict[str, Any]], None]
+
+DEFER_FINITE_CHECK = True
+"""Check the loss for NaN/inf on the device when the optimizer can skip a step itself (module docstring);
+False forces the synchronous check (benchmarks compare the two)."""
+DS_OVERRIDES: dict[str, Any] = {"timers": {"throughput": {"enabled": False}}}
+"""Merged into every engine's DeepSpeed config: its throughput timer (on by default, `synchronized`)
+calls torch.cuda.synchronize() at every forward and every step; we measure throughput ourselves."""
+PIN_BATCHES = True
+"""Copy each batch to the GPU from pinned memory (no wait for the device's queue to drain)."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -80,9 +101,35 @@ def _batch(
     data: TokenDataset, starts: list[int], ctx_len: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (B, T) from windows of T + 1 tokens at the given token offsets."""
-    rows = np.stack([data.window(start, ctx_len + 1) for start in starts])
-    tokens_BT1 = torch.from_numpy(rows).to(device, non_blocking=True)
+    tokens_BT1 = torch.from_numpy(np.stack([data.window(start, ctx_len + 1) for start in starts]))
+    if device.type == "cuda" and PIN_BATCHES:  # from pageable memory the copy would wait for the device
+        tokens_BT1 = tokens_BT1.pin_memory()
+    tokens_BT1 = tokens_BT1.to(device, non_blocking=True)
     return tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+
+
+@dataclass
+class _StepOutcome:
+    """What one optimizer step left to account for; `stats` is settled on the host later (deferred check)."""
+
+    step: int  # 0-based
+    samples: list[int]
+    stats: torch.Tensor  # (2,) float64: sum of the ranks' finite losses, number of non-finite ones
+    ready: Any = None  # a CUDA event after the device-to-host copy of `stats`, or None (already on the host)
+
+    def settle(self) -> tuple[float, bool]:
+        """(sum of the ranks' losses, whether any was non-finite); waits for this step's copy only."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        total, bad = self.stats.tolist()
+        return total, bad > 0
+
+
+def _loss_stats(loss: torch.Tensor) -> torch.Tensor:
+    """(finite loss or 0, 1 if non-finite) as a float64 device tensor: no host sync."""
+    value = loss.detach().double()
+    finite = torch.isfinite(value)
+    return torch.stack([torch.where(finite, value, torch.zeros_like(value)), (~finite).double()])
 
 
 def _global_loss(loss: torch.Tensor) -> tuple[float, bool]:
@@ -186,6 +233,7 @@ def train(
     tracking_run_id: str | None = None,
     init_weights: str | Path | None = None,
     checkpoints: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train to `cfg.steps` optimizer steps, resuming from the newest complete checkpoint if any.
 
@@ -195,6 +243,7 @@ def train(
     init_weights: a `final_weights.pt` of an earlier run to start from (context extension); used only
         when there is no checkpoint to resume, with a fresh optimizer.
     checkpoints: False for benchmarks (no checkpoint, no final weights).
+    on_step(step): called on every rank after each optimizer step has been queued (a profiler's step()).
     """
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     init_process_group(device_type)
@@ -250,7 +299,9 @@ def train(
     samples_per_step = cfg.micro_bsz * cfg.grad_accum * world
 
     flops_per_token = train_flops_per_token(model_cfg.vocab_size, model_cfg.n_embd, model_cfg.n_layer)
-    engine = build_engine(model, cfg, world, device.type, ds_overrides)
+    engine = build_engine(model, cfg, world, device.type, merge_config(DS_OVERRIDES, ds_overrides))
+    # The device-side non-finite check needs an optimizer that can skip a step on a device flag.
+    deferred = DEFER_FINITE_CHECK and hasattr(engine.optimizer, "skip_step_if")
     if cfg.compile:
         # The blocks share one frame (RWKV applies ln0), so this is headroom, in case Dynamo still
         # specialises on a block's attributes: then it recompiles per layer instead of falling back to eager.
@@ -291,11 +342,40 @@ def train(
     bad_in_row, first_bad = 0, None
     loss_now = val_loss = None
     last_ckpt: Path | None = resume
+    pending: deque[_StepOutcome] = deque()  # steps queued on the device whose loss the host has not read yet
+    last_bad = False
+
+    def account(outcome: _StepOutcome) -> None:
+        """The host's bookkeeping of one finished step: bad-step counts (and the stop), losses, sample log."""
+        nonlocal bad_total, bad_in_row, first_bad, loss_now, last_bad
+        loss_sum, last_bad = outcome.settle()
+        step_loss = loss_sum / (world * cfg.grad_accum)
+        if last_bad:
+            bad_total, bad_in_row = bad_total + 1, bad_in_row + 1
+            first_bad = outcome.step + 1 if bad_in_row == 1 else first_bad  # steps count from 1 in logs
+            if bad_in_row >= cfg.max_bad_steps:
+                raise NonFiniteLoss(
+                    f"stopping: the loss was not finite for {bad_in_row} steps in a row "
+                    f"(steps {first_bad}..{outcome.step + 1}); those steps were skipped and the weights were not "
+                    "updated. The last good checkpoint is "
+                    f"{last_ckpt or 'none (no checkpoint was written yet)'}. Lower train.lr_init, or check the data."
+                )
+        else:
+            bad_in_row, loss_now = 0, step_loss
+            window_losses.append(step_loss)
+        if sample_log is not None:
+            sample_log.write(json.dumps({"step": outcome.step, "samples": outcome.samples, "loss": step_loss}) + "\n")
+
+    def settle(keep: int) -> None:
+        """Account for every pending step but the newest `keep` (those may still be running on the device)."""
+        while len(pending) > keep:
+            account(pending.popleft())
+
     while step < cfg.steps:
         # Seeds a function of (seed, step, rank): anything random replays identically after a resume.
         torch.manual_seed(cfg.seed * 1_000_003 + step * world + rank)
         lr = learning_rate(step, cfg)
-        step_loss, step_bad, step_samples = 0.0, False, []
+        step_stats, step_bad, step_samples = None, False, []
         step_first_sample = first_sample_of(step)
         for micro in range(cfg.grad_accum):
             sample_ids = [step_first_sample + i for i in sampler.rank_indices(micro, cfg.micro_bsz, rank, world)]
@@ -304,36 +384,40 @@ def train(
                 loss = engine(x_BT, targets=y_BT)
             else:
                 loss = language_model_loss(engine(x_BT), y_BT)  # bf16 logits under bf16, as the reference
-            loss_sum, micro_bad = _global_loss(loss)
-            if micro_bad:
-                loss, step_bad = _zero_surrogate(engine.module).to(device), True
+            if deferred:  # on the device; the optimizer skips the step if any rank's loss is non-finite
+                stats = _loss_stats(loss)
+            else:  # on the host, before backward: a bad micro-batch backpropagates a zero surrogate
+                loss_sum, micro_bad = _global_loss(loss)
+                stats = torch.tensor([loss_sum, float(micro_bad)], dtype=torch.float64)
+                if micro_bad:
+                    loss, step_bad = _zero_surrogate(engine.module).to(device), True
+            step_stats = stats if step_stats is None else step_stats + stats
             engine.backward(loss)
             if micro == cfg.grad_accum - 1:  # DeepSpeed applies the update on the boundary micro-step
+                if deferred:
+                    if world > 1:
+                        dist.all_reduce(step_stats)  # queued on the device; no host wait
+                    engine.optimizer.skip_step_if(step_stats[1] > 0)
                 set_learning_rate(engine.optimizer, 0.0 if step_bad else lr)
             engine.step()
-            step_loss += loss_sum / (world * cfg.grad_accum)
             step_samples += list(sample_ids)
 
-        if step_bad:
-            bad_total, bad_in_row = bad_total + 1, bad_in_row + 1
-            first_bad = step + 1 if bad_in_row == 1 else first_bad  # steps count from 1 in logs
-            if bad_in_row >= cfg.max_bad_steps:
-                raise NonFiniteLoss(
-                    f"stopping: the loss was not finite for {bad_in_row} steps in a row "
-                    f"(steps {first_bad}..{step + 1}); those steps were skipped and the weights were not updated. "
-                    "The last good checkpoint is "
-                    f"{last_ckpt or 'none (no checkpoint was written yet)'}. Lower train.lr_init, or check the data."
-                )
-        else:
-            bad_in_row, loss_now = 0, step_loss
-            window_losses.append(step_loss)
+        outcome = _StepOutcome(step, step_samples, step_stats)
+        if deferred and step_stats.is_cuda:  # a pinned copy the host reads a step later, without waiting
+            outcome.stats = torch.empty(2, dtype=torch.float64, pin_memory=True).copy_(step_stats, non_blocking=True)
+            outcome.ready = torch.cuda.Event()
+            outcome.ready.record()
+        pending.append(outcome)
         step += 1
         tokens_seen += samples_per_step * cfg.ctx_len
         throughput.add(samples_per_step * cfg.ctx_len)
-        if sample_log is not None:
-            sample_log.write(json.dumps({"step": step - 1, "samples": step_samples, "loss": step_loss}) + "\n")
+        due_log = step % cfg.log_every == 0 or step == cfg.steps
+        due_ckpt = checkpoints and (step % cfg.checkpoint_every == 0 or step == cfg.steps)
+        settle(0 if (due_log or due_ckpt or not deferred) else 1)
+        if on_step is not None:
+            on_step(step)
 
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if due_log:
             tokens_per_s = throughput.rate(device)
             metrics = {
                 "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
@@ -360,7 +444,7 @@ def train(
                 if rank == 0:
                     print(f"step {step}/{cfg.steps} val_loss={val_loss:.4g}", flush=True)
 
-        if checkpoints and not step_bad and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+        if due_ckpt and not last_bad:
             state = {
                 "step": step,
                 "tokens_seen": tokens_seen,
