@@ -45,6 +45,45 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _chunk_grad_eager(
+    logits_nV: torch.Tensor, target_n: torch.Tensor, scale: float, acc: torch.dtype, need_grads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of the chunk's token losses, d(mean CE)/d logits = (softmax - onehot) * scale) in few eager passes.
+
+    log_softmax in one pass (acc dtype out of compute-dtype logits), exp and the one-hot in place, then
+    the scale and the cast to the compute dtype in one pass (one rounding).
+    """
+    logp_nV = torch.log_softmax(logits_nV, dim=-1, dtype=acc)
+    loss = -logp_nV.gather(1, target_n[:, None]).sum()
+    if not need_grads:
+        return loss, None
+    grad_nV = logp_nV.exp_()
+    grad_nV.scatter_add_(1, target_n[:, None], torch.full_like(grad_nV[:, :1], -1.0))
+    if grad_nV.dtype == logits_nV.dtype:
+        return loss, grad_nV.mul_(scale)
+    return loss, torch.mul(grad_nV, scale, out=torch.empty_like(grad_nV, dtype=logits_nV.dtype))
+
+
+def _chunk_grad_pointwise(
+    logits_nV: torch.Tensor, target_n: torch.Tensor, scale: float, acc: torch.dtype, need_grads: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same as `_chunk_grad_eager`, written for torch.compile: no scatter and no (n, V) intermediate.
+
+    The one-hot is a comparison with an index range, so Inductor makes the gradient one pointwise
+    kernel (read the logits once, write the compute-dtype gradient once) after the row reductions.
+    In eager mode this would allocate more than `_chunk_grad_eager`; both compute the same numbers
+    up to the rounding of exp(x - lse) vs exp(log_softmax(x)).
+    """
+    logits_f = logits_nV.to(acc)
+    lse_n = torch.logsumexp(logits_f, dim=-1)
+    loss = (lse_n - logits_f.gather(1, target_n[:, None]).squeeze(1)).sum()
+    if not need_grads:
+        return loss, None
+    onehot_nV = torch.arange(logits_nV.shape[1], device=logits_nV.device)[None, :] == target_n[:, None]
+    grad_nV = (torch.exp(logits_f - lse_n[:, None]) - onehot_nV.to(acc)) * scale
+    return loss, grad_nV.to(logits_nV.dtype)
+
+
 class FusedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ weight.T` with L2Wrap's gradient, in chunks of rows."""
 
@@ -72,19 +111,12 @@ class FusedHeadLoss(torch.autograd.Function):
             hidden_nC, target_n = hidden_NC[start:end].to(compute_dtype), targets_N[start:end]
             logits_nV = hidden_nC @ weight_c.T
             max_logit_n, argmax_n = torch.max(logits_nV, dim=-1)  # L2Wrap reads the compute-dtype logits
-            logp_nV = torch.log_softmax(logits_nV, dim=-1, dtype=acc)  # one pass, fp32 out of bf16 logits
+            chunk_grad = _chunk_grad_pointwise if torch.compiler.is_compiling() else _chunk_grad_eager
+            chunk_loss, grad_nV = chunk_grad(logits_nV, target_n, 1.0 / rows, acc, need_grads)
             del logits_nV
-            loss_sum -= logp_nV.gather(1, target_n[:, None]).sum()
-            if not need_grads:
+            loss_sum += chunk_loss
+            if grad_nV is None:
                 continue
-            # d(mean CE)/d logits = (softmax - onehot) / N, in place over the chunk's log-probabilities;
-            # the scale and the cast to the compute dtype in one pass (one rounding).
-            grad_nV = logp_nV.exp_()
-            grad_nV.scatter_add_(1, target_n[:, None], torch.full_like(grad_nV[:, :1], -1.0))
-            if compute_dtype == acc:
-                grad_nV = grad_nV.mul_(1.0 / rows)
-            else:
-                grad_nV = torch.mul(grad_nV, 1.0 / rows, out=torch.empty_like(grad_nV, dtype=compute_dtype))
             ce_grad_hidden_NC[start:end] = grad_nV @ weight_c
             if compute_dtype == acc:  # into the accumulator, no (V, C) temporary
                 ce_grad_weight_VC.addmm_(grad_nV.T, hidden_nC)

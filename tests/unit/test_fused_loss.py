@@ -258,3 +258,21 @@ def test_train_with_fused_loss_chunk_logs_the_losses_of_the_unfused_loop(world_o
         for key in ("loss", "grad_norm", "val_loss"):
             if key in unfused:
                 assert runs[20][step][key] == pytest.approx(unfused[key], rel=1e-5), (step, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_the_compile_friendly_chunk_gradient_equals_the_eager_one(dtype):
+    """Under torch.compile the chunk's softmax gradient is one pointwise expression (no scatter): same numbers."""
+    from model.fused_loss import _chunk_grad_eager, _chunk_grad_pointwise
+
+    generator = torch.Generator().manual_seed(4)
+    logits = (3 * torch.randn(16, 50, generator=generator, dtype=torch.float64)).to(dtype)
+    targets = torch.randint(0, 50, (16,), generator=generator)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    eager_loss, eager_grad = _chunk_grad_eager(logits, targets, 1 / 64, acc, True)
+    loss, grad = _chunk_grad_pointwise(logits, targets, 1 / 64, acc, True)
+    assert grad.dtype == eager_grad.dtype == dtype and loss.dtype == eager_loss.dtype == acc
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]  # bf16: one rounding
+    torch.testing.assert_close(loss, eager_loss, rtol=tolerance, atol=0)
+    torch.testing.assert_close(grad.double(), eager_grad.double(), rtol=tolerance, atol=tolerance / 64)
+    assert _chunk_grad_pointwise(logits, targets, 1 / 64, acc, False)[1] is None
