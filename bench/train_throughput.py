@@ -5,6 +5,8 @@
     python bench/train_throughput.py --models 169m --backends cuda --zero 0 2 --micro-bsz 16 32 --compile 0
     python bench/train_throughput.py --models 169m --backends cuda --zero 0 --micro-bsz 64 --compile 1 \
         --fused-loss-chunk 0 4096                                      # the fused head loss, side by side
+    python bench/train_throughput.py --models 169m --backends cuda --zero 0 --micro-bsz 64 --compile 1 \
+        --host-sync old new --profile 3 --out prof/                    # the loop's host syncs; kernel profile
     python bench/train_throughput.py --models tiny --backends torch --precision fp32 --ctx 64 \
         --micro-bsz 4 --steps 6 --warmup 2                             # CPU smoke run
 
@@ -18,6 +20,12 @@ of 128, which keeps the head matmuls on fast kernels). tokens/s is measured over
 first `--warmup` (compilation, allocator and kernel autotuning happen there). MFU counts the model
 FLOPs of reference/rwkv4.md §8.1, 6 (V D + 13 D² L) per token, against `--peak-tflops` (H200 dense
 bf16: 989). Prints a markdown table; `--json FILE` also writes the rows.
+
+`--host-sync old` restores the loop's host synchronisations as they were before the deferred
+non-finite check (pipeline/train.py: DEFER_FINITE_CHECK, DS_OVERRIDES' throughput timer, PIN_BATCHES);
+`new` is the loop as it is. `--profile N` records N more steps after the measured ones under
+torch.profiler and prints, per configuration, the top kernels by device time, the device's idle share
+and the host's synchronising CUDA calls (`--out DIR` keeps the text and a gzipped trace).
 """
 
 from __future__ import annotations
@@ -68,18 +76,23 @@ def run_one(spec: dict) -> dict:
     import torch
 
     import pipeline.engine
+    import pipeline.train
     from model import ModelConfig
     from pipeline.config import TrainConfig
     from pipeline.train import train
 
     pipeline.engine.BF16_STAGE0 = spec["bf16_stage0"]  # the training loop builds its engine with the default
+    if spec.get("host_sync", "new") == "old":  # the loop's syncs before the deferred check
+        pipeline.train.DEFER_FINITE_CHECK, pipeline.train.PIN_BATCHES = False, False
+        pipeline.train.DS_OVERRIDES = {}
 
     n_layer, n_embd = SIZES[spec["model"]]
     model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
+    profiled = spec.get("profile", 0)
     cfg = TrainConfig(
         ctx_len=spec["ctx"],
         micro_bsz=spec["micro_bsz"],
-        steps=spec["warmup"] + spec["steps"],
+        steps=spec["warmup"] + spec["steps"] + profiled,
         warmup_steps=0,
         precision=spec["precision"],
         zero_stage=spec["zero"],
@@ -91,16 +104,113 @@ def run_one(spec: dict) -> dict:
         fused_loss_chunk=spec.get("fused_loss_chunk", 0),
     )
     windows: list[dict] = []
+    profiler = step_profiler(spec["warmup"] + spec["steps"], profiled) if profiled else None
     with tempfile.TemporaryDirectory() as out:
-        train(cfg, model_cfg, spec["data"], out, log_metrics=lambda m, step: windows.append(m), checkpoints=False)
-    measured = [w for w in windows[1:] if "tokens_per_s" in w]  # the first window holds the warmup
+        if profiler is not None:
+            profiler.start()
+        train(
+            cfg,
+            model_cfg,
+            spec["data"],
+            out,
+            log_metrics=lambda m, step: windows.append({**m, "step": step}),
+            checkpoints=False,
+            on_step=None if profiler is None else lambda step: profiler.step(),
+        )
+        if profiler is not None:
+            profiler.stop()
+    last_measured = spec["warmup"] + spec["steps"]
+    # the first window holds the warmup; windows after the measured steps hold the profiled ones
+    measured = [w for w in windows[1:] if "tokens_per_s" in w and w["step"] <= last_measured]
     tokens_per_s = sum(w["tokens_per_s"] for w in measured) / len(measured)
     row = {**spec, "tokens_per_s": tokens_per_s, "mfu": sum(w["mfu"] for w in measured) / len(measured)}
     row["loss_last"] = measured[-1]["loss"]
     if torch.cuda.is_available():
         row["gpu_mem_peak_gib"] = max(w.get("gpu_mem_peak_gib", 0.0) for w in windows)
         row["device"] = torch.cuda.get_device_name()
+    if profiler is not None:
+        label = "_".join(str(spec[k]) for k in ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync"))
+        row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
     return row
+
+
+def step_profiler(skip: int, steps: int):
+    """torch.profiler over `steps` optimizer steps after the first `skip` (stepped by train's on_step)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    return profile(activities=activities, schedule=schedule(wait=skip - 1, warmup=1, active=steps, repeat=1))
+
+
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def summarize_profile(prof, steps: int, out: str | None, label: str, top: int = 20, trace: bool = False) -> dict:
+    """Top kernels by device time, device idle share over the profiled span, host-sync calls; as text + dict.
+
+    Idle = 1 - (union of kernel/memcpy/memset intervals) / (first device start .. last device end).
+    Sync calls: the CUDA runtime calls that make the host wait (cudaMemcpy without Async included),
+    counted per step, with their host time.
+    """
+    import gzip
+    import shutil
+
+    kernels: dict[str, list[float]] = {}
+    intervals, syncs = [], {}
+    for event in prof.events():
+        # user annotations (ProfilerStep#N, Optimizer.step#...) are mirrored on the device timeline: not kernels
+        annotation = getattr(event, "is_user_annotation", False) or event.name.startswith("ProfilerStep")
+        if event.device_type.name == "CUDA" and not annotation and "#" not in event.name:
+            entry = kernels.setdefault(event.name, [0.0, 0.0])
+            entry[0] += event.device_time_total / steps
+            entry[1] += 1 / steps
+            intervals.append((event.time_range.start, event.time_range.end))
+        elif event.name.startswith(SYNC_CALLS) and "Async" not in event.name:
+            entry = syncs.setdefault(event.name, [0.0, 0.0])
+            entry[0] += event.cpu_time_total / steps
+            entry[1] += 1 / steps
+        elif event.name == "cudaMemcpyAsync":  # D2H/pageable copies can block too: listed with their host time
+            entry = syncs.setdefault(event.name, [0.0, 0.0])
+            entry[0] += event.cpu_time_total / steps
+            entry[1] += 1 / steps
+    busy, span, cursor = 0.0, 0.0, None
+    if intervals:
+        intervals.sort()
+        span = intervals[-1][1] - intervals[0][0]
+        for start, end in intervals:
+            if cursor is None or start > cursor:
+                busy += end - start
+                cursor = end
+            elif end > cursor:
+                busy += end - cursor
+                cursor = end
+    lines = [
+        f"profile {label}: {steps} steps, device span {span / 1000 / max(steps, 1):.1f} ms per step, busy "
+        f"{busy / 1000 / max(steps, 1):.1f} ms, idle {100 * (1 - busy / span) if span else 0:.1f} %, "
+        f"{sum(n for _, n in kernels.values()):.0f} device ops per step",
+        "| kernel | ms per step | % of busy | launches per step |",
+        "|---|---|---|---|",
+    ]
+    for name, (total, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
+        lines.append(
+            f"| {name[:100]} | {total / 1000:.2f} | {100 * total * steps / max(busy, 1e-9):.1f} | {count:.0f} |"
+        )
+    lines += ["| host call that can wait for the device | ms per step (host) | calls per step |", "|---|---|---|"]
+    for name, (total, count) in sorted(syncs.items(), key=lambda item: -item[1][0]):
+        lines.append(f"| {name} | {total / 1000:.2f} | {count:.1f} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / f"profile_{label}.md").write_text(text + "\n")
+    if out and trace:
+        path = Path(out) / f"trace_{label}.json"
+        prof.export_chrome_trace(str(path))
+        with open(path, "rb") as raw, gzip.open(f"{path}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        path.unlink()
+    return {"idle_pct": 100 * (1 - busy / span) if span else 0.0, "busy_ms": busy / 1000 / max(steps, 1), "text": text}
 
 
 def main() -> int:
@@ -116,6 +226,12 @@ def main() -> int:
     parser.add_argument(
         "--fused-loss-chunk", type=int, nargs="+", default=[0], help="train.fused_loss_chunk values (0: unfused)"
     )
+    parser.add_argument(
+        "--host-sync", nargs="+", default=["new"], choices=["old", "new"], help="the loop's host syncs (docstring)"
+    )
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps after the measured ones")
+    parser.add_argument("--out", default=None, help="with --profile: write the profile text here")
+    parser.add_argument("--trace", action="store_true", help="with --profile and --out: also a gzipped trace")
     parser.add_argument("--steps", type=int, default=30, help="measured steps")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps first")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
@@ -146,7 +262,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -154,8 +270,9 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for micro_bsz in args.micro_bsz
         for compiled in args.compile
         for fused in args.fused_loss_chunk
+        for host_sync in args.host_sync
     ]
-    for model, backend, zero, mode, micro_bsz, compiled, fused in grid:
+    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync in grid:
         spec = {
             "model": model,
             "backend": backend,
@@ -166,6 +283,10 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "ctx": args.ctx,
             "micro_bsz": micro_bsz,
             "fused_loss_chunk": fused,
+            "host_sync": host_sync,
+            "profile": args.profile,
+            "out": args.out,
+            "trace": args.trace,
             "steps": args.steps,
             "warmup": args.warmup,
             "peak_tflops": args.peak_tflops,
@@ -190,22 +311,28 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
+    for row in rows:  # the profiles first, so that the table is what a log's tail shows
+        if isinstance(row.get("profile"), dict):
+            print("\n" + row["profile"]["text"])
     print()
     header = (
-        "| model | WKV backend | precision path | micro-bsz | torch.compile | fused loss chunk | tokens/s | MFU "
-        "| peak GPU mem (GiB) |"
+        "| model | WKV backend | precision path | micro-bsz | torch.compile | fused loss chunk | host syncs "
+        "| tokens/s | MFU | peak GPU mem (GiB) | device idle (profile) |"
     )
     print(header + " wall (s) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | |"
+            cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | | |"
         else:
-            cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {row.get('gpu_mem_peak_gib', 0):.1f} |"
+            idle = f"{row['profile']['idle_pct']:.1f} %" if isinstance(row.get("profile"), dict) else ""
+            memory = row.get("gpu_mem_peak_gib", 0)
+            cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {memory:.1f} | {idle} |"
         compiled = "yes" if row["compile"] else "no"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
-        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} |"
+        syncs = row.get("host_sync", "new")
+        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")
 
 
