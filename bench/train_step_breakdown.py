@@ -87,8 +87,9 @@ def build_run(name: str, model_cfg, micro_bsz: int, ctx: int, n_layer: int):
     from model import build_model
     from model.loss import language_model_loss
     from pipeline.config import TrainConfig
-    from pipeline.engine import build_engine, optimizer_config
+    from pipeline.engine import build_engine, merge_config, optimizer_config
     from pipeline.optim import MasterWeightAdam, clipped_adam, param_groups, set_learning_rate
+    from pipeline.train import DS_OVERRIDES
 
     kind, compiled = name.removesuffix("-compile"), name.endswith("-compile")
     if compiled:  # older engines compiled one frame per block; harmless now
@@ -123,6 +124,7 @@ def build_run(name: str, model_cfg, micro_bsz: int, ctx: int, n_layer: int):
         overrides = {**DS_BF16, "optimizer": optimizer_config(cfg, DEVICE.type), "gradient_clipping": cfg.grad_clip}
     mode = kind.removesuffix("-z0") if kind in ("master-z0", "autocast-z0") else None
     model = build_model(model_cfg)
+    overrides = merge_config(DS_OVERRIDES, overrides)  # as the loop: DeepSpeed's synchronising timer off
     engine = build_engine(model, cfg, world_size=1, device_type=DEVICE.type, ds_overrides=overrides, bf16_stage0=mode)
     set_learning_rate(engine.optimizer, 1e-4)
     if compiled:

@@ -200,10 +200,11 @@ class MasterWeightAdam(torch.optim.Optimizer):
     def skip_step_if(self, flag: torch.Tensor) -> None:
         """Make the next `step()` a skipped step if the 0-dim bool tensor `flag` is true, decided on the device.
 
-        A skipped step is what the training loop's non-finite-loss skip was when it synchronised: every
-        gradient counts as exactly zero (NaN/inf included) and the LR is 0, so the weights and masters do
-        not move, the moments decay by one step and the step count advances; the grad norm reads 0. On
-        CUDA no host sync: the gradients are zeroed by a masked fill and the LR is a device tensor.
+        A skipped step is what the training loop's non-finite-loss skip was when it synchronised (a zero
+        surrogate gradient at LR 0): every gradient counts as exactly zero (NaN/inf included) and the LR
+        is 0, so the weights and masters do not move, the moments decay by one step and the step count
+        advances; the grad norm reads 0. On CUDA no host sync: the gradients are zeroed by a masked fill
+        and the LR is a device tensor. On CPU the flag is read on the host.
         """
         self._skip = flag
 

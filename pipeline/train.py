@@ -22,13 +22,16 @@ numbers. ZeRO-1/2/3 optimizer shards are repartitioned through DeepSpeed's unive
 (pipeline/checkpoint.py). The loss curve then equals the N-worker run's up to reduction order.
 
 Non-finite loss: every rank sees the all-reduced loss, so all take the same branch, and a bad step
-changes no weight (Adam's moments decay by one step, as for a zero gradient). Two ways, same result:
+changes no weight (Adam's moments decay by one step, as for a zero gradient). Two ways, the same run
+(tests/unit/test_train_deferred.py: losses, samples, weights, the stop message), except the moments
+after a bad step with grad_accum > 1 (below):
   * deferred (our stage-0 bf16 optimizer, `MasterWeightAdam.skip_step_if`): the loss and a bad flag
     stay on the device; backward runs as usual and the optimizer itself zeroes the step's gradients
     and LR when the all-reduced flag is set. The host reads the flag one step later (a pinned copy,
     by then long finished), so the device never waits for the host; a step's bookkeeping (bad-step
     count, loss log, sample log) is settled before the next log line or checkpoint, and before
-    NonFiniteLoss is raised.
+    NonFiniteLoss is raised. With grad_accum > 1 the whole step's gradients are dropped, so the
+    moments see zero, where the synchronous path still fed them the step's good micro-batches.
   * synchronous (DeepSpeed's optimizers): one all-reduce and host read per micro-step before
     backward; a bad micro-batch backpropagates an exactly-zero surrogate instead (keeping DeepSpeed's
     collectives and counters in step), and the optimizer step runs at LR 0.
