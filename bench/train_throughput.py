@@ -85,6 +85,9 @@ def run_one(spec: dict) -> dict:
     if spec.get("host_sync", "new") == "old":  # the loop's syncs before the deferred check
         pipeline.train.DEFER_FINITE_CHECK, pipeline.train.PIN_BATCHES = False, False
         pipeline.train.DS_OVERRIDES = {}
+    if spec.get("compile_mode", "default") != "default":
+        pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
+    pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 0))
 
     n_layer, n_embd = SIZES[spec["model"]]
     model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
@@ -229,6 +232,16 @@ def main() -> int:
     parser.add_argument(
         "--host-sync", nargs="+", default=["new"], choices=["old", "new"], help="the loop's host syncs (docstring)"
     )
+    parser.add_argument(
+        "--compile-mode",
+        nargs="+",
+        default=["default"],
+        choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"],
+        help="torch.compile mode with --compile 1",
+    )
+    parser.add_argument(
+        "--skip-allreduce", type=int, nargs="+", default=[0], help="1: skip DeepSpeed's one-rank gradient all-reduce"
+    )
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--out", default=None, help="with --profile: write the profile text here")
     parser.add_argument("--trace", action="store_true", help="with --profile and --out: also a gzipped trace")
@@ -262,7 +275,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -271,8 +284,10 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compiled in args.compile
         for fused in args.fused_loss_chunk
         for host_sync in args.host_sync
+        for compile_mode in (args.compile_mode if compiled else ["default"])
+        for skip in args.skip_allreduce
     ]
-    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync in grid:
+    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip in grid:
         spec = {
             "model": model,
             "backend": backend,
@@ -284,6 +299,8 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "micro_bsz": micro_bsz,
             "fused_loss_chunk": fused,
             "host_sync": host_sync,
+            "compile_mode": compile_mode,
+            "skip_allreduce": skip,
             "profile": args.profile,
             "out": args.out,
             "trace": args.trace,
@@ -329,6 +346,10 @@ def print_table(rows: list[dict]) -> None:
             memory = row.get("gpu_mem_peak_gib", 0)
             cells = f"{row['tokens_per_s']:,.0f} | {100 * row['mfu']:.1f} % | {memory:.1f} | {idle} |"
         compiled = "yes" if row["compile"] else "no"
+        if row.get("compile_mode", "default") != "default":
+            compiled += f" ({row['compile_mode']})"
+        if row.get("skip_allreduce"):
+            compiled += ", no 1-rank all-reduce"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
         syncs = row.get("host_sync", "new")

@@ -82,6 +82,12 @@ DS_OVERRIDES: dict[str, Any] = {"timers": {"throughput": {"enabled": False}}}
 calls torch.cuda.synchronize() at every forward and every step; we measure throughput ourselves."""
 PIN_BATCHES = True
 """Copy each batch to the GPU from pinned memory (no wait for the device's queue to drain)."""
+COMPILE_KWARGS: dict[str, Any] = {}
+"""torch.compile arguments when train.compile is on, e.g. {"mode": "max-autotune-no-cudagraphs"} (benchmarks)."""
+SKIP_ONE_RANK_ALLREDUCE = False
+"""One process at ZeRO-0: skip DeepSpeed's gradient all-reduce, which even over one rank flattens every
+gradient into a bucket, scales it by 1/1 and copies each back (~2 GB of copies per step at 169M). Exact;
+off until measured (docs/benchmarks.md, "Training throughput")."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -305,11 +311,13 @@ def train(
     engine = build_engine(model, cfg, world, device.type, merge_config(DS_OVERRIDES, ds_overrides))
     # The device-side non-finite check needs an optimizer that can skip a step on a device flag.
     deferred = DEFER_FINITE_CHECK and hasattr(engine.optimizer, "skip_step_if")
+    if SKIP_ONE_RANK_ALLREDUCE and world == 1 and cfg.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # DeepSpeed's own switch; the identity over one rank
     if cfg.compile:
         # The blocks share one frame (RWKV applies ln0), so this is headroom, in case Dynamo still
         # specialises on a block's attributes: then it recompiles per layer instead of falling back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * model_cfg.n_layer)
-        engine.compile()
+        engine.compile(compile_kwargs=dict(COMPILE_KWARGS))
 
     # Resume from the newest complete checkpoint (or the one named).
     # The data position is the global sample index: step n reads [first_sample + (n - first_step) x batch, ...).

@@ -85,3 +85,23 @@ def test_deferred_check_stops_on_nonfinite_losses_like_the_synchronous_one(world
     assert deferred[2] == sync[2]  # same samples, same losses (a bad step logs its finite part)
     # the third bad step raises before its sample-log line: the log ends at the second
     assert f"(steps {len(sync[2]) - 1}..{len(sync[2]) + 1})" in sync[1]
+
+
+def test_skipping_the_one_rank_allreduce_changes_nothing(world_of_one, tmp_path, monkeypatch):
+    """pipeline.train.SKIP_ONE_RANK_ALLREDUCE: DeepSpeed's all-reduce over one rank is the identity."""
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    calls = []
+    real = DeepSpeedEngine.allreduce_gradients
+    monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain = _run(tmp_path, "plain", True, monkeypatch)
+    made = len(calls)
+    assert made >= 6  # at least once per optimizer step
+    monkeypatch.setattr(pipeline.train, "SKIP_ONE_RANK_ALLREDUCE", True)
+    skipped = _run(tmp_path, "skipped", True, monkeypatch)
+    assert len(calls) == made  # none more
+    assert skipped[2] == plain[2]
+    a = torch.load(plain[3] / "final_weights.pt", weights_only=True)
+    b = torch.load(skipped[3] / "final_weights.pt", weights_only=True)
+    assert all(torch.equal(b[name], tensor) for name, tensor in a.items())
