@@ -142,9 +142,16 @@ def ray_run(shards: Path, out: Path, zero_stage: int, kill_rank1_after: int | No
         {
             "model": model_section(),
             "train": train_section(zero_stage=zero_stage),
-            "ray": {"num_workers": 2, "use_gpu": not ON_CPU, "cpus_per_worker": 1 if ON_CPU else 4, "max_retries": 1},
+            "ray": {"num_workers": 2, "use_gpu": not ON_CPU, "cpus_per_worker": 1, "max_retries": 1},
         }
     )
+    import ray
+
+    from orchestration.cluster import start_ray
+
+    start_ray("local")  # what train_on_ray joins; fail fast (not hang waiting) if the workers cannot fit
+    resources = ray.cluster_resources()
+    assert resources.get("CPU", 0) >= 2 and resources.get("GPU", 0) >= (0 if ON_CPU else 2), resources
     logged: list[tuple[int, dict]] = []
     killed: list[int] = []
     stop = threading.Event()
