@@ -6,7 +6,7 @@
                                              # (GPU time without the host's launch and allocation work)
     python bench/wkv_cuda.py --smoke         # one small forward+backward (for compute-sanitizer)
     python bench/wkv_cuda.py --profile 8 4096 768 bfloat16   # three fwd+bwd calls (for ncu)
-    python bench/wkv_cuda.py --variants "old:WKV_FUSED_SCANS=0,WKV_ACCURATE_EXP=1;new:" --accuracy
+    python bench/wkv_cuda.py --variants "old:WKV_EXACT_DECAY=0;new:" --accuracy
         # build cuda/wkv.cu with other tuning macros side by side (in parallel), check each against
         # the float64 reference, and time each; an empty define list is the default build
 
@@ -126,12 +126,13 @@ def print_table(rows, copy_gbps):
 
 
 def smoke():
-    """A small forward+backward through autograd, fp32 and bf16, with tails in T and C."""
+    """Small forwards+backwards through autograd, fp32 and bf16, with tails in T and C; the short
+    sequence takes the lookback path, the long one (over 64 segments) the per-lane scan kernels."""
     from model.wkv_cuda import wkv_cuda
 
-    for dtype in (torch.float32, torch.bfloat16):
-        k = torch.randn(2, 301, 40, device="cuda").to(dtype).requires_grad_(True)
-        v = torch.randn(2, 301, 40, device="cuda").to(dtype).requires_grad_(True)
+    for dtype, steps in ((torch.float32, 301), (torch.bfloat16, 301), (torch.float32, 8321)):
+        k = torch.randn(2, steps, 40, device="cuda").to(dtype).requires_grad_(True)
+        v = torch.randn(2, steps, 40, device="cuda").to(dtype).requires_grad_(True)
         td = torch.randn(40, device="cuda", requires_grad=True)
         tf = torch.randn(40, device="cuda", requires_grad=True)
         state = tuple(
@@ -196,6 +197,7 @@ OUTPUT_NAMES = ("y", "aa", "bb", "pp", "g_time_decay", "g_time_first", "gk", "gv
 ACCURACY_CASES = {  # name: (B, T, C, dtype, |k| bound or None for N(0, 1), time_decay range)
     "fp32 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.float32, 60.0, (-8.0, 8.0)),
     "fp32 2x4097x32 td[-8,1]": (2, 4097, 32, torch.float32, None, (-8.0, 1.0)),
+    "fp32 2x4097x32 |k|<=60 td[-8,8]": (2, 4097, 32, torch.float32, 60.0, (-8.0, 8.0)),
     "fp32 3x1024x96 td[-5,3]": (3, 1024, 96, torch.float32, None, (-5.0, 3.0)),
     "bf16 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.bfloat16, 60.0, (-8.0, 8.0)),
 }

@@ -57,6 +57,12 @@ namespace {
 //   WKV_ACCURATE_EXP  1: state rescaling factors use the split-argument exp; 0: one ex2.approx
 //   WKV_BWD_MIN_BLOCKS, WKV_FWD_MIN_BLOCKS  minimum resident blocks per SM asked of the compiler
 //                     for the backward and forward kernels (register budget)
+//   WKV_EXACT_DECAY   1: an adjoint summary carries its decay as g - 1, computed once from the
+//                     stored exponents (expm1), not as a product of per-step factors; 0: the product
+//   WKV_LOOKBACK      sequences of at most this many segments skip the per-lane scan kernels: each
+//                     block composes the summaries of the segments before it (forward) or after it
+//                     (backward) itself; 0: always the scan kernels (default: with dependent launch
+//                     the scan kernels cost less than the lookback, docs/benchmarks.md)
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -81,6 +87,12 @@ namespace {
 #ifndef WKV_FWD_MIN_BLOCKS
 #define WKV_FWD_MIN_BLOCKS 4
 #endif
+#ifndef WKV_EXACT_DECAY
+#define WKV_EXACT_DECAY 1
+#endif
+#ifndef WKV_LOOKBACK
+#define WKV_LOOKBACK 0
+#endif
 
 constexpr int SUB = WKV_SUB;
 constexpr int SUBS = WKV_SUBS;
@@ -88,6 +100,8 @@ constexpr bool FUSED_FWD_SCAN = (WKV_FUSED_SCANS & 1) != 0;
 constexpr bool FUSED_BWD_SCAN = (WKV_FUSED_SCANS & 2) != 0;
 constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
 constexpr bool PDL = WKV_PDL != 0;
+constexpr bool EXACT_DECAY = WKV_EXACT_DECAY != 0;
+constexpr int LOOKBACK = WKV_LOOKBACK;
 constexpr int LANES = 32;        // channels per block (blockDim.x)
 constexpr int SEG = SUB * SUBS;  // steps per block segment
 constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
@@ -196,6 +210,24 @@ __device__ __forceinline__ St apply(const St& s, const St& x, int n, float w) {
     float err = fmaf(static_cast<float>(n), w, s.p - ps);          // its rounding error (s.p - ps exact)
     Rescale r = rescale(ps, err, x.p);
     return {r.f_old * s.a + r.f_new * x.a, r.f_old * s.b + r.f_new * x.b, r.p};
+}
+
+// Adjoint summaries (alpha, beta, decay g): applied to an adjoint A at their end they give
+// g A + (alpha, beta) at their start. With EXACT_DECAY the decay component holds g - 1 (identity 0):
+// over slow decays g is within 1e-2 of 1, where an fp32 g keeps ~6e-8 of absolute resolution and a
+// product of per-step factors 1 + err (err the stored exponent's rounding) is biased the same way
+// in every tile; both errors compound over thousands of steps and cancel badly in the time_decay
+// gradient (1.6e-5 at T 4097 with slow decays, docs/benchmarks.md).
+constexpr float G_ONE = EXACT_DECAY ? 0.f : 1.f;  // decay component of the identity summary
+__device__ __forceinline__ float adj_apply(float end, float local, float g) {
+    if (!EXACT_DECAY) return fmaf(g, end, local);
+    // g - 1 near -1 (a k win cut the decay): 1 + (g - 1) is exact there
+    return g < -0.5f ? fmaf(1.f + g, end, local) : fmaf(g, end, end + local);
+}
+// The summary of x (earlier steps) after y (later steps): A -> x(y(A)).
+__device__ __forceinline__ St adj_compose(const St& x, const St& y) {
+    float g = EXACT_DECAY ? fmaf(x.p, y.p, x.p + y.p) : x.p * y.p;  // (1 + gx)(1 + gy) - 1
+    return {adj_apply(y.a, x.a, x.p), adj_apply(y.b, x.b, x.p), g};
 }
 
 // Index of [B][n][ncomp][C] arrays of per-chunk values (coalesced over c).
@@ -348,7 +380,7 @@ __device__ __forceinline__ void bwd_scan_block(const Tile& q, int C, int nseg, c
     __shared__ int wins[2][SUBS][LANES];
     auto fetch = [&](int g0) {  // row m holds segment g0 - m
         int g = g0 - q.m;
-        return q.lane_ok && g > 0 ? load3_cg(aseg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, 1.f};
+        return q.lane_ok && g > 0 ? load3_cg(aseg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
     };
     auto fetch_win = [&](int g0) {
         int g = g0 - q.m;
@@ -370,8 +402,8 @@ __device__ __forceinline__ void bwd_scan_block(const Tile& q, int C, int nseg, c
             for (int i = 0; i < SUBS && g0 - i >= 0; ++i) {
                 St x = cur.get(i);
                 cur.put(i, {al, be, 0.f});
-                al = x.p * al + x.a;
-                be = x.p * be + x.b;
+                al = adj_apply(al, x.a, x.p);
+                be = adj_apply(be, x.b, x.p);
                 if (best < 0) best = wins[it & 1][i][threadIdx.x];
             }
         }
@@ -417,10 +449,11 @@ __device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float 
     return last_win;
 }
 
-// Local adjoint summary of a tile from its start state: (alpha, beta) at the start for a zero
-// adjoint at its end, and g = e^(pp_start + n w - pp_end) that carries an end adjoint to the start.
+// Local adjoint summary of a tile from its start state s (left at the end state): (alpha, beta) at
+// the start for a zero adjoint at its end, and g = e^(pp_start + n w - pp_end) that carries an end
+// adjoint to the start (the product of the step factors; see bwd_summaries for EXACT_DECAY).
 template <bool FULL>
-__device__ __forceinline__ St adjoint_walk(int n, St s, float w, float u, const float (&k)[SUB],
+__device__ __forceinline__ St adjoint_walk(int n, St& s, float w, float u, const float (&k)[SUB],
                                            const float (&v)[SUB], const float (&gy)[SUB]) {
     St r{0.f, 0.f, 1.f};
     Anchor an(s.p);
@@ -578,32 +611,147 @@ __global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict
     fwd_scan_lane(b, c, C, nseg, -expf(td[c]), St{aa0[lane], bb0[lane], pp0[lane]}, seg);
 }
 
+// Lookback (nseg <= WKV_LOOKBACK): instead of a per-lane scan kernel between the summaries and the
+// outputs (gradients) kernels, each block composes the segment summaries before (after) its own.
+// Row m of the block takes a contiguous share of those segments and composes them in order, then
+// row 0 applies the shares to the input state (end adjoint). O(nseg) loads per block, spread over
+// its 8 rows, against one launch and one round trip through memory. Measured on an H200 it saved
+// nothing in the forward and cost 2-4 % in the backward (the scan kernels are hidden by dependent
+// launch), so it is off by default. Every thread must call these (barrier); valid in row 0.
+#ifndef WKV_LB_BATCH
+#define WKV_LB_BATCH 4
+#endif
+#ifndef WKV_LB_PREFETCH
+#define WKV_LB_PREFETCH 1
+#endif
+constexpr int LB_BATCH = WKV_LB_BATCH;  // summaries loaded at once per row
+// 1: the lookback kernels only prefetch k, v (gy) into L2 before waiting, and load them into
+// registers after the lookback, which then runs without those 32 (48) registers held (fewer spills)
+constexpr bool LB_PREFETCH = WKV_LB_PREFETCH != 0;
+
+template <typename F>
+__device__ __forceinline__ void prefetch_steps(const F* __restrict__ x, const Tile& q, int C) {
+    const F* p = x + q.base;
+    for (int j = 0; j < q.n; ++j, p += C) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+__device__ __forceinline__ St fwd_lookback(const Tile& q, int C, int nseg, float w, const float* __restrict__ seg,
+                                           const float* __restrict__ aa0, const float* __restrict__ bb0,
+                                           const float* __restrict__ pp0, Shared3& part) {
+    int per = (q.seg + SUBS - 1) / SUBS;  // segments before this one, per row
+    int lo = q.m * per, hi = min(lo + per, q.seg);
+    St acc{0.f, 0.f, EMPTY};  // summary of segments [lo, g) from the zero state
+    if (q.lane_ok) {
+        for (int g0 = lo; g0 < hi; g0 += LB_BATCH) {
+            St x[LB_BATCH];
+#pragma unroll
+            for (int i = 0; i < LB_BATCH; ++i)
+                x[i] = g0 + i < hi ? load3(seg, g0 + i, nseg, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
+#pragma unroll
+            for (int i = 0; i < LB_BATCH; ++i)
+                if (g0 + i < hi) acc = apply(acc, x[i], SEG, w);
+        }
+    }
+    part.put(q.m, acc);
+    __syncthreads();
+    St s{0.f, 0.f, EMPTY};
+    if (q.m == 0 && q.lane_ok) {
+        size_t lane = static_cast<size_t>(q.b) * C + q.c;
+        s = {aa0[lane], bb0[lane], pp0[lane]};
+        for (int m = 0; m < SUBS; ++m) {
+            int n = min(per, q.seg - m * per);
+            if (n > 0) s = apply(s, part.get(m), n * SEG, w);
+        }
+    }
+    return s;
+}
+
+// The adjoint at the end of segment q.seg, and (in wins[0]) the lane's arg-max step of pp_T: the
+// last step where k won, over all segments (-1: the input pp).
+__device__ __forceinline__ St bwd_lookback(const Tile& q, int C, int nseg, const float* __restrict__ aseg,
+                                           const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                                           const int* __restrict__ lastwin, Shared3& part,
+                                           int (&wins)[SUBS][LANES]) {
+    int after = nseg - 1 - q.seg;  // segments after this one
+    int per = (after + SUBS - 1) / SUBS;
+    int lo = q.seg + 1 + q.m * per, hi = min(lo + per, nseg);
+    St acc{0.f, 0.f, G_ONE};  // adjoint summary of segments [g, hi)
+    int best = -1;
+    if (q.lane_ok) {
+        for (int g1 = hi; g1 > lo; g1 -= LB_BATCH) {
+            St x[LB_BATCH];
+#pragma unroll
+            for (int i = 0; i < LB_BATCH; ++i)
+                x[i] = g1 - 1 - i >= lo ? load3(aseg, g1 - 1 - i, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
+#pragma unroll
+            for (int i = 0; i < LB_BATCH; ++i)
+                if (g1 - 1 - i >= lo) acc = adj_compose(x[i], acc);
+        }
+        const int* win = lastwin + static_cast<size_t>(q.b) * nseg * C + q.c;
+#pragma unroll 4
+        for (int g = q.m; g < nseg; g += SUBS) best = max(best, win[static_cast<size_t>(g) * C]);
+    }
+    part.put(q.m, acc);
+    wins[q.m][threadIdx.x] = best;
+    __syncthreads();
+    St end{0.f, 0.f, 0.f};
+    if (q.m == 0 && q.lane_ok) {
+        size_t lane = static_cast<size_t>(q.b) * C + q.c;
+        end = {gaa1[lane], gbb1[lane], 0.f};
+        for (int m = SUBS - 1; m >= 0; --m) {
+            if (after - m * per > 0) {
+                St x = part.get(m);
+                end = {adj_apply(end.a, x.a, x.p), adj_apply(end.b, x.b, x.p), 0.f};
+            }
+            best = max(best, wins[m][threadIdx.x]);
+        }
+        wins[0][threadIdx.x] = best;  // only this thread touches its column until the next barrier
+    }
+    return end;
+}
+
 // Forward 3: outputs. The block scans its sub-chunk summaries from the segment start state and
 // replaces each summary in `sub` by that sub-chunk's start state (kept for backward); each thread
 // walks its steps writing y; the thread with the last step writes the output state; the block
 // writes the last step in the segment where k won the running max (-1 if none) to `lastwin`.
-template <typename F>
+template <typename F, bool LB>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS)
-    fwd_outputs(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
-                const F* __restrict__ k_, const F* __restrict__ v_, F* __restrict__ y_, const float* __restrict__ seg,
-                float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1, float* __restrict__ bb1,
-                float* __restrict__ pp1) {
+    fwd_outputs(int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                const float* __restrict__ tf, const F* __restrict__ k_, const F* __restrict__ v_, F* __restrict__ y_,
+                const float* __restrict__ seg, float* __restrict__ sub, int* __restrict__ lastwin,
+                float* __restrict__ aa1, float* __restrict__ bb1, float* __restrict__ pp1,
+                const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ pp0) {
     __shared__ Shared3 sh;
     __shared__ int shn[SUBS][LANES];
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB];
+    constexpr bool LATE = LB && LB_PREFETCH;
     pdl_trigger();
-    load_steps(k_, q, C, k);  // k, v were complete before the pass's first kernel started
-    load_steps(v_, q, C, v);
+    if (LATE) {  // k, v were complete before the pass's first kernel started
+        prefetch_steps(k_, q, C);
+        prefetch_steps(v_, q, C);
+    } else {
+        load_steps(k_, q, C, k);
+        load_steps(v_, q, C, v);
+    }
     pdl_wait();  // the summaries (and scan) kernels' results, from here on
     St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
     sh.put(q.m, s);
     shn[q.m][threadIdx.x] = q.n;
+    St start{0.f, 0.f, EMPTY};
+    if (LB) {
+        __shared__ Shared3 part;
+        start = fwd_lookback(q, C, nseg, w, seg, aa0, bb0, pp0, part);
+    }
+    if (LATE) {
+        load_steps(k_, q, C, k);
+        load_steps(v_, q, C, v);
+    }
     __syncthreads();
     if (q.m == 0 && q.lane_ok) {
-        St acc = load3(seg, q.seg, nseg, q.b, q.c, C);
+        St acc = LB ? start : load3(seg, q.seg, nseg, q.b, q.c, C);
         for (int m = 0; m < SUBS; ++m) {
             St x = sh.get(m);
             sh.put(m, acc);
@@ -648,27 +796,34 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB], gy[SUB];
-    St r{0.f, 0.f, 1.f};  // (alpha, beta, g)
+    St r{0.f, 0.f, G_ONE};  // (alpha, beta, g or g - 1)
+    St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
+    float p_start = s.p;
+    // EXACT_DECAY: the adjoint at this tile's end is scaled by the next tile's stored start exponent
+    // (where the backward's next tile starts), which may differ from the recomputed end exponent by
+    // an ulp; take the stored one. The last tile ends at the forward's output exponent, which the
+    // walk below recomputes bit for bit.
+    bool next_stored = EXACT_DECAY && q.n > 0 && q.sub + 1 < nsub;
+    float p_next = next_stored ? sub[chunk_idx(q.b, q.sub + 1, nsub, 2, 3, q.c, C)] : 0.f;
     if (q.n == SUB) {
         load_steps<true>(k_, q, C, k);
         load_steps<true>(v_, q, C, v);
         load_steps<true>(gy_, q, C, gy);
-        r = adjoint_walk<true>(q.n, load3(sub, q.sub, nsub, q.b, q.c, C), w, u, k, v, gy);
+        r = adjoint_walk<true>(q.n, s, w, u, k, v, gy);
     } else if (q.n > 0) {
         load_steps<false>(k_, q, C, k);
         load_steps<false>(v_, q, C, v);
         load_steps<false>(gy_, q, C, gy);
-        r = adjoint_walk<false>(q.n, load3(sub, q.sub, nsub, q.b, q.c, C), w, u, k, v, gy);
+        r = adjoint_walk<false>(q.n, s, w, u, k, v, gy);
     }
+    if (EXACT_DECAY && q.n > 0)  // g - 1 from the exponents, in one rounding
+        r.p = expm1f(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
     if (q.n > 0) store3(asub, q.sub, nsub, q.b, q.c, C, r);
     sh.put(q.m, r);
     __syncthreads();
     if (q.m == 0 && q.lane_ok && q.seg > 0) {  // segment 0's summary is never needed
-        St acc{0.f, 0.f, 1.f};
-        for (int m = SUBS - 1; m >= 0; --m) {
-            St x = sh.get(m);
-            acc = {x.p * acc.a + x.a, x.p * acc.b + x.b, x.p * acc.p};
-        }
+        St acc{0.f, 0.f, G_ONE};
+        for (int m = SUBS - 1; m >= 0; --m) acc = adj_compose(sh.get(m), acc);
         store3(aseg, q.seg, nseg, q.b, q.c, C, acc);
     }
     if (FUSED_BWD_SCAN && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg))
@@ -690,7 +845,7 @@ __device__ __forceinline__ void bwd_scan_lane(int b, int c, int C, int nseg, con
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
             int g = g0 - i;
-            x[i] = g > 0 ? load3_cg(aseg, g, nseg, b, c, C) : St{0.f, 0.f, 1.f};
+            x[i] = g > 0 ? load3_cg(aseg, g, nseg, b, c, C) : St{0.f, 0.f, G_ONE};
             wins[i] = g >= 0 ? lastwin[(static_cast<size_t>(b) * nseg + g) * C + c] : -1;
         }
 #pragma unroll
@@ -698,8 +853,8 @@ __device__ __forceinline__ void bwd_scan_lane(int b, int c, int C, int nseg, con
             int g = g0 - i;
             if (g >= 0) {
                 store3(aseg, g, nseg, b, c, C, {al, be, 0.f});
-                al = x[i].p * al + x[i].a;
-                be = x[i].p * be + x[i].b;
+                al = adj_apply(al, x[i].a, x[i].p);
+                be = adj_apply(be, x[i].b, x[i].p);
                 if (best < 0) best = wins[i];
             }
         }
@@ -721,9 +876,10 @@ __global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict
 // Backward 3: gradients. The block scans the adjoint back over its sub-chunks from the segment
 // end; each thread walks its tile (gradient_walk); the block writes per-segment partials of gw,
 // gu, and the thread owning step 0 writes the input-state gradient.
-template <typename F>
+template <typename F, bool LB>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
-    bwd_gradients(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+    bwd_gradients(int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                  const float* __restrict__ tf,
                   const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
                   const float* __restrict__ sub, const float* __restrict__ asub, const float* __restrict__ aseg,
                   const int* __restrict__ argmax, const float* __restrict__ aa0, const float* __restrict__ bb0,
@@ -731,26 +887,44 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
                   const float* __restrict__ gbb1, const float* __restrict__ gpp1, F* __restrict__ gk_,
                   F* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0, float* __restrict__ gbb0,
                   float* __restrict__ gpp0, float* __restrict__ gtd, float* __restrict__ gtf,
-                  int* __restrict__ counters) {
+                  int* __restrict__ counters, const int* __restrict__ lastwin) {
     __shared__ Shared3 sh;
+    __shared__ int wins[SUBS][LANES];
     extern __shared__ float stash_mem[];
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB], gy[SUB];
+    constexpr bool LATE = LB && LB_PREFETCH;
     pdl_trigger();
-    load_steps(k_, q, C, k);  // k, v, gy were complete before the pass's first kernel started
-    load_steps(v_, q, C, v);
-    load_steps(gy_, q, C, gy);
+    if (LATE) {  // k, v, gy were complete before the pass's first kernel started
+        prefetch_steps(k_, q, C);
+        prefetch_steps(v_, q, C);
+        prefetch_steps(gy_, q, C);
+    } else {
+        load_steps(k_, q, C, k);
+        load_steps(v_, q, C, v);
+        load_steps(gy_, q, C, gy);
+    }
     pdl_wait();  // the adjoint summaries (and scan) kernels' results, from here on
-    sh.put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, 1.f});
+    sh.put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, G_ONE});
+    St end{0.f, 0.f, 0.f};
+    if (LB) {
+        __shared__ Shared3 lb;
+        end = bwd_lookback(q, C, nseg, aseg, gaa1, gbb1, lastwin, lb, wins);
+    }
+    if (LATE) {
+        load_steps(k_, q, C, k);
+        load_steps(v_, q, C, v);
+        load_steps(gy_, q, C, gy);
+    }
     __syncthreads();
     if (q.m == 0 && q.lane_ok) {
-        St acc = load3(aseg, q.seg, nseg, q.b, q.c, C);
+        St acc = LB ? end : load3(aseg, q.seg, nseg, q.b, q.c, C);
         for (int m = SUBS - 1; m >= 0; --m) {
             St x = sh.get(m);
             sh.put(m, acc);
-            acc = {x.p * acc.a + x.a, x.p * acc.b + x.b, 0.f};
+            acc = {adj_apply(acc.a, x.a, x.p), adj_apply(acc.b, x.b, x.p), 0.f};
         }
     }
     __syncthreads();
@@ -760,7 +934,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         St adj = sh.get(q.m);
         // The gradient of pp_T goes to its arg-max path: step `am`, or the input pp when am = -1.
         size_t lane = static_cast<size_t>(q.b) * C + q.c;
-        int am = argmax[lane];
+        int am = LB ? wins[0][threadIdx.x] : argmax[lane];
         bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
         float gpath = 0.f;
         if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
@@ -855,17 +1029,18 @@ int forward_impl(int B, int T, int C, const float* td, const float* tf, const vo
                  const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1, float* sub,
                  int* lastwin, float* seg, int* counters, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    bool lookback = !FUSED_FWD_SCAN && nseg <= LOOKBACK;
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
     cudaError_t err = launch(false, fwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg,
                              aa0, bb0, pp0, counters);
-    if (err == cudaSuccess && !FUSED_FWD_SCAN)
+    if (err == cudaSuccess && !FUSED_FWD_SCAN && !lookback)
         err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, td, aa0, bb0, pp0, seg);
     if (err == cudaSuccess)
-        err = launch(true, fwd_outputs<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, static_cast<F*>(y),
-                     seg, sub, lastwin, aa1, bb1, pp1);
+        err = launch(true, lookback ? fwd_outputs<F, true> : fwd_outputs<F, false>, grid, block, 0, stream, T, C,
+                     nseg, nsub, td, tf, kk, vv, static_cast<F*>(y), seg, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
@@ -879,7 +1054,9 @@ cudaError_t allow_stash() {
     if (err != cudaSuccess) return err;
     unsigned long long bit = 1ull << (device & 63);
     if (__atomic_load_n(&done_mask, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
-    err = cudaFuncSetAttribute(bwd_gradients<F>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    err = cudaFuncSetAttribute(bwd_gradients<F, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    if (err == cudaSuccess)
+        err = cudaFuncSetAttribute(bwd_gradients<F, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
     if (err == cudaSuccess && device < 64) __atomic_fetch_or(&done_mask, bit, __ATOMIC_RELEASE);
     return err;
 }
@@ -891,20 +1068,22 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
                   float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
                   float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    bool lookback = !FUSED_BWD_SCAN && nseg <= LOOKBACK;
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
     const F* gg = static_cast<const F*>(gy);
     cudaError_t err = launch(false, bwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
                              sub, asub, aseg, gaa1, gbb1, lastwin, argmax, counters);
-    if (err == cudaSuccess && !FUSED_BWD_SCAN)
+    if (err == cudaSuccess && !FUSED_BWD_SCAN && !lookback)
         err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
     if (err == cudaSuccess) err = allow_stash<F>();
+    auto gradients = lookback ? bwd_gradients<F, true> : bwd_gradients<F, false>;
     if (err == cudaSuccess)
-        err = launch(true, bwd_gradients<F>, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub,
-                     td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
-                     static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters);
+        err = launch(true, gradients, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td,
+                     tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<F*>(gk),
+                     static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters, lastwin);
     if (err == cudaSuccess && !FUSED_REDUCE)
         err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
                      gtf);
