@@ -27,6 +27,16 @@ if ! PYTHONPATH=/tmp/site python3 -c "import ray, deepspeed" 2>/dev/null; then
       .whl/deepspeed* .whl/hjson* || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# The carried Ray is stripped of ray.tune, but Ray Train V2 (2.60) imports one function from it in every
+# ray.train.get_context() call (ray/train/v2/_internal/util.py: "ModuleNotFoundError: No module named
+# 'ray.tune'", seen on the x2 machine 2026-11-29). Give it that function: no Tune session here, ever.
+if [ ! -d /tmp/site/ray/tune ]; then
+  mkdir -p /tmp/site/ray/tune/trainable
+  : > /tmp/site/ray/tune/__init__.py
+  : > /tmp/site/ray/tune/trainable/__init__.py
+  printf 'def _in_tune_session() -> bool:\n    return False  # stub: this Ray build has no Tune\n' \
+    > /tmp/site/ray/tune/trainable/trainable_fn_utils.py
+fi
 {
   echo "install: $((SECONDS - start)) s"; date -u; nvidia-smi -L; nvidia-smi topo -m
   python3 -c "import torch, deepspeed, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, \

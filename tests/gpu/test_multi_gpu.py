@@ -13,8 +13,8 @@ What must hold (GPU: bf16, cuda WKV kernel, one Ray Train worker per GPU, NCCL):
 * ZeRO-2 and ZeRO-3 runs train (loss falls), each rank on its own GPU with the NCCL process group, and
   every training worker process sees the three NVLink-multicast-off variables (read back in the worker).
 * kill -9 of rank 1 mid-run: Ray Train restarts the group from the last checkpoint; every step after the
-  restart has the loss of the uninterrupted run, to RESUME_RTOL (the loop is deterministic on the GPU:
-  measured 0).
+  restart has the loss of the uninterrupted run, to RESUME_RTOL (measured 0 with gloo on CPU; not yet
+  run on GPUs, see docs/benchmarks.md "Multi-GPU scaling").
 * The 2-GPU checkpoints (ZeRO-2 and ZeRO-3) export to consolidated fp32 weights whose bf16 rounding is the
   live bf16 weights exactly, and the exported model gives the live model's logits exactly on one GPU and on
   the CPU (after that rounding); fp32 logits of the export on GPU vs CPU agree to XDEVICE_RTOL.
