@@ -7,7 +7,8 @@
 #   bash bench/multi_gpu_check.sh all ARGS...                # both, the scaling bench last
 # CALL_LIMIT (seconds, default 540) bounds the whole call: the tests get at most TESTS_LIMIT (300), and the
 # scaling bench gets what is left as its --budget (jobs that would not fit are skipped, not started).
-# Device tool: carry [".raydev", ".whl"]; files come back as $OUT/{env,tests,measured,allreduce,scaling}.*
+# Device tool: carry [".raydev", ".whl"] (.raydev from bench/pack_ray_for_device.sh, .whl from
+# ../shared/tools/device-wheels.sh); files come back as $OUT/{env,tests,measured,allreduce,scaling}.*
 # The machine is bare unless still warm from the last call: the install is skipped when already there.
 set -uo pipefail
 mode=${1:-all}
@@ -27,16 +28,10 @@ if ! PYTHONPATH=/tmp/site python3 -c "import ray, deepspeed" 2>/dev/null; then
       .whl/deepspeed* .whl/hjson* || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
-# The carried Ray is stripped of ray.tune, but Ray Train V2 (2.60) imports one function from it in every
-# ray.train.get_context() call (ray/train/v2/_internal/util.py: "ModuleNotFoundError: No module named
-# 'ray.tune'", seen on the x2 machine 2026-11-29). Give it that function: no Tune session here, ever.
-if [ ! -d /tmp/site/ray/tune ]; then
-  mkdir -p /tmp/site/ray/tune/trainable
-  : > /tmp/site/ray/tune/__init__.py
-  : > /tmp/site/ray/tune/trainable/__init__.py
-  printf 'def _in_tune_session() -> bool:\n    return False  # stub: this Ray build has no Tune\n' \
-    > /tmp/site/ray/tune/trainable/trainable_fn_utils.py
-fi
+# Ray Train V2 (2.60) calls into ray.tune from every worker's ray.train.get_context(): the carried Ray
+# must include Tune (bench/pack_ray_for_device.sh packs it; a pack without it failed here on 2026-11-29).
+PYTHONPATH=/tmp/site python3 -c "import ray.tune.trainable.trainable_fn_utils" \
+  || { echo "the carried Ray lacks ray.tune: rebuild .raydev with bench/pack_ray_for_device.sh"; exit 1; }
 {
   echo "install: $((SECONDS - start)) s"; date -u; nvidia-smi -L; nvidia-smi topo -m
   python3 -c "import torch, deepspeed, ray; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
