@@ -56,8 +56,6 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
 
     import pipeline.engine
     import pipeline.train
-    from model import ModelConfig
-    from pipeline.config import TrainConfig
 
     bench = _throughput_bench()
     pipeline.engine.BF16_STAGE0 = "master"  # bf16 at ZeRO-0: bf16 weights + our fp32 masters (the fastest path)
@@ -71,21 +69,7 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
 
         pipeline.train.build_engine = build_with_overrides  # the loop builds its engine through this name
 
-    n_layer, n_embd = bench.SIZES[spec["model"]]
-    backend = spec["backend"]
-    model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=bench.MODEL_VOCAB, wkv_backend=backend)
-    cfg = TrainConfig(
-        ctx_len=spec["ctx"],
-        micro_bsz=spec["micro_bsz"],
-        steps=spec["warmup"] + spec["steps"],
-        warmup_steps=0,
-        precision=spec["precision"],
-        zero_stage=spec["zero"],
-        compile=bool(spec["compile"]),
-        log_every=spec["warmup"],
-        val_every=1 << 30,
-        val_batches=1,
-    )
+    model_cfg, cfg = bench.bench_configs(spec)
     windows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as out:
         log = lambda metrics, _step: windows.append(metrics)  # noqa: E731 - called on rank 0 only
@@ -171,6 +155,7 @@ def specs_by_group(args: argparse.Namespace, data: Path) -> list[list[dict[str, 
             "backend": args.backend,
             "steps": args.steps,
             "warmup": args.warmup,
+            "fused_loss_chunk": args.fused_loss_chunk,
             "data": str(data),
         }
         group = [{**base, "world": 1, "variant": "default", "ds": {}}] if 1 in args.gpus else []
@@ -212,7 +197,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict[str, Any]]:
 
 def efficiency_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each W > 1 row with its 1-GPU baseline's tokens/s and the scaling efficiency."""
-    key = ("model", "zero", "compile", "micro_bsz", "precision", "ctx", "backend")
+    key = ("model", "zero", "compile", "micro_bsz", "precision", "ctx", "backend", "fused_loss_chunk")
     base = {tuple(r[k] for k in key): r for r in rows if r.get("world") == 1 and "error" not in r}
     for row in rows:
         single = base.get(tuple(row.get(k) for k in key))
@@ -254,6 +239,9 @@ def main() -> int:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--backend", default="cuda", help="WKV backend")
     parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument(
+        "--fused-loss-chunk", type=int, default=8192, help="train.fused_loss_chunk (0: unfused; 8192: the 1-GPU best)"
+    )
     parser.add_argument("--steps", type=int, default=12, help="measured steps")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps first (compilation)")
     parser.add_argument("--variant", nargs="*", default=[], help="NAME=JSON DeepSpeed overrides for W > 1 jobs")

@@ -42,6 +42,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -71,14 +72,40 @@ def write_synthetic_shards(out_dir: Path, tokens: int, vocab_size: int = DATA_VO
     return out_dir
 
 
+def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
+    """(ModelConfig, TrainConfig) of one bench row: `warmup` + `steps` (+ extra) steps, logged after the warmup.
+
+    spec keys: model (a SIZES key), backend, ctx, micro_bsz, warmup, steps, precision, zero, compile;
+    optional peak_tflops, fused_loss_chunk. bench/train_scaling.py builds its rows with this too.
+    """
+    from model import ModelConfig
+    from pipeline.config import TrainConfig
+
+    n_layer, n_embd = SIZES[spec["model"]]
+    model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
+    cfg = TrainConfig(
+        ctx_len=spec["ctx"],
+        micro_bsz=spec["micro_bsz"],
+        steps=spec["warmup"] + spec["steps"] + extra_steps,
+        warmup_steps=0,
+        precision=spec["precision"],
+        zero_stage=spec["zero"],
+        compile=bool(spec["compile"]),
+        log_every=spec["warmup"],
+        val_every=1 << 30,
+        val_batches=1,
+        fused_loss_chunk=spec.get("fused_loss_chunk", 0),
+        **({"peak_tflops": spec["peak_tflops"]} if "peak_tflops" in spec else {}),
+    )
+    return model_cfg, cfg
+
+
 def run_one(spec: dict) -> dict:
     """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
     import torch
 
     import pipeline.engine
     import pipeline.train
-    from model import ModelConfig
-    from pipeline.config import TrainConfig
     from pipeline.train import train
 
     pipeline.engine.BF16_STAGE0 = spec["bf16_stage0"]  # the training loop builds its engine with the default
@@ -89,23 +116,8 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 0))
 
-    n_layer, n_embd = SIZES[spec["model"]]
-    model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
     profiled = spec.get("profile", 0)
-    cfg = TrainConfig(
-        ctx_len=spec["ctx"],
-        micro_bsz=spec["micro_bsz"],
-        steps=spec["warmup"] + spec["steps"] + profiled,
-        warmup_steps=0,
-        precision=spec["precision"],
-        zero_stage=spec["zero"],
-        compile=bool(spec["compile"]),
-        log_every=spec["warmup"],
-        val_every=1 << 30,
-        val_batches=1,
-        peak_tflops=spec["peak_tflops"],
-        fused_loss_chunk=spec.get("fused_loss_chunk", 0),
-    )
+    model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
     windows: list[dict] = []
     profiler = step_profiler(spec["warmup"] + spec["steps"], profiled) if profiled else None
     with tempfile.TemporaryDirectory() as out:
