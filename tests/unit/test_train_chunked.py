@@ -26,10 +26,11 @@ def single_process_world(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_PORT", str(_free_port()))
     yield
+    import deepspeed.comm
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, which later tests rebuild
 
 
 @pytest.fixture(scope="module")
