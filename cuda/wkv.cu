@@ -40,6 +40,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 namespace {
 
 // Compile-time tuning knobs (defaults: the best measured on an H200, docs/benchmarks.md;
@@ -63,6 +65,16 @@ namespace {
 //                     block composes the summaries of the segments before it (forward) or after it
 //                     (backward) itself; 0: always the scan kernels (default: with dependent launch
 //                     the scan kernels cost less than the lookback, docs/benchmarks.md)
+//   WKV_PAIRS         1: bf16 k, v, y, gy, gk, gv move as __nv_bfloat162: a thread owns two adjacent
+//                     channels (a block 64), so one warp access covers 128 B instead of 64 B; the
+//                     per-channel arithmetic is the default's, in the same order (bit-identical
+//                     results). Only for bf16 with C even and 4-byte aligned k, v (gy); otherwise,
+//                     and for fp32, the unpaired kernels run. Needs WKV_FUSED_SCANS = 0 and
+//                     WKV_LOOKBACK = 0 (default 0: compiled, not yet measured on a GPU)
+//   WKV_PAIR_FWD_MIN_BLOCKS, WKV_PAIR_BWD_MIN_BLOCKS  the same for the paired kernels (a paired
+//                     block does two blocks' work and holds two chains per thread)
+//   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
+//                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -93,6 +105,18 @@ namespace {
 #ifndef WKV_LOOKBACK
 #define WKV_LOOKBACK 0
 #endif
+#ifndef WKV_PAIRS
+#define WKV_PAIRS 0
+#endif
+#ifndef WKV_PAIR_FWD_MIN_BLOCKS
+#define WKV_PAIR_FWD_MIN_BLOCKS 2
+#endif
+#ifndef WKV_PAIR_BWD_MIN_BLOCKS
+#define WKV_PAIR_BWD_MIN_BLOCKS 2
+#endif
+#ifndef WKV_FAST_GM1
+#define WKV_FAST_GM1 0
+#endif
 
 constexpr int SUB = WKV_SUB;
 constexpr int SUBS = WKV_SUBS;
@@ -102,6 +126,9 @@ constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
 constexpr bool PDL = WKV_PDL != 0;
 constexpr bool EXACT_DECAY = WKV_EXACT_DECAY != 0;
 constexpr int LOOKBACK = WKV_LOOKBACK;
+constexpr bool PAIRS = WKV_PAIRS != 0;
+static_assert(!PAIRS || (WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0),
+              "WKV_PAIRS has paired kernels only for the separate scan kernels (FUSED_SCANS 0, LOOKBACK 0)");
 constexpr int LANES = 32;        // channels per block (blockDim.x)
 constexpr int SEG = SUB * SUBS;  // steps per block segment
 constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
@@ -223,6 +250,34 @@ __device__ __forceinline__ float adj_apply(float end, float local, float g) {
     if (!EXACT_DECAY) return fmaf(g, end, local);
     // g - 1 near -1 (a k win cut the decay): 1 + (g - 1) is exact there
     return g < -0.5f ? fmaf(1.f + g, end, local) : fmaf(g, end, end + local);
+}
+// g - 1 = e^x - 1 for a tile's decay exponent x = pp_start + n w - pp_end (<= 0 up to an ulp of the
+// exponents; about -1e38 for the empty state). expm1f by default. WKV_FAST_GM1 (both branches are
+// computed, then one is selected: no divergence, one MUFU):
+//   |x| < 1/2: the series x + x^2/2! + ... + x^8/8! in Horner form (7 FMA, 1 FMUL). Truncation: the
+//     first omitted term relative to the result is < |x|^8/9! / (1 - |x|/2) < 1.5e-8 (1/8 ulp).
+//     Checked exhaustively on the CPU (the same fp32 FMAs, every float with |x| < 1/2, against
+//     float64 expm1): at most 0.90 ulp (relative 7.9e-8); glibc's expm1f reaches 0.81 ulp there.
+//   |x| >= 1/2: accurate_exp (about 2 ulp of e^x, see there) minus 1. For x in [-ln 2, -1/2] the
+//     subtraction is exact (Sterbenz) and e^x's 2 ulp (<= 1.2e-7) are < 3.1e-7 of |g - 1| >= 0.39;
+//     below -ln 2, e^x < 1/2 errs by <= 6e-8 and the subtraction by <= 3e-8, < 1.8e-7 of |g - 1|
+//     >= 1/2. x is clamped at -127 first: e^x is then 0 (g - 1 = -1 exactly, as expm1f gives) and an
+//     -inf argument cannot turn accurate_exp's correction term into NaN.
+// What the adjoint needs holds: where |x| is small (slow decays, long memories) g - 1 keeps its
+// relative accuracy, so nothing compounds across tiles; where it is not, the decay is fast and an
+// error of a few 1e-7 of the carried adjoint dies out within a few tiles.
+__device__ __forceinline__ float decay_m1(float x) {
+    if (!WKV_FAST_GM1) return expm1f(x);
+    float p = 2.48015873e-05f;      // 1/8!
+    p = fmaf(p, x, 1.98412698e-04f);  // 1/7!
+    p = fmaf(p, x, 1.38888889e-03f);  // 1/6!
+    p = fmaf(p, x, 8.33333333e-03f);  // 1/5!
+    p = fmaf(p, x, 4.16666667e-02f);  // 1/4!
+    p = fmaf(p, x, 1.66666667e-01f);  // 1/3!
+    p = fmaf(p, x, 0.5f);
+    float series = fmaf(p * x, x, x);  // x + x (x/2 + x^2/6 + ...)
+    float big = accurate_exp(fmaxf(x, -127.f)) - 1.f;
+    return fabsf(x) < 0.5f ? series : big;
 }
 // The summary of x (earlier steps) after y (later steps): A -> x(y(A)).
 __device__ __forceinline__ St adj_compose(const St& x, const St& y) {
@@ -817,7 +872,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         r = adjoint_walk<false>(q.n, s, w, u, k, v, gy);
     }
     if (EXACT_DECAY && q.n > 0)  // g - 1 from the exponents, in one rounding
-        r.p = expm1f(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
+        r.p = decay_m1(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
     if (q.n > 0) store3(asub, q.sub, nsub, q.b, q.c, C, r);
     sh.put(q.m, r);
     __syncthreads();
@@ -1004,6 +1059,418 @@ __global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, c
     reduce_channels<8>(B, C, nseg, blockIdx.x * LANES, threadIdx.y, td, part, gtd, gtf, sh);
 }
 
+// ---------------------------------------------------------------------------------------------
+// WKV_PAIRS: the bf16 kernels with two adjacent channels per thread. Same blocks of 32 x SUBS
+// threads, same sub-chunks and segments (so the same scan kernels, workspaces and partials), but
+// a block covers 64 channels: thread x owns channels c = 2 (32 blockIdx.y + x) and c + 1, and moves
+// their k, v, y, gy, gk, gv as one __nv_bfloat162 per step (a warp access covers 128 B). Every
+// channel goes through the default's device functions (update, output, apply, the walks), in the
+// default's order, so each channel's results are bit-identical to the default build's; only the
+// interleaving of the two channels' independent instructions differs.
+#if WKV_PAIRS
+using bf2 = __nv_bfloat162;
+
+__device__ __forceinline__ Tile tile_pair(int T, int C) {
+    Tile r = tile(T, C);
+    r.c = 2 * (blockIdx.y * LANES + threadIdx.x);  // C is even: c < C implies c + 1 < C
+    r.lane_ok = r.c < C;
+    int left = T - r.t0;
+    r.n = r.lane_ok ? (left < 0 ? 0 : (left > SUB ? SUB : left)) : 0;
+    r.base = (static_cast<size_t>(r.b) * T + r.t0) * C + r.c;  // even: 4-byte aligned pairs
+    return r;
+}
+
+// Steps j < n of a lane pair (stride C / 2 pairs).
+template <bool FULL>
+__device__ __forceinline__ void load_pairs(const __nv_bfloat16* __restrict__ x, const Tile& q, int C,
+                                           bf2 (&out)[SUB]) {
+    const bf2* p = reinterpret_cast<const bf2*>(x + q.base);
+    const int stride = C / 2;
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        out[j] = (FULL || j < q.n) ? *p : __float2bfloat162_rn(0.f);
+        p += stride;
+    }
+}
+__device__ __forceinline__ void load_pairs(const __nv_bfloat16* __restrict__ x, const Tile& q, int C,
+                                           bf2 (&out)[SUB]) {
+    if (q.n == SUB)
+        load_pairs<true>(x, q, C, out);
+    else
+        load_pairs<false>(x, q, C, out);
+}
+
+// Channel H (0: c, 1: c + 1) of a pair, exactly as to_f converts a lone bf16.
+template <int H>
+__device__ __forceinline__ float half_f(bf2 x) {
+    return H ? __high2float(x) : __low2float(x);
+}
+template <int H>
+__device__ __forceinline__ void unpack(const bf2 (&x)[SUB], float (&out)[SUB]) {
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) out[j] = half_f<H>(x[j]);
+}
+__device__ __forceinline__ bf2 pack(float lo, float hi) {  // each rounded as from_f rounds one value
+    return __halves2bfloat162(__float2bfloat16_rn(lo), __float2bfloat16_rn(hi));
+}
+
+template <bool FULL, int H>
+__device__ __forceinline__ St summary_half(int n, float w, const bf2 (&k2)[SUB], const bf2 (&v2)[SUB]) {
+    float k[SUB], v[SUB];
+    unpack<H>(k2, k);
+    unpack<H>(v2, v);
+    return summary_walk<FULL>(n, w, k, v);
+}
+
+template <bool FULL, int H>
+__device__ __forceinline__ St adjoint_half(int n, St& s, float w, float u, const bf2 (&k2)[SUB],
+                                           const bf2 (&v2)[SUB], const bf2 (&gy2)[SUB]) {
+    float k[SUB], v[SUB], gy[SUB];
+    unpack<H>(k2, k);
+    unpack<H>(v2, v);
+    unpack<H>(gy2, gy);
+    return adjoint_walk<FULL>(n, s, w, u, k, v, gy);
+}
+
+// output_walk for both channels, step by step (each channel: output, then update, as there).
+template <bool FULL>
+__device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], const float (&w)[2], const float (&u)[2],
+                                                 const bf2 (&k2)[SUB], const bf2 (&v2)[SUB],
+                                                 __nv_bfloat16* __restrict__ y, int C, int (&last_win)[2]) {
+    bf2* p = reinterpret_cast<bf2*>(y + q.base);
+    const int stride = C / 2;
+    Anchor an0(s[0].p), an1(s[1].p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < q.n) {
+            float k0 = half_f<0>(k2[j]), v0 = half_f<0>(v2[j]);
+            float k1 = half_f<1>(k2[j]), v1 = half_f<1>(v2[j]);
+            float e1, e2, inv, f1, f2;
+            float y0 = output(s[0], u[0], k0, v0, e1, e2, inv);
+            float y1 = output(s[1], u[1], k1, v1, e1, e2, inv);
+            *p = pack(y0, y1);
+            if (update(s[0], an0, w[0], k0, v0, f1, f2)) last_win[0] = q.t0 + j;
+            if (update(s[1], an1, w[1], k1, v1, f1, f2)) last_win[1] = q.t0 + j;
+        }
+        p += stride;
+    }
+}
+
+// gradient_walk for channel H of the pair, the arithmetic copied line for line. Channel 0 runs
+// first and leaves its (gk, gv) per step, rounded to bf16, in `held`; channel 1 then stores both
+// channels' gk and gv as pairs. The stash is per thread, so channel 1 may overwrite it without a
+// barrier.
+template <bool FULL, int H>
+__device__ __forceinline__ GradAcc gradient_half(const Tile& q, St s, float w, float u, const bf2 (&k2)[SUB],
+                                                 const bf2 (&v2)[SUB], const bf2 (&gy2)[SUB], float al, float be,
+                                                 int am, float gpath, __nv_bfloat16* __restrict__ gk,
+                                                 __nv_bfloat16* __restrict__ gv, int C, Stash stash,
+                                                 bf2 (&held)[SUB]) {
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < q.n) {
+            stash.at(j, 0) = s.a;
+            stash.at(j, 1) = s.b;
+            stash.at(j, 2) = s.p;
+            float f1, f2;
+            bool k_wins = update(s, an, w, half_f<H>(k2[j]), half_f<H>(v2[j]), f1, f2);
+            stash.at(j, 3) = k_wins ? -f1 : f2;
+        }
+    }
+    float p_next = s.p;
+    GradAcc acc{0.f, 0.f, al, be};
+    const int stride = C / 2;
+    bf2* pk = reinterpret_cast<bf2*>(gk + q.base) + static_cast<size_t>(SUB - 1) * stride;
+    bf2* pv = reinterpret_cast<bf2*>(gv + q.base) + static_cast<size_t>(SUB - 1) * stride;
+#pragma unroll
+    for (int j = SUB - 1; j >= 0; --j) {
+        if (FULL || j < q.n) {
+            float kj = half_f<H>(k2[j]), vj = half_f<H>(v2[j]), gyj = half_f<H>(gy2[j]);
+            St st{stash.at(j, 0), stash.at(j, 1), stash.at(j, 2)};
+            float e = stash.at(j, 3);
+            bool k_won = signbit(e);
+            float f1 = k_won ? -e : fmaxf(1.f + ((st.p - p_next) + w), 0.f);  // as in update()
+            float f2 = k_won ? 1.f : e;
+            p_next = st.p;
+            float e1, e2, inv;
+            float y = output(st, u, kj, vj, e1, e2, inv);
+            float rr = gyj * inv;
+            float re2 = rr * e2, re1 = rr * e1;
+            float dy = re2 * (vj - y);
+            float gkj = dy + f2 * (acc.al * vj + acc.be);
+            if (q.t0 + j == am) gkj += gpath;
+            if (H == 0) {
+                held[j] = pack(gkj, re2 + acc.al * f2);  // (gk, gv) of channel 0
+            } else {
+                *pv = __halves2bfloat162(__high2bfloat16(held[j]), __float2bfloat16_rn(re2 + acc.al * f2));
+                *pk = __halves2bfloat162(__low2bfloat16(held[j]), __float2bfloat16_rn(gkj));
+            }
+            acc.gu += dy;
+            acc.gw += f1 * (acc.al * st.a + acc.be * st.b);
+            acc.al = f1 * acc.al + re1;
+            acc.be = f1 * acc.be - re1 * y;
+        }
+        pk -= stride;
+        pv -= stride;
+    }
+    return acc;
+}
+
+// Forward 1, paired (see fwd_summaries).
+__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
+    fwd_summaries_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                       const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
+                       float* __restrict__ sub, float* __restrict__ seg) {
+    pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
+    __shared__ Shared3 sh[2];
+    __shared__ int shn[SUBS][LANES];
+    Tile q = tile_pair(T, C);
+    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
+    bf2 k[SUB], v[SUB];
+    St s[2];
+    if (q.n == SUB) {
+        load_pairs<true>(k_, q, C, k);
+        load_pairs<true>(v_, q, C, v);
+        s[0] = summary_half<true, 0>(q.n, w[0], k, v);
+        s[1] = summary_half<true, 1>(q.n, w[1], k, v);
+    } else {
+        load_pairs<false>(k_, q, C, k);
+        load_pairs<false>(v_, q, C, v);
+        s[0] = summary_half<false, 0>(q.n, w[0], k, v);
+        s[1] = summary_half<false, 1>(q.n, w[1], k, v);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (q.n > 0) store3(sub, q.sub, nsub, q.b, q.c + h, C, s[h]);
+        sh[h].put(q.m, s[h]);
+    }
+    shn[q.m][threadIdx.x] = q.n;
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok && q.seg + 1 < nseg) {  // the last segment's summary is never needed
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            St acc{0.f, 0.f, EMPTY};
+            for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh[h].get(m), shn[m][threadIdx.x], w[h]);
+            store3(seg, q.seg, nseg, q.b, q.c + h, C, acc);
+        }
+    }
+}
+
+// Forward 3, paired (see fwd_outputs; no lookback).
+__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
+    fwd_outputs_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                     const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
+                     __nv_bfloat16* __restrict__ y_, const float* __restrict__ seg, float* __restrict__ sub,
+                     int* __restrict__ lastwin, float* __restrict__ aa1, float* __restrict__ bb1,
+                     float* __restrict__ pp1) {
+    __shared__ Shared3 sh[2];
+    __shared__ int shn[2][SUBS][LANES];
+    Tile q = tile_pair(T, C);
+    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
+    float u[2] = {q.lane_ok ? tf[q.c] : 0.f, q.lane_ok ? tf[q.c + 1] : 0.f};
+    bf2 k[SUB], v[SUB];
+    pdl_trigger();
+    load_pairs(k_, q, C, k);
+    load_pairs(v_, q, C, v);
+    pdl_wait();  // the summaries and scan kernels' results, from here on
+    St s[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        s[h] = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c + h, C) : St{0.f, 0.f, EMPTY};
+        sh[h].put(q.m, s[h]);
+    }
+    shn[0][q.m][threadIdx.x] = q.n;
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            St acc = load3(seg, q.seg, nseg, q.b, q.c + h, C);
+            for (int m = 0; m < SUBS; ++m) {
+                St x = sh[h].get(m);
+                sh[h].put(m, acc);
+                acc = apply(acc, x, shn[0][m][threadIdx.x], w[h]);
+            }
+        }
+    }
+    __syncthreads();
+    int last_win[2] = {-1, -1};
+    if (q.n > 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            s[h] = sh[h].get(q.m);
+            store3(sub, q.sub, nsub, q.b, q.c + h, C, s[h]);
+        }
+        if (q.n == SUB)
+            output_walk_pair<true>(q, s, w, u, k, v, y_, C, last_win);
+        else
+            output_walk_pair<false>(q, s, w, u, k, v, y_, C, last_win);
+        if (q.t0 + q.n == T) {
+            size_t lane = static_cast<size_t>(q.b) * C + q.c;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                aa1[lane + h] = s[h].a;
+                bb1[lane + h] = s[h].b;
+                pp1[lane + h] = s[h].p;
+            }
+        }
+    }
+    shn[0][q.m][threadIdx.x] = last_win[0];  // every thread has passed the second barrier
+    shn[1][q.m][threadIdx.x] = last_win[1];
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            int best = -1;
+            for (int m = 0; m < SUBS; ++m) best = max(best, shn[h][m][threadIdx.x]);
+            lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c + h] = best;
+        }
+    }
+}
+
+// Backward 1, paired (see bwd_summaries).
+__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
+    bwd_summaries_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                       const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
+                       const __nv_bfloat16* __restrict__ gy_, const float* __restrict__ sub,
+                       float* __restrict__ asub, float* __restrict__ aseg) {
+    pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
+    __shared__ Shared3 sh[2];
+    Tile q = tile_pair(T, C);
+    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
+    float u[2] = {q.lane_ok ? tf[q.c] : 0.f, q.lane_ok ? tf[q.c + 1] : 0.f};
+    bf2 k[SUB], v[SUB], gy[SUB];
+    St r[2] = {{0.f, 0.f, G_ONE}, {0.f, 0.f, G_ONE}};
+    St s[2];
+    float p_start[2], p_next[2];
+    bool next_stored = EXACT_DECAY && q.n > 0 && q.sub + 1 < nsub;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        s[h] = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c + h, C) : St{0.f, 0.f, EMPTY};
+        p_start[h] = s[h].p;
+        p_next[h] = next_stored ? sub[chunk_idx(q.b, q.sub + 1, nsub, 2, 3, q.c + h, C)] : 0.f;
+    }
+    if (q.n == SUB) {
+        load_pairs<true>(k_, q, C, k);
+        load_pairs<true>(v_, q, C, v);
+        load_pairs<true>(gy_, q, C, gy);
+        r[0] = adjoint_half<true, 0>(q.n, s[0], w[0], u[0], k, v, gy);
+        r[1] = adjoint_half<true, 1>(q.n, s[1], w[1], u[1], k, v, gy);
+    } else if (q.n > 0) {
+        load_pairs<false>(k_, q, C, k);
+        load_pairs<false>(v_, q, C, v);
+        load_pairs<false>(gy_, q, C, gy);
+        r[0] = adjoint_half<false, 0>(q.n, s[0], w[0], u[0], k, v, gy);
+        r[1] = adjoint_half<false, 1>(q.n, s[1], w[1], u[1], k, v, gy);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (EXACT_DECAY && q.n > 0)  // g - 1 from the exponents, in one rounding
+            r[h].p = decay_m1(fmaf(static_cast<float>(q.n), w[h], p_start[h] - (next_stored ? p_next[h] : s[h].p)));
+        if (q.n > 0) store3(asub, q.sub, nsub, q.b, q.c + h, C, r[h]);
+        sh[h].put(q.m, r[h]);
+    }
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok && q.seg > 0) {  // segment 0's summary is never needed
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            St acc{0.f, 0.f, G_ONE};
+            for (int m = SUBS - 1; m >= 0; --m) acc = adj_compose(sh[h].get(m), acc);
+            store3(aseg, q.seg, nseg, q.b, q.c + h, C, acc);
+        }
+    }
+}
+
+// Backward 3, paired (see bwd_gradients; no lookback). The two channels walk one after the other
+// (the stash holds one channel's steps), channel 0 keeping its bf16 results for the paired stores.
+__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
+    bwd_gradients_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
+                       const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
+                       const __nv_bfloat16* __restrict__ gy_, const float* __restrict__ sub,
+                       const float* __restrict__ asub, const float* __restrict__ aseg, const int* __restrict__ argmax,
+                       const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ aa1,
+                       const float* __restrict__ bb1, const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                       const float* __restrict__ gpp1, __nv_bfloat16* __restrict__ gk_,
+                       __nv_bfloat16* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0,
+                       float* __restrict__ gbb0, float* __restrict__ gpp0) {
+    __shared__ Shared3 sh[2];
+    extern __shared__ float stash_mem[];
+    Tile q = tile_pair(T, C);
+    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
+    float u[2] = {q.lane_ok ? tf[q.c] : 0.f, q.lane_ok ? tf[q.c + 1] : 0.f};
+    bf2 k[SUB], v[SUB], gy[SUB];
+    pdl_trigger();
+    load_pairs(k_, q, C, k);
+    load_pairs(v_, q, C, v);
+    load_pairs(gy_, q, C, gy);
+    pdl_wait();  // the adjoint summaries and scan kernels' results, from here on
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+        sh[h].put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c + h, C) : St{0.f, 0.f, G_ONE});
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            St acc = load3(aseg, q.seg, nseg, q.b, q.c + h, C);
+            for (int m = SUBS - 1; m >= 0; --m) {
+                St x = sh[h].get(m);
+                sh[h].put(m, acc);
+                acc = {adj_apply(acc.a, x.a, x.p), adj_apply(acc.b, x.b, x.p), 0.f};
+            }
+        }
+    }
+    __syncthreads();
+    GradAcc acc[2] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if (q.n > 0) {
+        bf2 held[SUB];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            St s = load3(sub, q.sub, nsub, q.b, q.c + h, C);
+            St adj = sh[h].get(q.m);
+            size_t lane = static_cast<size_t>(q.b) * C + q.c + h;
+            int am = argmax[lane];
+            bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
+            float gpath = 0.f;
+            if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
+            Stash stash{stash_mem};
+            if (h == 0)
+                acc[h] = q.n == SUB ? gradient_half<true, 0>(q, s, w[h], u[h], k, v, gy, adj.a, adj.b, am, gpath, gk_,
+                                                             gv_, C, stash, held)
+                                    : gradient_half<false, 0>(q, s, w[h], u[h], k, v, gy, adj.a, adj.b, am, gpath,
+                                                              gk_, gv_, C, stash, held);
+            else
+                acc[h] = q.n == SUB ? gradient_half<true, 1>(q, s, w[h], u[h], k, v, gy, adj.a, adj.b, am, gpath, gk_,
+                                                             gv_, C, stash, held)
+                                    : gradient_half<false, 1>(q, s, w[h], u[h], k, v, gy, adj.a, adj.b, am, gpath,
+                                                              gk_, gv_, C, stash, held);
+            if (path_here) acc[h].gw += (am < 0 ? static_cast<float>(T) : static_cast<float>(T - 1 - am)) * gpath;
+            if (q.t0 == 0) {
+                gaa0[lane] = acc[h].al;
+                gbb0[lane] = acc[h].be;
+                gpp0[lane] = acc[h].al * aa0[lane] + acc[h].be * bb0[lane] + (am < 0 ? gpath : 0.f);
+            }
+        }
+    }
+    __syncthreads();  // the scan results in sh are consumed; reuse it for the partial sums
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sh[h].put(q.m, {acc[h].gw, acc[h].gu, 0.f});
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float sw = 0.f, su = 0.f;
+            for (int m = 0; m < SUBS; ++m) {
+                St x = sh[h].get(m);
+                sw += x.a;
+                su += x.b;
+            }
+            part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c + h, C)] = sw;
+            part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c + h, C)] = su;
+        }
+    }
+}
+#endif  // WKV_PAIRS
+
 int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
 // Launch `kernel`; `dependent` = a later kernel of a pass, launched as a programmatic dependent
@@ -1090,6 +1557,72 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
+#if WKV_PAIRS
+// The paired kernels need C even and every bf16 [B, T, C] pointer 4-byte aligned (a contiguous
+// view may start at an odd element); otherwise the launchers below fall back to the unpaired ones.
+bool pairs_ok(int C, std::initializer_list<const void*> ptrs) {
+    if (C % 2 != 0) return false;
+    for (const void* p : ptrs)
+        if (reinterpret_cast<uintptr_t>(p) % 4 != 0) return false;
+    return true;
+}
+
+int forward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
+                  const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1,
+                  float* sub, int* lastwin, float* seg, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    dim3 grid(nseg, ceil_div(C, 2 * LANES), B), block(LANES, SUBS);
+    const __nv_bfloat16* kk = static_cast<const __nv_bfloat16*>(k);
+    const __nv_bfloat16* vv = static_cast<const __nv_bfloat16*>(v);
+    cudaError_t err = launch(false, fwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg);
+    if (err == cudaSuccess)
+        err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+                     B, C, nseg, td, aa0, bb0, pp0, seg);
+    if (err == cudaSuccess)
+        err = launch(true, fwd_outputs_pair, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv,
+                     static_cast<__nv_bfloat16*>(y), seg, sub, lastwin, aa1, bb1, pp1);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+}
+
+cudaError_t allow_stash_pair() {  // as allow_stash
+    static unsigned long long done_mask = 0;
+    int device = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
+    unsigned long long bit = 1ull << (device & 63);
+    if (__atomic_load_n(&done_mask, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
+    err = cudaFuncSetAttribute(bwd_gradients_pair, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    if (err == cudaSuccess && device < 64) __atomic_fetch_or(&done_mask, bit, __ATOMIC_RELEASE);
+    return err;
+}
+
+int backward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
+                   const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
+                   const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
+                   float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf,
+                   float* gaa0, float* gbb0, float* gpp0, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    dim3 grid(nseg, ceil_div(C, 2 * LANES), B), block(LANES, SUBS);
+    const __nv_bfloat16* kk = static_cast<const __nv_bfloat16*>(k);
+    const __nv_bfloat16* vv = static_cast<const __nv_bfloat16*>(v);
+    const __nv_bfloat16* gg = static_cast<const __nv_bfloat16*>(gy);
+    cudaError_t err = launch(false, bwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
+                             sub, asub, aseg);
+    if (err == cudaSuccess)
+        err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+                     B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
+    if (err == cudaSuccess) err = allow_stash_pair();
+    if (err == cudaSuccess)
+        err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub,
+                     td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                     static_cast<__nv_bfloat16*>(gk), static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
+    if (err == cudaSuccess)
+        err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
+                     gtf);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+}
+#endif  // WKV_PAIRS
+
 bool shape_ok(int B, int T, int C) {
     return B > 0 && T > 0 && C > 0 && B <= 65535 && ceil_div(C, LANES) <= 65535 &&
            static_cast<long long>(B) * C <= 0x7fffffffLL;
@@ -1125,6 +1658,11 @@ int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const f
     if (dtype == 0)
         return forward_impl<float>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
                                    lastwin, seg, counters, stream);
+#if WKV_PAIRS
+    if (dtype == 1 && pairs_ok(C, {k, v, y}))
+        return forward_pairs(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub, lastwin, seg,
+                             stream);
+#endif
     if (dtype == 1)
         return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
                                            sub, lastwin, seg, counters, stream);
@@ -1144,6 +1682,12 @@ int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const 
         return backward_impl<float>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                                     sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0,
                                     gbb0, gpp0, counters, stream);
+#if WKV_PAIRS
+    if (dtype == 1 && pairs_ok(C, {k, v, gy, gk, gv}))
+        return backward_pairs(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub,
+                              lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0, gbb0, gpp0,
+                              stream);
+#endif
     if (dtype == 1)
         return backward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1,
                                             gbb1, gpp1, sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay,

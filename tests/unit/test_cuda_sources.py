@@ -42,6 +42,50 @@ def test_cu_source_compiles_with_plain_nvcc(source, tmp_path):
     assert "warning" not in result.stderr.lower(), f"nvcc warnings on {source}:\n{result.stderr}"
 
 
+# Build variants of cuda/wkv.cu compiled here besides the default (one build covers both macros'
+# code: each only adds code under its own switch). WKV_PAIRS's kernels are also held to zero spills.
+WKV_VARIANT_DEFINES = ("-DWKV_PAIRS=1", "-DWKV_FAST_GM1=1")
+
+
+def _spills_by_kernel(ptxas_log: str) -> dict[str, str]:
+    """{mangled kernel name: its 'N bytes spill stores, M bytes spill loads' line} from -Xptxas -v."""
+    spills, name = {}, None
+    for line in ptxas_log.splitlines():
+        if "Compiling entry function" in line:
+            name = line.split("'")[1]
+        elif name and "spill stores" in line:
+            spills[name] = line.strip()
+            name = None
+    return spills
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
+def test_wkv_variants_compile_and_paired_kernels_do_not_spill(tmp_path):
+    result = subprocess.run(
+        [
+            NVCC,
+            "-arch=sm_90",
+            "-O3",
+            "-cubin",
+            "-Xptxas",
+            "-v",
+            *WKV_VARIANT_DEFINES,
+            str(CUDA_DIR / "wkv.cu"),
+            "-o",
+            str(tmp_path / "wkv.cubin"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"nvcc failed on wkv.cu with {WKV_VARIANT_DEFINES}:\n{result.stderr}"
+    assert "warning" not in result.stderr.lower(), f"nvcc warnings:\n{result.stderr}"
+    paired = {name: line for name, line in _spills_by_kernel(result.stderr).items() if "_pair" in name}
+    assert len(paired) == 4, f"expected the four paired kernels, got {sorted(paired)}"
+    for name, line in paired.items():
+        assert line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), f"{name}: {line}"
+
+
 def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
     """A kernel that cannot be built raises CudaBuildError pointing at the pure-PyTorch fallback."""
     import model.wkv_cuda as wkv_cuda_module
