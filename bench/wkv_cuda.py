@@ -8,7 +8,10 @@
     python bench/wkv_cuda.py --profile 8 4096 768 bfloat16   # three fwd+bwd calls (for ncu)
     python bench/wkv_cuda.py --variants "old:WKV_EXACT_DECAY=0;new:" --accuracy
         # build cuda/wkv.cu with other tuning macros side by side (in parallel), check each against
-        # the float64 reference, and time each; an empty define list is the default build
+        # the float64 reference and bit for bit against the first variant, and time each; an empty
+        # define list is the default build
+    python bench/wkv_cuda.py --smoke --defines WKV_PAIRS=1,WKV_FAST_GM1=1
+        # the smoke run through one build variant's extension, outputs poisoned first (for memcheck)
 
 Legend: B batch, T time, C channels. Times are medians of triton.testing.do_bench (CUDA events,
 L2 flushed before each call) of the extension's forward, and of forward followed by backward,
@@ -125,9 +128,14 @@ def print_table(rows, copy_gbps):
         )
 
 
-def smoke():
+def smoke(defines: tuple[str, ...] = ()):
     """Small forwards+backwards through autograd, fp32 and bf16, with tails in T and C; the short
-    sequence takes the lookback path, the long one (over 64 segments) the per-lane scan kernels."""
+    sequence takes the lookback path, the long one (over 64 segments) the per-lane scan kernels.
+    With `defines`: the same shapes (and an odd C) straight through that build variant's extension,
+    every output and workspace poisoned with NaN first."""
+    if defines:
+        smoke_variant(defines)
+        return
     from model.wkv_cuda import wkv_cuda
 
     for dtype, steps in ((torch.float32, 301), (torch.bfloat16, 301), (torch.float32, 8321)):
@@ -149,6 +157,23 @@ def smoke():
         grads = [k.grad, v.grad, td.grad, tf.grad, *(s.grad for s in state)]
         assert all(torch.isfinite(g.float()).all() for g in grads)
     print("smoke ok")
+
+
+def smoke_variant(defines: tuple[str, ...]) -> None:
+    ext = load_extension(defines)
+    for dtype, steps, channels in (
+        (torch.float32, 301, 40),
+        (torch.bfloat16, 301, 40),
+        (torch.bfloat16, 301, 41),
+        (torch.float32, 8321, 40),
+        (torch.bfloat16, 8321, 40),
+    ):
+        td, tf, k, v, state, gy, gstate = identity_inputs(2, steps, channels, dtype)
+        got = ext_gradients(ext, td, tf, k, v, state, gy, gstate, poison=True)
+        torch.cuda.synchronize()
+        bad = [name for name, g in zip(OUTPUT_NAMES, got, strict=True) if not torch.isfinite(g.float()).all()]
+        assert not bad, f"{dtype} 2x{steps}x{channels}: non-finite (unwritten?) {bad}"
+    print(f"smoke ok ({' '.join(defines)})")
 
 
 def parse_variants(spec: str) -> dict[str, tuple[str, ...]]:
@@ -174,10 +199,11 @@ def build_all(variants: dict[str, tuple[str, ...]]) -> None:
             print(f"built {name} in {future.result():.0f} s", flush=True)
 
 
-def ext_gradients(ext, td, tf, k, v, state, gy, gstate):
-    """y, state out and the seven gradients straight from the extension (no autograd)."""
-    y, aa1, bb1, pp1, sub, lastwin = ext.forward(td, tf, k, v, *state, False)
-    grads = ext.backward(td, tf, k, v, gy, state[0], state[1], aa1, bb1, *gstate, sub, lastwin, False)
+def ext_gradients(ext, td, tf, k, v, state, gy, gstate, poison=False):
+    """y, state out and the seven gradients straight from the extension (no autograd); `poison`
+    fills outputs and workspaces with NaN before each launch (an unwritten element shows)."""
+    y, aa1, bb1, pp1, sub, lastwin = ext.forward(td, tf, k, v, *state, poison)
+    grads = ext.backward(td, tf, k, v, gy, state[0], state[1], aa1, bb1, *gstate, sub, lastwin, poison)
     gk, gv, gtd, gtf, gaa0, gbb0, gpp0 = grads
     return [y, aa1, bb1, pp1, gtd, gtf, gk, gv, gaa0, gbb0, gpp0]
 
@@ -200,7 +226,27 @@ ACCURACY_CASES = {  # name: (B, T, C, dtype, |k| bound or None for N(0, 1), time
     "fp32 2x4097x32 |k|<=60 td[-8,8]": (2, 4097, 32, torch.float32, 60.0, (-8.0, 8.0)),
     "fp32 3x1024x96 td[-5,3]": (3, 1024, 96, torch.float32, None, (-5.0, 3.0)),
     "bf16 4x500x64 |k|<=60 td[-8,8]": (4, 500, 64, torch.bfloat16, 60.0, (-8.0, 8.0)),
+    "bf16 3x1024x96 td[-5,3]": (3, 1024, 96, torch.bfloat16, None, (-5.0, 3.0)),  # WKV_PAIRS: a half block
+    "bf16 2x301x41 td[-8,8]": (2, 301, 41, torch.bfloat16, None, (-8.0, 8.0)),  # odd C: unpaired fallback
 }
+
+# Bit-identity sweep (no reference, so cheap): every variant against the first, outputs poisoned.
+# Tails in T and C, one to many segments, a 64-channel block half used (96), odd C and k, v, gy at
+# an odd element offset (both: WKV_PAIRS falls back to the unpaired kernels).
+IDENTITY_SHAPES = [
+    (1, 1, 32),
+    (2, 31, 48),
+    (3, 129, 40),
+    (2, 500, 96),
+    (2, 301, 41),
+    (4, 1024, 64),
+    (2, 2049, 64),
+    (1, 4097, 32),
+    (64, 31, 1024),
+    (2048, 1, 32),
+    (8, 300, 8192),
+]
+MISALIGNED_SHAPE = (2, 300, 64)
 
 
 def accuracy(exts: dict) -> dict[str, dict[str, tuple[float, str]]]:
@@ -231,6 +277,68 @@ def accuracy(exts: dict) -> dict[str, dict[str, tuple[float, str]]]:
     return table
 
 
+def identity_inputs(batch, steps, channels, dtype, misaligned=False, k_bound=None):
+    """Random inputs (time_decay in [-8, 8], a random state); `misaligned` puts k, v, gy at an odd
+    element offset of their storage (contiguous, but bf16 pairs are not 4-byte aligned)."""
+    td = torch.rand(channels, device="cuda") * 16 - 8
+    tf = torch.randn(channels, device="cuda")
+    numel = batch * steps * channels
+
+    def sequence(scale=None):
+        buf = torch.randn(numel + 1, device="cuda")
+        if scale is not None:
+            buf = (torch.rand_like(buf) * 2 - 1) * scale
+        buf = buf.to(dtype)
+        return (buf[1:] if misaligned else buf[:numel]).view(batch, steps, channels)
+
+    k, v, gy = sequence(k_bound), sequence(), sequence()
+    bb = torch.rand(batch, channels, device="cuda") + 0.1
+    state = (torch.randn_like(bb) * bb, bb, torch.randn_like(bb) * 4)
+    gstate = [torch.randn_like(bb) for _ in range(3)]
+    return td, tf, k, v, state, gy, gstate
+
+
+def identity(exts: dict) -> dict[str, dict]:
+    """Each variant after the first against the first, on IDENTITY_SHAPES (fp32 and bf16, |k| <= 60
+    on every other shape) and the misaligned case: how many cases are bit-identical in y, the state
+    and all gradients, and the worst relative L2 difference where not."""
+    names = list(exts)
+    base = names[0]
+    torch.manual_seed(1)
+    table = {n: {"identical": 0, "cases": 0, "worst": [0.0, "", ""], "non_finite": []} for n in names}
+    cases = [(shape, False) for shape in IDENTITY_SHAPES] + [(MISALIGNED_SHAPE, True)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for i, ((batch, steps, channels), misaligned) in enumerate(cases):
+            label = f"{str(dtype).removeprefix('torch.')} {batch}x{steps}x{channels}" + (" misaligned" * misaligned)
+            inputs = identity_inputs(batch, steps, channels, dtype, misaligned, 60.0 if i % 2 else None)
+            outs = {n: ext_gradients(ext, *inputs, poison=True) for n, ext in exts.items()}
+            for n in names:
+                row = table[n]
+                row["cases"] += 1
+                row["non_finite"] += [
+                    f"{label} {o}" for o, g in zip(OUTPUT_NAMES, outs[n], strict=True) if not torch.isfinite(g).all()
+                ]
+                if all(torch.equal(a, b) for a, b in zip(outs[n], outs[base], strict=True)):
+                    row["identical"] += 1
+                    continue
+                for o, a, b in zip(OUTPUT_NAMES, outs[n], outs[base], strict=True):
+                    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+                    worst = row["worst"][0]
+                    if worst == worst and not err <= worst:  # a NaN difference is the worst and stays
+                        row["worst"] = [err, o, label]
+            del outs
+            torch.cuda.empty_cache()
+    print(f"\n| variant | bit-identical to {base} (cases) | worst rel L2 vs {base} (output, case) | non-finite |")
+    print("|---|---|---|---|")
+    for n, row in table.items():
+        err, o, label = row["worst"]
+        worst = f"{err:.2e} ({o}, {label})" if o else "-"
+        bad = row["non_finite"]
+        bad_cell = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") if bad else "none"
+        print(f"| {n} | {row['identical']}/{row['cases']} | {worst} | {bad_cell} |")
+    return table
+
+
 def run_variants(spec: str, check: bool, json_path: Path | None) -> None:
     variants = parse_variants(spec)
     build_all(variants)
@@ -238,11 +346,14 @@ def run_variants(spec: str, check: bool, json_path: Path | None) -> None:
     copy_gbps = copy_rate_gbps()
     results: dict = {"copy_GBps": copy_gbps, "device": torch.cuda.get_device_name(), "variants": {}}
     errors = accuracy(exts) if check else {}
+    same = identity(exts) if check else {}
     for name, ext in exts.items():
         rows = bench(SHAPES, copy_gbps, ext)
         results["variants"][name] = {"defines": variants[name], "rows": rows}
         print(f"\n## variant {name}: {' '.join(variants[name]) or '(defaults)'}")
         print_table(rows, copy_gbps)
+    if same:
+        results["identity"] = same
     if errors:
         results["accuracy"] = errors
         names = list(exts)
@@ -266,13 +377,16 @@ def main() -> None:
     parser.add_argument("--profile", nargs=4, metavar=("B", "T", "C", "DTYPE"), help="3 fwd+bwd calls, for ncu")
     parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of each call")
     parser.add_argument("--variants", help="'name:DEF=1,DEF2=2;name2:' builds to compare (see module doc)")
-    parser.add_argument("--accuracy", action="store_true", help="with --variants: errors against float64")
+    parser.add_argument(
+        "--accuracy", action="store_true", help="with --variants: errors against float64, bit-identity to the first"
+    )
+    parser.add_argument("--defines", default="", help="with --smoke: 'DEF=1,DEF2=2', a build variant's extension")
     args = parser.parse_args()
     if args.variants:
         run_variants(args.variants, args.accuracy, args.json)
         return
     if args.smoke:
-        smoke()
+        smoke(tuple(d for d in args.defines.split(",") if d))
         return
     if args.profile:
         batch, steps, channels = (int(x) for x in args.profile[:3])
