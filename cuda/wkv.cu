@@ -73,6 +73,8 @@ namespace {
 //                     WKV_LOOKBACK = 0 (default 0: compiled, not yet measured on a GPU)
 //   WKV_PAIR_FWD_MIN_BLOCKS, WKV_PAIR_BWD_MIN_BLOCKS  the same for the paired kernels (a paired
 //                     block does two blocks' work and holds two chains per thread)
+//   WKV_PAIR_GRADIENTS  with WKV_PAIRS, 0: the backward's gradients kernel stays the unpaired one
+//                     (it walks its two channels one after the other and needs 128 registers)
 //   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
 //                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
 #ifndef WKV_SUB
@@ -113,6 +115,9 @@ namespace {
 #endif
 #ifndef WKV_PAIR_BWD_MIN_BLOCKS
 #define WKV_PAIR_BWD_MIN_BLOCKS 2
+#endif
+#ifndef WKV_PAIR_GRADIENTS
+#define WKV_PAIR_GRADIENTS 1
 #endif
 #ifndef WKV_FAST_GM1
 #define WKV_FAST_GM1 0
@@ -1066,8 +1071,10 @@ __global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, c
 // their k, v, y, gy, gk, gv as one __nv_bfloat162 per step (a warp access covers 128 B). Every
 // channel goes through the default's device functions (update, output, apply, the walks), in the
 // default's order, so each channel's results are bit-identical to the default build's; only the
-// interleaving of the two channels' independent instructions differs.
+// interleaving of the two channels' independent instructions differs, and which thread runs the
+// per-block serial parts (row h of the block does channel c + h there, where the default has row 0).
 #if WKV_PAIRS
+static_assert(SUBS >= 2, "WKV_PAIRS: rows 0 and 1 of a block do the two channels' serial parts");
 using bf2 = __nv_bfloat162;
 
 __device__ __forceinline__ Tile tile_pair(int T, int C) {
@@ -1247,13 +1254,12 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
     }
     shn[q.m][threadIdx.x] = q.n;
     __syncthreads();
-    if (q.m == 0 && q.lane_ok && q.seg + 1 < nseg) {  // the last segment's summary is never needed
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            St acc{0.f, 0.f, EMPTY};
-            for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh[h].get(m), shn[m][threadIdx.x], w[h]);
-            store3(seg, q.seg, nseg, q.b, q.c + h, C, acc);
-        }
+    if (q.m < 2 && q.lane_ok && q.seg + 1 < nseg) {  // the last segment's summary is never needed
+        const int h = q.m;  // row h combines channel c + h
+        const float wh = h ? w[1] : w[0];
+        St acc{0.f, 0.f, EMPTY};
+        for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh[h].get(m), shn[m][threadIdx.x], wh);
+        store3(seg, q.seg, nseg, q.b, q.c + h, C, acc);
     }
 }
 
@@ -1282,15 +1288,14 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
     }
     shn[0][q.m][threadIdx.x] = q.n;
     __syncthreads();
-    if (q.m == 0 && q.lane_ok) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            St acc = load3(seg, q.seg, nseg, q.b, q.c + h, C);
-            for (int m = 0; m < SUBS; ++m) {
-                St x = sh[h].get(m);
-                sh[h].put(m, acc);
-                acc = apply(acc, x, shn[0][m][threadIdx.x], w[h]);
-            }
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;  // row h scans channel c + h
+        const float wh = h ? w[1] : w[0];
+        St acc = load3(seg, q.seg, nseg, q.b, q.c + h, C);
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh[h].get(m);
+            sh[h].put(m, acc);
+            acc = apply(acc, x, shn[0][m][threadIdx.x], wh);
         }
     }
     __syncthreads();
@@ -1318,13 +1323,11 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
     shn[0][q.m][threadIdx.x] = last_win[0];  // every thread has passed the second barrier
     shn[1][q.m][threadIdx.x] = last_win[1];
     __syncthreads();
-    if (q.m == 0 && q.lane_ok) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            int best = -1;
-            for (int m = 0; m < SUBS; ++m) best = max(best, shn[h][m][threadIdx.x]);
-            lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c + h] = best;
-        }
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;
+        int best = -1;
+        for (int m = 0; m < SUBS; ++m) best = max(best, shn[h][m][threadIdx.x]);
+        lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c + h] = best;
     }
 }
 
@@ -1371,13 +1374,11 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
         sh[h].put(q.m, r[h]);
     }
     __syncthreads();
-    if (q.m == 0 && q.lane_ok && q.seg > 0) {  // segment 0's summary is never needed
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            St acc{0.f, 0.f, G_ONE};
-            for (int m = SUBS - 1; m >= 0; --m) acc = adj_compose(sh[h].get(m), acc);
-            store3(aseg, q.seg, nseg, q.b, q.c + h, C, acc);
-        }
+    if (q.m < 2 && q.lane_ok && q.seg > 0) {  // segment 0's summary is never needed
+        const int h = q.m;  // row h combines channel c + h
+        St acc{0.f, 0.f, G_ONE};
+        for (int m = SUBS - 1; m >= 0; --m) acc = adj_compose(sh[h].get(m), acc);
+        store3(aseg, q.seg, nseg, q.b, q.c + h, C, acc);
     }
 }
 
@@ -1408,15 +1409,13 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
     for (int h = 0; h < 2; ++h)
         sh[h].put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c + h, C) : St{0.f, 0.f, G_ONE});
     __syncthreads();
-    if (q.m == 0 && q.lane_ok) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            St acc = load3(aseg, q.seg, nseg, q.b, q.c + h, C);
-            for (int m = SUBS - 1; m >= 0; --m) {
-                St x = sh[h].get(m);
-                sh[h].put(m, acc);
-                acc = {adj_apply(acc.a, x.a, x.p), adj_apply(acc.b, x.b, x.p), 0.f};
-            }
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;  // row h scans channel c + h
+        St acc = load3(aseg, q.seg, nseg, q.b, q.c + h, C);
+        for (int m = SUBS - 1; m >= 0; --m) {
+            St x = sh[h].get(m);
+            sh[h].put(m, acc);
+            acc = {adj_apply(acc.a, x.a, x.p), adj_apply(acc.b, x.b, x.p), 0.f};
         }
     }
     __syncthreads();
@@ -1455,18 +1454,16 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
 #pragma unroll
     for (int h = 0; h < 2; ++h) sh[h].put(q.m, {acc[h].gw, acc[h].gu, 0.f});
     __syncthreads();
-    if (q.m == 0 && q.lane_ok) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            float sw = 0.f, su = 0.f;
-            for (int m = 0; m < SUBS; ++m) {
-                St x = sh[h].get(m);
-                sw += x.a;
-                su += x.b;
-            }
-            part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c + h, C)] = sw;
-            part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c + h, C)] = su;
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;  // row h sums channel c + h, in the default's order
+        float sw = 0.f, su = 0.f;
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh[h].get(m);
+            sw += x.a;
+            su += x.b;
         }
+        part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c + h, C)] = sw;
+        part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c + h, C)] = su;
     }
 }
 #endif  // WKV_PAIRS
@@ -1611,11 +1608,21 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
     if (err == cudaSuccess)
         err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
-    if (err == cudaSuccess) err = allow_stash_pair();
-    if (err == cudaSuccess)
-        err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub,
-                     td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
-                     static_cast<__nv_bfloat16*>(gk), static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
+    if (WKV_PAIR_GRADIENTS) {
+        if (err == cudaSuccess) err = allow_stash_pair();
+        if (err == cudaSuccess)
+            err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg,
+                         nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                         static_cast<__nv_bfloat16*>(gk), static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
+    } else {  // the default's kernel and grid (the workspaces are the same); no counters without fusion
+        if (err == cudaSuccess) err = allow_stash<__nv_bfloat16>();
+        if (err == cudaSuccess)
+            err = launch(true, bwd_gradients<__nv_bfloat16, false>, dim3(nseg, ceil_div(C, LANES), B), block,
+                         static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub,
+                         aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<__nv_bfloat16*>(gk),
+                         static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, static_cast<int*>(nullptr),
+                         lastwin);
+    }
     if (err == cudaSuccess)
         err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
                      gtf);
