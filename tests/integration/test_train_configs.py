@@ -12,6 +12,9 @@ What each test asserts, and why the tolerance:
   replays the same ops, so equal to 1e-6 and in practice bit for bit).
 * weight_decay 0.1 for one step: every non-matrix parameter ends exactly where the run without decay
   ends; every matrix (emb and head included, reference §4.1) differs by exactly AdamW's -lr x wd x w0.
+* A non-finite loss on ONE rank (rank 1, step NAN_STEP, loss x NaN so its gradients are NaN too) at
+  bf16 ZeRO-0: both ranks skip that step, and the deferred device-side check (pipeline/train.py) runs
+  exactly like the synchronous one: the same per-step losses, one bad step, the same final weights.
 * CPU offload (DeepSpeedCPUAdam, a JIT-built op) trains like ZeRO-2 (OFFLOAD_RTOL); skipped with the
   build error when the op cannot be built here. Building it takes ~110 s on 2 cores (once; cached in
   torch's extension folder), more than this file's budget, so on a cold cache the test is skipped
@@ -65,6 +68,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "one_step_wd": {"steps": 1, "weight_decay": 0.1},
 }
 WEIGHT_DECAY = 0.1
+NAN_STEP = 2  # 0-based step whose loss rank 1 turns into NaN in the "nan_*" runs
+NAN_RUNS = {"nan_deferred": True, "nan_sync": False}  # run name -> pipeline.train.DEFER_FINITE_CHECK
+NAN_BASE = {"precision": "bf16", "zero_stage": 0, "steps": STEPS, "max_bad_steps": 3}
 
 
 def cpu_adam_skip_reason() -> str | None:
@@ -128,6 +134,34 @@ def _gradients(cfg: Any, model_cfg: Any, data_dir: Path, weights: Path) -> tuple
     return float(loss), grads
 
 
+def _nonfinite_on_one_rank(out: Path, data_dir: str, model_cfg: Any, results: dict[str, Any]) -> None:
+    """The NAN_RUNS: rank 1's loss at step NAN_STEP times NaN; per-step losses and bad-step counts into results."""
+    import torch.distributed as dist
+
+    import pipeline.train as loop
+    from pipeline.config import TrainConfig
+
+    real_loss, defer = loop.language_model_loss, loop.DEFER_FINITE_CHECK
+    for name, deferred in NAN_RUNS.items():
+        calls = [0]
+
+        def poisoned(logits: torch.Tensor, targets: torch.Tensor, calls: list[int] = calls) -> torch.Tensor:
+            loss = real_loss(logits, targets)
+            calls[0] += 1
+            return loss * float("nan") if dist.get_rank() == 1 and calls[0] == NAN_STEP + 1 else loss
+
+        metrics: dict[int, dict[str, float]] = {}
+        loop.language_model_loss, loop.DEFER_FINITE_CHECK = poisoned, deferred
+        try:
+            log = lambda m, step, metrics=metrics: metrics.setdefault(step, {}).update(m)  # noqa: E731
+            loop.train(TrainConfig(**{**BASE, **NAN_BASE}), model_cfg, data_dir, out / name, log_metrics=log)
+        finally:
+            loop.language_model_loss, loop.DEFER_FINITE_CHECK = real_loss, defer
+        if dist.get_rank() == 0:  # the loop logs metrics on rank 0 only
+            results["losses"][name] = [metrics[step]["loss"] for step in sorted(metrics) if "loss" in metrics[step]]
+            results[f"{name}_bad_steps"] = metrics[max(metrics)]["bad_steps"]
+
+
 def worker(data_dir: str, out_dir: str, offload_skip: str) -> None:
     """Every rank: run each config through the training loop; rank 0 writes results.json.
 
@@ -160,6 +194,7 @@ def worker(data_dir: str, out_dir: str, offload_skip: str) -> None:
         results["losses"][name] = [losses[step] for step in sorted(losses)]
         results["grad_norms"][name] = [norms[step] for step in sorted(norms)]
 
+    _nonfinite_on_one_rank(out, data_dir, model_cfg, results)
     for checkpointing in (False, True):
         cfg = TrainConfig(**{**BASE, "grad_checkpointing": checkpointing})
         loss, grads = _gradients(cfg, model_cfg, Path(data_dir), out / "zero2" / "final_weights.pt")
@@ -246,6 +281,28 @@ def test_activation_checkpointing_same_loss_and_grads(runs: tuple[Path, dict[str
     for name, grad in plain.items():
         assert grad.abs().max() > 0, name  # every parameter gets a gradient
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-6, atol=0, msg=name)
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_both_deferred_like_synchronous(
+    runs: tuple[Path, dict[str, Any]],
+) -> None:
+    import math
+
+    out, results = runs
+    deferred, sync = results["losses"]["nan_deferred"], results["losses"]["nan_sync"]
+    assert len(deferred) == len(sync) == STEPS
+    # The bad step logs no loss (NaN: no finite step in its window); every other step is finite.
+    assert [math.isnan(x) for x in sync] == [step == NAN_STEP for step in range(STEPS)], sync
+    assert [math.isnan(x) for x in deferred] == [step == NAN_STEP for step in range(STEPS)], deferred
+    assert results["nan_deferred_bad_steps"] == results["nan_sync_bad_steps"] == 1
+    finite = [step for step in range(STEPS) if step != NAN_STEP]
+    assert [deferred[i] for i in finite] == [sync[i] for i in finite]  # the same run, bit for bit
+    a = torch.load(out / "nan_deferred" / "final_weights.pt", weights_only=True)
+    b = torch.load(out / "nan_sync" / "final_weights.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        assert torch.isfinite(tensor.float()).all(), name
+        assert torch.equal(tensor, b[name]), name
 
 
 def test_weight_decay_changes_only_matrices(runs: tuple[Path, dict[str, Any]]) -> None:
