@@ -51,7 +51,6 @@ def _throughput_bench() -> Any:
 
 def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
     """One rank of one configuration (under torchrun): train, and on rank 0 return the measured row."""
-    import torch
     import torch.distributed as dist
 
     import pipeline.engine
@@ -59,41 +58,27 @@ def run_rank(spec: dict[str, Any]) -> dict[str, Any] | None:
 
     bench = _throughput_bench()
     pipeline.engine.BF16_STAGE0 = "master"  # bf16 at ZeRO-0: bf16 weights + our fp32 masters (the fastest path)
-    overrides = spec.get("ds") or {}
-    if overrides:
-        build = pipeline.train.build_engine
-
-        def build_with_overrides(model, cfg, world_size, device_type, ds_overrides=None, **kwargs):  # noqa: ANN001
-            merged = pipeline.engine.merge_config(overrides, ds_overrides or {})
-            return build(model, cfg, world_size, device_type, merged, **kwargs)
-
-        pipeline.train.build_engine = build_with_overrides  # the loop builds its engine through this name
+    # The variant's DeepSpeed keys, through the loop's own hook (merged into every engine's config).
+    pipeline.train.DS_OVERRIDES = pipeline.engine.merge_config(pipeline.train.DS_OVERRIDES, spec.get("ds") or {})
 
     model_cfg, cfg = bench.bench_configs(spec)
     windows: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as out:
-        log = lambda metrics, _step: windows.append(metrics)  # noqa: E731 - called on rank 0 only
+        log = lambda metrics, step: windows.append({**metrics, "step": step})  # noqa: E731 - rank 0 only
         pipeline.train.train(cfg, model_cfg, spec["data"], out, log_metrics=log, checkpoints=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     dist.destroy_process_group()
     if rank != 0:
         return None
-    measured = [w for w in windows[1:] if "tokens_per_s" in w]  # the first window holds the warmup
-    tokens_per_s = sum(w["tokens_per_s"] for w in measured) / len(measured)
+    figures = bench.measured_figures(windows, spec["warmup"] + spec["steps"])
     tokens_per_step = spec["micro_bsz"] * spec["ctx"] * world
-    row = {
+    return {
         **{k: v for k, v in spec.items() if k != "data"},
+        **figures,
         "world": world,
-        "tokens_per_s": tokens_per_s,
-        "tokens_per_s_per_gpu": tokens_per_s / world,
-        "step_ms": 1000 * tokens_per_step / tokens_per_s,
-        "mfu": sum(w["mfu"] for w in measured) / len(measured),
-        "loss_last": measured[-1]["loss"],
+        "tokens_per_s_per_gpu": figures["tokens_per_s"] / world,
+        "step_ms": 1000 * tokens_per_step / figures["tokens_per_s"],
     }
-    if torch.cuda.is_available():
-        row["gpu_mem_peak_gib"] = max(w.get("gpu_mem_peak_gib", 0.0) for w in windows)
-        row["device"] = torch.cuda.get_device_name()
-    return row
 
 
 def launch(spec: dict[str, Any], devices: list[int] | None, threads: int) -> subprocess.Popen:

@@ -102,7 +102,6 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
 
 def run_one(spec: dict) -> dict:
     """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
-    import torch
 
     import pipeline.engine
     import pipeline.train
@@ -134,19 +133,31 @@ def run_one(spec: dict) -> dict:
         )
         if profiler is not None:
             profiler.stop()
-    last_measured = spec["warmup"] + spec["steps"]
-    # the first window holds the warmup; windows after the measured steps hold the profiled ones
-    measured = [w for w in windows[1:] if "tokens_per_s" in w and w["step"] <= last_measured]
-    tokens_per_s = sum(w["tokens_per_s"] for w in measured) / len(measured)
-    row = {**spec, "tokens_per_s": tokens_per_s, "mfu": sum(w["mfu"] for w in measured) / len(measured)}
-    row["loss_last"] = measured[-1]["loss"]
-    if torch.cuda.is_available():
-        row["gpu_mem_peak_gib"] = max(w.get("gpu_mem_peak_gib", 0.0) for w in windows)
-        row["device"] = torch.cuda.get_device_name()
+    row = {**spec, **measured_figures(windows, spec["warmup"] + spec["steps"])}
     if profiler is not None:
         label = "_".join(str(spec[k]) for k in ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync"))
         row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
     return row
+
+
+def measured_figures(windows: list[dict], last_measured: int) -> dict[str, Any]:
+    """tokens/s, MFU, last loss, peak GPU memory and device of a run from its metric windows.
+
+    windows: the loop's logged metrics with their "step"; the first window holds the warm-up, windows
+    after step `last_measured` hold profiled steps: neither is measured.
+    """
+    import torch
+
+    measured = [w for w in windows[1:] if "tokens_per_s" in w and w["step"] <= last_measured]
+    figures = {
+        "tokens_per_s": sum(w["tokens_per_s"] for w in measured) / len(measured),
+        "mfu": sum(w["mfu"] for w in measured) / len(measured),
+        "loss_last": measured[-1]["loss"],
+    }
+    if torch.cuda.is_available():
+        figures["gpu_mem_peak_gib"] = max(w.get("gpu_mem_peak_gib", 0.0) for w in windows)
+        figures["device"] = torch.cuda.get_device_name()
+    return figures
 
 
 def step_profiler(skip: int, steps: int):
