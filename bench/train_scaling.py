@@ -42,7 +42,7 @@ from typing import Any  # noqa: E402
 
 
 def _throughput_bench() -> Any:
-    """bench/train_throughput.py as a module (model sizes, vocabularies, synthetic shards): one source."""
+    """bench/train_throughput.py as a module (model sizes, vocabularies, configs, figures): one source."""
     spec = importlib.util.spec_from_file_location("train_throughput", os.path.join(_HERE, "train_throughput.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -250,7 +250,9 @@ def main() -> int:
         if args.data is None:
             micro = max(int(item.partition("=")[2]) for item in args.micro_bsz)
             needed = (args.steps + args.warmup + 2) * micro * (args.ctx + 1) * max(args.gpus) * 2
-            _throughput_bench().write_synthetic_shards(data, tokens=max(needed, 1 << 20))
+            from tokenization.synthetic import write_synthetic_shards
+
+            write_synthetic_shards(data, tokens=max(needed, 1 << 20), vocab_size=_throughput_bench().DATA_VOCAB)
         rows = efficiency_rows(run_all(args, data))
     print_table(rows)
     if args.json:

@@ -44,32 +44,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 SIZES = {"tiny": (2, 64), "169m": (12, 768), "430m": (24, 1024)}  # (n_layer, n_embd)
 DATA_VOCAB, MODEL_VOCAB = 50277, 50304
-
-
-def write_synthetic_shards(out_dir: Path, tokens: int, vocab_size: int = DATA_VOCAB, seed: int = 0) -> Path:
-    """A shard directory of random documents (4096 tokens + eod) that TokenDataset reads and verifies."""
-    from tokenization.manifest import MANIFEST, shard_name
-    from tokenization.shards import ShardWriter
-    from tokenization.tokenizer import TokenizerInfo
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"model_type": "synthetic", "vocab_size": vocab_size}
-    info = TokenizerInfo(f"synthetic-{vocab_size}-{seed}", vocab_size, 0, -1, 1, "synthetic", config)
-    rng = np.random.default_rng(seed)
-    shards = []
-    for split, count in (("train", tokens), ("val", max(tokens // 50, 1 << 15))):
-        documents = [np.append(rng.integers(1, vocab_size, 4096, dtype=np.uint32), 0) for _ in range(count // 4097 + 1)]
-        with ShardWriter(out_dir / shard_name(split, 0), info, split=split) as writer:
-            writer.write(documents)
-        shards.append(writer.record.__dict__)
-    tokenizer = {"sha256": info.model_sha256, "vocab_size": vocab_size, "eod_id": 0, "pad_id": -1, "config": config}
-    manifest = {"format_version": 1, "tokenizer": tokenizer, "shards": shards}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return out_dir
 
 
 def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
@@ -285,7 +261,9 @@ def main() -> int:
         data = Path(args.data) if args.data else Path(scratch)
         if args.data is None:
             needed = (args.steps + args.warmup + 2) * max(args.micro_bsz) * (args.ctx + 1) * 2
-            write_synthetic_shards(data, tokens=max(needed, 1 << 20))
+            from tokenization.synthetic import write_synthetic_shards
+
+            write_synthetic_shards(data, tokens=max(needed, 1 << 20), vocab_size=DATA_VOCAB)
         rows = run_all(args, data)
     print_table(rows)
     if args.json:

@@ -9,35 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import pipeline.train
 from model import ModelConfig
 from pipeline.config import TrainConfig
 from pipeline.train import NonFiniteLoss, train
+from tokenization.synthetic import write_synthetic_shards
 
 VOCAB = 64
 
 
-def _shards(out_dir: Path, tokens: int = 1 << 14) -> Path:
-    """A shard directory of random documents that TokenDataset reads (as bench/train_throughput.py makes)."""
-    from tokenization.manifest import MANIFEST, shard_name
-    from tokenization.shards import ShardWriter
-    from tokenization.tokenizer import TokenizerInfo
-
-    out_dir.mkdir(parents=True)
-    config = {"model_type": "synthetic", "vocab_size": VOCAB}
-    info = TokenizerInfo(f"synthetic-{VOCAB}", VOCAB, 0, -1, 1, "synthetic", config)
-    rng, shards = np.random.default_rng(0), []
-    for split, count in (("train", tokens), ("val", 2048)):
-        documents = [np.append(rng.integers(1, VOCAB, 511, dtype=np.uint32), 0) for _ in range(count // 512)]
-        with ShardWriter(out_dir / shard_name(split, 0), info, split=split) as writer:
-            writer.write(documents)
-        shards.append(writer.record.__dict__)
-    tokenizer = {"sha256": info.model_sha256, "vocab_size": VOCAB, "eod_id": 0, "pad_id": -1, "config": config}
-    (out_dir / MANIFEST).write_text(json.dumps({"format_version": 1, "tokenizer": tokenizer, "shards": shards}))
-    return out_dir
+def _shards(out_dir: Path) -> Path:
+    """A shard directory of random documents (511 tokens + eod) that TokenDataset reads."""
+    return write_synthetic_shards(out_dir, tokens=1 << 14, vocab_size=VOCAB, doc_tokens=511, val_tokens=2048)
 
 
 def _run(tmp_path: Path, name: str, deferred: bool, monkeypatch: pytest.MonkeyPatch, **overrides):
