@@ -251,8 +251,8 @@ class MasterWeightAdam(torch.optim.Optimizer):
         if not all_grads:
             return
         fused = all_grads[0].is_cuda
-        if skip is not None and not fused:  # CPU: the flag is a host value anyway
-            skip = None if not bool(skip) else torch.ones((), dtype=torch.bool)
+        if skip is not None and not fused and not bool(skip):  # CPU: the flag is a host value anyway
+            skip = None
         if skip is not None:
             # NaN * 0 is NaN, so the gradients are replaced, not scaled; on CPU only when the step is skipped
             if fused:
