@@ -90,6 +90,7 @@ def run_one(spec: dict) -> dict:
     if spec.get("compile_mode", "default") != "default":
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 0))
+    apply_inductor_options(spec.get("inductor", ""))
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -111,9 +112,34 @@ def run_one(spec: dict) -> dict:
             profiler.stop()
     row = {**spec, **measured_figures(windows, spec["warmup"] + spec["steps"])}
     if profiler is not None:
-        label = "_".join(str(spec[k]) for k in ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync"))
+        keys = ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync", "skip_allreduce")
+        label = "_".join(str(spec.get(k, "")) for k in keys)
+        if spec.get("inductor"):
+            label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
         row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
     return row
+
+
+def apply_inductor_options(options: str) -> None:
+    """'key=value,key2=value2' set on torch._inductor.config (dotted keys reach sub-configs, e.g.
+    'coordinate_descent_tuning=1,triton.unique_kernel_names=1'); values parse as Python literals."""
+    import ast
+
+    from torch._inductor import config
+
+    for item in filter(None, options.split(",")):
+        key, _, text = item.partition("=")
+        *parents, leaf = key.strip().split(".")
+        target = config
+        for parent in parents:
+            target = getattr(target, parent)
+        if not hasattr(target, leaf):
+            raise SystemExit(f"--inductor: torch._inductor.config has no option {key!r}")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        setattr(target, leaf, value)
 
 
 def measured_figures(windows: list[dict], last_measured: int) -> dict[str, Any]:
@@ -143,6 +169,36 @@ def step_profiler(skip: int, steps: int):
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     return profile(activities=activities, schedule=schedule(wait=skip - 1, warmup=1, active=steps, repeat=1))
+
+
+WKV_KERNELS = (
+    "fwd_summaries",
+    "fwd_segment_scan",
+    "fwd_outputs",
+    "bwd_summaries",
+    "bwd_segment_scan",
+    "bwd_gradients",
+    "bwd_reduce",
+)
+
+
+def kernel_category(name: str) -> str:
+    """A device op's kind by its name: where a step's device time goes."""
+    lowered = name.lower()
+    if any(key in lowered for key in ("nvjet", "gemm", "cutlass", "xmma")):
+        return "matmul (cuBLAS)"
+    if any(key in name for key in WKV_KERNELS):
+        return "WKV kernels"
+    if name.startswith("triton_"):
+        kind = name.split("_")[1] if name.count("_") >= 2 else ""
+        return f"Inductor Triton ({kind})" if kind in ("poi", "red", "per", "tem") else "Inductor Triton"
+    if "nccl" in lowered:
+        return "NCCL"
+    if "memcpy" in lowered or "memset" in lowered:
+        return "memcpy / memset"
+    if any(key in lowered for key in ("adam", "multi_tensor", "foreach")):
+        return "optimizer (foreach / fused Adam)"
+    return "other (eager ATen)"
 
 
 SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -187,6 +243,11 @@ def summarize_profile(prof, steps: int, out: str | None, label: str, top: int = 
             elif end > cursor:
                 busy += end - cursor
                 cursor = end
+    categories: dict[str, list[float]] = {}
+    for name, (total, count) in kernels.items():
+        entry = categories.setdefault(kernel_category(name), [0.0, 0.0])
+        entry[0] += total
+        entry[1] += count
     lines = [
         f"profile {label}: {steps} steps, device span {span / 1000 / max(steps, 1):.1f} ms per step, busy "
         f"{busy / 1000 / max(steps, 1):.1f} ms, idle {100 * (1 - busy / span) if span else 0:.1f} %, "
@@ -194,10 +255,14 @@ def summarize_profile(prof, steps: int, out: str | None, label: str, top: int = 
         "| kernel | ms per step | % of busy | launches per step |",
         "|---|---|---|---|",
     ]
-    for name, (total, count) in sorted(kernels.items(), key=lambda item: -item[1][0])[:top]:
+    ranked = sorted(kernels.items(), key=lambda item: -item[1][0])
+    for name, (total, count) in ranked[:top]:
         lines.append(
             f"| {name[:100]} | {total / 1000:.2f} | {100 * total * steps / max(busy, 1e-9):.1f} | {count:.0f} |"
         )
+    lines += ["| kernel category (all kernels) | ms per step | % of busy | launches per step |", "|---|---|---|---|"]
+    for name, (total, count) in sorted(categories.items(), key=lambda item: -item[1][0]):
+        lines.append(f"| {name} | {total / 1000:.2f} | {100 * total * steps / max(busy, 1e-9):.1f} | {count:.0f} |")
     lines += ["| host call that can wait for the device | ms per step (host) | calls per step |", "|---|---|---|"]
     for name, (total, count) in sorted(syncs.items(), key=lambda item: -item[1][0]):
         lines.append(f"| {name} | {total / 1000:.2f} | {count:.1f} |")
@@ -205,7 +270,13 @@ def summarize_profile(prof, steps: int, out: str | None, label: str, top: int = 
     print(text, flush=True)
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / f"profile_{label}.md").write_text(text + "\n")
+        every = [f"| {name[:160]} | {total / 1000:.3f} | {count:.0f} |" for name, (total, count) in ranked]
+        (Path(out) / f"profile_{label}.md").write_text(
+            text
+            + "\n\nEvery kernel:\n| kernel | ms per step | launches per step |\n|---|---|---|\n"
+            + "\n".join(every)
+            + "\n"
+        )
     if out and trace:
         path = Path(out) / f"trace_{label}.json"
         prof.export_chrome_trace(str(path))
@@ -240,6 +311,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--skip-allreduce", type=int, nargs="+", default=[0], help="1: skip DeepSpeed's one-rank gradient all-reduce"
+    )
+    parser.add_argument(
+        "--inductor",
+        nargs="+",
+        default=[""],
+        help="torch._inductor.config settings, one 'key=value,...' per configuration ('' = defaults)",
     )
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--out", default=None, help="with --profile: write the profile text here")
@@ -276,7 +353,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -287,8 +364,9 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for host_sync in args.host_sync
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
+        for inductor in (args.inductor if compiled else [""])
     ]
-    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip in grid:
+    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor in grid:
         spec = {
             "model": model,
             "backend": backend,
@@ -302,6 +380,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "host_sync": host_sync,
             "compile_mode": compile_mode,
             "skip_allreduce": skip,
+            "inductor": inductor,
             "profile": args.profile,
             "out": args.out,
             "trace": args.trace,
@@ -351,6 +430,8 @@ def print_table(rows: list[dict]) -> None:
             compiled += f" ({row['compile_mode']})"
         if row.get("skip_allreduce"):
             compiled += ", no 1-rank all-reduce"
+        if row.get("inductor"):
+            compiled += f", inductor {row['inductor']}"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
         syncs = row.get("host_sync", "new")

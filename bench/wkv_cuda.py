@@ -10,8 +10,10 @@
         # build cuda/wkv.cu with other tuning macros side by side (in parallel), check each against
         # the float64 reference and bit for bit against the first variant, and time each; an empty
         # define list is the default build
-    python bench/wkv_cuda.py --smoke --defines WKV_PAIRS=1,WKV_FAST_GM1=1
+    python bench/wkv_cuda.py --smoke --defines WKV_FAST_GM1=1
         # the smoke run through one build variant's extension, outputs poisoned first (for memcheck)
+    python bench/wkv_cuda.py --kernel-times 1 1024 4096 bfloat16
+        # device time of each kernel of a fwd+bwd call and the call's span (torch.profiler, 50 calls)
 
 Legend: B batch, T time, C channels. Times are medians of triton.testing.do_bench (CUDA events,
 L2 flushed before each call) of the extension's forward, and of forward followed by backward,
@@ -71,6 +73,45 @@ def make_case(batch, steps, channels, dtype, ext=None):
         return ext.backward(td, tf, k, v, gy, aa0, bb0, aa1, bb1, *gstate, sub, lastwin, False)
 
     return forward, forward_backward
+
+
+def kernel_times(batch: int, steps: int, channels: int, dtype: torch.dtype, calls: int = 50) -> str:
+    """Per kernel of one fwd+bwd call: mean device time and launches; the mean span of a call (first
+    kernel start to last kernel end) and its device-busy share: the gaps are launch latency."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, forward_backward = make_case(batch, steps, channels, dtype)
+    for _ in range(10):
+        forward_backward()
+    torch.cuda.synchronize()
+    spans = []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            forward_backward()
+            torch.cuda.synchronize()  # one call at a time, so each call's span is its own
+    per_name: dict[str, list[float]] = {}
+    intervals = []
+    for event in prof.events():
+        if event.device_type.name != "CUDA":
+            continue
+        per_name.setdefault(event.name, []).append(event.device_time_total)
+        intervals.append((event.time_range.start, event.time_range.end))
+    intervals.sort()
+    per_call = len(intervals) // calls
+    for i in range(calls):
+        chunk = intervals[i * per_call : (i + 1) * per_call]
+        spans.append((chunk[-1][1] - chunk[0][0], sum(end - start for start, end in chunk)))
+    spans.sort()
+    span, busy = spans[len(spans) // 2]
+    lines = [
+        f"{batch}x{steps}x{channels} {str(dtype).removeprefix('torch.')}: median call span {span:.1f} us, "
+        f"kernels busy {busy:.1f} us ({100 * busy / span:.0f} %), {per_call} device ops per call",
+        "| kernel | mean us | launches per call |",
+        "|---|---|---|",
+    ]
+    for name, times in sorted(per_name.items(), key=lambda item: -sum(item[1])):
+        lines.append(f"| {name[:90]} | {sum(times) / len(times):.1f} | {len(times) / calls:.0f} |")
+    return "\n".join(lines)
 
 
 def graphed(fn):
@@ -376,6 +417,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="one small forward+backward, no timing")
     parser.add_argument("--profile", nargs=4, metavar=("B", "T", "C", "DTYPE"), help="3 fwd+bwd calls, for ncu")
     parser.add_argument("--graph", action="store_true", help="time CUDA graph replays of each call")
+    parser.add_argument(
+        "--kernel-times", nargs=4, metavar=("B", "T", "C", "DTYPE"), help="per-kernel device times of fwd+bwd"
+    )
     parser.add_argument("--variants", help="'name:DEF=1,DEF2=2;name2:' builds to compare (see module doc)")
     parser.add_argument(
         "--accuracy", action="store_true", help="with --variants: errors against float64, bit-identity to the first"
@@ -387,6 +431,10 @@ def main() -> None:
         return
     if args.smoke:
         smoke(tuple(d for d in args.defines.split(",") if d))
+        return
+    if args.kernel_times:
+        batch, steps, channels = (int(x) for x in args.kernel_times[:3])
+        print(kernel_times(batch, steps, channels, getattr(torch, args.kernel_times[3])))
         return
     if args.profile:
         batch, steps, channels = (int(x) for x in args.profile[:3])
