@@ -89,7 +89,7 @@ def run_one(spec: dict) -> dict:
         pipeline.train.DS_OVERRIDES = {}
     if spec.get("compile_mode", "default") != "default":
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
-    pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 0))
+    pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
 
     profiled = spec.get("profile", 0)
@@ -310,7 +310,7 @@ def main() -> int:
         help="torch.compile mode with --compile 1",
     )
     parser.add_argument(
-        "--skip-allreduce", type=int, nargs="+", default=[0], help="1: skip DeepSpeed's one-rank gradient all-reduce"
+        "--skip-allreduce", type=int, nargs="+", default=[1], help="0: keep DeepSpeed's one-rank gradient all-reduce"
     )
     parser.add_argument(
         "--inductor",

@@ -80,6 +80,7 @@ def test_skipping_the_one_rank_allreduce_changes_nothing(world_of_one, tmp_path,
     calls = []
     real = DeepSpeedEngine.allreduce_gradients
     monkeypatch.setattr(DeepSpeedEngine, "allreduce_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(pipeline.train, "SKIP_ONE_RANK_ALLREDUCE", False)
     plain = _run(tmp_path, "plain", True, monkeypatch)
     made = len(calls)
     assert made >= 6  # at least once per optimizer step
