@@ -86,6 +86,14 @@ def no_argmax_rows(logits_nV, target_n, scale):
     return loss, grad_nV, max_n, torch.zeros_like(target_n)
 
 
+def cuda_kernel_rows(logits_nV, target_n, scale):
+    """cuda/head_loss.cu (model.fused_loss.ROW_KERNEL = "cuda"): one read of the logits, one write."""
+    from model.head_loss_cuda import head_loss_rows_op
+
+    grad_nV, loss_n, max_n, argmax_n = head_loss_rows_op(logits_nV, target_n, scale)
+    return loss_n.sum(), grad_nV, max_n, argmax_n
+
+
 FORMULATIONS = {
     "model (logsumexp)": model_rows,
     "max as shift": max_shift_rows,
@@ -93,6 +101,7 @@ FORMULATIONS = {
     "softmax": softmax_rows,
     "int32 one-hot, select": int32_where_rows,
     "no arg-max (not equal)": no_argmax_rows,
+    "CUDA kernel (cuda/head_loss.cu)": cuda_kernel_rows,
 }
 
 

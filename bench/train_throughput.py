@@ -91,6 +91,9 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
+    import model.fused_loss
+
+    model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "compiled")
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -116,6 +119,8 @@ def run_one(spec: dict) -> dict:
         label = "_".join(str(spec.get(k, "")) for k in keys)
         if spec.get("inductor"):
             label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
+        if spec.get("row_kernel", "compiled") != "compiled":
+            label += f"_{spec['row_kernel']}rows"
         row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
     return row
 
@@ -313,6 +318,13 @@ def main() -> int:
         "--skip-allreduce", type=int, nargs="+", default=[1], help="0: keep DeepSpeed's one-rank gradient all-reduce"
     )
     parser.add_argument(
+        "--row-kernel",
+        nargs="+",
+        default=["compiled"],
+        choices=["compiled", "cuda"],
+        help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
+    )
+    parser.add_argument(
         "--inductor",
         nargs="+",
         default=[""],
@@ -353,7 +365,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, row_kernel)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -365,8 +377,22 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
+        for row_kernel in (args.row_kernel if fused else ["compiled"])
     ]
-    for model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor in grid:
+    for (
+        model,
+        backend,
+        zero,
+        mode,
+        micro_bsz,
+        compiled,
+        fused,
+        host_sync,
+        compile_mode,
+        skip,
+        inductor,
+        row_kernel,
+    ) in grid:
         spec = {
             "model": model,
             "backend": backend,
@@ -381,6 +407,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "compile_mode": compile_mode,
             "skip_allreduce": skip,
             "inductor": inductor,
+            "row_kernel": row_kernel,
             "profile": args.profile,
             "out": args.out,
             "trace": args.trace,
@@ -434,6 +461,8 @@ def print_table(rows: list[dict]) -> None:
             compiled += f", inductor {row['inductor']}"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
+        if row.get("row_kernel", "compiled") != "compiled":
+            fused = f"{fused}, {row['row_kernel']} row kernel"
         syncs = row.get("host_sync", "new")
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")

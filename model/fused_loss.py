@@ -38,7 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from model import head_loss_cuda
 from model.loss import L2WRAP_FACTOR
+
+ROW_KERNEL = "compiled"
+"""How a chunk's logits become its loss, gradient, max and arg-max when they are bf16 on a GPU:
+"compiled" (the PyTorch ops below, which Inductor fuses into one kernel that reads each row three
+times) or "cuda" (cuda/head_loss.cu through model/head_loss_cuda.py: one read, one write). "cuda" is
+not yet the default: it has not been measured or tested on a GPU (docs/benchmarks.md)."""
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,9 +117,15 @@ class FusedHeadLoss(torch.autograd.Function):
             end = min(start + chunk_rows, rows)
             hidden_nC, target_n = hidden_NC[start:end].to(compute_dtype), targets_N[start:end]
             logits_nV = hidden_nC @ weight_c.T
-            max_logit_n, argmax_n = torch.max(logits_nV, dim=-1)  # L2Wrap reads the compute-dtype logits
-            chunk_grad = _chunk_grad_pointwise if torch.compiler.is_compiling() else _chunk_grad_eager
-            chunk_loss, grad_nV = chunk_grad(logits_nV, target_n, 1.0 / rows, acc, need_grads)
+            if need_grads and ROW_KERNEL == "cuda" and head_loss_cuda.supports(logits_nV):
+                grad_nV, loss_n, max_logit_n, argmax_n = head_loss_cuda.head_loss_rows_op(
+                    logits_nV, target_n, 1.0 / rows
+                )
+                chunk_loss = loss_n.sum()
+            else:
+                max_logit_n, argmax_n = torch.max(logits_nV, dim=-1)  # L2Wrap reads the compute-dtype logits
+                chunk_grad = _chunk_grad_pointwise if torch.compiler.is_compiling() else _chunk_grad_eager
+                chunk_loss, grad_nV = chunk_grad(logits_nV, target_n, 1.0 / rows, acc, need_grads)
             del logits_nV
             loss_sum += chunk_loss
             if grad_nV is None:

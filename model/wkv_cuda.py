@@ -19,52 +19,24 @@ compiling and an edited kernel gets a fresh build. If the build fails, the error
 the `torch` backend (`model.wkv_backend=torch`) as the fallback.
 """
 
-import hashlib
-import sys
 import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from model.cuda_extension import CudaBuildError, build_extension, source_dir
 from model.wkv_reference import State, zero_state
 
 __all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "SOURCE_DIR", "wkv_forward_op", "wkv_backward_op"]
 
 SOURCES = ("wkv.cu", "wkv_binding.cpp")
-
-
-def _source_dir() -> Path:
-    """cuda/ of the checkout (editable installs, tests), else the copy a wheel installs under share/."""
-    checkout = Path(__file__).resolve().parent.parent / "cuda"
-    installed = Path(sys.prefix) / "share" / "rwkv-pipeline" / "cuda"
-    return checkout if (checkout / SOURCES[0]).is_file() or not installed.is_dir() else installed
-
-
-SOURCE_DIR = _source_dir()
-NVCC_FLAGS = ["-O3", "-Xptxas", "-O3", "-std=c++17"]
+SOURCE_DIR = source_dir()
 
 _extensions: dict[tuple[str, ...], ModuleType] = {}
 POISON_OUTPUTS_FOR_TESTS = False
 """Test hook: the extension fills outputs and workspaces with NaN before each launch."""
 _lock = threading.Lock()
-
-
-class CudaBuildError(RuntimeError):
-    """The WKV CUDA extension could not be built or loaded."""
-
-
-def _source_digest(defines: tuple[str, ...] = ()) -> str:
-    """Sources, flags and toolchain versions: a change of any of them gets a fresh build folder."""
-    h = hashlib.sha256()
-    for name in SOURCES:
-        h.update((SOURCE_DIR / name).read_bytes())
-    h.update(" ".join(NVCC_FLAGS + [f"-D{d}" for d in defines]).encode())
-    h.update(f"{torch.__version__} {torch.version.cuda}".encode())
-    if torch.cuda.is_available():
-        h.update(str(torch.cuda.get_device_capability()).encode())
-    return h.hexdigest()[:16]
 
 
 def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
@@ -79,27 +51,15 @@ def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
         return module
     with _lock:
         if defines not in _extensions:
-            _extensions[defines] = _build(defines)
+            _extensions[defines] = build_extension(
+                "wkv_cuda",
+                SOURCE_DIR,
+                SOURCES,
+                defines=defines,
+                fallback="Use the pure-PyTorch backend instead: set model.wkv_backend=torch "
+                "(or call model.wkv.wkv(..., backend='torch')).",
+            )
     return _extensions[defines]
-
-
-def _build(defines: tuple[str, ...]) -> ModuleType:
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(
-            name=f"wkv_cuda_{_source_digest(defines)}",
-            sources=[str(SOURCE_DIR / name) for name in SOURCES],
-            extra_cuda_cflags=NVCC_FLAGS + [f"-D{d}" for d in defines],
-            extra_cflags=["-O3"],
-            verbose=False,
-        )
-    except Exception as error:  # compiler missing, compile error, ABI mismatch: all say the same
-        raise CudaBuildError(
-            f"building the WKV CUDA kernel from {SOURCE_DIR} failed ({type(error).__name__}: {error}). "
-            "Use the pure-PyTorch backend instead: set model.wkv_backend=torch "
-            "(or call model.wkv.wkv(..., backend='torch'))."
-        ) from error
 
 
 # The kernel as torch custom ops (namespace `rwkv`), so torch.compile sees one opaque node per call

@@ -1,0 +1,72 @@
+"""Build the project's CUDA extensions (a kernel in cuda/*.cu plus its torch binding) once, cached on disk.
+
+    >>> from model.cuda_extension import build_extension, source_dir
+    >>> ext = build_extension("head_loss", source_dir(), ("head_loss.cu", "head_loss_binding.cpp"),
+    ...                       fallback="set model.fused_loss.ROW_KERNEL = 'compiled'")
+
+torch.utils.cpp_extension.load compiles into torch's extension cache (~/.cache/torch_extensions, or
+TORCH_EXTENSIONS_DIR), under a name keyed by the sources, flags and torch/CUDA versions, so a second
+process loads the built library without compiling and an edited kernel gets a fresh build. A failed
+build raises CudaBuildError naming the fallback the caller gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["CudaBuildError", "NVCC_FLAGS", "build_extension", "source_digest", "source_dir"]
+
+NVCC_FLAGS = ["-O3", "-Xptxas", "-O3", "-std=c++17"]
+
+
+class CudaBuildError(RuntimeError):
+    """A CUDA extension could not be built or loaded."""
+
+
+def source_dir() -> Path:
+    """cuda/ of the checkout (editable installs, tests), else the copy a wheel installs under share/."""
+    checkout = Path(__file__).resolve().parent.parent / "cuda"
+    installed = Path(sys.prefix) / "share" / "rwkv-pipeline" / "cuda"
+    return checkout if (checkout / "wkv.cu").is_file() or not installed.is_dir() else installed
+
+
+def source_digest(directory: Path, sources: tuple[str, ...], defines: tuple[str, ...] = ()) -> str:
+    """Sources, flags and toolchain versions: a change of any of them gets a fresh build folder."""
+    h = hashlib.sha256()
+    for name in sources:
+        h.update((directory / name).read_bytes())
+    h.update(" ".join(NVCC_FLAGS + [f"-D{d}" for d in defines]).encode())
+    h.update(f"{torch.__version__} {torch.version.cuda}".encode())
+    if torch.cuda.is_available():
+        h.update(str(torch.cuda.get_device_capability()).encode())
+    return h.hexdigest()[:16]
+
+
+def build_extension(
+    prefix: str, directory: Path, sources: tuple[str, ...], *, fallback: str, defines: tuple[str, ...] = ()
+) -> ModuleType:
+    """Compile (or load from the cache) the extension `prefix_<digest>` from `sources` in `directory`.
+
+    fallback: what the user can do instead, for the error message (compiler missing, compile error,
+    ABI mismatch all raise the same CudaBuildError).
+    """
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name=f"{prefix}_{source_digest(directory, sources, defines)}",
+            sources=[str(directory / name) for name in sources],
+            extra_cuda_cflags=NVCC_FLAGS + [f"-D{d}" for d in defines],
+            extra_cflags=["-O3"],
+            verbose=False,
+        )
+    except Exception as error:
+        failure = f"{type(error).__name__}: {error}"
+        raise CudaBuildError(
+            f"building the CUDA extension {prefix} from {directory} failed ({failure}). {fallback}"
+        ) from error
