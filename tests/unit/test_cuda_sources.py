@@ -96,6 +96,17 @@ def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
         wkv_cuda_module.load_extension()
 
 
+def test_failed_head_loss_build_names_the_compiled_formulation(monkeypatch, tmp_path):
+    """The head loss's row kernel failing to build points at model.fused_loss.ROW_KERNEL = 'compiled'."""
+    import model.cuda_extension
+    import model.head_loss_cuda as head_loss_cuda
+
+    monkeypatch.setattr(head_loss_cuda, "_extension", None)
+    monkeypatch.setattr(head_loss_cuda, "source_dir", lambda: tmp_path)  # no sources here
+    with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'compiled'"):
+        head_loss_cuda.load_extension()
+
+
 class _ReferenceStandIn:
     """The extension's forward/backward signatures, computed on the CPU by the float64 reference.
 

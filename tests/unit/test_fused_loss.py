@@ -276,3 +276,21 @@ def test_the_compile_friendly_chunk_gradient_equals_the_eager_one(dtype):
     torch.testing.assert_close(loss, eager_loss, rtol=tolerance, atol=0)
     torch.testing.assert_close(grad.double(), eager_grad.double(), rtol=tolerance, atol=tolerance / 64)
     assert _chunk_grad_pointwise(logits, targets, 1 / 64, acc, False)[1] is None
+
+
+def test_the_cuda_row_kernel_setting_leaves_cpu_logits_on_the_pytorch_path(monkeypatch):
+    """ROW_KERNEL = "cuda" applies only to bf16 CUDA logits: on the CPU the result is the same, bit for bit."""
+    import model.fused_loss as fused_loss
+
+    hidden, weight = torch.randn(40, 8).bfloat16(), torch.randn(50, 8).bfloat16()
+    targets = torch.randint(0, 50, (40,))
+
+    def run():
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        loss = fused_head_loss(h, w, targets, chunk_rows=16)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    default = run()
+    monkeypatch.setattr(fused_loss, "ROW_KERNEL", "cuda")
+    assert all(torch.equal(a, b) for a, b in zip(run(), default, strict=True))
