@@ -1170,7 +1170,9 @@ __device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], cons
 // gradient_walk for channel H of the pair, the arithmetic copied line for line. Channel 0 runs
 // first and leaves its (gk, gv) per step, rounded to bf16, in `held`; channel 1 then stores both
 // channels' gk and gv as pairs. The stash is per thread, so channel 1 may overwrite it without a
-// barrier.
+// barrier. (One template for both walks, with the loads and stores as a policy, was tried four ways:
+// each changed the unpaired bwd_gradients kernels' SASS, more spills in fp32 and another FMA
+// contraction in a bf16 variant, so the copy stays until a GPU session can measure such a change.)
 template <bool FULL, int H>
 __device__ __forceinline__ GradAcc gradient_half(const Tile& q, St s, float w, float u, const bf2 (&k2)[SUB],
                                                  const bf2 (&v2)[SUB], const bf2 (&gy2)[SUB], float al, float be,
