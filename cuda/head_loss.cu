@@ -16,6 +16,8 @@
 // (docs/benchmarks.md, "Training throughput").
 //
 // Legend: n rows, V vocabulary (row length). C interface, no torch headers: plain `nvcc -arch=sm_90`.
+// The per-element and merge arithmetic is __host__ __device__, so tests/unit/test_head_loss_rows_host.py
+// runs it on the CPU in the kernel's order of merges.
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -36,17 +38,17 @@ struct Acc {
 
 // Is (x at index i) a better max than acc's? NaN beats everything (the first NaN stays), then the
 // larger value, then the smaller index.
-__device__ __forceinline__ bool beats(float x, long long i, float m, long long mi) {
+__host__ __device__ __forceinline__ bool beats(float x, long long i, float m, long long mi) {
     if (isnan(m)) return isnan(x) && i < mi;
     if (isnan(x)) return true;
     return x > m || (x == m && i < mi);
 }
 
-__device__ __forceinline__ float exp_scaled(float x) { return exp2f(x * LOG2E); }
+__host__ __device__ __forceinline__ float exp_scaled(float x) { return exp2f(x * LOG2E); }
 
 // The union of two accumulators. A max of -inf has summed nothing (exp(-inf - -inf) would be NaN);
 // a NaN max keeps the sum NaN.
-__device__ __forceinline__ Acc merge(Acc a, Acc b) {
+__host__ __device__ __forceinline__ Acc merge(Acc a, Acc b) {
     bool b_wins = beats(b.m, b.i, a.m, a.i);
     Acc hi = b_wins ? b : a, lo = b_wins ? a : b;
     float scaled = lo.m == -INFINITY ? 0.f : lo.s * exp_scaled(lo.m - hi.m);
@@ -56,7 +58,7 @@ __device__ __forceinline__ Acc merge(Acc a, Acc b) {
 // The accumulator of N consecutive elements starting at index first: their max and its index
 // first (compares only), then one exp per element against that max.
 template <int N>
-__device__ __forceinline__ Acc local_acc(const float (&e)[N], long long first) {
+__host__ __device__ __forceinline__ Acc local_acc(const float (&e)[N], long long first) {
     float m = e[0];
     int at = 0;
 #pragma unroll
@@ -71,6 +73,14 @@ __device__ __forceinline__ Acc local_acc(const float (&e)[N], long long first) {
         for (int q = 0; q < N; ++q) s += exp_scaled(e[q] - m);
     }
     return Acc{m, first + at, s};
+}
+
+// lse = max + log(sum); a row of -inf only has sum 0 and lse -inf, as torch.logsumexp.
+__host__ __device__ __forceinline__ float row_lse(const Acc& total) { return total.m + logf(total.s); }
+
+// One element's gradient before the bf16 rounding: (softmax - onehot) * scale.
+__host__ __device__ __forceinline__ float logit_grad(float x, float lse, bool is_target, float scale) {
+    return (exp_scaled(x - lse) - (is_target ? 1.f : 0.f)) * scale;
 }
 
 __device__ __forceinline__ Acc warp_merge(Acc acc) {
@@ -101,7 +111,7 @@ __device__ __forceinline__ Acc block_merge(Acc acc) {
     return total;
 }
 
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // VEC: 8 bf16 per 16-byte load (V % 8 == 0 and 16-byte aligned rows); else 1.
 template <int VEC>
@@ -132,8 +142,7 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
         acc = merge(acc, local_acc<VEC>(e, j));
     }
     const Acc total = block_merge(acc);
-    // lse = max + log(sum); a row of -inf only has sum 0 and lse -inf, as torch.logsumexp
-    const float lse = total.m + logf(total.s);
+    const float lse = row_lse(total);
     if (threadIdx.x == 0) {
         loss[row] = t_ok ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
         max_out[row] = __float2bfloat16_rn(total.m);
@@ -147,14 +156,10 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
             uint4 out;
             __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
 #pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                float p = exp_scaled(to_f(e[q]) - lse);
-                o[q] = __float2bfloat16_rn((p - (j + q == t ? 1.f : 0.f)) * scale);
-            }
+            for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(logit_grad(to_f(e[q]), lse, j + q == t, scale));
             *reinterpret_cast<uint4*>(g + j) = out;
         } else {
-            float p = exp_scaled(to_f(x[j]) - lse);
-            g[j] = __float2bfloat16_rn((p - (j == t ? 1.f : 0.f)) * scale);
+            g[j] = __float2bfloat16_rn(logit_grad(to_f(x[j]), lse, j == t, scale));
         }
     }
 }
