@@ -93,7 +93,7 @@ def run_one(spec: dict) -> dict:
     apply_inductor_options(spec.get("inductor", ""))
     import model.fused_loss
 
-    model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "compiled")
+    model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -119,7 +119,7 @@ def run_one(spec: dict) -> dict:
         label = "_".join(str(spec.get(k, "")) for k in keys)
         if spec.get("inductor"):
             label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
-        if spec.get("row_kernel", "compiled") != "compiled":
+        if spec.get("row_kernel", "cuda") != "cuda":
             label += f"_{spec['row_kernel']}rows"
         row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
     return row
@@ -320,7 +320,7 @@ def main() -> int:
     parser.add_argument(
         "--row-kernel",
         nargs="+",
-        default=["compiled"],
+        default=["cuda"],
         choices=["compiled", "cuda"],
         help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
@@ -377,7 +377,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
-        for row_kernel in (args.row_kernel if fused else ["compiled"])
+        for row_kernel in (args.row_kernel if fused else ["cuda"])
     ]
     for (
         model,
@@ -461,7 +461,7 @@ def print_table(rows: list[dict]) -> None:
             compiled += f", inductor {row['inductor']}"
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
-        if row.get("row_kernel", "compiled") != "compiled":
+        if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
         syncs = row.get("host_sync", "new")
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
