@@ -222,7 +222,7 @@ def main() -> int:
     parser.add_argument("--compile", type=int, nargs="+", default=[1], help="0 eager, 1 torch.compile")
     parser.add_argument("--configs", nargs="*", default=[], help="MODEL,ZERO,COMPILE triples (replace the grid)")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--backend", default="cuda", help="WKV backend")
+    parser.add_argument("--backend", default=None, help="WKV backend (default: cuda, or torch with --cpu)")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument(
         "--fused-loss-chunk", type=int, default=8192, help="train.fused_loss_chunk (0: unfused; 8192: the 1-GPU best)"
@@ -239,6 +239,7 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=None, help="seconds for all; later jobs are skipped")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one rank of one spec (JSON)
     args = parser.parse_args()
+    args.backend = args.backend or ("torch" if args.cpu else "cuda")
     if args.one:
         row = run_rank(json.loads(args.one))
         if row is not None:
