@@ -9,6 +9,10 @@ which caps 2 workers below 1.8x. This runs the identical loop (the first --docs 
 Python standard library, a 4096-token BPE tokenizer) in the main process, a forked child, a spawned
 interpreter and a Ray task, round robin, and prints per kind the minimum and median process CPU time
 and the minor page faults of a loop. The minimum is the least noisy figure on a shared machine.
+The last kind, "2 forked children at once", starts the timed loop in two children at the same
+moment (a barrier), one per CPU: its CPU time against one child alone is what running beside a
+twin costs (shared caches, memory bandwidth, the host's frequency); 2 / that ratio bounds the
+speed-up of 2 workers before any scheduling or imbalance.
 --pin: the CPUs each child is bound to (os.sched_setaffinity), to compare, e.g., two logical CPUs of
 one physical core against two cores (`lscpu -e` shows the topology; it is printed first).
 """
@@ -26,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,8 +43,11 @@ from tokenization.units import plan_units
 DATA = DataConfig(paths=["stdlib:"], unit_bytes=512 << 10)
 
 
-def encode_loop(tokenizer_dir: Path, docs: int, cpus: list[int] | None = None) -> dict[str, float]:
-    """Load the tokenizer, read the documents, then time encoding them: CPU seconds, page faults."""
+def encode_loop(tokenizer_dir: Path, docs: int, cpus: list[int] | None = None, start: Any = None) -> dict[str, float]:
+    """Load the tokenizer, read the documents, then time encoding them: CPU seconds, page faults.
+
+    start: a multiprocessing barrier to wait at just before the timed loop (twins start together).
+    """
     if cpus:
         os.sched_setaffinity(0, cpus)
     processor, _ = load_tokenizer(tokenizer_dir)
@@ -49,10 +57,30 @@ def encode_loop(tokenizer_dir: Path, docs: int, cpus: list[int] | None = None) -
             texts.extend(doc.text for doc in read_segment(segment, DATA, ReadStats()))
     texts = texts[:docs]
     processor.encode(texts[0])
+    if start is not None:
+        start.wait()
     before, cpu_before = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
     tokens = sum(len(processor.encode(text)) for text in texts)
     after, cpu_after = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
     return {"cpu_s": cpu_after - cpu_before, "faults": after.ru_minflt - before.ru_minflt, "tokens": tokens}
+
+
+def _twin(tokenizer_dir: Path, docs: int, cpus: list[int] | None, start: Any, results: Any) -> None:
+    results.put(encode_loop(tokenizer_dir, docs, cpus, start))
+
+
+def twins_at_once(tokenizer_dir: Path, docs: int, pin: list[int] | None) -> dict[str, float]:
+    """The loop in two forked children released together, one per CPU of `pin` (or anywhere): the mean."""
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(2), context.Queue()
+    cpus = [[pin[i % len(pin)]] if pin else None for i in range(2)]
+    children = [context.Process(target=_twin, args=(tokenizer_dir, docs, c, start, results)) for c in cpus]
+    for child in children:
+        child.start()
+    rows = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    return {key: sum(row[key] for row in rows) / 2 for key in rows[0]}
 
 
 def main() -> None:
@@ -75,6 +103,7 @@ def main() -> None:
         "forked child": lambda: forked.apply(encode_loop, job),
         "spawned interpreter": lambda: spawned.apply(encode_loop, job),
     }
+    kinds["2 forked children at once (each)"] = lambda: twins_at_once(tokenizer_dir, args.docs, args.pin)
     if not args.no_ray:
         import ray
 
