@@ -15,11 +15,13 @@ the global tokens over the steps after `--warmup` (compilation, NCCL set-up and 
 timed by rank 0. Scaling efficiency = tokens/s(W) / (W x tokens/s(1)). Synthetic shards of random tokens
 of the Pile vocabulary (bench/train_throughput.py); the model pads it to 50304.
 
-The 1-GPU jobs of two configurations run at the same time, one per GPU (`--pack`, default on when there
-are >= 2 GPUs): each sees only its own GPU (CUDA_VISIBLE_DEVICES), and every job gets the same
-OMP_NUM_THREADS. `--variant NAME=JSON` merges DeepSpeed config keys over pipeline/engine.py's config
-for the W > 1 jobs (their 1-GPU baseline is the default config). NVLink multicast stays off in every
-job (pipeline/distributed_env.py). Prints a markdown table; `--json FILE` also writes the rows.
+Every job runs alone by default. `--pack 1` runs the 1-GPU jobs of two configurations at the same time,
+one per GPU (each sees only its own GPU, CUDA_VISIBLE_DEVICES), which saves device time but slows the
+baselines through the shared host: 430M's 1-GPU rate fell 7.3 % packed (2 H200s, docs/benchmarks.md),
+inflating its efficiency. Every job gets the same OMP_NUM_THREADS. `--variant NAME=JSON` merges
+DeepSpeed config keys over pipeline/engine.py's config for the W > 1 jobs (their 1-GPU baseline is
+the default config). NVLink multicast stays off in every job (pipeline/distributed_env.py). Prints a
+markdown table; `--json FILE` also writes the rows.
 """
 
 from __future__ import annotations
@@ -230,7 +232,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12, help="measured steps")
     parser.add_argument("--warmup", type=int, default=6, help="unmeasured steps first (compilation)")
     parser.add_argument("--variant", nargs="*", default=[], help="NAME=JSON DeepSpeed overrides for W > 1 jobs")
-    parser.add_argument("--pack", type=int, default=1, help="run 1-GPU jobs of several configs at once, one per GPU")
+    parser.add_argument(
+        "--pack", type=int, default=0, help="1: 1-GPU jobs of several configs at once, one per GPU (faster, noisier)"
+    )
     parser.add_argument("--threads", type=int, default=4, help="OMP_NUM_THREADS of every process")
     parser.add_argument("--cpu", action="store_true", help="no GPUs: gloo processes (smoke test)")
     parser.add_argument("--data", default=None, help="shard directory (default: synthetic, made once)")
