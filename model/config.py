@@ -27,7 +27,8 @@ class ModelConfig:
     n_head: int = 4
     """GPT baseline only: attention heads."""
     wkv_backend: Literal["auto", "cuda", "torch", "reference"] = "auto"
-    """WKV implementation: auto picks cuda for CUDA tensors and torch otherwise."""
+    """WKV implementation: auto picks cuda for CUDA tensors (a failed build is an error naming torch) and
+    torch otherwise. torch/reference also keep the fused head loss on PyTorch ops (no CUDA build at all)."""
 
     def __post_init__(self) -> None:
         if self.dim_att == 0:

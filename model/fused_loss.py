@@ -47,7 +47,9 @@ ROW_KERNEL = "cuda"
 first use like the WKV kernel) or "compiled" (the PyTorch ops below, which Inductor fuses into one
 kernel that reads each row three times). On an H200 (n 8192, V 50304) the row kernel takes 0.610 ms
 against 1.054 ms and lifts 169M training from 545k to 561k tokens/s (docs/benchmarks.md). Other
-logits (CPU, fp32) always take the PyTorch ops."""
+logits (CPU, fp32) always take the PyTorch ops. The default of `fused_head_loss(row_kernel=None)`;
+a model whose config says `wkv_backend: torch` (or reference) passes "compiled", so it never needs a
+CUDA build."""
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -104,6 +106,7 @@ class FusedHeadLoss(torch.autograd.Function):
         targets_N: torch.Tensor,
         chunk_rows: int,
         compute_dtype: torch.dtype,
+        row_kernel: str,
     ) -> torch.Tensor:
         rows, acc = hidden_NC.shape[0], _accumulation_dtype(compute_dtype)
         need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -119,7 +122,7 @@ class FusedHeadLoss(torch.autograd.Function):
             end = min(start + chunk_rows, rows)
             hidden_nC, target_n = hidden_NC[start:end].to(compute_dtype), targets_N[start:end]
             logits_nV = hidden_nC @ weight_c.T
-            if need_grads and ROW_KERNEL == "cuda" and head_loss_cuda.supports(logits_nV):
+            if need_grads and row_kernel == "cuda" and head_loss_cuda.supports(logits_nV):
                 grad_nV, loss_n, max_logit_n, argmax_n = head_loss_cuda.head_loss_rows_op(
                     logits_nV, target_n, 1.0 / rows
                 )
@@ -157,17 +160,28 @@ class FusedHeadLoss(torch.autograd.Function):
             # L2Wrap's grad_weight: row argmax[n] gets coef[n] * hidden[n] (unscaled by grad_loss).
             rows_NC = coef_N[:, None].to(grad_weight.dtype) * hidden_NC.to(ctx.compute_dtype).to(grad_weight.dtype)
             grad_weight = grad_weight.index_add_(0, argmax_N, rows_NC).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+ROW_KERNELS = ("cuda", "compiled")
 
 
 def fused_head_loss(
-    hidden_NC: torch.Tensor, weight_VC: torch.Tensor, targets_N: torch.Tensor, chunk_rows: int = 0
+    hidden_NC: torch.Tensor,
+    weight_VC: torch.Tensor,
+    targets_N: torch.Tensor,
+    chunk_rows: int = 0,
+    row_kernel: str | None = None,
 ) -> torch.Tensor:
     """`language_model_loss(hidden @ weight.T, targets)` with at most `chunk_rows` rows of logits live.
 
     chunk_rows: rows of logits per chunk; 0 = all rows at once. Under torch.autocast the matmuls run
     in the autocast dtype, as the unfused Linear head would, with fp32 gradients for fp32 weights.
+    row_kernel: "cuda" or "compiled" for bf16 GPU logits (see ROW_KERNEL, the default when None).
     """
+    row_kernel = ROW_KERNEL if row_kernel is None else row_kernel
+    if row_kernel not in ROW_KERNELS:
+        raise ValueError(f"unknown head loss row kernel {row_kernel!r}; choose one of {ROW_KERNELS}")
     if hidden_NC.dim() != 2 or targets_N.shape != hidden_NC.shape[:1]:
         shapes = f"{tuple(hidden_NC.shape)} and {tuple(targets_N.shape)}"
         raise ValueError(f"hidden (N, C) and targets (N,) expected, got {shapes}")
@@ -178,7 +192,7 @@ def fused_head_loss(
     rows = hidden_NC.shape[0]
     chunk = chunk_rows if 0 < chunk_rows < rows else rows
     with torch.autocast(device_type, enabled=False):
-        return FusedHeadLoss.apply(hidden_NC, weight_VC, targets_N.long(), chunk, compute_dtype)
+        return FusedHeadLoss.apply(hidden_NC, weight_VC, targets_N.long(), chunk, compute_dtype, row_kernel)
 
 
 class LMHead(nn.Linear):
@@ -186,14 +200,18 @@ class LMHead(nn.Linear):
 
     The loss runs inside this module's forward so that ZeRO-3 gathers `weight` for it (its hooks
     gather a module's parameters around the module's own forward and backward). `fused_loss_chunk`
-    is the rows of logits per chunk (0 = all at once).
+    is the rows of logits per chunk (0 = all at once). cuda_kernels=False keeps the loss on PyTorch
+    ops on every device (no CUDA build), as a model configured with `wkv_backend: torch` asks.
     """
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, cuda_kernels: bool = True) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.fused_loss_chunk = 0
+        self.row_kernel = None if cuda_kernels else "compiled"
 
     def forward(self, x_BTC: torch.Tensor, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
         if targets_BT is None:
             return super().forward(x_BTC)
-        return fused_head_loss(x_BTC.flatten(0, -2), self.weight, targets_BT.flatten(), self.fused_loss_chunk)
+        return fused_head_loss(
+            x_BTC.flatten(0, -2), self.weight, targets_BT.flatten(), self.fused_loss_chunk, self.row_kernel
+        )

@@ -88,7 +88,8 @@ class GPT(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = LMHead(config.n_embd, config.vocab_size)  # nn.Linear(C, V), no bias; + fused loss
+        # nn.Linear(C, V), no bias; + fused loss (its CUDA row kernel unless the config avoids CUDA builds)
+        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.wkv_backend in ("auto", "cuda"))
         self.reset_parameters()
 
     @torch.no_grad()

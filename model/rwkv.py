@@ -153,7 +153,8 @@ class RWKV(nn.Module):
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
-        self.head = LMHead(config.n_embd, config.vocab_size)  # nn.Linear(C, V), no bias; + fused loss
+        # nn.Linear(C, V), no bias; + fused loss (its CUDA row kernel unless the config avoids CUDA builds)
+        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.wkv_backend in ("auto", "cuda"))
         if not self.emb.weight.is_meta:
             from model.init import init_rwkv4_  # init imports this module for its type
 

@@ -7,7 +7,8 @@ state is (aa, bb, pp), each (B, C) float32, as documented in `model.wkv_referenc
 flow to all inputs, the state included, so a long sequence can be processed chunk by chunk.
 
 Backends: "reference" (float64 loop, tests only), "torch" (vectorised, CPU training) and "cuda"
-(the fused kernel); "auto" picks cuda for CUDA tensors when it builds, else torch.
+(the fused kernel); "auto" picks cuda for CUDA tensors (a failed build is an error that names the
+torch backend as the fallback), torch otherwise.
 """
 
 from __future__ import annotations

@@ -238,9 +238,9 @@ def test_train_with_fused_loss_chunk_logs_the_losses_of_the_unfused_loop(world_o
     )  # fmt: skip
     chunk_rows_seen = []  # which loss the loop took: the fused function is called with the configured chunk
 
-    def counted(hidden_NC, weight_VC, targets_N, chunk_rows=0):
+    def counted(hidden_NC, weight_VC, targets_N, chunk_rows=0, row_kernel=None):
         chunk_rows_seen.append(chunk_rows)
-        return fused_head_loss(hidden_NC, weight_VC, targets_N, chunk_rows)
+        return fused_head_loss(hidden_NC, weight_VC, targets_N, chunk_rows, row_kernel)
 
     monkeypatch.setattr(model.fused_loss, "fused_head_loss", counted)
     runs = {}
@@ -295,3 +295,36 @@ def test_the_cuda_row_kernel_setting_leaves_cpu_logits_on_the_pytorch_path(monke
     pytorch_ops = run()
     monkeypatch.setattr(fused_loss, "ROW_KERNEL", "cuda")
     assert all(torch.equal(a, b) for a, b in zip(run(), pytorch_ops, strict=True))
+
+
+def test_an_unknown_row_kernel_is_refused_with_the_choices():
+    hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match=r"'triton'.*\('cuda', 'compiled'\)"):
+        fused_head_loss(hidden, weight, targets, row_kernel="triton")
+
+
+@pytest.mark.parametrize("backend, uses_cuda_rows", [("auto", True), ("cuda", True), ("torch", False)])
+def test_a_model_configured_without_cuda_kernels_never_asks_for_the_row_kernel(monkeypatch, backend, uses_cuda_rows):
+    """wkv_backend torch (e.g. a GPU without nvcc) keeps the fused loss off the CUDA row kernel too.
+
+    The row kernel is made to look available for these CPU logits and to fail when called, so the
+    test sees which path the model's head takes.
+    """
+    import model.fused_loss as fused_loss
+
+    def refuse(*args):
+        raise RuntimeError("row kernel called")
+
+    monkeypatch.setattr(fused_loss.head_loss_cuda, "supports", lambda logits: True)
+    monkeypatch.setattr(fused_loss.head_loss_cuda, "head_loss_rows_op", refuse)
+    config = ModelConfig(n_layer=1, n_embd=16, vocab_size=32, wkv_backend=backend)
+    net = build_model(config)
+    net.head.fused_loss_chunk = 8
+    idx = torch.randint(0, 32, (2, 6))
+    if uses_cuda_rows:
+        with pytest.raises(RuntimeError, match="row kernel called"):
+            net.head(torch.randn(2, 6, 16), idx)
+    else:
+        net.head(torch.randn(2, 6, 16), idx).backward()
+    gpt = GPT(ModelConfig(n_layer=1, n_embd=16, vocab_size=32, wkv_backend=backend))
+    assert gpt.head.row_kernel == (None if uses_cuda_rows else "compiled")
