@@ -25,22 +25,27 @@ from model.cuda_extension import build_extension, source_dir
 __all__ = ["head_loss_rows_op", "load_extension", "supports"]
 
 SOURCES = ("head_loss.cu", "head_loss_binding.cpp")
-_extension: ModuleType | None = None
+_extensions: dict[tuple[str, ...], ModuleType] = {}
 _lock = threading.Lock()
 
 
-def load_extension() -> ModuleType:
-    """The compiled extension, building it on first use (once per process, cached across processes)."""
-    global _extension
+def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
+    """The compiled extension, building it on first use (once per process, cached across processes).
+
+    `defines` ("HEAD_LOSS_LIGHT_PASS1=1") selects a build variant of cuda/head_loss.cu, for
+    bench/head_loss_rows.py; the op below always uses the default build.
+    """
+    defines = tuple(defines)
     with _lock:
-        if _extension is None:
-            _extension = build_extension(
+        if defines not in _extensions:
+            _extensions[defines] = build_extension(
                 "head_loss",
                 source_dir(),
                 SOURCES,
                 fallback="Use the compiled PyTorch formulation instead: model.fused_loss.ROW_KERNEL = 'compiled'.",
+                defines=defines,
             )
-    return _extension
+    return _extensions[defines]
 
 
 def supports(logits_nV: Tensor) -> bool:

@@ -101,7 +101,7 @@ def test_failed_head_loss_build_names_the_compiled_formulation(monkeypatch, tmp_
     import model.cuda_extension
     import model.head_loss_cuda as head_loss_cuda
 
-    monkeypatch.setattr(head_loss_cuda, "_extension", None)
+    monkeypatch.setattr(head_loss_cuda, "_extensions", {})
     monkeypatch.setattr(head_loss_cuda, "source_dir", lambda: tmp_path)  # no sources here
     with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'compiled'"):
         head_loss_cuda.load_extension()

@@ -5,7 +5,10 @@ cuda/head_loss.cu keeps its per-element and merge arithmetic (`local_acc`, `merg
 order (each of 256 threads strides over the row, an xor tree within each warp of 32, then the warps
 in order), so the online max / arg-max / logsumexp and the gradient are checked here, with no GPU:
 ties, NaN, -inf, +inf, an out-of-range target, rows shorter than the block, and V not a multiple of
-8 (the scalar path). tests/gpu/test_head_loss_cuda.py checks the kernel itself on a GPU.
+8 (the scalar path). Each test runs twice: for the default kernel and for the HEAD_LOSS_LIGHT_PASS1
+build (per thread only max and sum in pass 1, `add_group` / `merge_max_sum`; the arg-max as the
+first index equal to the row max in pass 2). tests/gpu/test_head_loss_cuda.py checks the kernel
+itself on a GPU.
 
 Legend: n rows, V vocabulary.
 """
@@ -62,22 +65,74 @@ int main() {
         const bool t_ok = target >= 0 && target < V;
         const float loss = t_ok ? lse - x[target] : NAN;
         printf("%.9g %lld %.9g\n", total.m, total.i, loss);
-        for (int j = 0; j < V; ++j)
-            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(logit_grad(x[j], lse, t_ok && j == target, scale))));
-        printf("\n");
+        PRINT_GRADS
     }
     return 0;
 }
 """
 
+# The HEAD_LOSS_LIGHT_PASS1 kernel's order: per thread groups of `vec` with their NaN-propagating max,
+# the same xor tree and warp order for (max, sum), then the first index equal to the max in pass 2.
+HARNESS_LIGHT = r"""
+#include "HEAD_LOSS_CU"
+#include <cstdio>
+#include <vector>
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
+int main() {
+    long long n; int V, vec; float scale;
+    if (scanf("%lld %d %d %f", &n, &V, &vec, &scale) != 4) return 1;
+    std::vector<float> x(V);
+    for (long long row = 0; row < n; ++row) {
+        long long target;
+        if (scanf("%lld", &target) != 1) return 1;
+        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;
+        std::vector<MaxSum> acc(THREADS, MaxSum{-INFINITY, 0.f});
+        for (int tid = 0; tid < THREADS; ++tid)
+            for (int j = tid * vec; j < V; j += THREADS * vec) {
+                if (vec == 8) {
+                    float e[8];
+                    float group_max = x[j];
+                    for (int q = 0; q < 8; ++q) group_max = max_nan(group_max, e[q] = x[j + q]);
+                    acc[tid] = add_group<8>(acc[tid], e, group_max);
+                } else {
+                    float e[1] = {x[j]};
+                    acc[tid] = add_group<1>(acc[tid], e, x[j]);
+                }
+            }
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            std::vector<MaxSum> next(acc);
+            for (int lane = 0; lane < THREADS; ++lane) next[lane] = merge_max_sum(acc[lane], acc[lane ^ offset]);
+            acc = next;
+        }
+        MaxSum total = acc[0];
+        for (int w = 1; w < WARPS; ++w) total = merge_max_sum(total, acc[32 * w]);
+        const float lse = total.m + logf(total.s);
+        const bool t_ok = target >= 0 && target < V;
+        const float loss = t_ok ? lse - x[target] : NAN;
+        long long first = 0x7fffffff;
+        for (int j = 0; j < V && first == 0x7fffffff; ++j) if (is_max(x[j], total.m)) first = j;
+        printf("%.9g %lld %.9g\n", total.m, first, loss);
+        PRINT_GRADS
+    }
+    return 0;
+}
+"""
+
+PRINT_GRADS = r"""
+        for (int j = 0; j < V; ++j)
+            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(logit_grad(x[j], lse, t_ok && j == target, scale))));
+        printf("\n");"""
+
+
+@pytest.fixture(scope="module", params=["default", "light pass 1"])
+def harness(request, tmp_path_factory) -> Path:
     if NVCC is None:
         pytest.skip("nvcc not found: the row kernel's arithmetic is not compiled")
     folder = tmp_path_factory.mktemp("head_loss_host")
     source = folder / "harness.cu"
-    source.write_text(HARNESS.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu")))
+    program = HARNESS if request.param == "default" else HARNESS_LIGHT
+    program = program.replace("PRINT_GRADS", PRINT_GRADS).replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu"))
+    source.write_text(program)
     binary = folder / "harness"
     result = subprocess.run(
         [NVCC, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
