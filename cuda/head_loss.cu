@@ -15,11 +15,12 @@
 // of the logits, where the compiled PyTorch formulation reads each row three times
 // (docs/benchmarks.md, "Training throughput").
 //
-// HEAD_LOSS_LIGHT_PASS1 (default 0; 1 is prepared, not yet measured on a GPU): pass 1 keeps only the
-// running (max, sum) per thread, the max of each 8 elements taken on packed bf16 pairs (NaN-propagating),
-// and the arg-max moves to pass 2 (the first index equal to the row's max, or its first NaN): about 4
-// operations per element in pass 1 instead of ~13 (a NaN-aware compare with the index per element and
-// an extra exponential per group), for the same results up to the order of the fp32 sums.
+// HEAD_LOSS_LIGHT_PASS1 (default 0; 1 is prepared, not yet measured on a GPU): less arithmetic per
+// element. Pass 1 keeps per thread only the running (max, sum) and the start of the group of 8 where
+// its max was first reached; a group's max is taken on packed bf16 pairs (NaN-propagating), and the
+// exponentials are ex2.approx.ftz (terms under 2^-126 of the max flush to zero). The arg-max comes from
+// re-reading, in the threads whose max is the row's, that one group. The results equal the default
+// build's up to the order of the fp32 sums and those flushed terms.
 //
 // Legend: n rows, V vocabulary (row length). C interface, no torch headers: plain `nvcc -arch=sm_90`.
 // The per-element and merge arithmetic is __host__ __device__, so tests/unit/test_head_loss_rows_host.py
@@ -93,36 +94,53 @@ __host__ __device__ __forceinline__ float logit_grad(float x, float lse, bool is
     return (exp_scaled(x - lse) - (is_target ? 1.f : 0.f)) * scale;
 }
 
-// ---- HEAD_LOSS_LIGHT_PASS1: (max, sum of exp(x - max)) only; the arg-max is found in pass 2 ----
+// ---- HEAD_LOSS_LIGHT_PASS1: (max, sum of exp(x - max), where the max was reached) per thread ----
 
 struct MaxSum {
     float m;  // -inf for no element yet; NaN once a NaN was seen
     float s;
+    int at;   // the start of the first group whose elements include the max m (-1: no group yet)
 };
+
+// 2^x as one MUFU instruction, results under 2^-126 flushed to zero (the host: exp2f).
+__host__ __device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return exp2f(x);
+#endif
+}
 
 // max with NaN winning (a NaN in either gives NaN), as torch.max.
 __host__ __device__ __forceinline__ float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// x * e^(from - to) for a sum kept against max `from` moved to max `to` (>= from, or NaN).
+// A sum kept against max `from`, moved to max `to` (>= from, or NaN): sum * e^(from - to).
 __host__ __device__ __forceinline__ float rescaled(float sum, float from, float to) {
-    return from == -INFINITY ? 0.f : sum * exp_scaled(from - to);
+    return from == -INFINITY ? 0.f : sum * exp2_ftz((from - to) * LOG2E);
 }
 
-// acc with N more elements whose NaN-propagating max is group_max.
+// acc with the N elements of the group starting at index j, whose NaN-propagating max is group_max.
+// The max moves only when the group's is larger, or is the first NaN: `at` stays the first group
+// holding the thread's max (ties and later NaNs keep the earlier group, for the first-index arg-max).
 template <int N>
-__host__ __device__ __forceinline__ MaxSum add_group(MaxSum acc, const float (&e)[N], float group_max) {
+__host__ __device__ __forceinline__ MaxSum add_group(MaxSum acc, const float (&e)[N], float group_max, int j) {
     const float m = max_nan(acc.m, group_max);
-    float s = m == acc.m ? acc.s : rescaled(acc.s, acc.m, m);
+    const bool grew = acc.at < 0 || (m != acc.m && acc.m == acc.m);
+    MaxSum out{m, grew ? rescaled(acc.s, acc.m, m) : acc.s, grew ? j : acc.at};
     if (m != -INFINITY) {
+        const float m_scaled = m * LOG2E;
 #pragma unroll
-        for (int q = 0; q < N; ++q) s += exp_scaled(e[q] - m);
+        for (int q = 0; q < N; ++q) out.s += exp2_ftz(e[q] * LOG2E - m_scaled);
     }
-    return MaxSum{m, s};
+    return out;
 }
 
+// The union of two threads' (max, sum); `at` is per thread and not merged.
 __host__ __device__ __forceinline__ MaxSum merge_max_sum(MaxSum a, MaxSum b) {
     const float m = max_nan(a.m, b.m);
-    return MaxSum{m, rescaled(a.s, a.m, m) + rescaled(b.s, b.m, m)};
+    return MaxSum{m, rescaled(a.s, a.m, m) + rescaled(b.s, b.m, m), -1};
 }
 
 // Is x the row's arg-max candidate: equal to the row max, or a NaN when the max is NaN.
@@ -130,21 +148,26 @@ __host__ __device__ __forceinline__ MaxSum merge_max_sum(MaxSum a, MaxSum b) {
     return row_max != row_max ? x != x : x == row_max;
 }
 
+// One element's gradient with the flush-to-zero exponential.
+[[maybe_unused]] __host__ __device__ __forceinline__ float logit_grad_ftz(float x, float lse_scaled, bool is_target, float scale) {
+    return (exp2_ftz(x * LOG2E - lse_scaled) - (is_target ? 1.f : 0.f)) * scale;
+}
+
 [[maybe_unused]] __device__ __forceinline__ MaxSum block_merge_max_sum(MaxSum acc) {
     __shared__ float sm[WARPS], ss[WARPS];
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1)
         acc = merge_max_sum(acc, MaxSum{__shfl_xor_sync(0xffffffffu, acc.m, offset),
-                                        __shfl_xor_sync(0xffffffffu, acc.s, offset)});
+                                        __shfl_xor_sync(0xffffffffu, acc.s, offset), -1});
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) {
         sm[warp] = acc.m;
         ss[warp] = acc.s;
     }
     __syncthreads();
-    MaxSum total{sm[0], ss[0]};
+    MaxSum total{sm[0], ss[0], -1};
 #pragma unroll
-    for (int w = 1; w < WARPS; ++w) total = merge_max_sum(total, MaxSum{sm[w], ss[w]});
+    for (int w = 1; w < WARPS; ++w) total = merge_max_sum(total, MaxSum{sm[w], ss[w], -1});
     return total;
 }
 
@@ -197,7 +220,7 @@ template <int VEC>
 __device__ __forceinline__ void light_rows(int V, const __nv_bfloat16* __restrict__ x, int t, bool t_ok, float scale,
                                            __nv_bfloat16* __restrict__ g, float* loss, __nv_bfloat16* max_out,
                                            long long* argmax_out) {
-    MaxSum acc{-INFINITY, 0.f};
+    MaxSum acc{-INFINITY, 0.f, -1};
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
         float e[VEC];
         float group_max;
@@ -212,16 +235,27 @@ __device__ __forceinline__ void light_rows(int V, const __nv_bfloat16* __restric
         } else {
             e[0] = group_max = to_f(x[j]);
         }
-        acc = add_group<VEC>(acc, e, group_max);
+        acc = add_group<VEC>(acc, e, group_max, j);
     }
     const MaxSum total = block_merge_max_sum(acc);
+    // The arg-max: the first hit in the group where this thread's max was reached, if it is the row's.
+    int first = 0x7fffffff;
+    if (acc.at >= 0 && is_max(acc.m, total.m)) {
+        for (int q = 0; q < VEC; ++q)
+            if (is_max(to_f(x[acc.at + q]), total.m)) {
+                first = acc.at + q;
+                break;
+            }
+    }
+    const int best = block_min_index(first);
     const float lse = total.m + logf(total.s);
     if (threadIdx.x == 0) {
         *loss = t_ok ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
         *max_out = __float2bfloat16_rn(total.m);
+        *argmax_out = best;
     }
 
-    int first = 0x7fffffff;  // this thread's first index of the max (its indices only grow)
+    const float lse_scaled = lse * LOG2E;
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
         if constexpr (VEC == 8) {
             uint4 raw = *reinterpret_cast<const uint4*>(x + j);
@@ -229,20 +263,13 @@ __device__ __forceinline__ void light_rows(int V, const __nv_bfloat16* __restric
             uint4 out;
             __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
 #pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                const float xq = to_f(e[q]);
-                if (is_max(xq, total.m)) first = min(first, j + q);
-                o[q] = __float2bfloat16_rn(logit_grad(xq, lse, j + q == t, scale));
-            }
+            for (int q = 0; q < 8; ++q)
+                o[q] = __float2bfloat16_rn(logit_grad_ftz(to_f(e[q]), lse_scaled, j + q == t, scale));
             *reinterpret_cast<uint4*>(g + j) = out;
         } else {
-            const float xj = to_f(x[j]);
-            if (is_max(xj, total.m)) first = min(first, j);
-            g[j] = __float2bfloat16_rn(logit_grad(xj, lse, j == t, scale));
+            g[j] = __float2bfloat16_rn(logit_grad_ftz(to_f(x[j]), lse_scaled, j == t, scale));
         }
     }
-    const int best = block_min_index(first);
-    if (threadIdx.x == 0) *argmax_out = best;
 }
 
 // VEC: 8 bf16 per 16-byte load (V % 8 == 0 and 16-byte aligned rows); else 1.

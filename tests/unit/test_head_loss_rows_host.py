@@ -6,8 +6,8 @@ order (each of 256 threads strides over the row, an xor tree within each warp of
 in order), so the online max / arg-max / logsumexp and the gradient are checked here, with no GPU:
 ties, NaN, -inf, +inf, an out-of-range target, rows shorter than the block, and V not a multiple of
 8 (the scalar path). Each test runs twice: for the default kernel and for the HEAD_LOSS_LIGHT_PASS1
-build (per thread only max and sum in pass 1, `add_group` / `merge_max_sum`; the arg-max as the
-first index equal to the row max in pass 2). tests/gpu/test_head_loss_cuda.py checks the kernel
+build (per thread only max, sum and the group where the max was reached, `add_group` /
+`merge_max_sum`; the arg-max re-read from those groups). tests/gpu/test_head_loss_cuda.py checks the kernel
 itself on a GPU.
 
 Legend: n rows, V vocabulary.
@@ -71,10 +71,12 @@ int main() {
 }
 """
 
-# The HEAD_LOSS_LIGHT_PASS1 kernel's order: per thread groups of `vec` with their NaN-propagating max,
-# the same xor tree and warp order for (max, sum), then the first index equal to the max in pass 2.
+# The HEAD_LOSS_LIGHT_PASS1 kernel's order: per thread groups of `vec` with their NaN-propagating max and
+# the group where the thread's max was reached, the same xor tree and warp order for (max, sum), the
+# arg-max from those groups, and the gradient with the flush-to-zero exponential (exp2f on the host).
 HARNESS_LIGHT = r"""
 #include "HEAD_LOSS_CU"
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
@@ -86,19 +88,20 @@ int main() {
         long long target;
         if (scanf("%lld", &target) != 1) return 1;
         for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;
-        std::vector<MaxSum> acc(THREADS, MaxSum{-INFINITY, 0.f});
+        std::vector<MaxSum> own(THREADS, MaxSum{-INFINITY, 0.f, -1});
         for (int tid = 0; tid < THREADS; ++tid)
             for (int j = tid * vec; j < V; j += THREADS * vec) {
                 if (vec == 8) {
                     float e[8];
                     float group_max = x[j];
                     for (int q = 0; q < 8; ++q) group_max = max_nan(group_max, e[q] = x[j + q]);
-                    acc[tid] = add_group<8>(acc[tid], e, group_max);
+                    own[tid] = add_group<8>(own[tid], e, group_max, j);
                 } else {
                     float e[1] = {x[j]};
-                    acc[tid] = add_group<1>(acc[tid], e, x[j]);
+                    own[tid] = add_group<1>(own[tid], e, x[j], j);
                 }
             }
+        std::vector<MaxSum> acc(own);
         for (int offset = 16; offset > 0; offset >>= 1) {
             std::vector<MaxSum> next(acc);
             for (int lane = 0; lane < THREADS; ++lane) next[lane] = merge_max_sum(acc[lane], acc[lane ^ offset]);
@@ -106,13 +109,23 @@ int main() {
         }
         MaxSum total = acc[0];
         for (int w = 1; w < WARPS; ++w) total = merge_max_sum(total, acc[32 * w]);
+        int first = 0x7fffffff;
+        for (int tid = 0; tid < THREADS; ++tid)
+            if (own[tid].at >= 0 && is_max(own[tid].m, total.m))
+                for (int q = 0; q < vec; ++q)
+                    if (is_max(x[own[tid].at + q], total.m)) {
+                        first = std::min(first, own[tid].at + q);
+                        break;
+                    }
         const float lse = total.m + logf(total.s);
         const bool t_ok = target >= 0 && target < V;
         const float loss = t_ok ? lse - x[target] : NAN;
-        long long first = 0x7fffffff;
-        for (int j = 0; j < V && first == 0x7fffffff; ++j) if (is_max(x[j], total.m)) first = j;
-        printf("%.9g %lld %.9g\n", total.m, first, loss);
-        PRINT_GRADS
+        printf("%.9g %d %.9g\n", total.m, first, loss);
+        const float lse_scaled = lse * LOG2E;
+        for (int j = 0; j < V; ++j)
+            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(
+                logit_grad_ftz(x[j], lse_scaled, t_ok && j == target, scale))));
+        printf("\n");
     }
     return 0;
 }
@@ -202,3 +215,17 @@ def test_ties_nan_infinities_and_a_bad_target(harness):
     assert math.isnan(results[3][2]) and not math.isfinite(results[4][2])
     loss5, grad5 = results[5][2], results[5][3]  # no one-hot: the gradient is the softmax alone
     assert math.isnan(loss5) and np.allclose(grad5, 1 / vocab, rtol=2**-8, atol=0)
+
+
+def test_the_first_index_wins_within_one_thread_too(harness):
+    """Ties and NaNs in two groups of the same thread (a thread's groups are 2048 elements apart)."""
+    vocab = 8192
+    rows = np.zeros((3, vocab), dtype=np.float32)
+    rows[0, [2048 + 3, 3, 4096 + 3]] = 5.0  # thread 0's groups 0, 1, 2: the earliest, index 3
+    rows[1, [2048 + 9, 4096 + 10]] = np.nan  # thread 1: the first NaN, in its first NaN group
+    rows[1, 9] = 7.0  # a larger value before them does not win
+    rows[2, 2048 + 7] = 4.0  # the max grows in a later group than an equal-so-far value
+    rows[2, 6144 + 2] = 4.0
+    _, results = run_rows(harness, rows, [0, 0, 0], 8, 1.0)
+    assert [(r[0], r[1]) for r in results[::2]] == [(5.0, 3), (4.0, 2048 + 7)]
+    assert math.isnan(results[1][0]) and results[1][1] == 2048 + 9
