@@ -215,6 +215,24 @@ __device__ __forceinline__ Acc block_merge(Acc acc) {
 
 __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Pass 2 for the VEC elements at j of a row: g = bf16(grad(x, is the target)), one 16-byte load and
+// store when VEC is 8.
+template <int VEC, typename Grad>
+__device__ __forceinline__ void write_grads(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ g, int j,
+                                            int t, Grad grad) {
+    if constexpr (VEC == 8) {
+        uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+        const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw);
+        uint4 out;
+        __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
+#pragma unroll
+        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(grad(to_f(e[q]), j + q == t));
+        *reinterpret_cast<uint4*>(g + j) = out;
+    } else {
+        g[j] = __float2bfloat16_rn(grad(to_f(x[j]), j == t));
+    }
+}
+
 // One row under HEAD_LOSS_LIGHT_PASS1 (the kernel below calls it with its row's pointers).
 template <int VEC>
 __device__ __forceinline__ void light_rows(int V, const __nv_bfloat16* __restrict__ x, int t, bool t_ok, float scale,
@@ -256,20 +274,10 @@ __device__ __forceinline__ void light_rows(int V, const __nv_bfloat16* __restric
     }
 
     const float lse_scaled = lse * LOG2E;
-    for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
-        if constexpr (VEC == 8) {
-            uint4 raw = *reinterpret_cast<const uint4*>(x + j);
-            const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw);
-            uint4 out;
-            __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-            for (int q = 0; q < 8; ++q)
-                o[q] = __float2bfloat16_rn(logit_grad_ftz(to_f(e[q]), lse_scaled, j + q == t, scale));
-            *reinterpret_cast<uint4*>(g + j) = out;
-        } else {
-            g[j] = __float2bfloat16_rn(logit_grad_ftz(to_f(x[j]), lse_scaled, j == t, scale));
-        }
-    }
+    for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC)
+        write_grads<VEC>(x, g, j, t, [=](float v, bool is_target) {
+            return logit_grad_ftz(v, lse_scaled, is_target, scale);
+        });
 }
 
 // VEC: 8 bf16 per 16-byte load (V % 8 == 0 and 16-byte aligned rows); else 1.
@@ -312,19 +320,8 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
         argmax_out[row] = total.i;
     }
 
-    for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
-        if constexpr (VEC == 8) {
-            uint4 raw = *reinterpret_cast<const uint4*>(x + j);
-            const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw);
-            uint4 out;
-            __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(logit_grad(to_f(e[q]), lse, j + q == t, scale));
-            *reinterpret_cast<uint4*>(g + j) = out;
-        } else {
-            g[j] = __float2bfloat16_rn(logit_grad(to_f(x[j]), lse, j == t, scale));
-        }
-    }
+    for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC)
+        write_grads<VEC>(x, g, j, t, [=](float v, bool is_target) { return logit_grad(v, lse, is_target, scale); });
 }
 
 }  // namespace

@@ -27,13 +27,14 @@ import torch
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 NVCC = shutil.which("nvcc")
 
-HARNESS = r"""
+# Both programs: stdin n V VEC scale, then per row its target and V bf16-exact floats; stdout per row
+# max argmax loss, then the V bf16 gradients (as floats). READ_ROW opens main() and the loop over rows.
+READ_ROW = r"""
 #include "HEAD_LOSS_CU"
+#include <algorithm>
 #include <cstdio>
 #include <vector>
 
-// stdin: n V VEC scale, then per row: target and V bf16-exact floats. stdout per row:
-// max argmax loss, then the V bf16 gradients (as floats).
 int main() {
     long long n; int V, vec; float scale;
     if (scanf("%lld %d %d %f", &n, &V, &vec, &scale) != 4) return 1;
@@ -41,7 +42,10 @@ int main() {
     for (long long row = 0; row < n; ++row) {
         long long target;
         if (scanf("%lld", &target) != 1) return 1;
-        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;
+        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;"""
+
+HARNESS = r"""
+READ_ROW
         std::vector<Acc> acc(THREADS, Acc{-INFINITY, 0x7fffffffffffffffLL, 0.f});
         for (int tid = 0; tid < THREADS; ++tid)
             for (int j = tid * vec; j < V; j += THREADS * vec) {
@@ -75,19 +79,7 @@ int main() {
 # the group where the thread's max was reached, the same xor tree and warp order for (max, sum), the
 # arg-max from those groups, and the gradient with the flush-to-zero exponential (exp2f on the host).
 HARNESS_LIGHT = r"""
-#include "HEAD_LOSS_CU"
-#include <algorithm>
-#include <cstdio>
-#include <vector>
-
-int main() {
-    long long n; int V, vec; float scale;
-    if (scanf("%lld %d %d %f", &n, &V, &vec, &scale) != 4) return 1;
-    std::vector<float> x(V);
-    for (long long row = 0; row < n; ++row) {
-        long long target;
-        if (scanf("%lld", &target) != 1) return 1;
-        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;
+READ_ROW
         std::vector<MaxSum> own(THREADS, MaxSum{-INFINITY, 0.f, -1});
         for (int tid = 0; tid < THREADS; ++tid)
             for (int j = tid * vec; j < V; j += THREADS * vec) {
@@ -144,7 +136,8 @@ def harness(request, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("head_loss_host")
     source = folder / "harness.cu"
     program = HARNESS if request.param == "default" else HARNESS_LIGHT
-    program = program.replace("PRINT_GRADS", PRINT_GRADS).replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu"))
+    program = program.replace("READ_ROW", READ_ROW).replace("PRINT_GRADS", PRINT_GRADS)
+    program = program.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu"))
     source.write_text(program)
     binary = folder / "harness"
     result = subprocess.run(
