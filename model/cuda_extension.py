@@ -7,19 +7,21 @@
 torch.utils.cpp_extension.load compiles into torch's extension cache (~/.cache/torch_extensions, or
 TORCH_EXTENSIONS_DIR), under a name keyed by the sources, flags and torch/CUDA versions, so a second
 process loads the built library without compiling and an edited kernel gets a fresh build. A failed
-build raises CudaBuildError naming the fallback the caller gives.
+build raises CudaBuildError naming the fallback the caller gives. `ExtensionBuilds` keeps one
+extension's builds of this process, one per build variant (`defines`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["CudaBuildError", "NVCC_FLAGS", "build_extension", "source_digest", "source_dir"]
+__all__ = ["CudaBuildError", "ExtensionBuilds", "NVCC_FLAGS", "build_extension", "source_digest", "source_dir"]
 
 NVCC_FLAGS = ["-O3", "-Xptxas", "-O3", "-std=c++17"]
 
@@ -70,3 +72,30 @@ def build_extension(
         raise CudaBuildError(
             f"building the CUDA extension {prefix} from {directory} failed ({failure}). {fallback}"
         ) from error
+
+
+class ExtensionBuilds:
+    """One extension's builds in this process, by build variant, each built (or loaded) once.
+
+    `load(defines)` is called before every kernel launch, so a built variant is returned without
+    taking the lock; the lock only keeps two threads from building the same variant at once.
+    directory: the sources' folder (None: `source_dir()` when a build starts).
+    """
+
+    def __init__(self, prefix: str, sources: tuple[str, ...], *, fallback: str, directory: Path | None = None):
+        self.prefix, self.sources, self.fallback, self.directory = prefix, sources, fallback, directory
+        self.built: dict[tuple[str, ...], ModuleType] = {}
+        self._lock = threading.Lock()
+
+    def load(self, defines: tuple[str, ...] = ()) -> ModuleType:
+        defines = tuple(defines)
+        module = self.built.get(defines)
+        if module is not None:
+            return module
+        with self._lock:
+            if defines not in self.built:
+                directory = self.directory or source_dir()
+                self.built[defines] = build_extension(
+                    self.prefix, directory, self.sources, fallback=self.fallback, defines=defines
+                )
+        return self.built[defines]

@@ -14,19 +14,20 @@ inside its own forward. The extension is built on first use (model/cuda_extensio
 
 from __future__ import annotations
 
-import threading
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from model.cuda_extension import build_extension, source_dir
+from model.cuda_extension import ExtensionBuilds
 
-__all__ = ["head_loss_rows_op", "load_extension", "supports"]
+__all__ = ["BUILDS", "head_loss_rows_op", "load_extension", "supports"]
 
-SOURCES = ("head_loss.cu", "head_loss_binding.cpp")
-_extensions: dict[tuple[str, ...], ModuleType] = {}
-_lock = threading.Lock()
+BUILDS = ExtensionBuilds(
+    "head_loss",
+    ("head_loss.cu", "head_loss_binding.cpp"),
+    fallback="Use the compiled PyTorch formulation instead: model.fused_loss.ROW_KERNEL = 'compiled'.",
+)
 
 
 def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
@@ -35,17 +36,7 @@ def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
     `defines` ("HEAD_LOSS_LIGHT_PASS1=1") selects a build variant of cuda/head_loss.cu, for
     bench/head_loss_rows.py; the op below always uses the default build.
     """
-    defines = tuple(defines)
-    with _lock:
-        if defines not in _extensions:
-            _extensions[defines] = build_extension(
-                "head_loss",
-                source_dir(),
-                SOURCES,
-                fallback="Use the compiled PyTorch formulation instead: model.fused_loss.ROW_KERNEL = 'compiled'.",
-                defines=defines,
-            )
-    return _extensions[defines]
+    return BUILDS.load(defines)
 
 
 def supports(logits_nV: Tensor) -> bool:

@@ -19,24 +19,24 @@ compiling and an edited kernel gets a fresh build. If the build fails, the error
 the `torch` backend (`model.wkv_backend=torch`) as the fallback.
 """
 
-import threading
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from model.cuda_extension import CudaBuildError, build_extension, source_dir
+from model.cuda_extension import CudaBuildError, ExtensionBuilds
 from model.wkv_reference import State, zero_state
 
-__all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "SOURCE_DIR", "wkv_forward_op", "wkv_backward_op"]
+__all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "BUILDS", "wkv_forward_op", "wkv_backward_op"]
 
-SOURCES = ("wkv.cu", "wkv_binding.cpp")
-SOURCE_DIR = source_dir()
-
-_extensions: dict[tuple[str, ...], ModuleType] = {}
+BUILDS = ExtensionBuilds(
+    "wkv_cuda",
+    ("wkv.cu", "wkv_binding.cpp"),
+    fallback="Use the pure-PyTorch backend instead: set model.wkv_backend=torch "
+    "(or call model.wkv.wkv(..., backend='torch')).",
+)
 POISON_OUTPUTS_FOR_TESTS = False
 """Test hook: the extension fills outputs and workspaces with NaN before each launch."""
-_lock = threading.Lock()
 
 
 def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
@@ -45,21 +45,7 @@ def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
     `defines` ("WKV_SUB=8", ...) selects a build variant of cuda/wkv.cu's tuning macros, for
     bench/wkv_cuda.py; the op below always uses the default build.
     """
-    defines = tuple(defines)
-    module = _extensions.get(defines)
-    if module is not None:
-        return module
-    with _lock:
-        if defines not in _extensions:
-            _extensions[defines] = build_extension(
-                "wkv_cuda",
-                SOURCE_DIR,
-                SOURCES,
-                defines=defines,
-                fallback="Use the pure-PyTorch backend instead: set model.wkv_backend=torch "
-                "(or call model.wkv.wkv(..., backend='torch')).",
-            )
-    return _extensions[defines]
+    return BUILDS.load(defines)
 
 
 # The kernel as torch custom ops (namespace `rwkv`), so torch.compile sees one opaque node per call

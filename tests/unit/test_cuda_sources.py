@@ -90,8 +90,8 @@ def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
     """A kernel that cannot be built raises CudaBuildError pointing at the pure-PyTorch fallback."""
     import model.wkv_cuda as wkv_cuda_module
 
-    monkeypatch.setattr(wkv_cuda_module, "_extensions", {})
-    monkeypatch.setattr(wkv_cuda_module, "SOURCE_DIR", tmp_path)  # no sources here
+    monkeypatch.setattr(wkv_cuda_module.BUILDS, "built", {})
+    monkeypatch.setattr(wkv_cuda_module.BUILDS, "directory", tmp_path)  # no sources here
     with pytest.raises(wkv_cuda_module.CudaBuildError, match="wkv_backend=torch"):
         wkv_cuda_module.load_extension()
 
@@ -101,8 +101,8 @@ def test_failed_head_loss_build_names_the_compiled_formulation(monkeypatch, tmp_
     import model.cuda_extension
     import model.head_loss_cuda as head_loss_cuda
 
-    monkeypatch.setattr(head_loss_cuda, "_extensions", {})
-    monkeypatch.setattr(head_loss_cuda, "source_dir", lambda: tmp_path)  # no sources here
+    monkeypatch.setattr(head_loss_cuda.BUILDS, "built", {})
+    monkeypatch.setattr(head_loss_cuda.BUILDS, "directory", tmp_path)  # no sources here
     with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'compiled'"):
         head_loss_cuda.load_extension()
 
@@ -157,7 +157,7 @@ def test_custom_op_traces_without_graph_break_and_matches_eager(monkeypatch):
     """torch.compile(fullgraph=True) through rwkv::wkv_forward/backward: same outputs and gradients."""
     import model.wkv_cuda as wkv_cuda_module
 
-    monkeypatch.setattr(wkv_cuda_module, "_extensions", {(): _ReferenceStandIn()})
+    monkeypatch.setattr(wkv_cuda_module.BUILDS, "built", {(): _ReferenceStandIn()})
     torch.manual_seed(0)
     batch, steps, channels = 2, 37, 8
     inputs = [
