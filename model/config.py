@@ -39,3 +39,8 @@ class ModelConfig:
             raise ValueError("model.n_layer, model.n_embd must be >= 1 and model.vocab_size >= 2")
         if self.arch == "gpt" and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+
+    @property
+    def cuda_kernels(self) -> bool:
+        """Whether the project's CUDA kernels may be built for GPU tensors (WKV and the head loss's rows)."""
+        return self.wkv_backend in ("auto", "cuda")

@@ -50,6 +50,7 @@ against 1.054 ms and lifts 169M training from 545k to 561k tokens/s (docs/benchm
 logits (CPU, fp32) always take the PyTorch ops. The default of `fused_head_loss(row_kernel=None)`;
 a model whose config says `wkv_backend: torch` (or reference) passes "compiled", so it never needs a
 CUDA build."""
+ROW_KERNELS = ("cuda", "compiled")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,9 +162,6 @@ class FusedHeadLoss(torch.autograd.Function):
             rows_NC = coef_N[:, None].to(grad_weight.dtype) * hidden_NC.to(ctx.compute_dtype).to(grad_weight.dtype)
             grad_weight = grad_weight.index_add_(0, argmax_N, rows_NC).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
-
-
-ROW_KERNELS = ("cuda", "compiled")
 
 
 def fused_head_loss(

@@ -89,7 +89,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(GPTBlock(config) for _ in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         # nn.Linear(C, V), no bias; + fused loss (its CUDA row kernel unless the config avoids CUDA builds)
-        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.wkv_backend in ("auto", "cuda"))
+        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.cuda_kernels)
         self.reset_parameters()
 
     @torch.no_grad()

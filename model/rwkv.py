@@ -154,7 +154,7 @@ class RWKV(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
         # nn.Linear(C, V), no bias; + fused loss (its CUDA row kernel unless the config avoids CUDA builds)
-        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.wkv_backend in ("auto", "cuda"))
+        self.head = LMHead(config.n_embd, config.vocab_size, cuda_kernels=config.cuda_kernels)
         if not self.emb.weight.is_meta:
             from model.init import init_rwkv4_  # init imports this module for its type
 
