@@ -27,7 +27,7 @@ from torch import Tensor
 from model.cuda_extension import CudaBuildError, ExtensionBuilds
 from model.wkv_reference import State, zero_state
 
-__all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "BUILDS", "wkv_forward_op", "wkv_backward_op"]
+__all__ = ["wkv_cuda", "load_extension", "CudaBuildError", "BUILDS", "OP_DEFINES", "wkv_forward_op", "wkv_backward_op"]
 
 BUILDS = ExtensionBuilds(
     "wkv_cuda",
@@ -35,6 +35,9 @@ BUILDS = ExtensionBuilds(
     fallback="Use the pure-PyTorch backend instead: set model.wkv_backend=torch "
     "(or call model.wkv.wkv(..., backend='torch')).",
 )
+OP_DEFINES: tuple[str, ...] = ()
+"""The build variant the ops below run: () is the default build; the GPU tests run a candidate
+variant through everything with RWKV_WKV_TEST_DEFINES="WKV_SUB=8" (tests/gpu/test_wkv_cuda.py)."""
 POISON_OUTPUTS_FOR_TESTS = False
 """Test hook: the extension fills outputs and workspaces with NaN before each launch."""
 
@@ -42,8 +45,7 @@ POISON_OUTPUTS_FOR_TESTS = False
 def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
     """The compiled extension, building it on first use (once per process, cached across processes).
 
-    `defines` ("WKV_SUB=8", ...) selects a build variant of cuda/wkv.cu's tuning macros, for
-    bench/wkv_cuda.py; the op below always uses the default build.
+    `defines` ("WKV_SUB=8", ...) selects a build variant of cuda/wkv.cu's tuning macros.
     """
     return BUILDS.load(defines)
 
@@ -56,7 +58,7 @@ def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
 
 def _workspace_numels(batch, steps, channels):
     """Elements of `sub` and `lastwin` (ints or SymInts), from the build's step counts."""
-    ext = load_extension()
+    ext = load_extension(OP_DEFINES)
     sub_steps, segment_steps = ext.sub_steps(), ext.segment_steps()
     n_sub = batch * ((steps + sub_steps - 1) // sub_steps) * 3 * channels
     n_segment = batch * ((steps + segment_steps - 1) // segment_steps) * channels
@@ -75,7 +77,9 @@ def wkv_forward_op(
     poison: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, aa1, bb1, pp1, sub, lastwin); inputs as ext.forward takes them (contiguous, fp32 state)."""
-    y, aa1, bb1, pp1, sub, lastwin = load_extension().forward(time_decay, time_first, k, v, aa0, bb0, pp0, poison)
+    y, aa1, bb1, pp1, sub, lastwin = load_extension(OP_DEFINES).forward(
+        time_decay, time_first, k, v, aa0, bb0, pp0, poison
+    )
     return y, aa1, bb1, pp1, sub, lastwin
 
 
@@ -109,7 +113,7 @@ def wkv_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(gk, gv, g_time_decay, g_time_first, gaa0, gbb0, gpp0)."""
     inputs = (time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub, lastwin)
-    gk, gv, gtd, gtf, gaa0, gbb0, gpp0 = load_extension().backward(*inputs, poison)
+    gk, gv, gtd, gtf, gaa0, gbb0, gpp0 = load_extension(OP_DEFINES).backward(*inputs, poison)
     return gk, gv, gtd, gtf, gaa0, gbb0, gpp0
 
 

@@ -3,10 +3,13 @@
 Legend: B batch, T time, C channels. The reference is a Python loop over T, so it runs on the GPU
 in float64 and long sequences use few lanes. Every comparison is a relative L2 error
 ||out - ref|| / ||ref|| over y, the output state and the gradients of all five inputs.
+RWKV_WKV_TEST_DEFINES="WKV_SUB=8 ..." runs every test on that build variant of cuda/wkv.cu instead of
+the default (a candidate tuning is checked in full before it becomes the default).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +23,13 @@ from model.wkv_reference import wkv_reference, zero_state
 
 DEVICE = "cuda"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+VARIANT = tuple(os.environ.get("RWKV_WKV_TEST_DEFINES", "").split())
 NAMES = ("y", "aa", "bb", "pp", "g_time_decay", "g_time_first", "gk", "gv", "gaa0", "gbb0", "gpp0")
+
+
+@pytest.fixture(autouse=True)
+def kernel_build(monkeypatch):
+    monkeypatch.setattr(wkv_cuda_module, "OP_DEFINES", VARIANT)
 
 
 def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
