@@ -4,8 +4,8 @@
 #   kernels (the last GPU):
 #     1. WKV at the five shapes with a shorter sub-chunk (WKV_SUB=8: twice the threads, half
 #        the serial walk; 1x1024x4096 bf16 is the one shape under 25 % of copy, with the paired kernels
-#        filling under one wave there) and with the unpaired gradients kernel, beside the default build,
-#        with the float64 accuracy table;
+#        filling under one wave there) and with the unpaired gradients kernel everywhere,
+#        beside the default build, with the float64 accuracy table;
 #     2. the WKV GPU tests and memcheck on the WKV_SUB=8 build (RWKV_WKV_TEST_DEFINES), so it can
 #        become the default on this evidence;
 #     3. the head loss's GPU tests (both builds: default and HEAD_LOSS_LIGHT_PASS1=1) and its row
@@ -31,7 +31,7 @@ kernel_gpu=$((gpus - 1))
 
 kernels() {
     export CUDA_VISIBLE_DEVICES=$kernel_gpu
-    python3 bench/wkv_cuda.py --variants "pairs:;sub8:WKV_SUB=8;pairs_ng:WKV_PAIR_GRADIENTS=0" --accuracy \
+    python3 bench/wkv_cuda.py --variants "pairs:;sub8:WKV_SUB=8;pairs_ng:WKV_PAIR_GRADIENTS_MIN_GRID=1000000" --accuracy \
         --json "$OUT/wkv.json" >"$OUT/wkv.log" 2>&1
     echo "kernels: wkv bench done at $((SECONDS - start)) s"
     RWKV_WKV_TEST_DEFINES="WKV_SUB=8" python3 -m pytest tests/gpu/test_wkv_cuda.py tests/gpu/test_wkv_compile.py \

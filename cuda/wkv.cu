@@ -75,8 +75,12 @@ namespace {
 //                     rel L2 8.2e-6 on bf16 y, error against float64 unchanged; docs/benchmarks.md)
 //   WKV_PAIR_FWD_MIN_BLOCKS, WKV_PAIR_BWD_MIN_BLOCKS  the same for the paired kernels (a paired
 //                     block does two blocks' work and holds two chains per thread)
-//   WKV_PAIR_GRADIENTS  with WKV_PAIRS, 0: the backward's gradients kernel stays the unpaired one
-//                     (it walks its two channels one after the other and needs 128 registers)
+//   WKV_PAIR_GRADIENTS_MIN_GRID  with WKV_PAIRS: the backward's paired gradients kernel runs when
+//                     its grid has at least this many blocks per SM; a smaller grid runs the unpaired
+//                     gradients kernel on twice the blocks (the paired one walks two channels per thread
+//                     and needs 128 registers, so few blocks leave SMs idle). 0: always paired; a huge
+//                     value: never. (default 8: on an H200 the paired kernel is 5-8 % faster in fwd+bwd
+//                     at 3072-4096 paired blocks, equal at 768, 4 % slower at 512; docs/benchmarks.md)
 //   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
 //                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
 #ifndef WKV_SUB
@@ -118,8 +122,8 @@ namespace {
 #ifndef WKV_PAIR_BWD_MIN_BLOCKS
 #define WKV_PAIR_BWD_MIN_BLOCKS 2
 #endif
-#ifndef WKV_PAIR_GRADIENTS
-#define WKV_PAIR_GRADIENTS 1
+#ifndef WKV_PAIR_GRADIENTS_MIN_GRID
+#define WKV_PAIR_GRADIENTS_MIN_GRID 8
 #endif
 #ifndef WKV_FAST_GM1
 #define WKV_FAST_GM1 0
@@ -1599,6 +1603,17 @@ cudaError_t allow_stash_pair() {  // as allow_stash
     return err;
 }
 
+// Whether the backward's paired gradients kernel runs on this paired grid (WKV_PAIR_GRADIENTS_MIN_GRID).
+bool paired_gradients(dim3 grid) {
+    static int sm_count[64] = {};  // per device, 0 until asked; a benign race writes the same value
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return true;
+    int& sms = sm_count[device & 63];
+    if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 0;
+    long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
+    return blocks >= static_cast<long long>(WKV_PAIR_GRADIENTS_MIN_GRID) * sms;
+}
+
 int backward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
                    const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
                    const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
@@ -1614,7 +1629,7 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
     if (err == cudaSuccess)
         err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
-    if (WKV_PAIR_GRADIENTS) {
+    if (paired_gradients(grid)) {
         if (err == cudaSuccess) err = allow_stash_pair();
         if (err == cudaSuccess)
             err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg,
