@@ -102,3 +102,25 @@ def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
     # and the unfused bf16 head as the outside reference of the loss value
     unfused = language_model_loss((hidden @ weight.T).view(1, rows, vocab), targets.view(1, rows))
     assert abs(with_kernel[0].item() - unfused.item()) < 2e-2 * abs(unfused.item())
+
+
+@pytest.mark.parametrize("in_gemm", [True, False], ids=["gemm", "apart"])
+def test_grad_weight_accumulation_matches_float64(monkeypatch, in_gemm):
+    """Each chunk's grad_weight adds into the fp32 accumulator inside the matmul (or apart, after a bf16
+    rounding); either way the final bf16 gradients agree with float64 to about one bf16 rounding."""
+    monkeypatch.setattr(fused_loss, "GRAD_WEIGHT_IN_GEMM", in_gemm)
+    rows, channels, vocab, chunk = 4 * 1024, 64, 50304, 1024
+    hidden = torch.randn(rows, channels, device=DEVICE).bfloat16()
+    weight = (torch.randn(vocab, channels, device=DEVICE) * 0.3).bfloat16()
+    targets = torch.randint(0, vocab, (rows,), device=DEVICE)
+
+    def grads(dtype):
+        h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        loss = fused_head_loss(h, w, targets, chunk)
+        loss.backward()
+        return loss.detach().double(), h.grad.double(), w.grad.double()
+
+    got, want = grads(torch.bfloat16), grads(torch.float64)
+    assert torch.allclose(got[0], want[0], rtol=1e-3)
+    for name, g, r in zip(("grad_hidden", "grad_weight"), got[1:], want[1:], strict=True):
+        assert ((g - r).norm() / r.norm()).item() < 5e-3, name
