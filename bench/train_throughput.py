@@ -99,7 +99,6 @@ def run_one(spec: dict) -> dict:
     row_kernel = spec.get("row_kernel", "cuda")
     model.fused_loss.ROW_KERNEL = "compiled" if row_kernel == "compiled" else "cuda"
     model.head_loss_cuda.OP_DEFINES = ROW_KERNEL_DEFINES[row_kernel]
-    model.fused_loss.GRAD_WEIGHT_IN_GEMM = spec.get("grad_weight", "gemm") == "gemm"
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -332,13 +331,6 @@ def main() -> int:
         "HEAD_LOSS_LIGHT_PASS1=1",
     )
     parser.add_argument(
-        "--grad-weight",
-        nargs="+",
-        default=["gemm"],
-        choices=["gemm", "apart"],
-        help="model.fused_loss.GRAD_WEIGHT_IN_GEMM with a fused loss chunk: gemm True, apart False",
-    )
-    parser.add_argument(
         "--inductor",
         nargs="+",
         default=[""],
@@ -379,7 +371,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, rows, gw)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, row_kernel)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -391,8 +383,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
-        for rows in (args.row_kernel if fused else ["cuda"])
-        for gw in (args.grad_weight if fused else ["gemm"])
+        for row_kernel in (args.row_kernel if fused else ["cuda"])
     ]
     for (
         model,
@@ -407,7 +398,6 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         skip,
         inductor,
         row_kernel,
-        grad_weight,
     ) in grid:
         spec = {
             "model": model,
@@ -424,7 +414,6 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "skip_allreduce": skip,
             "inductor": inductor,
             "row_kernel": row_kernel,
-            "grad_weight": grad_weight,
             "profile": args.profile,
             "out": args.out,
             "trace": args.trace,
@@ -480,8 +469,6 @@ def print_table(rows: list[dict]) -> None:
         fused = row.get("fused_loss_chunk", 0) or "off"
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
-        if row.get("grad_weight", "gemm") != "gemm":
-            fused = f"{fused}, grad_weight added apart"
         syncs = row.get("host_sync", "new")
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")

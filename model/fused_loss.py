@@ -51,11 +51,6 @@ logits (CPU, fp32) always take the PyTorch ops. The default of `fused_head_loss(
 a model whose config says `wkv_backend: torch` (or reference) passes "compiled", so it never needs a
 CUDA build."""
 ROW_KERNELS = ("cuda", "compiled")
-GRAD_WEIGHT_IN_GEMM = True
-"""bf16 chunks on a GPU: each chunk's (V, C) grad_weight product adds into the fp32 accumulator inside
-the matmul (cuBLAS with an fp32 output and beta 1, `torch.addmm(..., out_dtype=torch.float32)`)
-instead of rounding to bf16 and adding in a separate kernel (one (V, C) bf16 write and read less
-per chunk, and no bf16 rounding of each chunk's product). False: the separate add."""
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,8 +139,6 @@ class FusedHeadLoss(torch.autograd.Function):
             ce_grad_hidden_NC[start:end] = grad_nV @ weight_c
             if compute_dtype == acc:  # into the accumulator, no (V, C) temporary
                 ce_grad_weight_VC.addmm_(grad_nV.T, hidden_nC)
-            elif GRAD_WEIGHT_IN_GEMM and grad_nV.is_cuda:  # fp32 output, accumulated by the matmul
-                ce_grad_weight_VC = torch.addmm(ce_grad_weight_VC, grad_nV.T, hidden_nC, out_dtype=acc)
             else:  # the chunk's product rounds once to the compute dtype, then adds into fp32
                 ce_grad_weight_VC += grad_nV.T @ hidden_nC
             # L2Wrap: the logit gradient max_logit * 1e-4 / N at the arg-max only, so d hidden = coef * W[argmax].
