@@ -113,7 +113,8 @@ def test_fused_head_loss_matches_float64():
     targets = torch.randint(0, vocab, (rows,), device=DEVICE)
 
     def grads(dtype):
-        h, w = hidden.to(dtype).requires_grad_(True), weight.to(dtype).requires_grad_(True)
+        h = hidden.to(dtype, copy=True).requires_grad_(True)  # a fresh leaf per call
+        w = weight.to(dtype, copy=True).requires_grad_(True)
         loss = fused_head_loss(h, w, targets, chunk)
         loss.backward()
         return loss.detach().double(), h.grad.double(), w.grad.double()
