@@ -4,8 +4,8 @@ One chunk of the fused head loss (model/fused_loss.py) turns an (n, V) bf16 bloc
 row max and arg-max (L2Wrap), the summed cross-entropy and the bf16 gradient (softmax - onehot) / N.
 Its minimum traffic is one read of the logits and one write of the gradient; in the compiled 169M
 training step Inductor's kernel for it took ~1.3 ms per 8192-row chunk (~0.8 TB/s counted that
-way). This times each formulation compiled alone (the CUDA kernels of cuda/head_loss.cu as they are:
-the default build and the HEAD_LOSS_LIGHT_PASS1=1 build), side by side in one process, against a copy
+way). This times each formulation compiled alone (the CUDA kernel of cuda/head_loss.cu as it is),
+side by side in one process, against a copy
 of the same bytes, and checks each against the model's own `_chunk_grad_pointwise` (loss, gradient,
 max, arg-max).
 
@@ -95,15 +95,6 @@ def cuda_kernel_rows(logits_nV, target_n, scale):
     return loss_n.sum(), grad_nV, max_n, argmax_n
 
 
-def cuda_light_rows(logits_nV, target_n, scale):
-    """cuda/head_loss.cu built with HEAD_LOSS_LIGHT_PASS1=1: less arithmetic per element in pass 1."""
-    from model.head_loss_cuda import load_extension
-
-    ext = load_extension(("HEAD_LOSS_LIGHT_PASS1=1",))
-    grad_nV, loss_n, max_n, argmax_n = ext.rows(logits_nV.contiguous(), target_n.contiguous(), scale)
-    return loss_n.sum(), grad_nV, max_n, argmax_n
-
-
 FORMULATIONS = {
     "model (logsumexp)": model_rows,
     "max as shift": max_shift_rows,
@@ -112,7 +103,6 @@ FORMULATIONS = {
     "int32 one-hot, select": int32_where_rows,
     "no arg-max (not equal)": no_argmax_rows,
     "CUDA kernel (cuda/head_loss.cu)": cuda_kernel_rows,
-    "CUDA kernel (light pass 1)": cuda_light_rows,
 }
 
 
@@ -150,8 +140,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     chosen = [n for n in FORMULATIONS if not args.only or n in args.only.split(",")]
     for name in chosen:
-        # The CUDA kernels run as they are (one launch; the light build is not a custom op and would
-        # only add a graph break); the PyTorch formulations through Inductor, as in the model.
+        # The CUDA kernel runs as it is (one launch; compiling around it adds nothing); the PyTorch
+        # formulations through Inductor, as in the model.
         fn = FORMULATIONS[name] if name.startswith("CUDA kernel") else torch.compile(FORMULATIONS[name], dynamic=False)
         out = fn(logits, target, scale)
         ms = median_ms(lambda fn=fn: fn(logits, target, scale))

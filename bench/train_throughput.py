@@ -45,8 +45,6 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 SIZES = {"tiny": (2, 64), "169m": (12, 768), "430m": (24, 1024)}  # (n_layer, n_embd)
-# --row-kernel: the head loss's row kernel, and for the CUDA one the build variant of cuda/head_loss.cu
-ROW_KERNEL_DEFINES = {"compiled": (), "cuda": (), "cuda-light": ("HEAD_LOSS_LIGHT_PASS1=1",)}
 DATA_VOCAB, MODEL_VOCAB = 50277, 50304
 
 
@@ -94,11 +92,8 @@ def run_one(spec: dict) -> dict:
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
     import model.fused_loss
-    import model.head_loss_cuda
 
-    row_kernel = spec.get("row_kernel", "cuda")
-    model.fused_loss.ROW_KERNEL = "compiled" if row_kernel == "compiled" else "cuda"
-    model.head_loss_cuda.OP_DEFINES = ROW_KERNEL_DEFINES[row_kernel]
+    model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -326,9 +321,8 @@ def main() -> int:
         "--row-kernel",
         nargs="+",
         default=["cuda"],
-        choices=sorted(ROW_KERNEL_DEFINES),
-        help="model.fused_loss.ROW_KERNEL with a fused loss chunk; cuda-light: the cuda kernel built with "
-        "HEAD_LOSS_LIGHT_PASS1=1",
+        choices=["compiled", "cuda"],
+        help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(
         "--inductor",

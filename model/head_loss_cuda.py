@@ -21,7 +21,7 @@ from torch import Tensor
 
 from model.cuda_extension import ExtensionBuilds
 
-__all__ = ["BUILDS", "OP_DEFINES", "head_loss_rows_op", "load_extension", "supports"]
+__all__ = ["BUILDS", "head_loss_rows_op", "load_extension", "supports"]
 
 BUILDS = ExtensionBuilds(
     "head_loss",
@@ -30,15 +30,10 @@ BUILDS = ExtensionBuilds(
 )
 
 
-OP_DEFINES: tuple[str, ...] = ()
-"""The build variant the op below runs: () is the default build; benchmarks and the GPU tests set
-("HEAD_LOSS_LIGHT_PASS1=1",) to run the lighter first pass through the whole model."""
-
-
 def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
     """The compiled extension, building it on first use (once per process, cached across processes).
 
-    `defines` ("HEAD_LOSS_LIGHT_PASS1=1") selects a build variant of cuda/head_loss.cu.
+    `defines` ("NAME=1", ...) selects a build variant of cuda/head_loss.cu's macros.
     """
     return BUILDS.load(defines)
 
@@ -51,8 +46,7 @@ def supports(logits_nV: Tensor) -> bool:
 @torch.library.custom_op("rwkv::head_loss_rows", mutates_args=())
 def head_loss_rows_op(logits_nV: Tensor, target_n: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad (n, V) bf16, loss (n,) fp32, max (n,) bf16, argmax (n,) int64) of contiguous bf16 logits."""
-    rows = load_extension(OP_DEFINES).rows
-    grad_nV, loss_n, max_n, argmax_n = rows(logits_nV.contiguous(), target_n.contiguous(), scale)
+    grad_nV, loss_n, max_n, argmax_n = load_extension().rows(logits_nV.contiguous(), target_n.contiguous(), scale)
     return grad_nV, loss_n, max_n, argmax_n
 
 

@@ -3,8 +3,7 @@
 Legend: n rows, V vocabulary, N all rows, C n_embd. The kernel (cuda/head_loss.cu) turns bf16 logits
 (n, V) into the bf16 gradient (softmax - onehot) * scale, each row's fp32 cross-entropy, and the
 row max and first arg-max; one bf16 rounding of the gradient is the only expected difference from
-float64 (plus fp32 summation in the loss). Every test runs on both builds of the kernel: the default
-and HEAD_LOSS_LIGHT_PASS1=1 (a lighter first pass, the same contract).
+float64 (plus fp32 summation in the loss).
 """
 
 from __future__ import annotations
@@ -13,17 +12,11 @@ import pytest
 import torch
 
 import model.fused_loss as fused_loss
-import model.head_loss_cuda as head_loss_cuda
 from model.fused_loss import fused_head_loss
 from model.head_loss_cuda import head_loss_rows_op
 from model.loss import language_model_loss
 
 DEVICE = "cuda"
-
-
-@pytest.fixture(autouse=True, params=[(), ("HEAD_LOSS_LIGHT_PASS1=1",)], ids=["default", "light"])
-def kernel_build(request, monkeypatch):
-    monkeypatch.setattr(head_loss_cuda, "OP_DEFINES", request.param)
 
 
 def reference(logits_nV: torch.Tensor, target_n: torch.Tensor, scale: float):

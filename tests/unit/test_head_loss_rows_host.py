@@ -5,10 +5,7 @@ cuda/head_loss.cu keeps its per-element and merge arithmetic (`local_acc`, `merg
 order (each of 256 threads strides over the row, an xor tree within each warp of 32, then the warps
 in order), so the online max / arg-max / logsumexp and the gradient are checked here, with no GPU:
 ties, NaN, -inf, +inf, an out-of-range target, rows shorter than the block, and V not a multiple of
-8 (the scalar path). Each test runs twice: for the default kernel and for the HEAD_LOSS_LIGHT_PASS1
-build (per thread only max, sum and the group where the max was reached, `add_group` /
-`merge_max_sum`; the arg-max re-read from those groups). tests/gpu/test_head_loss_cuda.py checks the kernel
-itself on a GPU.
+8 (the scalar path). tests/gpu/test_head_loss_cuda.py checks the kernel itself on a GPU.
 
 Legend: n rows, V vocabulary.
 """
@@ -27,9 +24,9 @@ import torch
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 NVCC = shutil.which("nvcc")
 
-# Both programs: stdin n V VEC scale, then per row its target and V bf16-exact floats; stdout per row
-# max argmax loss, then the V bf16 gradients (as floats). READ_ROW opens main() and the loop over rows.
-READ_ROW = r"""
+# stdin n V VEC scale, then per row its target and V bf16-exact floats; stdout per row
+# max argmax loss, then the V bf16 gradients (as floats).
+HARNESS = r"""
 #include "HEAD_LOSS_CU"
 #include <algorithm>
 #include <cstdio>
@@ -42,10 +39,7 @@ int main() {
     for (long long row = 0; row < n; ++row) {
         long long target;
         if (scanf("%lld", &target) != 1) return 1;
-        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;"""
-
-HARNESS = r"""
-READ_ROW
+        for (int j = 0; j < V; ++j) if (scanf("%f", &x[j]) != 1) return 1;
         std::vector<Acc> acc(THREADS, Acc{-INFINITY, 0x7fffffffffffffffLL, 0.f});
         for (int tid = 0; tid < THREADS; ++tid)
             for (int j = tid * vec; j < V; j += THREADS * vec) {
@@ -69,76 +63,22 @@ READ_ROW
         const bool t_ok = target >= 0 && target < V;
         const float loss = t_ok ? lse - x[target] : NAN;
         printf("%.9g %lld %.9g\n", total.m, total.i, loss);
-        PRINT_GRADS
-    }
-    return 0;
-}
-"""
-
-# The HEAD_LOSS_LIGHT_PASS1 kernel's order: per thread groups of `vec` with their NaN-propagating max and
-# the group where the thread's max was reached, the same xor tree and warp order for (max, sum), the
-# arg-max from those groups, and the gradient with the flush-to-zero exponential (exp2f on the host).
-HARNESS_LIGHT = r"""
-READ_ROW
-        std::vector<MaxSum> own(THREADS, MaxSum{-INFINITY, 0.f, -1});
-        for (int tid = 0; tid < THREADS; ++tid)
-            for (int j = tid * vec; j < V; j += THREADS * vec) {
-                if (vec == 8) {
-                    float e[8];
-                    float group_max = x[j];
-                    for (int q = 0; q < 8; ++q) group_max = max_nan(group_max, e[q] = x[j + q]);
-                    own[tid] = add_group<8>(own[tid], e, group_max, j);
-                } else {
-                    float e[1] = {x[j]};
-                    own[tid] = add_group<1>(own[tid], e, x[j], j);
-                }
-            }
-        std::vector<MaxSum> acc(own);
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            std::vector<MaxSum> next(acc);
-            for (int lane = 0; lane < THREADS; ++lane) next[lane] = merge_max_sum(acc[lane], acc[lane ^ offset]);
-            acc = next;
-        }
-        MaxSum total = acc[0];
-        for (int w = 1; w < WARPS; ++w) total = merge_max_sum(total, acc[32 * w]);
-        int first = 0x7fffffff;
-        for (int tid = 0; tid < THREADS; ++tid)
-            if (own[tid].at >= 0 && is_max(own[tid].m, total.m))
-                for (int q = 0; q < vec; ++q)
-                    if (is_max(x[own[tid].at + q], total.m)) {
-                        first = std::min(first, own[tid].at + q);
-                        break;
-                    }
-        const float lse = total.m + logf(total.s);
-        const bool t_ok = target >= 0 && target < V;
-        const float loss = t_ok ? lse - x[target] : NAN;
-        printf("%.9g %d %.9g\n", total.m, first, loss);
-        const float lse_scaled = lse * LOG2E;
         for (int j = 0; j < V; ++j)
-            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(
-                logit_grad_ftz(x[j], lse_scaled, t_ok && j == target, scale))));
+            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(logit_grad(x[j], lse, t_ok && j == target, scale))));
         printf("\n");
     }
     return 0;
 }
 """
 
-PRINT_GRADS = r"""
-        for (int j = 0; j < V; ++j)
-            printf("%.9g ", __bfloat162float(__float2bfloat16_rn(logit_grad(x[j], lse, t_ok && j == target, scale))));
-        printf("\n");"""
 
-
-@pytest.fixture(scope="module", params=["default", "light pass 1"])
-def harness(request, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
     if NVCC is None:
         pytest.skip("nvcc not found: the row kernel's arithmetic is not compiled")
     folder = tmp_path_factory.mktemp("head_loss_host")
     source = folder / "harness.cu"
-    program = HARNESS if request.param == "default" else HARNESS_LIGHT
-    program = program.replace("READ_ROW", READ_ROW).replace("PRINT_GRADS", PRINT_GRADS)
-    program = program.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu"))
-    source.write_text(program)
+    source.write_text(HARNESS.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu")))
     binary = folder / "harness"
     result = subprocess.run(
         [NVCC, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
