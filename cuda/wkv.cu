@@ -80,7 +80,7 @@ namespace {
 //                     gradients kernel on twice the blocks (the paired one walks two channels per thread
 //                     and needs 128 registers, so few blocks leave SMs idle). 0: always paired; a huge
 //                     value: never. (default 8: on an H200 the paired kernel is 5-8 % faster in fwd+bwd
-//                     at 3072-4096 paired blocks, equal at 768, 4 % slower at 512; docs/benchmarks.md)
+//                     at 3072-4096 paired blocks, equal at 768, 3-4 % slower at 512; docs/benchmarks.md)
 //   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
 //                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
 #ifndef WKV_SUB

@@ -37,7 +37,7 @@ BUILDS = ExtensionBuilds(
 )
 OP_DEFINES: tuple[str, ...] = ()
 """The build variant the ops below run: () is the default build; the GPU tests run a candidate
-variant through everything with RWKV_WKV_TEST_DEFINES="WKV_SUB=8" (tests/gpu/test_wkv_cuda.py)."""
+variant through everything with RWKV_WKV_TEST_DEFINES="NAME=VALUE ..." (tests/gpu/test_wkv_cuda.py)."""
 POISON_OUTPUTS_FOR_TESTS = False
 """Test hook: the extension fills outputs and workspaces with NaN before each launch."""
 

@@ -3,8 +3,8 @@
 Legend: B batch, T time, C channels. The reference is a Python loop over T, so it runs on the GPU
 in float64 and long sequences use few lanes. Every comparison is a relative L2 error
 ||out - ref|| / ||ref|| over y, the output state and the gradients of all five inputs.
-RWKV_WKV_TEST_DEFINES="WKV_SUB=8 ..." runs every test on that build variant of cuda/wkv.cu instead of
-the default (a candidate tuning is checked in full before it becomes the default).
+RWKV_WKV_TEST_DEFINES="WKV_PAIR_GRADIENTS_MIN_GRID=0 ..." runs every test on that build variant of
+cuda/wkv.cu instead of the default (a candidate tuning is checked in full before it becomes the default).
 """
 
 from __future__ import annotations
