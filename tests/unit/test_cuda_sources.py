@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,6 +28,17 @@ def test_cuda_folder_holds_no_python():
     assert not (CUDA_DIR / "__init__.py").exists(), "cuda/__init__.py would shadow NVIDIA's cuda namespace package"
     assert not list(CUDA_DIR.rglob("*.py")), "cuda/ must hold kernel sources only"
     assert list(CUDA_DIR.glob("*.cu")), "no .cu sources found in cuda/"
+
+
+def test_an_installed_package_ships_every_kernel_source():
+    """A non-editable install builds the kernels from share/rwkv-pipeline/cuda (model/cuda_extension.py
+    source_dir): every .cu and .cpp in cuda/ must be among pyproject's data-files there."""
+    pyproject = tomllib.loads((CUDA_DIR.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["data-files"]["share/rwkv-pipeline/cuda"]
+    shipped = {path.resolve() for pattern in patterns for path in CUDA_DIR.parent.glob(pattern)}
+    sources = [path for ext in ("*.cu", "*.cpp") for path in CUDA_DIR.glob(ext)]
+    missing = sorted(path.name for path in sources if path.resolve() not in shipped)
+    assert not missing, f"pyproject.toml data-files do not ship {missing}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
