@@ -80,6 +80,7 @@ def run_one(spec: dict) -> dict:
     """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
 
     import pipeline.engine
+    import pipeline.optim
     import pipeline.train
     from pipeline.train import train
 
@@ -94,6 +95,7 @@ def run_one(spec: dict) -> dict:
     import model.fused_loss
 
     model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
+    pipeline.optim.MASTER_ADAM_KERNEL = spec.get("master_adam", "torch")
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -325,6 +327,13 @@ def main() -> int:
         help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(
+        "--master-adam",
+        nargs="+",
+        default=["torch"],
+        choices=["torch", "cuda"],
+        help="pipeline.optim.MASTER_ADAM_KERNEL on the ZeRO-0 master path (cuda: cuda/master_adam.cu)",
+    )
+    parser.add_argument(
         "--inductor",
         nargs="+",
         default=[""],
@@ -365,7 +374,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, row_kernel)
+        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, rows, adam)
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -377,7 +386,8 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
-        for row_kernel in (args.row_kernel if fused else ["cuda"])
+        for rows in (args.row_kernel if fused else ["cuda"])
+        for adam in (args.master_adam if zero == 0 and mode == "master" else ["torch"])
     ]
     for (
         model,
@@ -392,6 +402,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         skip,
         inductor,
         row_kernel,
+        master_adam,
     ) in grid:
         spec = {
             "model": model,
@@ -408,6 +419,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "skip_allreduce": skip,
             "inductor": inductor,
             "row_kernel": row_kernel,
+            "master_adam": master_adam,
             "profile": args.profile,
             "out": args.out,
             "trace": args.trace,
@@ -463,6 +475,8 @@ def print_table(rows: list[dict]) -> None:
         fused = row.get("fused_loss_chunk", 0) or "off"
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
+        if row.get("master_adam", "torch") != "torch":
+            path += f", {row['master_adam']} master Adam"
         syncs = row.get("host_sync", "new")
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")

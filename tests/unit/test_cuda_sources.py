@@ -32,11 +32,11 @@ def test_cuda_folder_holds_no_python():
 
 def test_an_installed_package_ships_every_kernel_source():
     """A non-editable install builds the kernels from share/rwkv-pipeline/cuda (model/cuda_extension.py
-    source_dir): every .cu and .cpp in cuda/ must be among pyproject's data-files there."""
+    source_dir): every .cu, .cpp and .h in cuda/ must be among pyproject's data-files there."""
     pyproject = tomllib.loads((CUDA_DIR.parent / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["data-files"]["share/rwkv-pipeline/cuda"]
     shipped = {path.resolve() for pattern in patterns for path in CUDA_DIR.parent.glob(pattern)}
-    sources = [path for ext in ("*.cu", "*.cpp") for path in CUDA_DIR.glob(ext)]
+    sources = [path for ext in ("*.cu", "*.cpp", "*.h") for path in CUDA_DIR.glob(ext)]
     missing = sorted(path.name for path in sources if path.resolve() not in shipped)
     assert not missing, f"pyproject.toml data-files do not ship {missing}"
 
