@@ -52,7 +52,7 @@ void master_adam_step_op(const std::vector<torch::Tensor>& grads, const std::vec
     long long chunks = 0;
     for (size_t i = 0; i < n; ++i) {
         const auto& master = masters[i];
-        check_tensor(master, torch::kFloat32, device_like, "masters", i);
+        check_tensor(master, torch::kFloat32, master, "masters", i);
         TORCH_CHECK(master.device() == device_like.device(), "master_adam: all tensors on one device");
         check_tensor(grads[i], torch::kBFloat16, master, "grads", i);
         check_tensor(weights[i], torch::kBFloat16, master, "weights", i);
