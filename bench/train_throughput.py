@@ -96,6 +96,7 @@ def run_one(spec: dict) -> dict:
 
     model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
     pipeline.optim.MASTER_ADAM_KERNEL = spec.get("master_adam", "torch")
+    model.fused_loss.GRAD_WEIGHT_IN_GEMM = spec.get("grad_weight", "apart") == "gemm"
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -327,6 +328,13 @@ def main() -> int:
         help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(
+        "--grad-weight",
+        nargs="+",
+        default=["apart"],
+        choices=["apart", "gemm"],
+        help="with a fused loss chunk, model.fused_loss.GRAD_WEIGHT_IN_GEMM: gemm True, apart False",
+    )
+    parser.add_argument(
         "--master-adam",
         nargs="+",
         default=["torch"],
@@ -373,8 +381,35 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     """Every (model, backend, zero, micro-bsz, compile) configuration in its own process; one JSON row each."""
     rows = []
     deadline = time.monotonic() + (args.budget if args.budget is not None else float("inf"))
+    fixed = {
+        "precision": args.precision,
+        "ctx": args.ctx,
+        "profile": args.profile,
+        "out": args.out,
+        "trace": args.trace,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops,
+        "data": str(data),
+    }
     grid = [
-        (model, backend, zero, mode, micro_bsz, compiled, fused, host_sync, compile_mode, skip, inductor, rows, adam)
+        {
+            "model": model,
+            "backend": backend,
+            "zero": zero,
+            "bf16_stage0": mode,
+            "compile": compiled,
+            "micro_bsz": micro_bsz,
+            "fused_loss_chunk": fused,
+            "host_sync": host_sync,
+            "compile_mode": compile_mode,
+            "skip_allreduce": skip,
+            "inductor": inductor,
+            "row_kernel": row_kernel,
+            "grad_weight": grad_weight,
+            "master_adam": master_adam,
+            **fixed,
+        }
         for model in args.models
         for backend in args.backends
         for zero in args.zero
@@ -386,48 +421,11 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for compile_mode in (args.compile_mode if compiled else ["default"])
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
-        for rows in (args.row_kernel if fused else ["cuda"])
-        for adam in (args.master_adam if zero == 0 and mode == "master" else ["torch"])
+        for row_kernel in (args.row_kernel if fused else ["cuda"])
+        for grad_weight in (args.grad_weight if fused else ["apart"])
+        for master_adam in (args.master_adam if zero == 0 and mode == "master" else ["torch"])
     ]
-    for (
-        model,
-        backend,
-        zero,
-        mode,
-        micro_bsz,
-        compiled,
-        fused,
-        host_sync,
-        compile_mode,
-        skip,
-        inductor,
-        row_kernel,
-        master_adam,
-    ) in grid:
-        spec = {
-            "model": model,
-            "backend": backend,
-            "zero": zero,
-            "bf16_stage0": mode,
-            "compile": compiled,
-            "precision": args.precision,
-            "ctx": args.ctx,
-            "micro_bsz": micro_bsz,
-            "fused_loss_chunk": fused,
-            "host_sync": host_sync,
-            "compile_mode": compile_mode,
-            "skip_allreduce": skip,
-            "inductor": inductor,
-            "row_kernel": row_kernel,
-            "master_adam": master_adam,
-            "profile": args.profile,
-            "out": args.out,
-            "trace": args.trace,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "peak_tflops": args.peak_tflops,
-            "data": str(data),
-        }
+    for spec in grid:
         started = time.perf_counter()
         timeout = min(args.timeout, deadline - time.monotonic())
         if timeout < 20:
@@ -475,6 +473,8 @@ def print_table(rows: list[dict]) -> None:
         fused = row.get("fused_loss_chunk", 0) or "off"
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
+        if row.get("grad_weight", "apart") != "apart":
+            fused = f"{fused}, grad_weight in the GEMM"
         if row.get("master_adam", "torch") != "torch":
             path += f", {row['master_adam']} master Adam"
         syncs = row.get("host_sync", "new")

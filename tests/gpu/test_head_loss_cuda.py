@@ -97,22 +97,28 @@ def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
     assert abs(with_kernel[0].item() - unfused.item()) < 2e-2 * abs(unfused.item())
 
 
-def test_fused_head_loss_matches_float64():
-    """The bf16 fused loss (chunks of 1024 rows, fp32 accumulation of grad_weight across chunks) against
-    the same function in float64: the loss to 1e-3, both gradients to about one bf16 rounding."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("in_gemm", [False, True], ids=["add-apart", "add-in-gemm"])
+def test_fused_head_loss_matches_float64(monkeypatch, in_gemm, compiled):
+    """The bf16 fused loss (chunks of 1024 rows, fp32 accumulation of grad_weight across chunks, apart or
+    inside the matmul: GRAD_WEIGHT_IN_GEMM) against the same function in float64: the loss to 1e-3, both
+    gradients to about one bf16 rounding; also under torch.compile(fullgraph=True)."""
+    monkeypatch.setattr(fused_loss, "GRAD_WEIGHT_IN_GEMM", in_gemm)
     rows, channels, vocab, chunk = 4 * 1024, 64, 50304, 1024
     hidden = torch.randn(rows, channels, device=DEVICE).bfloat16()
     weight = (torch.randn(vocab, channels, device=DEVICE) * 0.3).bfloat16()
     targets = torch.randint(0, vocab, (rows,), device=DEVICE)
 
-    def grads(dtype):
+    def grads(dtype, fn):
         h = hidden.to(dtype, copy=True).requires_grad_(True)  # a fresh leaf per call
         w = weight.to(dtype, copy=True).requires_grad_(True)
-        loss = fused_head_loss(h, w, targets, chunk)
+        loss = fn(h, w, targets, chunk)
         loss.backward()
         return loss.detach().double(), h.grad.double(), w.grad.double()
 
-    got, want = grads(torch.bfloat16), grads(torch.float64)
+    torch._dynamo.reset()
+    fn = torch.compile(fused_head_loss, fullgraph=True) if compiled else fused_head_loss
+    got, want = grads(torch.bfloat16, fn), grads(torch.float64, fused_head_loss)
     assert torch.allclose(got[0], want[0], rtol=1e-3)
     for name, g, r in zip(("grad_hidden", "grad_weight"), got[1:], want[1:], strict=True):
         assert ((g - r).norm() / r.norm()).item() < 5e-3, name
