@@ -18,8 +18,9 @@
 //
 // Tensors are cut into chunks of CHUNK elements; block b takes chunks b, b + gridDim.x, ... of all
 // tensors and finds each chunk's tensor by binary search in the first-chunk table.
-// Legend: C interface, no torch headers: plain `nvcc -arch=sm_90`. `adam_element` is __host__
-// __device__, so tests/unit/test_master_adam_host.py runs it on the CPU against float64.
+// Legend: C interface, no torch headers: plain `nvcc -arch=sm_90`. `adam_element` and `adam_chunk`
+// are __host__ __device__, so tests/unit/test_master_adam_host.py runs them on the CPU against float64:
+// the arithmetic, and every chunk of a table of tensors through the kernel's lanes.
 
 #include "master_adam.h"
 
@@ -49,7 +50,7 @@ __host__ __device__ __forceinline__ Element adam_element(Element e, float g, flo
     return e;
 }
 
-__device__ __forceinline__ int tensor_of(const MasterAdamTensor* tensors, int n, long long chunk) {
+__host__ __device__ __forceinline__ int tensor_of(const MasterAdamTensor* tensors, int n, long long chunk) {
     int lo = 0, hi = n - 1;  // the last tensor whose first_chunk <= chunk
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
@@ -61,28 +62,33 @@ __device__ __forceinline__ int tensor_of(const MasterAdamTensor* tensors, int n,
     return lo;
 }
 
+// Chunk `chunk` of the table, the elements that thread `lane` of a block of THREADS updates.
+__host__ __device__ __forceinline__ void adam_chunk(const MasterAdamTensor* tensors, int n_tensors, long long chunk,
+                                                    int lane, MasterAdamScalars s, float factor, bool skipped) {
+    const MasterAdamTensor t = tensors[tensor_of(tensors, n_tensors, chunk)];
+    const float step = *t.step;
+    const float bc1 = 1.f - powf(s.beta1, step), bc2_sqrt = sqrtf(1.f - powf(s.beta2, step));
+    const float lr = skipped ? 0.f : t.lr;
+    const long long start = (chunk - t.first_chunk) * CHUNK;
+    const long long end = start + CHUNK < t.numel ? start + CHUNK : t.numel;
+    for (long long i = start + lane; i < end; i += THREADS) {
+        const float g = skipped ? 0.f : __bfloat162float(t.grad[i]) * factor;
+        Element e{t.master[i], t.exp_avg[i], t.exp_avg_sq[i]};
+        e = adam_element(e, g, lr, t.weight_decay, bc1, bc2_sqrt, s);
+        t.master[i] = e.master;
+        t.exp_avg[i] = e.exp_avg;
+        t.exp_avg_sq[i] = e.exp_avg_sq;
+        t.weight[i] = __float2bfloat16_rn(e.master);
+    }
+}
+
 __global__ void __launch_bounds__(THREADS)
     master_adam_kernel(const MasterAdamTensor* __restrict__ tensors, int n_tensors, long long total_chunks,
                        MasterAdamScalars s, const float* __restrict__ clip, const bool* __restrict__ skip) {
     const bool skipped = skip != nullptr && *skip;
     const float factor = *clip;
-    for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-        const MasterAdamTensor t = tensors[tensor_of(tensors, n_tensors, chunk)];
-        const float step = *t.step;
-        const float bc1 = 1.f - powf(s.beta1, step), bc2_sqrt = sqrtf(1.f - powf(s.beta2, step));
-        const float lr = skipped ? 0.f : t.lr;
-        const long long start = (chunk - t.first_chunk) * CHUNK;
-        const long long end = start + CHUNK < t.numel ? start + CHUNK : t.numel;
-        for (long long i = start + threadIdx.x; i < end; i += THREADS) {
-            const float g = skipped ? 0.f : __bfloat162float(t.grad[i]) * factor;
-            Element e{t.master[i], t.exp_avg[i], t.exp_avg_sq[i]};
-            e = adam_element(e, g, lr, t.weight_decay, bc1, bc2_sqrt, s);
-            t.master[i] = e.master;
-            t.exp_avg[i] = e.exp_avg;
-            t.exp_avg_sq[i] = e.exp_avg_sq;
-            t.weight[i] = __float2bfloat16_rn(e.master);
-        }
-    }
+    for (long long chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x)
+        adam_chunk(tensors, n_tensors, chunk, threadIdx.x, s, factor, skipped);
 }
 
 }  // namespace

@@ -2,8 +2,10 @@
 
 cuda/master_adam.cu keeps `adam_element` __host__ __device__; a host program compiled with nvcc runs
 it on random elements (Adam with L2 decay and AdamW with decoupled decay, clipped gradients, early and
-late steps, a skipped step). The kernel's launch (chunks, the tensor table) is checked on a GPU by
-tests/gpu/test_master_adam_cuda.py against the PyTorch path of pipeline.optim.MasterWeightAdam.
+late steps, a skipped step). `adam_chunk` runs every chunk of a table of tensors through the kernel's
+256 lanes on the CPU (each element updated exactly once, tensors from one element to several chunks,
+the clip factor, the skip flag). The launch itself (the table's copy to the device, the grid) is
+checked on a GPU by tests/gpu/test_master_adam_cuda.py against pipeline.optim.MasterWeightAdam.
 """
 
 from __future__ import annotations
@@ -42,13 +44,54 @@ int main() {
 """
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
+# stdin: beta1 beta2 eps adam_w factor skipped, n tensors, then per tensor: numel lr wd step and numel
+# lines g master m v; every chunk of the table through every lane, as the kernel's blocks do;
+# stdout per element: master m v weight (as float)
+TABLE_HARNESS = r"""
+#include "MASTER_ADAM_CU"
+#include <cstdio>
+#include <vector>
+
+int main() {
+    MasterAdamScalars s;
+    float factor;
+    int skipped, n;
+    if (scanf("%f %f %f %d %f %d %d", &s.beta1, &s.beta2, &s.eps, &s.adam_w, &factor, &skipped, &n) != 7) return 1;
+    std::vector<std::vector<__nv_bfloat16>> grads(n), weights(n);
+    std::vector<std::vector<float>> masters(n), ms(n), vs(n);
+    std::vector<float> steps(n);
+    std::vector<MasterAdamTensor> table(n);
+    long long chunks = 0;
+    for (int t = 0; t < n; ++t) {
+        long long numel;
+        float lr, wd;
+        if (scanf("%lld %f %f %f", &numel, &lr, &wd, &steps[t]) != 4) return 1;
+        grads[t].resize(numel); weights[t].resize(numel);
+        masters[t].resize(numel); ms[t].resize(numel); vs[t].resize(numel);
+        for (long long i = 0; i < numel; ++i) {
+            float g;
+            if (scanf("%f %f %f %f", &g, &masters[t][i], &ms[t][i], &vs[t][i]) != 4) return 1;
+            grads[t][i] = __float2bfloat16_rn(g);
+        }
+        table[t] = MasterAdamTensor{grads[t].data(), weights[t].data(), masters[t].data(), ms[t].data(),
+                                    vs[t].data(), &steps[t], numel, chunks, lr, wd};
+        chunks += master_adam_chunks(numel);
+    }
+    for (long long chunk = 0; chunk < chunks; ++chunk)
+        for (int lane = 0; lane < THREADS; ++lane) adam_chunk(table.data(), n, chunk, lane, s, factor, skipped != 0);
+    for (int t = 0; t < n; ++t)
+        for (size_t i = 0; i < masters[t].size(); ++i)
+            printf("%.9g %.9g %.9g %.9g\n", masters[t][i], ms[t][i], vs[t][i], __bfloat162float(weights[t][i]));
+    return 0;
+}
+"""
+
+
+def compile_harness(folder: Path, program: str) -> Path:
     if NVCC is None:
         pytest.skip("nvcc not found: the master-weight Adam kernel's arithmetic is not compiled")
-    folder = tmp_path_factory.mktemp("master_adam_host")
     source = folder / "harness.cu"
-    source.write_text(HARNESS.replace("MASTER_ADAM_CU", str(CUDA_DIR / "master_adam.cu")))
+    source.write_text(program.replace("MASTER_ADAM_CU", str(CUDA_DIR / "master_adam.cu")))
     binary = folder / "harness"
     result = subprocess.run(
         [NVCC, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
@@ -58,6 +101,16 @@ def harness(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, result.stderr
     return binary
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    return compile_harness(tmp_path_factory.mktemp("master_adam_host"), HARNESS)
+
+
+@pytest.fixture(scope="module")
+def table_harness(tmp_path_factory) -> Path:
+    return compile_harness(tmp_path_factory.mktemp("master_adam_table"), TABLE_HARNESS)
 
 
 def reference(g, master, m, v, lr, wd, step, beta1, beta2, eps, adam_w):
@@ -110,3 +163,44 @@ def test_element_update_matches_float64(harness, adam_w, step):
     slack = ulp * np.abs(master64) + 1e-3 * np.abs(update) + lr64 / bc1 * ulp * (np.abs(m64) + g_eff) / denom
     assert (np.abs(got[:, 0] - want[:, 0]) <= slack).all(), "master"
     assert (got[lr == 0, 0] == master[lr == 0]).all(), "a step at lr 0 moved a master weight"
+
+
+@pytest.mark.parametrize(("adam_w", "skipped"), [(0, 0), (1, 0), (0, 1)], ids=["adam-l2", "adamw", "skipped"])
+def test_every_chunk_of_every_tensor_is_updated_once(table_harness, adam_w, skipped):
+    """Tensors of 1, 7, 4096 (one chunk), 4097 and 20000 elements with their own lr, decay and step."""
+    rng = np.random.default_rng(7 + adam_w + 2 * skipped)
+    beta1, beta2, eps, factor = 0.9, 0.99, 1e-8, 0.37
+    tensors = []
+    for numel, lr, wd, step in [(1, 1e-3, 0.1, 1), (7, 2e-3, 0.0, 3), (4096, 6e-4, 0.1, 10), (4097, 3e-3, 0.0, 2),
+                                (20000, 1e-3, 0.1, 100)]:  # fmt: skip
+        columns = [rng.normal(0, 1e-2, numel), rng.normal(0, 0.5, numel), rng.normal(0, 1e-3, numel),
+                   rng.random(numel) * 1e-5]  # fmt: skip
+        tensors.append((numel, lr, wd, step, [c.astype(np.float32) for c in columns]))
+    lines = [f"{beta1!r} {beta2!r} {eps!r} {adam_w} {factor!r} {skipped} {len(tensors)}"]
+    for numel, lr, wd, step, columns in tensors:
+        lines.append(f"{numel} {lr!r} {wd!r} {step}")
+        lines += [" ".join(repr(float(c[i])) for c in columns) for i in range(numel)]
+    out = subprocess.run([str(table_harness)], input="\n".join(lines), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    got = np.array([[float(x) for x in line.split()] for line in out.stdout.splitlines()], dtype=np.float32)
+    assert len(got) == sum(t[0] for t in tensors)
+    row = 0
+    for numel, lr, wd, step, (g, master, m, v) in tensors:
+        part, row = got[row : row + numel], row + numel
+        g_bf16 = torch_bf16(g).astype(np.float64) * np.float64(np.float32(factor))
+        g_used = np.zeros(numel) if skipped else g_bf16
+        want = np.stack(
+            reference(g_used, master.astype(np.float64), m.astype(np.float64), v.astype(np.float64),
+                      0.0 if skipped else lr, wd, step, beta1, beta2, eps, adam_w), axis=1,
+        )  # fmt: skip
+        np.testing.assert_allclose(part[:, :3], want, rtol=1e-4, atol=1e-9)
+        assert np.array_equal(part[:, 3], torch_bf16(part[:, 0])), "the weight is its master rounded to bf16"
+        if skipped:
+            assert np.array_equal(part[:, 0], master), "a skipped step moved a master weight"
+
+
+def torch_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bf16 (nearest even), back as float32."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).bfloat16().float().numpy()
