@@ -182,7 +182,8 @@ class MasterWeightAdam(torch.optim.Optimizer):
     masters, and rounds the masters back into the bf16 weights. The masters and moments live in the
     optimizer state, so a checkpoint (state_dict) resumes them exactly; `_global_grad_norm` keeps the
     pre-clip norm for DeepSpeed's `get_global_grad_norm`. The param groups are the model's own (with
-    `lr_scale`, `weight_decay`), so `set_learning_rate` works unchanged.
+    `lr_scale`, `weight_decay`), so `set_learning_rate` works unchanged. With MASTER_ADAM_KERNEL = "cuda"
+    bf16 CUDA weights take one kernel instead (cuda/master_adam.cu): the same update, one pass.
     """
 
     def __init__(
