@@ -206,3 +206,24 @@ def test_multi_frame_zstd_is_read_to_the_end(tmp_path: Path) -> None:
     (tmp_path / "frames.jsonl.zst").write_bytes(frames)
     docs, _ = read_all(DataConfig(paths=[str(tmp_path)]))
     assert [text for _, text in docs] == TEXTS
+
+
+def test_stdlib_corpus_skips_site_packages_and_tests_at_any_depth(tmp_path, monkeypatch):
+    """`stdlib:` is the stdlib's own modules: installed packages and test suites are never walked into."""
+    import sysconfig
+
+    from tokenization import sources
+
+    for rel in ("os.py", "json/decoder.py", "site-packages/pkg/mod.py", "test/test_os.py", "json/tests/x.py",
+                "idlelib/idle_test/y.py", "json/test/z.py", "json/__pycache__/decoder.py", "notes.txt"):  # fmt: skip
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    root, files = sources.stdlib_files()
+    assert root == tmp_path.resolve()
+    assert [path.relative_to(root).as_posix() for path in files] == [
+        "idlelib/idle_test/y.py",
+        "json/decoder.py",
+        "json/tests/x.py",
+        "os.py",
+    ]
