@@ -3,6 +3,7 @@
     python bench/tokenize_throughput.py                       # the Python standard library, vocab 4096
     python bench/tokenize_throughput.py --unit-kb 1024 --repeats 3
     python bench/tokenize_throughput.py --workers 1 2 4 8 --unit-kb 256   # on a machine with >= 8 cores
+    python bench/tokenize_throughput.py --paired 8    # rounds of (single, Ray stage, plain), back to back
 
 All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
 document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
@@ -13,7 +14,10 @@ shared machine they show what N cores deliver at that moment, the ceiling for th
 Shard writing is the time units spent in the Arrow writer (building batches, writing, fsync, rename,
 sha256) over their total time; CPU s is the process CPU time of the baseline or the sum over the Ray
 tasks (overhead check that wall time on a busy machine cannot give). Prints a Markdown table.
-`--verify` then checks that every document in the largest run's shards equals sentencepiece's own
+`--paired N` instead times N rounds of the single loop, the Ray stage and the plain processes (the
+most workers) back to back and prints each round's speed-ups and their medians: on a machine whose
+speed drifts by +-10 % within a minute, ratios of runs seconds apart resolve what rows 20-30 s apart
+cannot. `--verify` then checks that every document in the largest run's shards equals sentencepiece's own
 encoding plus the eod id, and that every worker count wrote the same bytes.
 """
 
@@ -144,6 +148,25 @@ def verify(data: DataConfig, tokenizer_dir: Path, shard_dir: Path) -> int:
     return checked
 
 
+def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scratch: Path, rounds: int) -> None:
+    """Each round: the single loop, the Ray stage and the plain processes back to back; per-round speed-ups."""
+    ray_x, plain_x = [], []
+    print(f"| round | single s | Ray stage, {workers} workers s (speed-up) | {workers} plain processes s (speed-up) |")
+    print("|---|---|---|---|")
+    for index in range(rounds):
+        single = single_process(data, tokenizer_dir)["seconds"]
+        staged = ray_stage(data, tokenizer_dir, workers, scratch)["seconds"]
+        plain = plain_processes(data, pool, workers)["seconds"]
+        ray_x.append(single / staged)
+        plain_x.append(single / plain)
+        print(f"| {index} | {single:.2f} | {staged:.2f} ({ray_x[-1]:.2f}x) | {plain:.2f} ({plain_x[-1]:.2f}x) |")
+    print(
+        f"\nmedian speed-up over {rounds} rounds: Ray stage {statistics.median(ray_x):.2f}x "
+        f"({min(ray_x):.2f}-{max(ray_x):.2f}), plain processes {statistics.median(plain_x):.2f}x "
+        f"({min(plain_x):.2f}-{max(plain_x):.2f}); load avg {os.getloadavg()[0]:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", nargs="+", default=["stdlib:"])
@@ -155,6 +178,7 @@ def main() -> None:
         "--compare-queue", action="store_true", help="also time the most workers without a task queued ahead"
     )
     parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
+    parser.add_argument("--paired", type=int, default=0, help="N rounds of single, Ray, plain back to back")
     args = parser.parse_args()
 
     import ray
@@ -171,6 +195,14 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # see orchestration.cluster._start_local_cluster
     ray.init(address="local", num_cpus=most, include_dashboard=False, logging_level="WARNING")
     ray_stage(data, tokenizer_dir, most, scratch, limit=2 * most)  # start and warm the workers
+
+    if args.paired:
+        paired_rounds(data, tokenizer_dir, pool, most, scratch, args.paired)
+        ray.shutdown()
+        pool.close()
+        fresh.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+        return
 
     rows = {}
     runs = {
