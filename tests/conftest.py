@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,27 @@ def _deterministic_torch():
     default_dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(default_dtype)
+
+
+@pytest.fixture(scope="module")
+def compile_host_program(tmp_path_factory) -> Callable[[str], Path]:
+    """Compile a host program with nvcc (tests that run a kernel's __host__ __device__ arithmetic on the
+    CPU); the test is skipped, visibly, where nvcc is missing. Returns the binary's path."""
+
+    def compile_program(source_text: str) -> Path:
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            pytest.skip("nvcc not found: the kernel's host arithmetic is not compiled")
+        folder = tmp_path_factory.mktemp("host_program")
+        source, binary = folder / "harness.cu", folder / "harness"
+        source.write_text(source_text)
+        result = subprocess.run(
+            [nvcc, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr
+        return binary
+
+    return compile_program

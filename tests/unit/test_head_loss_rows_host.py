@@ -13,7 +13,6 @@ Legend: n rows, V vocabulary.
 from __future__ import annotations
 
 import math
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,6 @@ import pytest
 import torch
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-NVCC = shutil.which("nvcc")
 
 # stdin n V VEC scale, then per row its target and V bf16-exact floats; stdout per row
 # max argmax loss, then the V bf16 gradients (as floats).
@@ -73,21 +71,8 @@ int main() {
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    if NVCC is None:
-        pytest.skip("nvcc not found: the row kernel's arithmetic is not compiled")
-    folder = tmp_path_factory.mktemp("head_loss_host")
-    source = folder / "harness.cu"
-    source.write_text(HARNESS.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu")))
-    binary = folder / "harness"
-    result = subprocess.run(
-        [NVCC, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    return binary
+def harness(compile_host_program) -> Path:
+    return compile_host_program(HARNESS.replace("HEAD_LOSS_CU", str(CUDA_DIR / "head_loss.cu")))
 
 
 def run_rows(harness: Path, logits: np.ndarray, targets: list[int], vec: int, scale: float):

@@ -10,7 +10,6 @@ checked on a GPU by tests/gpu/test_master_adam_cuda.py against pipeline.optim.Ma
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-NVCC = shutil.which("nvcc")
 
 # stdin: count, then per element: g master m v lr wd bc1 bc2_sqrt beta1 beta2 eps adam_w;
 # stdout per element: master m v
@@ -87,30 +85,14 @@ int main() {
 """
 
 
-def compile_harness(folder: Path, program: str) -> Path:
-    if NVCC is None:
-        pytest.skip("nvcc not found: the master-weight Adam kernel's arithmetic is not compiled")
-    source = folder / "harness.cu"
-    source.write_text(program.replace("MASTER_ADAM_CU", str(CUDA_DIR / "master_adam.cu")))
-    binary = folder / "harness"
-    result = subprocess.run(
-        [NVCC, "-arch=sm_90", "-O2", "-std=c++17", str(source), "-o", str(binary)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    return binary
+@pytest.fixture(scope="module")
+def harness(compile_host_program) -> Path:
+    return compile_host_program(HARNESS.replace("MASTER_ADAM_CU", str(CUDA_DIR / "master_adam.cu")))
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory) -> Path:
-    return compile_harness(tmp_path_factory.mktemp("master_adam_host"), HARNESS)
-
-
-@pytest.fixture(scope="module")
-def table_harness(tmp_path_factory) -> Path:
-    return compile_harness(tmp_path_factory.mktemp("master_adam_table"), TABLE_HARNESS)
+def table_harness(compile_host_program) -> Path:
+    return compile_host_program(TABLE_HARNESS.replace("MASTER_ADAM_CU", str(CUDA_DIR / "master_adam.cu")))
 
 
 def reference(g, master, m, v, lr, wd, step, beta1, beta2, eps, adam_w):
