@@ -167,6 +167,46 @@ def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scr
     )
 
 
+def round_robin_table(args, data: DataConfig, tokenizer_dir: Path, pool, fresh, most: int, scratch: Path) -> None:
+    """Every row `args.repeats` times, round robin, then the table of their medians."""
+    rows = {}
+    runs = {
+        "single process, sentencepiece encode loop": lambda: single_process(data, tokenizer_dir),
+        "single process, same loop in a fresh interpreter": lambda: fresh.apply(single_process, (data, tokenizer_dir)),
+    }
+    workers_of = {}  # row name -> worker count, for the parallel efficiency column
+    for n in sorted(args.workers):
+        name = f"{n} plain process{'es' if n > 1 else ''}, encode only (no Ray, no shards)"
+        runs[name], workers_of[name] = (lambda n=n: plain_processes(data, pool, n)), n
+        name = f"Ray stage, {n} worker{'s' if n > 1 else ''}"
+        runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch)), n
+        if n == most and args.compare_queue:
+            name += ", no task queued ahead"
+            runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch, queued=0)), n
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # round robin, so a change in the neighbours' load hits every row alike
+        for name, run in runs.items():
+            results[name].append(run())
+    for name, runs_of_row in results.items():
+        rows[name] = {key: statistics.median(r[key] for r in runs_of_row) for key in runs_of_row[0]}
+    base = rows["single process, sentencepiece encode loop"]
+    base_rate = base["bytes"] / base["seconds"]
+    print(f"\ncorpus {args.paths}: {base['bytes'] / 1e6:.1f} MB, {base['tokens'] / 1e6:.2f} M tokens, ", end="")
+    print(
+        f"{len(plan_units(data))} units of {args.unit_kb} KB, vocab {args.vocab}, load avg {os.getloadavg()[0]:.2f}\n"
+    )
+    print("| run | seconds | MB/s | M tokens/s | speed-up vs single | parallel efficiency | shard writing | CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        rate = row["bytes"] / row["seconds"]
+        workers = workers_of.get(name, 1)
+        print(
+            f"| {name} | {row['seconds']:.2f} | {rate / 1e6:.2f} | {row['tokens'] / row['seconds'] / 1e6:.2f} "
+            f"| {rate / base_rate:.2f}x | {rate / base_rate / workers:.0%} | {row['write_share']:.1%} "
+            f"| {row['cpu_s']:.2f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", nargs="+", default=["stdlib:"])
@@ -196,55 +236,16 @@ def main() -> None:
     ray.init(address="local", num_cpus=most, include_dashboard=False, logging_level="WARNING")
     ray_stage(data, tokenizer_dir, most, scratch, limit=2 * most)  # start and warm the workers
 
-    if args.paired:
-        paired_rounds(data, tokenizer_dir, pool, most, scratch, args.paired)
+    try:
+        if args.paired:
+            paired_rounds(data, tokenizer_dir, pool, most, scratch, args.paired)
+        else:
+            round_robin_table(args, data, tokenizer_dir, pool, fresh, most, scratch)
+    finally:
         ray.shutdown()
         pool.close()
         fresh.close()
-        shutil.rmtree(scratch, ignore_errors=True)
-        return
-
-    rows = {}
-    runs = {
-        "single process, sentencepiece encode loop": lambda: single_process(data, tokenizer_dir),
-        "single process, same loop in a fresh interpreter": lambda: fresh.apply(single_process, (data, tokenizer_dir)),
-    }
-    workers_of = {}  # row name -> worker count, for the parallel efficiency column
-    for n in sorted(args.workers):
-        name = f"{n} plain process{'es' if n > 1 else ''}, encode only (no Ray, no shards)"
-        runs[name], workers_of[name] = (lambda n=n: plain_processes(data, pool, n)), n
-        name = f"Ray stage, {n} worker{'s' if n > 1 else ''}"
-        runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch)), n
-        if n == most and args.compare_queue:
-            name += ", no task queued ahead"
-            runs[name], workers_of[name] = (lambda n=n: ray_stage(data, tokenizer_dir, n, scratch, queued=0)), n
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in runs}
-    for _ in range(args.repeats):  # round robin, so a change in the neighbours' load hits every row alike
-        for name, run in runs.items():
-            results[name].append(run())
-    for name, runs_of_row in results.items():
-        rows[name] = {key: statistics.median(r[key] for r in runs_of_row) for key in runs_of_row[0]}
-    ray.shutdown()
-    pool.close()
-    fresh.close()
-
-    base = rows["single process, sentencepiece encode loop"]
-    base_rate = base["bytes"] / base["seconds"]
-    print(f"\ncorpus {args.paths}: {base['bytes'] / 1e6:.1f} MB, {base['tokens'] / 1e6:.2f} M tokens, ", end="")
-    print(
-        f"{len(plan_units(data))} units of {args.unit_kb} KB, vocab {args.vocab}, load avg {os.getloadavg()[0]:.2f}\n"
-    )
-    print("| run | seconds | MB/s | M tokens/s | speed-up vs single | parallel efficiency | shard writing | CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, row in rows.items():
-        rate = row["bytes"] / row["seconds"]
-        workers = workers_of.get(name, 1)
-        print(
-            f"| {name} | {row['seconds']:.2f} | {rate / 1e6:.2f} | {row['tokens'] / row['seconds'] / 1e6:.2f} "
-            f"| {rate / base_rate:.2f}x | {rate / base_rate / workers:.0%} | {row['write_share']:.1%} "
-            f"| {row['cpu_s']:.2f} |"
-        )
-    if args.verify:
+    if args.verify and not args.paired:
         print(f"\nverified: {verify(data, tokenizer_dir, scratch / f'shards-{most}')} documents equal encode + [eod]")
         files = {workers: tree(scratch / f"shards-{workers}") for workers in args.workers}
         same = all(files[workers] == files[most] for workers in args.workers)

@@ -30,12 +30,9 @@ BUILDS = ExtensionBuilds(
 )
 
 
-def load_extension(defines: tuple[str, ...] = ()) -> ModuleType:
-    """The compiled extension, building it on first use (once per process, cached across processes).
-
-    `defines` ("NAME=1", ...) selects a build variant of cuda/head_loss.cu's macros.
-    """
-    return BUILDS.load(defines)
+def load_extension() -> ModuleType:
+    """The compiled extension, building it on first use (once per process, cached across processes)."""
+    return BUILDS.load()
 
 
 def supports(logits_nV: Tensor) -> bool:

@@ -252,9 +252,9 @@ class MasterWeightAdam(torch.optim.Optimizer):
         if MASTER_ADAM_KERNEL == "cuda":
             from pipeline import master_adam_cuda
 
-            params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if params and master_adam_cuda.supports(params):
-                self._kernel_step(skip)
+            every = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if every and master_adam_cuda.supports([p for _, p in every]):
+                self._kernel_step(every, skip)
                 return
         work = []
         for group in self.param_groups:
@@ -305,11 +305,10 @@ class MasterWeightAdam(torch.optim.Optimizer):
             )
             torch._foreach_copy_(params, masters)  # round to the weights' dtype
 
-    def _kernel_step(self, skip: torch.Tensor | None) -> None:
-        """step() through cuda/master_adam.cu: the same update in one pass over the state per tensor."""
+    def _kernel_step(self, every: list[tuple[dict[str, Any], torch.Tensor]], skip: torch.Tensor | None) -> None:
+        """step() through cuda/master_adam.cu for `every` (group, weight) with a gradient: one pass per tensor."""
         from pipeline.master_adam_cuda import load_extension
 
-        every = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for _, p in every]
         # fp32 norms of the bf16 gradients: what the PyTorch path takes of their exact fp32 copies
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
