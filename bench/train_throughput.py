@@ -80,7 +80,6 @@ def run_one(spec: dict) -> dict:
     """One configuration, in this process: train `steps` steps and report the post-warmup throughput."""
 
     import pipeline.engine
-    import pipeline.optim
     import pipeline.train
     from pipeline.train import train
 
@@ -95,8 +94,6 @@ def run_one(spec: dict) -> dict:
     import model.fused_loss
 
     model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
-    pipeline.optim.MASTER_ADAM_KERNEL = spec.get("master_adam", "torch")
-    model.fused_loss.GRAD_WEIGHT_IN_GEMM = spec.get("grad_weight", "apart") == "gemm"
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -328,20 +325,6 @@ def main() -> int:
         help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(
-        "--grad-weight",
-        nargs="+",
-        default=["apart"],
-        choices=["apart", "gemm"],
-        help="with a fused loss chunk, model.fused_loss.GRAD_WEIGHT_IN_GEMM: gemm True, apart False",
-    )
-    parser.add_argument(
-        "--master-adam",
-        nargs="+",
-        default=["torch"],
-        choices=["torch", "cuda"],
-        help="pipeline.optim.MASTER_ADAM_KERNEL on the ZeRO-0 master path (cuda: cuda/master_adam.cu)",
-    )
-    parser.add_argument(
         "--inductor",
         nargs="+",
         default=[""],
@@ -406,8 +389,6 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "skip_allreduce": skip,
             "inductor": inductor,
             "row_kernel": row_kernel,
-            "grad_weight": grad_weight,
-            "master_adam": master_adam,
             **fixed,
         }
         for model in args.models
@@ -422,8 +403,6 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
         for row_kernel in (args.row_kernel if fused else ["cuda"])
-        for grad_weight in (args.grad_weight if fused else ["apart"])
-        for master_adam in (args.master_adam if zero == 0 and mode == "master" else ["torch"])
     ]
     for spec in grid:
         started = time.perf_counter()
@@ -473,10 +452,6 @@ def print_table(rows: list[dict]) -> None:
         fused = row.get("fused_loss_chunk", 0) or "off"
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
-        if row.get("grad_weight", "apart") != "apart":
-            fused = f"{fused}, grad_weight in the GEMM"
-        if row.get("master_adam", "torch") != "torch":
-            path += f", {row['master_adam']} master Adam"
         syncs = row.get("host_sync", "new")
         config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")

@@ -51,25 +51,6 @@ logits (CPU, fp32) always take the PyTorch ops. The default of `fused_head_loss(
 a model whose config says `wkv_backend: torch` (or reference) passes "compiled", so it never needs a
 CUDA build."""
 ROW_KERNELS = ("cuda", "compiled")
-GRAD_WEIGHT_IN_GEMM = False
-"""bf16 chunks on a GPU: True adds each chunk's (V, C) grad_weight into the fp32 accumulator inside the
-matmul (`addmm_fp32`: cuBLAS with an fp32 output and beta 1) instead of rounding the product to bf16
-and adding it in a separate kernel: one (V, C) bf16 write and read less per chunk (~0.6 ms per step at
-169M by bytes) and no bf16 rounding of each chunk's product. Off until measured (docs/benchmarks.md)."""
-
-
-@torch.library.custom_op("rwkv::addmm_fp32", mutates_args=())
-def addmm_fp32(acc: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
-    """acc + mat1 @ mat2 for fp32 acc and bf16 matrices, the product accumulated in fp32 by one matmul.
-
-    A custom op so torch.compile sees an opaque node with the fake below: torch 2.11's own fake tensor
-    for `aten.addmm.dtype` fails under compile ("unsupported operand type(s) for *: 'torch.dtype'")."""
-    return torch.addmm(acc, mat1, mat2, out_dtype=torch.float32)
-
-
-@addmm_fp32.register_fake
-def _addmm_fp32_fake(acc, mat1, mat2):
-    return torch.empty_like(acc)
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -158,8 +139,6 @@ class FusedHeadLoss(torch.autograd.Function):
             ce_grad_hidden_NC[start:end] = grad_nV @ weight_c
             if compute_dtype == acc:  # into the accumulator, no (V, C) temporary
                 ce_grad_weight_VC.addmm_(grad_nV.T, hidden_nC)
-            elif GRAD_WEIGHT_IN_GEMM and grad_nV.is_cuda:  # accumulated in fp32 by the matmul itself
-                ce_grad_weight_VC = addmm_fp32(ce_grad_weight_VC, grad_nV.T, hidden_nC)
             else:  # the chunk's product rounds once to the compute dtype, then adds into fp32
                 ce_grad_weight_VC += grad_nV.T @ hidden_nC
             # L2Wrap: the logit gradient max_logit * 1e-4 / N at the arg-max only, so d hidden = coef * W[argmax].

@@ -26,12 +26,6 @@ import torch
 from torch import nn
 from torch.optim.adam import adam
 
-MASTER_ADAM_KERNEL = "torch"
-"""How MasterWeightAdam updates bf16 CUDA weights: "torch" (fp32 gradient copies, clip, torch's fused
-Adam, copy back: five passes over the fp32 state) or "cuda" (pipeline/master_adam_cuda.py: one pass, about
-half the bytes; same formulas, fp32 rounding order may differ). CPU weights always take "torch"."""
-MASTER_ADAM_KERNELS = ("torch", "cuda")
-
 # Layerwise LR scales of §4.2 (my_pile_stage != 2): matched on the parameter's last name part.
 LR_SCALES = {"time_mix": 1.0, "time_decay": 2.0, "time_first": 3.0}
 
@@ -182,8 +176,7 @@ class MasterWeightAdam(torch.optim.Optimizer):
     masters, and rounds the masters back into the bf16 weights. The masters and moments live in the
     optimizer state, so a checkpoint (state_dict) resumes them exactly; `_global_grad_norm` keeps the
     pre-clip norm for DeepSpeed's `get_global_grad_norm`. The param groups are the model's own (with
-    `lr_scale`, `weight_decay`), so `set_learning_rate` works unchanged. With MASTER_ADAM_KERNEL = "cuda"
-    bf16 CUDA weights take one kernel instead (cuda/master_adam.cu): the same update, one pass.
+    `lr_scale`, `weight_decay`), so `set_learning_rate` works unchanged.
     """
 
     def __init__(
@@ -247,15 +240,6 @@ class MasterWeightAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         skip, self._skip = self._skip, None
-        if MASTER_ADAM_KERNEL not in MASTER_ADAM_KERNELS:
-            raise ValueError(f"unknown MASTER_ADAM_KERNEL {MASTER_ADAM_KERNEL!r}; choose one of {MASTER_ADAM_KERNELS}")
-        if MASTER_ADAM_KERNEL == "cuda":
-            from pipeline import master_adam_cuda
-
-            every = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if every and master_adam_cuda.supports([p for _, p in every]):
-                self._kernel_step(every, skip)
-                return
         work = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -304,40 +288,3 @@ class MasterWeightAdam(torch.optim.Optimizer):
                 maximize=False,
             )
             torch._foreach_copy_(params, masters)  # round to the weights' dtype
-
-    def _kernel_step(self, every: list[tuple[dict[str, Any], torch.Tensor]], skip: torch.Tensor | None) -> None:
-        """step() through cuda/master_adam.cu for `every` (group, weight) with a gradient: one pass per tensor."""
-        from pipeline.master_adam_cuda import load_extension
-
-        grads = [p.grad for _, p in every]
-        # fp32 norms of the bf16 gradients: what the PyTorch path takes of their exact fp32 copies
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
-        if skip is not None:  # a skipped step's gradients count as zero (NaN included), as in the PyTorch path
-            skip = skip.to(norm.device)
-            norm = torch.where(skip, 0.0, norm)
-        self._global_grad_norm = norm
-        clip = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0) if self.max_norm > 0 else torch.ones_like(norm)
-        states = [self._state(p) for _, p in every]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1.0)
-        # one launch per distinct (betas, eps): groups share them in practice
-        by_hyper: dict[tuple[float, float, float], list[int]] = {}
-        for index, (group, _) in enumerate(every):
-            by_hyper.setdefault((*group["betas"], group["eps"]), []).append(index)
-        for (beta1, beta2, eps), indices in by_hyper.items():
-            load_extension().step(
-                [grads[i] for i in indices],
-                [every[i][1] for i in indices],
-                [states[i]["master"] for i in indices],
-                [states[i]["exp_avg"] for i in indices],
-                [states[i]["exp_avg_sq"] for i in indices],
-                [steps[i] for i in indices],
-                [float(every[i][0]["lr"]) for i in indices],
-                [float(every[i][0]["weight_decay"]) for i in indices],
-                beta1,
-                beta2,
-                eps,
-                self.adam_w,
-                clip.float(),
-                skip,
-            )

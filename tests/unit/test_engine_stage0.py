@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-import pipeline.optim
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
 from pipeline.config import TrainConfig
@@ -183,27 +182,3 @@ def test_skip_step_if_is_a_zero_gradient_step_at_lr_0_even_with_nan_gradients():
             for key in ("master", "exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(optimizer.state[w][key], reference.state[t][key]), key
     assert optimizer._skip is None  # the flag applies to one step only
-
-
-def test_an_unknown_master_adam_kernel_is_refused_by_name(monkeypatch):
-    monkeypatch.setattr(pipeline.optim, "MASTER_ADAM_KERNEL", "triton")
-    weight = torch.nn.Parameter(torch.randn(3).bfloat16())
-    weight.grad = torch.ones(3, dtype=torch.bfloat16)
-    optimizer = MasterWeightAdam([{"params": [weight]}], lr=0.1, betas=(0.9, 0.99), eps=1e-8, max_norm=1.0)
-    with pytest.raises(ValueError, match="unknown MASTER_ADAM_KERNEL 'triton'"):
-        optimizer.step()
-
-
-def test_the_cuda_master_adam_kernel_leaves_cpu_weights_to_the_torch_path(monkeypatch):
-    """MASTER_ADAM_KERNEL = "cuda" on CPU weights: the PyTorch path, bit for bit, and no CUDA build."""
-    results = []
-    for kernel in ("torch", "cuda"):
-        monkeypatch.setattr(pipeline.optim, "MASTER_ADAM_KERNEL", kernel)
-        torch.manual_seed(4)
-        weight = torch.nn.Parameter(torch.randn(5, 3).bfloat16())
-        optimizer = MasterWeightAdam([{"params": [weight]}], lr=0.1, betas=(0.9, 0.99), eps=1e-8, max_norm=1.0)
-        for _ in range(2):
-            weight.grad = torch.randn(5, 3).bfloat16()
-            optimizer.step()
-        results.append((weight.detach().clone(), optimizer.state[weight]["master"].clone()))
-    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
