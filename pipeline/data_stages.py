@@ -181,7 +181,8 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir
             shard.__exit__(RuntimeError, None, None)  # drop temporary files
         raise
     record = {"unit": unit.to_json(), "tokenizer_sha256": info.model_sha256, "shards": shards, **stats.counters()}
-    write_atomic(record_path(out_dir, unit.index), (json.dumps(record, indent=1) + "\n").encode())
+    # One line: json's C encoder only runs without `indent` (the indented form cost ~1 % of a unit).
+    write_atomic(record_path(out_dir, unit.index), (json.dumps(record) + "\n").encode())
     timing = {
         "seconds": time.perf_counter() - started,
         "cpu_s": time.process_time() - cpu_started,

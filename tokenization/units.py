@@ -14,7 +14,7 @@ its shard names are the same on every run. Each segment carries the number of it
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from tokenization.config import DataConfig
 from tokenization.sources import CorpusError, SourceFile, resolve_sources
@@ -42,9 +42,16 @@ class WorkUnit:
         return sum(seg.end - seg.start for seg in self.segments if seg.fmt != "parquet")
 
     def to_json(self) -> dict:
+        """The unit as its record stores it: segments without the absolute path (the corpus may move).
+
+        Spelled out rather than dataclasses.asdict, which deep-copies every field: on the stdlib corpus
+        that was ~1 % of a unit's time, beside ~92 % in sentencepiece."""
         return {
             "index": self.index,
-            "segments": [{k: v for k, v in asdict(s).items() if k != "path"} for s in self.segments],
+            "segments": [
+                {"rel": s.rel, "fmt": s.fmt, "start": s.start, "end": s.end, "first_record": s.first_record}
+                for s in self.segments
+            ],
         }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import random
@@ -227,3 +228,13 @@ def test_stdlib_corpus_skips_site_packages_and_tests_at_any_depth(tmp_path, monk
         "json/tests/x.py",
         "os.py",
     ]
+
+
+def test_a_units_record_holds_every_segment_field_but_the_absolute_path(tmp_path: Path) -> None:
+    """WorkUnit.to_json is spelled out for speed: it must keep up with Segment's fields (resume compares it)."""
+    (tmp_path / "a.txt").write_text("one\n")
+    (tmp_path / "b.txt").write_text("two\n")
+    (unit,) = plan_units(DataConfig(paths=[str(tmp_path)], unit_bytes=1 << 20))
+    expected = [{k: v for k, v in dataclasses.asdict(s).items() if k != "path"} for s in unit.segments]
+    assert unit.to_json() == {"index": 0, "segments": expected}
+    assert [list(s) for s in unit.to_json()["segments"]] == [list(s) for s in expected]  # same key order
