@@ -150,7 +150,7 @@ def verify(data: DataConfig, tokenizer_dir: Path, shard_dir: Path) -> int:
 
 def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scratch: Path, rounds: int) -> None:
     """Each round: the single loop, the Ray stage and the plain processes back to back; per-round speed-ups."""
-    ray_x, plain_x = [], []
+    ray_x, plain_x, ray_over_plain = [], [], []
     print(f"| round | single s | Ray stage, {workers} workers s (speed-up) | {workers} plain processes s (speed-up) |")
     print("|---|---|---|---|")
     for index in range(rounds):
@@ -159,11 +159,14 @@ def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scr
         plain = plain_processes(data, pool, workers)["seconds"]
         ray_x.append(single / staged)
         plain_x.append(single / plain)
+        ray_over_plain.append(plain / staged)
         print(f"| {index} | {single:.2f} | {staged:.2f} ({ray_x[-1]:.2f}x) | {plain:.2f} ({plain_x[-1]:.2f}x) |")
     print(
         f"\nmedian speed-up over {rounds} rounds: Ray stage {statistics.median(ray_x):.2f}x "
         f"({min(ray_x):.2f}-{max(ray_x):.2f}), plain processes {statistics.median(plain_x):.2f}x "
-        f"({min(plain_x):.2f}-{max(plain_x):.2f}); load avg {os.getloadavg()[0]:.2f}"
+        f"({min(plain_x):.2f}-{max(plain_x):.2f}); Ray stage / plain processes "
+        f"{statistics.median(ray_over_plain):.3f} (median of the rounds' rate ratios); "
+        f"load avg {os.getloadavg()[0]:.2f}"
     )
 
 
@@ -220,6 +223,7 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
     parser.add_argument("--paired", type=int, default=0, help="N rounds of single, Ray, plain back to back")
     args = parser.parse_args()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars (the stage's too) would bury the table (tqdm >= 4.66)
 
     import ray
 
