@@ -3,7 +3,7 @@
 `fused_head_loss(hidden_NC, weight_VC, targets_N, chunk_rows)` equals
 `language_model_loss(hidden @ weight.T, targets)` (model/loss.py: mean cross-entropy wrapped in
 L2Wrap) in value and in gradients, but only `chunk_rows` rows of logits exist at a time. The loss is
-the last op of the graph, so its gradients are computed in the forward, chunk by chunk, with the
+the last op of the model, so its gradients are computed in the forward, chunk by chunk, with the
 same three matmuls per chunk as the unfused head (logits, grad_hidden, grad_weight) and no
 recompute; backward only scales them. Saved for backward: grad_hidden (N, C) twice (the
 cross-entropy part and the L2Wrap part), the fp32 grad_weight (V, C), the hidden states (N, C, the
@@ -44,12 +44,12 @@ from model.loss import L2WRAP_FACTOR
 ROW_KERNEL = "cuda"
 """How a chunk's logits become its loss, gradient, max and arg-max when they are bf16 on a GPU:
 "cuda" (cuda/head_loss.cu through model/head_loss_cuda.py: one read of each row, one write; built on
-first use like the WKV kernel) or "compiled" (the PyTorch ops below, which Inductor fuses into one
-kernel that reads each row three times). On an H200 (n 8192, V 50304) the row kernel takes 0.610 ms
-against 1.054 ms and lifts 169M training from 545k to 561k tokens/s (docs/benchmarks.md). Other
-logits (CPU, fp32) always take the PyTorch ops. The default of `fused_head_loss(row_kernel=None)`;
-a model whose config says `wkv_backend: torch` (or reference) passes "compiled", so it never needs a
-CUDA build."""
+first use like the WKV kernel) or "compiled" (the PyTorch ops below: `_chunk_grad_eager`, since the loss
+runs outside torch.compile's graph, see `_apply_eagerly`; `_chunk_grad_pointwise` is their form for a
+compiled graph). On an H200 (n 8192, V 50304) the row kernel takes 0.610 ms against 1.054 ms for the
+compiled ops (docs/benchmarks.md). Other logits (CPU, fp32) always take the PyTorch ops. The default of
+`fused_head_loss(row_kernel=None)`; a model whose config says `wkv_backend: torch` (or reference)
+passes "compiled", so it never needs a CUDA build."""
 ROW_KERNELS = ("cuda", "compiled")
 
 
@@ -190,7 +190,18 @@ def fused_head_loss(
     rows = hidden_NC.shape[0]
     chunk = chunk_rows if 0 < chunk_rows < rows else rows
     with torch.autocast(device_type, enabled=False):
-        return FusedHeadLoss.apply(hidden_NC, weight_VC, targets_N.long(), chunk, compute_dtype, row_kernel)
+        return _apply_eagerly(hidden_NC, weight_VC, targets_N.long(), chunk, compute_dtype, row_kernel)
+
+
+@torch.compiler.disable
+def _apply_eagerly(*args: Any) -> torch.Tensor:
+    """FusedHeadLoss outside torch.compile's graph (a graph break in a compiled model).
+
+    torch 2.11 on the GPU compiled it without the cross-entropy part of both gradients: only L2Wrap's
+    part reached the head and the body (relative error 1.0 against float64, with either row kernel and
+    with the chunks' results concatenated instead of written into slices). Eager, it matches float64
+    (tests/gpu/test_head_loss_cuda.py, tests/gpu/test_compiled_training.py)."""
+    return FusedHeadLoss.apply(*args)
 
 
 class LMHead(nn.Linear):

@@ -82,7 +82,7 @@ def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
     def run(kernel):
         monkeypatch.setattr(fused_loss, "ROW_KERNEL", kernel)
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        fn = torch.compile(fused_head_loss, fullgraph=True) if compiled else fused_head_loss
+        fn = torch.compile(fused_head_loss) if compiled else fused_head_loss  # the loss itself runs eagerly
         torch._dynamo.reset()
         loss = fn(h, w, targets, 1024)
         loss.backward()
@@ -100,8 +100,9 @@ def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_fused_head_loss_matches_float64(compiled):
     """The bf16 fused loss (chunks of 1024 rows, fp32 accumulation of grad_weight across chunks) against
-    the same function in float64: the loss to 1e-3, both gradients to about one bf16 rounding; also under
-    torch.compile(fullgraph=True)."""
+    the same function in float64: the loss to 1e-3, both gradients to about one bf16 rounding; also called
+    from torch.compile (torch 2.11 compiled it without the cross-entropy part of both gradients: relative
+    error 1.0; it now runs outside the graph, model/fused_loss.py _apply_eagerly)."""
     rows, channels, vocab, chunk = 4 * 1024, 64, 50304, 1024
     hidden = torch.randn(rows, channels, device=DEVICE).bfloat16()
     weight = (torch.randn(vocab, channels, device=DEVICE) * 0.3).bfloat16()
@@ -115,7 +116,7 @@ def test_fused_head_loss_matches_float64(compiled):
         return loss.detach().double(), h.grad.double(), w.grad.double()
 
     torch._dynamo.reset()
-    fn = torch.compile(fused_head_loss, fullgraph=True) if compiled else fused_head_loss
+    fn = torch.compile(fused_head_loss) if compiled else fused_head_loss
     got, want = grads(torch.bfloat16, fn), grads(torch.float64, fused_head_loss)
     assert torch.allclose(got[0], want[0], rtol=1e-3)
     for name, g, r in zip(("grad_hidden", "grad_weight"), got[1:], want[1:], strict=True):

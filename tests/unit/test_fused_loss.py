@@ -328,3 +328,23 @@ def test_a_model_configured_without_cuda_kernels_never_asks_for_the_row_kernel(m
         net.head(torch.randn(2, 6, 16), idx).backward()
     gpt = GPT(ModelConfig(n_layer=1, n_embd=16, vocab_size=32, wkv_backend=backend))
     assert gpt.head.row_kernel == (None if uses_cuda_rows else "compiled")
+
+
+def test_a_compiled_model_gets_the_eager_gradients_through_the_fused_loss():
+    """The fused loss runs outside the compiled graph (torch 2.11 on the GPU compiled it without its
+    cross-entropy gradient); the compiled model around it gets the eager gradients. The GPU check with
+    Inductor and bf16 is tests/gpu/test_compiled_training.py."""
+
+    def gradients(compiled: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(n_layer=2, n_embd=32, vocab_size=97, wkv_backend="torch"))
+        model.head.fused_loss_chunk = 16
+        idx, targets = torch.randint(0, 97, (2, 2, 24), generator=torch.Generator().manual_seed(1))
+        torch._dynamo.reset()
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        forward(idx, targets=targets).backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    eager, compiled = gradients(False), gradients(True)
+    for name, want in eager.items():
+        torch.testing.assert_close(compiled[name], want, rtol=1e-5, atol=1e-7, msg=name)
