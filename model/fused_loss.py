@@ -198,9 +198,10 @@ def _apply_eagerly(*args: Any) -> torch.Tensor:
     """FusedHeadLoss outside torch.compile's graph (a graph break in a compiled model).
 
     torch 2.11 on the GPU compiled it without the cross-entropy part of both gradients: only L2Wrap's
-    part reached the head and the body (relative error 1.0 against float64, with either row kernel and
-    with the chunks' results concatenated instead of written into slices). Eager, it matches float64
-    (tests/gpu/test_head_loss_cuda.py, tests/gpu/test_compiled_training.py)."""
+    part reached the head and the body (relative error 1.0 against float64, with either row kernel).
+    That matches pytorch/pytorch#180642 (2.11: an in-place op in an autograd.Function's forward, here
+    `loss_sum +=`, routes the incoming gradient to the wrong output; fixed for 2.12). Eager, it matches
+    float64 (tests/gpu/test_head_loss_cuda.py, tests/gpu/test_compiled_training.py)."""
     return FusedHeadLoss.apply(*args)
 
 
