@@ -73,7 +73,7 @@ def wkv_torch(
         if n_chunks == 0:
             continue
         k_BNCL, v_BNCL = (_as_chunks(x[:, start : start + n_chunks * length], n_chunks, length) for x in (k, v))
-        y_BNCL, *carry = _ChunkedWkv.apply(w_C, u_C, k_BNCL, v_BNCL, *carry)
+        y_BNCL, *carry = _chunked_wkv_eagerly(w_C, u_C, k_BNCL, v_BNCL, *carry)
         ys.append(y_BNCL.transpose(2, 3).reshape(batch, n_chunks * length, channels))
     y = torch.cat(ys, dim=1) if len(ys) > 1 else ys[0] if ys else k.new_zeros(batch, 0, channels)
     return y.to(k_BTC.dtype), tuple(carry)  # type: ignore[return-value]
@@ -220,6 +220,12 @@ class _ChunkedWkv(torch.autograd.Function):
         gw_C = gw_C + (g_dt * lag_IT.clamp_min(0)).sum(dim=(1, 2)) + gw_scan
         gw_C = gw_C + (g_p * (length - 1 - arg_BNC).to(v.dtype)).sum(dim=(0, 1))
         return gw_C, gu_C, gk, gv, *g_carry
+
+
+# Outside torch.compile's graph (a graph break): torch 2.11 can compile an autograd.Function whose forward
+# works in place with a zero incoming gradient (pytorch/pytorch#180642), as it did the fused head loss
+# (model/fused_loss.py). This forward works in place throughout; eager, it is tested against float64.
+_chunked_wkv_eagerly = torch.compiler.disable(_ChunkedWkv.apply)
 
 
 def _scan_forward(
