@@ -40,4 +40,4 @@ def test_compiled_gradients_equal_eager(fused_loss_chunk):
     assert eager.keys() == compiled.keys()
     for name, want in eager.items():
         error = ((compiled[name] - want).norm() / want.norm().clamp_min(1e-30)).item()
-        assert error < 3e-2, f"{name}: relative L2 error {error:.2e} (bf16 rounding gives ~1e-2 at most)"
+        assert error < 5e-2, f"{name}: relative L2 error {error:.2e} (bf16 rounding: ~1e-2; the 2.11 bug: 1.0)"
