@@ -54,8 +54,6 @@ def build_extension(
 ) -> ModuleType:
     """Compile (or load from the cache) the extension `prefix_<digest>` from `sources` in `directory`.
 
-    Headers among `sources` (*.h) are hashed into the digest but not compiled on their own.
-
     fallback: what the user can do instead, for the error message (compiler missing, compile error,
     ABI mismatch all raise the same CudaBuildError).
     """
@@ -64,7 +62,7 @@ def build_extension(
     try:
         return load(
             name=f"{prefix}_{source_digest(directory, sources, defines)}",
-            sources=[str(directory / name) for name in sources if not name.endswith(".h")],
+            sources=[str(directory / name) for name in sources],
             extra_cuda_cflags=NVCC_FLAGS + [f"-D{d}" for d in defines],
             extra_cflags=["-O3"],
             verbose=False,
