@@ -30,7 +30,8 @@ from model.fused_loss import _chunk_grad_pointwise  # noqa: E402
 
 
 def model_rows(logits_nV, target_n, scale):
-    """What FusedHeadLoss.forward computes per chunk under compile today."""
+    """What FusedHeadLoss.forward computes per chunk when compiled (`_chunk_grad_pointwise`); the model
+    itself now runs the loss eagerly, outside torch.compile's graph (model/fused_loss.py _apply_eagerly)."""
     max_n, argmax_n = torch.max(logits_nV, dim=-1)
     loss, grad_nV = _chunk_grad_pointwise(logits_nV, target_n, scale, torch.float32, True)
     return loss, grad_nV, max_n, argmax_n
