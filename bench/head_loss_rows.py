@@ -6,8 +6,9 @@ Its minimum traffic is one read of the logits and one write of the gradient; in 
 training step Inductor's kernel for it took ~1.3 ms per 8192-row chunk (~0.8 TB/s counted that
 way). This times each formulation compiled alone (the CUDA kernel of cuda/head_loss.cu as it is),
 side by side in one process, against a copy
-of the same bytes, and checks each against the model's own `_chunk_grad_pointwise` (loss, gradient,
-max, arg-max).
+of the same bytes, and checks each against `inductor_rows` (loss, gradient, max, arg-max), the
+formulation the model compiled before its loss moved out of the graph (model/fused_loss.py
+`_apply_eagerly`).
 
     python bench/head_loss_rows.py                      # n 8192, V 50304, a table
     python bench/head_loss_rows.py --rows 16384 --inductor coordinate_descent_tuning=1
@@ -26,14 +27,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.fused_loss import _chunk_grad_pointwise  # noqa: E402
+
+def _softmax_grad_pointwise(logits_nV, target_n, scale):
+    """(summed cross-entropy, (softmax - onehot) * scale in the logits' dtype), with no scatter and no
+    (n, V) intermediate: the one-hot is a comparison with an index range, so Inductor makes the gradient
+    one pointwise kernel after the row reductions (model/fused_loss.py `_chunk_grad_eager` in eager form)."""
+    logits_f = logits_nV.float()
+    lse_n = torch.logsumexp(logits_f, dim=-1)
+    loss = (lse_n - logits_f.gather(1, target_n[:, None]).squeeze(1)).sum()
+    onehot_nV = torch.arange(logits_nV.shape[1], device=logits_nV.device)[None, :] == target_n[:, None]
+    grad_nV = (torch.exp(logits_f - lse_n[:, None]) - onehot_nV.float()) * scale
+    return loss, grad_nV.to(logits_nV.dtype)
 
 
-def model_rows(logits_nV, target_n, scale):
-    """What FusedHeadLoss.forward computes per chunk when compiled (`_chunk_grad_pointwise`); the model
-    itself now runs the loss eagerly, outside torch.compile's graph (model/fused_loss.py _apply_eagerly)."""
+def inductor_rows(logits_nV, target_n, scale):
+    """The chunk's row work as plain ops for Inductor: max and arg-max, then `_softmax_grad_pointwise`."""
     max_n, argmax_n = torch.max(logits_nV, dim=-1)
-    loss, grad_nV = _chunk_grad_pointwise(logits_nV, target_n, scale, torch.float32, True)
+    loss, grad_nV = _softmax_grad_pointwise(logits_nV, target_n, scale)
     return loss, grad_nV, max_n, argmax_n
 
 
@@ -84,7 +94,7 @@ def int32_where_rows(logits_nV, target_n, scale):
 def no_argmax_rows(logits_nV, target_n, scale):
     """The model's kernel without the arg-max (what the arg-max costs; L2Wrap would need it elsewhere)."""
     max_n = torch.amax(logits_nV, dim=-1)
-    loss, grad_nV = _chunk_grad_pointwise(logits_nV, target_n, scale, torch.float32, True)
+    loss, grad_nV = _softmax_grad_pointwise(logits_nV, target_n, scale)
     return loss, grad_nV, max_n, torch.zeros_like(target_n)
 
 
@@ -97,7 +107,7 @@ def cuda_kernel_rows(logits_nV, target_n, scale):
 
 
 FORMULATIONS = {
-    "model (logsumexp)": model_rows,
+    "Inductor (logsumexp)": inductor_rows,
     "max as shift": max_shift_rows,
     "log_softmax": log_softmax_rows,
     "softmax": softmax_rows,
@@ -132,7 +142,7 @@ def main() -> None:
     src = torch.empty_like(logits)
     copy_ms = median_ms(lambda: src.copy_(logits))
     floor_bytes = 2 * logits.numel() * logits.element_size()  # read the logits, write the gradient
-    reference = [t.float() for t in model_rows(logits, target, scale)]
+    reference = [t.float() for t in inductor_rows(logits, target, scale)]
     print(
         f"n {rows} V {vocab} bf16, {torch.cuda.get_device_name()}, copy of the logits {copy_ms:.3f} ms "
         f"({floor_bytes / copy_ms / 1e6:.0f} GB/s read + write); inductor options {args.inductor or 'defaults'}"

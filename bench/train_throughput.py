@@ -321,7 +321,7 @@ def main() -> int:
         "--row-kernel",
         nargs="+",
         default=["cuda"],
-        choices=["compiled", "cuda"],
+        choices=["torch", "cuda"],
         help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(

@@ -2,7 +2,7 @@
 
     >>> from model.cuda_extension import build_extension, source_dir
     >>> ext = build_extension("head_loss", source_dir(), ("head_loss.cu", "head_loss_binding.cpp"),
-    ...                       fallback="set model.fused_loss.ROW_KERNEL = 'compiled'")
+    ...                       fallback="set model.fused_loss.ROW_KERNEL = 'torch'")
 
 torch.utils.cpp_extension.load compiles into torch's extension cache (~/.cache/torch_extensions, or
 TORCH_EXTENSIONS_DIR), under a name keyed by the sources, flags and torch/CUDA versions, so a second

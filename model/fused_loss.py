@@ -44,13 +44,12 @@ from model.loss import L2WRAP_FACTOR
 ROW_KERNEL = "cuda"
 """How a chunk's logits become its loss, gradient, max and arg-max when they are bf16 on a GPU:
 "cuda" (cuda/head_loss.cu through model/head_loss_cuda.py: one read of each row, one write; built on
-first use like the WKV kernel) or "compiled" (the PyTorch ops below: `_chunk_grad_eager`, since the loss
-runs outside torch.compile's graph, see `_apply_eagerly`; `_chunk_grad_pointwise` is their form for a
-compiled graph). On an H200 (n 8192, V 50304) the row kernel takes 0.610 ms against 1.054 ms for the
-compiled ops (docs/benchmarks.md). Other logits (CPU, fp32) always take the PyTorch ops. The default of
-`fused_head_loss(row_kernel=None)`; a model whose config says `wkv_backend: torch` (or reference)
-passes "compiled", so it never needs a CUDA build."""
-ROW_KERNELS = ("cuda", "compiled")
+first use like the WKV kernel) or "torch" (the PyTorch ops of `_chunk_grad_eager`). On an H200 (n 8192,
+V 50304) the row kernel takes 0.610 ms against 1.054 ms for Inductor's best formulation of the same
+work (bench/head_loss_rows.py, docs/benchmarks.md). Other logits (CPU, fp32) always take the PyTorch
+ops. The default of `fused_head_loss(row_kernel=None)`; a model whose config says `wkv_backend: torch`
+(or reference) passes "torch", so it never needs a CUDA build."""
+ROW_KERNELS = ("cuda", "torch")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -74,26 +73,6 @@ def _chunk_grad_eager(
     if grad_nV.dtype == logits_nV.dtype:
         return loss, grad_nV.mul_(scale)
     return loss, torch.mul(grad_nV, scale, out=torch.empty_like(grad_nV, dtype=logits_nV.dtype))
-
-
-def _chunk_grad_pointwise(
-    logits_nV: torch.Tensor, target_n: torch.Tensor, scale: float, acc: torch.dtype, need_grads: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The same as `_chunk_grad_eager`, written for torch.compile: no scatter and no (n, V) intermediate.
-
-    The one-hot is a comparison with an index range, so Inductor makes the gradient one pointwise
-    kernel (read the logits once, write the compute-dtype gradient once) after the row reductions.
-    In eager mode this would allocate more than `_chunk_grad_eager`; both compute the same numbers
-    up to the rounding of exp(x - lse) vs exp(log_softmax(x)).
-    """
-    logits_f = logits_nV.to(acc)
-    lse_n = torch.logsumexp(logits_f, dim=-1)
-    loss = (lse_n - logits_f.gather(1, target_n[:, None]).squeeze(1)).sum()
-    if not need_grads:
-        return loss, None
-    onehot_nV = torch.arange(logits_nV.shape[1], device=logits_nV.device)[None, :] == target_n[:, None]
-    grad_nV = (torch.exp(logits_f - lse_n[:, None]) - onehot_nV.to(acc)) * scale
-    return loss, grad_nV.to(logits_nV.dtype)
 
 
 class FusedHeadLoss(torch.autograd.Function):
@@ -130,8 +109,7 @@ class FusedHeadLoss(torch.autograd.Function):
                 chunk_loss = loss_n.sum()
             else:
                 max_logit_n, argmax_n = torch.max(logits_nV, dim=-1)  # L2Wrap reads the compute-dtype logits
-                chunk_grad = _chunk_grad_pointwise if torch.compiler.is_compiling() else _chunk_grad_eager
-                chunk_loss, grad_nV = chunk_grad(logits_nV, target_n, 1.0 / rows, acc, need_grads)
+                chunk_loss, grad_nV = _chunk_grad_eager(logits_nV, target_n, 1.0 / rows, acc, need_grads)
             del logits_nV
             loss_sum += chunk_loss
             if grad_nV is None:
@@ -175,7 +153,7 @@ def fused_head_loss(
 
     chunk_rows: rows of logits per chunk; 0 = all rows at once. Under torch.autocast the matmuls run
     in the autocast dtype, as the unfused Linear head would, with fp32 gradients for fp32 weights.
-    row_kernel: "cuda" or "compiled" for bf16 GPU logits (see ROW_KERNEL, the default when None).
+    row_kernel: "cuda" or "torch" for bf16 GPU logits (see ROW_KERNEL, the default when None).
     """
     row_kernel = ROW_KERNEL if row_kernel is None else row_kernel
     if row_kernel not in ROW_KERNELS:
@@ -201,7 +179,10 @@ def _apply_eagerly(*args: Any) -> torch.Tensor:
     part reached the head and the body (relative error 1.0 against float64, with either row kernel).
     That matches pytorch/pytorch#180642 (2.11: an in-place op in an autograd.Function's forward, here
     `loss_sum +=`, routes the incoming gradient to the wrong output; fixed for 2.12). Eager, it matches
-    float64 (tests/gpu/test_head_loss_cuda.py, tests/gpu/test_compiled_training.py)."""
+    float64 (tests/gpu/test_head_loss_cuda.py, tests/gpu/test_compiled_training.py). A forward without
+    any in-place op (the chunks' results joined by torch.cat, grad_weight summed out of place) was still
+    compiled wrong on torch 2.11 (relative error 1.00, 2026-11-30), so the graph break stays until the
+    GPU machine's torch has the fix."""
     return FusedHeadLoss.apply(*args)
 
 
@@ -217,7 +198,7 @@ class LMHead(nn.Linear):
     def __init__(self, in_features: int, out_features: int, cuda_kernels: bool = True) -> None:
         super().__init__(in_features, out_features, bias=False)
         self.fused_loss_chunk = 0
-        self.row_kernel = None if cuda_kernels else "compiled"
+        self.row_kernel = None if cuda_kernels else "torch"
 
     def forward(self, x_BTC: torch.Tensor, targets_BT: torch.Tensor | None = None) -> torch.Tensor:
         if targets_BT is None:

@@ -26,7 +26,7 @@ __all__ = ["BUILDS", "head_loss_rows_op", "load_extension", "supports"]
 BUILDS = ExtensionBuilds(
     "head_loss",
     ("head_loss.cu", "head_loss_binding.cpp"),
-    fallback="Use the compiled PyTorch formulation instead: model.fused_loss.ROW_KERNEL = 'compiled'.",
+    fallback="Use the PyTorch ops instead: model.fused_loss.ROW_KERNEL = 'torch'.",
 )
 
 

@@ -72,8 +72,7 @@ def test_misaligned_and_empty_inputs():
     assert [tuple(t.shape) for t in empty] == [(0, vocab), (0,), (0,), (0,)]
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
+def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch):
     rows, channels, vocab = 3 * 1024, 64, 50304
     hidden = torch.randn(rows, channels, device=DEVICE).bfloat16()
     weight = (torch.randn(vocab, channels, device=DEVICE) * 0.3).bfloat16()
@@ -82,13 +81,11 @@ def test_fused_head_loss_with_the_kernel_equals_without(monkeypatch, compiled):
     def run(kernel):
         monkeypatch.setattr(fused_loss, "ROW_KERNEL", kernel)
         h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-        fn = torch.compile(fused_head_loss) if compiled else fused_head_loss  # the loss itself runs eagerly
-        torch._dynamo.reset()
-        loss = fn(h, w, targets, 1024)
+        loss = fused_head_loss(h, w, targets, 1024)
         loss.backward()
         return loss.detach().double(), h.grad.double(), w.grad.double()
 
-    with_kernel, without = run("cuda"), run("compiled")
+    with_kernel, without = run("cuda"), run("torch")
     assert torch.allclose(with_kernel[0], without[0], rtol=1e-5)
     for got, want in zip(with_kernel[1:], without[1:], strict=True):
         assert (got - want).norm() / want.norm() < 1e-2

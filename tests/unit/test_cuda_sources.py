@@ -109,13 +109,13 @@ def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
 
 
 def test_failed_head_loss_build_names_the_compiled_formulation(monkeypatch, tmp_path):
-    """The head loss's row kernel failing to build points at model.fused_loss.ROW_KERNEL = 'compiled'."""
+    """The head loss's row kernel failing to build points at model.fused_loss.ROW_KERNEL = 'torch'."""
     import model.cuda_extension
     import model.head_loss_cuda as head_loss_cuda
 
     monkeypatch.setattr(head_loss_cuda.BUILDS, "built", {})
     monkeypatch.setattr(head_loss_cuda.BUILDS, "directory", tmp_path)  # no sources here
-    with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'compiled'"):
+    with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'torch'"):
         head_loss_cuda.load_extension()
 
 

@@ -260,24 +260,6 @@ def test_train_with_fused_loss_chunk_logs_the_losses_of_the_unfused_loop(world_o
                 assert runs[20][step][key] == pytest.approx(unfused[key], rel=1e-5), (step, key)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_the_compile_friendly_chunk_gradient_equals_the_eager_one(dtype):
-    """Under torch.compile the chunk's softmax gradient is one pointwise expression (no scatter): same numbers."""
-    from model.fused_loss import _chunk_grad_eager, _chunk_grad_pointwise
-
-    generator = torch.Generator().manual_seed(4)
-    logits = (3 * torch.randn(16, 50, generator=generator, dtype=torch.float64)).to(dtype)
-    targets = torch.randint(0, 50, (16,), generator=generator)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    eager_loss, eager_grad = _chunk_grad_eager(logits, targets, 1 / 64, acc, True)
-    loss, grad = _chunk_grad_pointwise(logits, targets, 1 / 64, acc, True)
-    assert grad.dtype == eager_grad.dtype == dtype and loss.dtype == eager_loss.dtype == acc
-    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]  # bf16: one rounding
-    torch.testing.assert_close(loss, eager_loss, rtol=tolerance, atol=0)
-    torch.testing.assert_close(grad.double(), eager_grad.double(), rtol=tolerance, atol=tolerance / 64)
-    assert _chunk_grad_pointwise(logits, targets, 1 / 64, acc, False)[1] is None
-
-
 def test_the_cuda_row_kernel_setting_leaves_cpu_logits_on_the_pytorch_path(monkeypatch):
     """ROW_KERNEL = "cuda" applies only to bf16 CUDA logits: on the CPU the result is the same, bit for bit."""
     import model.fused_loss as fused_loss
@@ -291,7 +273,7 @@ def test_the_cuda_row_kernel_setting_leaves_cpu_logits_on_the_pytorch_path(monke
         loss.backward()
         return loss.detach(), h.grad, w.grad
 
-    monkeypatch.setattr(fused_loss, "ROW_KERNEL", "compiled")
+    monkeypatch.setattr(fused_loss, "ROW_KERNEL", "torch")
     pytorch_ops = run()
     monkeypatch.setattr(fused_loss, "ROW_KERNEL", "cuda")
     assert all(torch.equal(a, b) for a, b in zip(run(), pytorch_ops, strict=True))
@@ -299,7 +281,7 @@ def test_the_cuda_row_kernel_setting_leaves_cpu_logits_on_the_pytorch_path(monke
 
 def test_an_unknown_row_kernel_is_refused_with_the_choices():
     hidden, weight, targets = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
-    with pytest.raises(ValueError, match=r"'triton'.*\('cuda', 'compiled'\)"):
+    with pytest.raises(ValueError, match=r"'triton'.*\('cuda', 'torch'\)"):
         fused_head_loss(hidden, weight, targets, row_kernel="triton")
 
 
@@ -327,7 +309,7 @@ def test_a_model_configured_without_cuda_kernels_never_asks_for_the_row_kernel(m
     else:
         net.head(torch.randn(2, 6, 16), idx).backward()
     gpt = GPT(ModelConfig(n_layer=1, n_embd=16, vocab_size=32, wkv_backend=backend))
-    assert gpt.head.row_kernel == (None if uses_cuda_rows else "compiled")
+    assert gpt.head.row_kernel == (None if uses_cuda_rows else "torch")
 
 
 def test_a_compiled_model_gets_the_eager_gradients_through_the_fused_loss():
