@@ -92,7 +92,7 @@ def int32_where_rows(logits_nV, target_n, scale):
 
 
 def no_argmax_rows(logits_nV, target_n, scale):
-    """The model's kernel without the arg-max (what the arg-max costs; L2Wrap would need it elsewhere)."""
+    """Inductor's formulation without the arg-max (what the arg-max costs; L2Wrap would need it elsewhere)."""
     max_n = torch.amax(logits_nV, dim=-1)
     loss, grad_nV = _softmax_grad_pointwise(logits_nV, target_n, scale)
     return loss, grad_nV, max_n, torch.zeros_like(target_n)

@@ -108,7 +108,7 @@ def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
         wkv_cuda_module.load_extension()
 
 
-def test_failed_head_loss_build_names_the_compiled_formulation(monkeypatch, tmp_path):
+def test_failed_head_loss_build_names_the_torch_fallback(monkeypatch, tmp_path):
     """The head loss's row kernel failing to build points at model.fused_loss.ROW_KERNEL = 'torch'."""
     import model.cuda_extension
     import model.head_loss_cuda as head_loss_cuda
