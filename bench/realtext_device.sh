@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (~4 min on one H200): train RWKV-4 169M on real text with configs/rwkv4-169m-1gpu.yaml
+# (ZeRO-0 master path, bf16, fused loss 8192) compiled and eager, same shards and seed, and print both
+# loss curves side by side. A compiled backward that loses gradients (as torch 2.11 did with the fused
+# loss, docs/benchmarks.md "Correction") shows here as a loss that does not fall.
+# Shards: the Python standard library made on the CPU machine (the GPU machine's Python differs):
+#   python -c "from pathlib import Path; from pipeline.data_stages import train_tokenizer, tokenize_in_process;
+#   from tokenization.config import DataConfig, TokenizerConfig; d = DataConfig(paths=['stdlib:'], unit_bytes=1 << 20);
+#   tokenize_in_process(d, train_tokenizer(d, TokenizerConfig(vocab_size=16384, sample_bytes=16 << 20),
+#   Path('runs/realtext/tokenizer')), Path('runs/realtext/shards'))"
+# then, from the repository root on the GPU machine (device tool: carry [".whl", "runs/realtext"]):
+#   bash bench/realtext_device.sh [STEPS]
+set -o pipefail
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} TORCH_CUDA_ARCH_LIST=9.0
+OUT=${OUT:-/tmp/realtext_out}
+STEPS=${1:-300}
+mkdir -p "$OUT"
+start=$SECONDS
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+for compile in true false; do
+  limit=$([ $compile = true ] && echo 220 || echo 150)  # the first run also builds both CUDA extensions
+  timeout $limit python3 -m orchestration.train configs/rwkv4-169m-1gpu.yaml train.compile=$compile \
+      train.micro_bsz=16 train.steps="$STEPS" train.lr_init=6e-4 train.lr_final=1e-4 train.warmup_steps=20 \
+      train.log_every=20 train.val_every=100 train.checkpoint_every=100000 \
+      --data runs/realtext/shards --out "/tmp/realtext-$compile" >"$OUT/compile-$compile.log" 2>&1
+  echo "compile=$compile: exit $? at $((SECONDS - start)) s"
+done
+# Side by side: step, then each run's logged loss (and validation loss where logged).
+paste <(grep -oE "^step [0-9]+/[0-9]+ (loss|val_loss)=[0-9.e+-]+" "$OUT/compile-true.log") \
+      <(grep -oE "^step [0-9]+/[0-9]+ (loss|val_loss)=[0-9.e+-]+" "$OUT/compile-false.log" | sed 's/^step [^ ]* //') \
+    | sed 's/^/compiled | eager: /'
+for compile in true false; do echo "compile=$compile, last: $(grep -E '^step [^ ]+ loss=' "$OUT/compile-$compile.log" | tail -n 1)"; done
