@@ -31,9 +31,14 @@ from pathlib import Path
 # script, because Python puts the script's folder first on sys.path: take that folder off.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
+import os
+
+# Progress bars (the stage's too) would bury the table. tqdm >= 4.66 reads TQDM_* when it is first
+# imported, which the imports below do, so this must come before them.
+os.environ.setdefault("TQDM_DISABLE", "1")
+
 import argparse
 import multiprocessing
-import os
 import shutil
 import statistics
 import tempfile
@@ -223,7 +228,6 @@ def main() -> None:
     parser.add_argument("--verify", action="store_true", help="check every document against sentencepiece")
     parser.add_argument("--paired", type=int, default=0, help="N rounds of single, Ray, plain back to back")
     args = parser.parse_args()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars (the stage's too) would bury the table (tqdm >= 4.66)
 
     import ray
 
