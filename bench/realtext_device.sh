@@ -11,13 +11,11 @@
 # then, from the repository root on the GPU machine (device tool: carry [".whl", "runs/realtext"]):
 #   bash bench/realtext_device.sh [STEPS]
 set -o pipefail
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} TORCH_CUDA_ARCH_LIST=9.0
+. bench/device_env.sh --deepspeed || exit 1
 OUT=${OUT:-/tmp/realtext_out}
 STEPS=${1:-300}
 mkdir -p "$OUT"
 start=$SECONDS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
 for compile in true false; do
   limit=$([ $compile = true ] && echo 220 || echo 150)  # the first run also builds both CUDA extensions
   timeout $limit python3 -m orchestration.train configs/rwkv4-169m-1gpu.yaml train.compile=$compile \

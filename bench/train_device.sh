@@ -9,13 +9,11 @@
 # ".whl"); logs and JSON rows go to $OUT. docs/benchmarks.md, "Training throughput".
 #   bash bench/train_device.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} TORCH_CUDA_ARCH_LIST=9.0
+. bench/device_env.sh --deepspeed || exit 1
 OUT=${OUT:-/tmp/train_device_out}
 LIMIT=${CALL_LIMIT:-570}
 mkdir -p "$OUT"
 start=$SECONDS
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
 python3 -m pytest tests/gpu/test_compiled_training.py tests/gpu/test_head_loss_cuda.py -q -p no:cacheprovider \
     >"$OUT/tests.log" 2>&1

@@ -7,7 +7,7 @@
 # docs/benchmarks.md, "WKV CUDA kernel".
 #   bash bench/wkv_device.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} TORCH_CUDA_ARCH_LIST=9.0 PYTHONPATH=$PWD
+. bench/device_env.sh || exit 1
 OUT=${OUT:-/tmp/wkv_out}
 mkdir -p "$OUT"
 start=$SECONDS
