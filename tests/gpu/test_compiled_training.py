@@ -17,9 +17,9 @@ from model.loss import language_model_loss
 DEVICE = "cuda"
 
 
-def gradients(compiled: bool, fused_loss_chunk: int) -> dict[str, torch.Tensor]:
+def gradients(compiled: bool, fused_loss_chunk: int, wkv_backend: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    model = build_model(ModelConfig(n_layer=2, n_embd=128, vocab_size=50304, wkv_backend="cuda"))
+    model = build_model(ModelConfig(n_layer=2, n_embd=128, vocab_size=50304, wkv_backend=wkv_backend))
     model = model.to(DEVICE).bfloat16()
     model.head.fused_loss_chunk = fused_loss_chunk
     generator = torch.Generator(DEVICE).manual_seed(2)
@@ -34,9 +34,14 @@ def gradients(compiled: bool, fused_loss_chunk: int) -> dict[str, torch.Tensor]:
     return {name: p.grad.double() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("fused_loss_chunk", [0, 1024], ids=["unfused", "fused-1024"])
-def test_compiled_gradients_equal_eager(fused_loss_chunk):
-    eager, compiled = gradients(False, fused_loss_chunk), gradients(True, fused_loss_chunk)
+@pytest.mark.parametrize(
+    ("wkv_backend", "fused_loss_chunk"),
+    [("cuda", 0), ("cuda", 1024), ("torch", 1024)],
+    ids=["cuda-unfused", "cuda-fused-1024", "torch-fused-1024"],  # the torch backend's WKV runs in place too
+)
+def test_compiled_gradients_equal_eager(wkv_backend, fused_loss_chunk):
+    eager = gradients(False, fused_loss_chunk, wkv_backend)
+    compiled = gradients(True, fused_loss_chunk, wkv_backend)
     assert eager.keys() == compiled.keys()
     for name, want in eager.items():
         error = ((compiled[name] - want).norm() / want.norm().clamp_min(1e-30)).item()
