@@ -120,7 +120,25 @@ def ray_stage(
         "bytes": sum(r["text_bytes"] for r in records),
         "tokens": sum(s["tokens"] for r in records for s in r["shards"]),
         "write_share": sum(r["timing"]["write_s"] for r in records) / sum(r["timing"]["seconds"] for r in records),
+        **idle_between_units([r["timing"] for r in records]),
     }
+
+
+def idle_between_units(timings: list[dict]) -> dict[str, float]:
+    """Where workers waited: between one unit's end and their next unit's start ("gap_share"), and after
+    their last unit while another worker still ran ("tail_share"), as shares of the workers' time from
+    the first start to the last end."""
+    by_worker: dict[int, list[tuple[float, float]]] = {}
+    for timing in timings:
+        by_worker.setdefault(timing["pid"], []).append((timing["started_at"], timing["finished_at"]))
+    first, last = min(t["started_at"] for t in timings), max(t["finished_at"] for t in timings)
+    span = len(by_worker) * (last - first)
+    gaps = tail = 0.0
+    for spans in by_worker.values():
+        spans.sort()
+        gaps += sum(later[0] - earlier[1] for earlier, later in zip(spans, spans[1:], strict=False))
+        tail += last - spans[-1][1]
+    return {"gap_share": gaps / span, "tail_share": tail / span}
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -155,12 +173,15 @@ def verify(data: DataConfig, tokenizer_dir: Path, shard_dir: Path) -> int:
 
 def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scratch: Path, rounds: int) -> None:
     """Each round: the single loop, the Ray stage and the plain processes back to back; per-round speed-ups."""
-    ray_x, plain_x, ray_over_plain = [], [], []
+    ray_x, plain_x, ray_over_plain, gap_share, tail_share = [], [], [], [], []
     print(f"| round | single s | Ray stage, {workers} workers s (speed-up) | {workers} plain processes s (speed-up) |")
     print("|---|---|---|---|")
     for index in range(rounds):
         single = single_process(data, tokenizer_dir)["seconds"]
-        staged = ray_stage(data, tokenizer_dir, workers, scratch)["seconds"]
+        stage = ray_stage(data, tokenizer_dir, workers, scratch)
+        staged = stage["seconds"]
+        gap_share.append(stage["gap_share"])
+        tail_share.append(stage["tail_share"])
         plain = plain_processes(data, pool, workers)["seconds"]
         ray_x.append(single / staged)
         plain_x.append(single / plain)
@@ -171,7 +192,9 @@ def paired_rounds(data: DataConfig, tokenizer_dir: Path, pool, workers: int, scr
         f"({min(ray_x):.2f}-{max(ray_x):.2f}), plain processes {statistics.median(plain_x):.2f}x "
         f"({min(plain_x):.2f}-{max(plain_x):.2f}); Ray stage / plain processes "
         f"{statistics.median(ray_over_plain):.3f} (median of the rounds' rate ratios); "
-        f"load avg {os.getloadavg()[0]:.2f}"
+        f"load avg {os.getloadavg()[0]:.2f}\n"
+        f"Ray workers idle between units {statistics.median(gap_share):.1%} and after their last unit "
+        f"{statistics.median(tail_share):.1%} of their time (medians)"
     )
 
 

@@ -78,7 +78,6 @@ def run_units(
     # a round trip through this loop (~10 ms per unit). With fewer workers than CPUs, queued tasks
     # would run at once and exceed num_workers, so then exactly num_workers are in flight.
     in_flight = workers * (1 + queued_per_worker) if workers >= cluster_cpus else workers
-    data_ref = ray.put(data)
     pending = sorted(units, key=lambda unit: (unit.bytes, -unit.index))  # pop() takes the largest
     running: dict[Any, int] = {}
     records: dict[int, dict[str, Any]] = {}
@@ -87,7 +86,9 @@ def run_units(
         while pending or running:
             while pending and len(running) < in_flight:
                 unit = pending.pop()
-                running[task.remote(unit, data_ref, str(tokenizer_dir), str(out_dir))] = unit.index
+                # `data` by value: Ray inlines a small argument into the task, where an ObjectRef would
+                # cost each task a fetch from the object store (~0.7 ms more idle per unit on 2 cores).
+                running[task.remote(unit, data, str(tokenizer_dir), str(out_dir))] = unit.index
             done, _ = ray.wait(list(running), num_returns=1)
             index = running.pop(done[0])
             records[index] = ray.get(done[0])  # re-raises a task's error (BadRecordError names file:line)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,7 +171,7 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir
     processor, info = _processor(Path(tokenizer_dir))
     stats = ReadStats()
     writer = _UnitWriter(processor, info, out_dir, unit.index, data.batch_bytes)
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     try:
         for segment in unit.segments:
             for doc in read_segment(segment, data, stats):
@@ -188,6 +189,10 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, tokenizer_dir: Path, out_dir
         "cpu_s": time.process_time() - cpu_started,
         "encode_s": writer.encode_s,
         "write_s": writer.write_s,
+        # Wall-clock ends and the process, so a caller can see each worker's idle time between units.
+        "started_at": started_at,
+        "finished_at": time.time(),
+        "pid": os.getpid(),
     }
     return {**record, "timing": timing}
 
