@@ -25,7 +25,8 @@ for compile in true false; do
   echo "compile=$compile: exit $? at $((SECONDS - start)) s"
 done
 # Side by side: step, then each run's logged loss (and validation loss where logged).
-paste <(grep -oE "^step [0-9]+/[0-9]+ (loss|val_loss)=[0-9.e+-]+" "$OUT/compile-true.log") \
-      <(grep -oE "^step [0-9]+/[0-9]+ (loss|val_loss)=[0-9.e+-]+" "$OUT/compile-false.log" | sed 's/^step [^ ]* //') \
+losses='^step [0-9]+/[0-9]+ (loss|val_loss)=[0-9.e+-]+'
+paste <(grep -oE "$losses" "$OUT/compile-true.log") \
+      <(grep -oE "$losses" "$OUT/compile-false.log" | sed 's/^step [^ ]* //') \
     | sed 's/^/compiled | eager: /'
 for compile in true false; do echo "compile=$compile, last: $(grep -E '^step [^ ]+ loss=' "$OUT/compile-$compile.log" | tail -n 1)"; done
