@@ -26,6 +26,8 @@ non-finite check (pipeline/train.py: DEFER_FINITE_CHECK, DS_OVERRIDES' throughpu
 `new` is the loop as it is. `--profile N` records N more steps after the measured ones under
 torch.profiler and prints, per configuration, the top kernels by device time, the device's idle share
 and the host's synchronising CUDA calls (`--out DIR` keeps the text and a gzipped trace).
+`--inductor profile_bandwidth=1 --out DIR` writes each Triton kernel's time alone, bytes and GB/s
+(Inductor's own per-kernel benchmark) to DIR/kernel-bandwidth-*.txt; that run's tokens/s do not count.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
+    if "profile_bandwidth" in spec.get("inductor", ""):
+        keep_kernel_bandwidth(spec.get("out"), spec_label(spec))
     import model.fused_loss
 
     model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
@@ -115,14 +119,41 @@ def run_one(spec: dict) -> dict:
             profiler.stop()
     row = {**spec, **measured_figures(windows, spec["warmup"] + spec["steps"])}
     if profiler is not None:
-        keys = ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync", "skip_allreduce")
-        label = "_".join(str(spec.get(k, "")) for k in keys)
-        if spec.get("inductor"):
-            label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
-        if spec.get("row_kernel", "cuda") != "cuda":
-            label += f"_{spec['row_kernel']}rows"
-        row["profile"] = summarize_profile(profiler, profiled, spec.get("out"), label, trace=spec.get("trace", False))
+        row["profile"] = summarize_profile(
+            profiler, profiled, spec.get("out"), spec_label(spec), trace=spec.get("trace", False)
+        )
     return row
+
+
+def spec_label(spec: dict) -> str:
+    """A file-name-safe label of one configuration (profile and kernel-bandwidth files)."""
+    keys = ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync", "skip_allreduce")
+    label = "_".join(str(spec.get(k, "")) for k in keys)
+    if spec.get("inductor"):
+        label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
+    if spec.get("row_kernel", "cuda") != "cuda":
+        label += f"_{spec['row_kernel']}rows"
+    return label
+
+
+def keep_kernel_bandwidth(out_dir: str | None, label: str) -> None:
+    """With `--inductor profile_bandwidth=1` Inductor times every Triton kernel alone on its first call
+    and logs ms, GB and GB/s per kernel, then per compiled graph, at INFO: keep those lines in
+    OUT/kernel-bandwidth-LABEL.txt. The run's tokens/s are then meaningless (each kernel is benchmarked
+    inside the first steps), and a kernel that writes into one of its inputs is timed with a copy of
+    that input (Inductor clones mutated arguments inside the timed call), so its GB/s reads low."""
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--inductor profile_bandwidth=1 times Triton kernels: it needs a CUDA GPU")
+    if out_dir is None:
+        raise SystemExit("--inductor profile_bandwidth=1 needs --out DIR for the per-kernel file")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("torch._inductor.runtime.triton_heuristics")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(logging.FileHandler(Path(out_dir) / f"kernel-bandwidth-{label}.txt"))
 
 
 def apply_inductor_options(options: str) -> None:
