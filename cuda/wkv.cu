@@ -73,8 +73,13 @@ namespace {
 //                     (default 1: bf16 fwd+bwd 8-16 % faster at four of the five benchmark shapes,
 //                     3 % at the fifth; not bit-identical to WKV_PAIRS=0 in 7 of 24 cases, worst
 //                     rel L2 8.2e-6 on bf16 y, error against float64 unchanged; docs/benchmarks.md)
-//   WKV_PAIR_FWD_MIN_BLOCKS, WKV_PAIR_BWD_MIN_BLOCKS  the same for the paired kernels (a paired
-//                     block does two blocks' work and holds two chains per thread)
+//   WKV_PAIR_FWD_MIN_BLOCKS, WKV_PAIR_BWD_SUMMARIES_MIN_BLOCKS, WKV_PAIR_BWD_MIN_BLOCKS  the same for
+//                     the paired kernels: both forward kernels, the backward's summaries, its gradients
+//                     (a paired block does two blocks' work and holds two chains per thread). (forward
+//                     default 4: 64 registers, 4 blocks per SM instead of 2 (88 registers); on an H200
+//                     bf16 forward 2-16 % and fwd+bwd 1-6 % faster than at 2, bit-identical; 3 lies
+//                     between. The backward kernels stay at 2: the summaries kernel at 3 or 4 and the
+//                     gradients kernel at 3 spill and are slower; docs/benchmarks.md, WKV run 7)
 //   WKV_PAIR_GRADIENTS_MIN_GRID  with WKV_PAIRS: the backward's paired gradients kernel runs when
 //                     its grid has at least this many blocks per SM; a smaller grid runs the unpaired
 //                     gradients kernel on twice the blocks (the paired one walks two channels per thread
@@ -117,10 +122,13 @@ namespace {
 #define WKV_PAIRS 1
 #endif
 #ifndef WKV_PAIR_FWD_MIN_BLOCKS
-#define WKV_PAIR_FWD_MIN_BLOCKS 2
+#define WKV_PAIR_FWD_MIN_BLOCKS 4
 #endif
 #ifndef WKV_PAIR_BWD_MIN_BLOCKS
 #define WKV_PAIR_BWD_MIN_BLOCKS 2
+#endif
+#ifndef WKV_PAIR_BWD_SUMMARIES_MIN_BLOCKS
+#define WKV_PAIR_BWD_SUMMARIES_MIN_BLOCKS WKV_PAIR_BWD_MIN_BLOCKS
 #endif
 #ifndef WKV_PAIR_GRADIENTS_MIN_GRID
 #define WKV_PAIR_GRADIENTS_MIN_GRID 8
@@ -1342,7 +1350,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
 }
 
 // Backward 1, paired (see bwd_summaries).
-__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
+__global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_SUMMARIES_MIN_BLOCKS)
     bwd_summaries_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                        const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
                        const __nv_bfloat16* __restrict__ gy_, const float* __restrict__ sub,

@@ -9,6 +9,7 @@ kernel under torch.compile is tests/gpu/test_wkv_compile.py.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tomllib
@@ -55,8 +56,12 @@ def test_cu_source_compiles_with_plain_nvcc(source, tmp_path):
 
 
 # Build variants of cuda/wkv.cu compiled here besides the default (the macro only adds code under
-# its own switch). The paired bf16 kernels (WKV_PAIRS, on by default) are also held to zero spills.
+# its own switch). The paired bf16 kernels (WKV_PAIRS, on by default) are also held to almost no
+# spills: the forward outputs kernel at its 64-register budget (4 blocks per SM) spills 4 bytes and
+# measured faster than at 88 registers; a budget that spills hundreds of bytes (the backward's
+# gradients kernel at 80 registers: 368) was 12 % slower (docs/benchmarks.md, WKV run 7).
 WKV_VARIANT_DEFINES = ("-DWKV_FAST_GM1=1",)
+MAX_PAIRED_SPILL_BYTES = 16  # spill stores + spill loads per kernel
 
 
 def _spills_by_kernel(ptxas_log: str) -> dict[str, str]:
@@ -72,7 +77,7 @@ def _spills_by_kernel(ptxas_log: str) -> dict[str, str]:
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources not compiled")
-def test_wkv_variants_compile_and_paired_kernels_do_not_spill(tmp_path):
+def test_wkv_variants_compile_and_paired_kernels_barely_spill(tmp_path):
     result = subprocess.run(
         [
             NVCC,
@@ -95,7 +100,8 @@ def test_wkv_variants_compile_and_paired_kernels_do_not_spill(tmp_path):
     paired = {name: line for name, line in _spills_by_kernel(result.stderr).items() if "_pair" in name}
     assert len(paired) == 4, f"expected the four paired kernels, got {sorted(paired)}"
     for name, line in paired.items():
-        assert line.startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"), f"{name}: {line}"
+        stores, loads = (int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", line))
+        assert stores + loads <= MAX_PAIRED_SPILL_BYTES, f"{name}: {line}"
 
 
 def test_failed_build_names_the_torch_backend(monkeypatch, tmp_path):
