@@ -93,7 +93,9 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
-    if "profile_bandwidth" in spec.get("inductor", ""):
+    from torch._inductor import config as inductor_config
+
+    if inductor_config.profile_bandwidth:  # set by --inductor (or TORCHINDUCTOR_PROFILE)
         keep_kernel_bandwidth(spec.get("out"), spec_label(spec))
     import model.fused_loss
 
