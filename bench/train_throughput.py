@@ -93,6 +93,10 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
+    if spec.get("wkv_defines"):  # a build variant of cuda/wkv.cu's tuning macros for every WKV call
+        import model.wkv_cuda
+
+        model.wkv_cuda.OP_DEFINES = tuple(spec["wkv_defines"].split(","))
     from torch._inductor import config as inductor_config
 
     if inductor_config.profile_bandwidth:  # set by --inductor (or TORCHINDUCTOR_PROFILE)
@@ -135,6 +139,8 @@ def spec_label(spec: dict) -> str:
         label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
     if spec.get("row_kernel", "cuda") != "cuda":
         label += f"_{spec['row_kernel']}rows"
+    if spec.get("wkv_defines"):
+        label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["wkv_defines"])
     return label
 
 
@@ -363,6 +369,12 @@ def main() -> int:
         default=[""],
         help="torch._inductor.config settings, one 'key=value,...' per configuration ('' = defaults)",
     )
+    parser.add_argument(
+        "--wkv-defines",
+        nargs="+",
+        default=[""],
+        help="cuda/wkv.cu build variants, one 'MACRO=VALUE,...' per configuration ('' = the default build)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="profile this many steps after the measured ones")
     parser.add_argument("--out", default=None, help="with --profile: write the profile text here")
     parser.add_argument("--trace", action="store_true", help="with --profile and --out: also a gzipped trace")
@@ -422,6 +434,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "skip_allreduce": skip,
             "inductor": inductor,
             "row_kernel": row_kernel,
+            "wkv_defines": wkv_defines,
             **fixed,
         }
         for model in args.models
@@ -436,6 +449,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for skip in args.skip_allreduce
         for inductor in (args.inductor if compiled else [""])
         for row_kernel in (args.row_kernel if fused else ["cuda"])
+        for wkv_defines in (args.wkv_defines if backend == "cuda" else [""])
     ]
     for spec in grid:
         started = time.perf_counter()
@@ -481,12 +495,13 @@ def print_table(rows: list[dict]) -> None:
             compiled += ", no 1-rank all-reduce"
         if row.get("inductor"):
             compiled += f", inductor {row['inductor']}"
+        backend = row["backend"] + (f" ({row['wkv_defines']})" if row.get("wkv_defines") else "")
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
         syncs = row.get("host_sync", "new")
-        config = f"| {row['model']} | {row['backend']} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
+        config = f"| {row['model']} | {backend} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")
 
 

@@ -34,6 +34,13 @@
 // (WKV_FUSED_SCANS moves the per-lane work into the last block of the kernel before instead;
 // measured on an H200 that is slower once dependent launch hides the launch gaps.)
 //
+// Sequential path: when B*C alone fills the GPU (WKV_SEQ_MIN_LANES_PER_SM lanes per SM or more, as
+// in training: 98,304 lanes for 169M at micro-batch 128), parallelism over T only costs bytes. Then
+// one thread walks a lane's whole sequence tile by tile (fwd_sequential, bwd_sequential): k, v (gy)
+// are read once per pass, no summaries, one kernel per pass plus the time_* reduction; the kept
+// workspaces are the same. On an H200 that is 1.5-1.7x faster in bf16 fwd+bwd at 64-128 x 1024 x
+// 768-1024 (docs/benchmarks.md, WKV run 8).
+//
 // Launchers have a C interface (no torch headers); cuda/wkv_binding.cpp binds them for torch.
 
 #include <cuda_bf16.h>
@@ -88,6 +95,15 @@ namespace {
 //                     at 3072-4096 paired blocks, equal at 768, 3-4 % slower at 512; docs/benchmarks.md)
 //   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
 //                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
+//   WKV_SEQ_MIN_LANES_PER_SM  calls with at least this many lanes (B*C) per SM run the sequential
+//                     kernels (one thread walks a lane's whole sequence, see fwd_sequential); fewer
+//                     lanes run the parallel ones. 1: always sequential; a huge value: never.
+//   WKV_SEQ_ROWS      blockDim.y of the sequential kernels (blocks of 32 x ROWS threads; small blocks
+//                     spread a one-wave grid evenly over the SMs)
+//   WKV_SEQ_PAIR_MIN_LANES_PER_SM  from this many lanes per SM the sequential kernels take bf16 channel
+//                     pairs (where WKV_PAIRS allows them; fewer lanes: one channel per thread, so more threads)
+//   WKV_SEQ_FWD_MIN_BLOCKS, WKV_SEQ_BWD_MIN_BLOCKS, WKV_SEQ_PAIR_FWD_MIN_BLOCKS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS
+//                     register budgets of the sequential kernels, in blocks of 32 x WKV_SEQ_ROWS per SM
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -132,6 +148,27 @@ namespace {
 #endif
 #ifndef WKV_PAIR_GRADIENTS_MIN_GRID
 #define WKV_PAIR_GRADIENTS_MIN_GRID 8
+#endif
+#ifndef WKV_SEQ_MIN_LANES_PER_SM
+#define WKV_SEQ_MIN_LANES_PER_SM 192
+#endif
+#ifndef WKV_SEQ_PAIR_MIN_LANES_PER_SM
+#define WKV_SEQ_PAIR_MIN_LANES_PER_SM 512
+#endif
+#ifndef WKV_SEQ_ROWS
+#define WKV_SEQ_ROWS 4
+#endif
+#ifndef WKV_SEQ_FWD_MIN_BLOCKS
+#define WKV_SEQ_FWD_MIN_BLOCKS 4
+#endif
+#ifndef WKV_SEQ_BWD_MIN_BLOCKS
+#define WKV_SEQ_BWD_MIN_BLOCKS 4
+#endif
+#ifndef WKV_SEQ_PAIR_FWD_MIN_BLOCKS
+#define WKV_SEQ_PAIR_FWD_MIN_BLOCKS 4
+#endif
+#ifndef WKV_SEQ_PAIR_BWD_MIN_BLOCKS
+#define WKV_SEQ_PAIR_BWD_MIN_BLOCKS 3
 #endif
 #ifndef WKV_FAST_GM1
 #define WKV_FAST_GM1 0
@@ -504,13 +541,13 @@ __device__ __forceinline__ St summary_walk(int n, float w, const float (&k)[SUB]
     return s;
 }
 
-// Forward walk writing y; returns the last step where k won the max (-1 if none).
+// Forward walk writing y; returns the last step where k won the max (-1 if none). The anchor
+// starts at the tile's start state unless the caller carries one across tiles.
 template <bool FULL, typename F>
-__device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float u, const float (&k)[SUB],
+__device__ __forceinline__ int output_walk(const Tile& q, St& s, Anchor& an, float w, float u, const float (&k)[SUB],
                                            const float (&v)[SUB], F* __restrict__ y, int C) {
     int last_win = -1;
     F* p = y + q.base;
-    Anchor an(s.p);
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
         if (FULL || j < q.n) {
@@ -521,6 +558,12 @@ __device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float 
         p += C;
     }
     return last_win;
+}
+template <bool FULL, typename F>
+__device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float u, const float (&k)[SUB],
+                                           const float (&v)[SUB], F* __restrict__ y, int C) {
+    Anchor an(s.p);
+    return output_walk<FULL>(q, s, an, w, u, k, v, y, C);
 }
 
 // Local adjoint summary of a tile from its start state s (left at the end state): (alpha, beta) at
@@ -554,19 +597,21 @@ struct GradAcc {
 // the registers for k, v, gy and the occupancy up), then walk it in reverse from the end adjoint
 // writing gk, gv; `am`/`gpath` add the gradient of pp_T at its arg-max step.
 constexpr int STASH_COMPS = 4;  // aa, bb, pp before the step; the step's exp, negated if k won
-struct Stash {
+template <int ROWS>  // blockDim.y
+struct StashRows {
     float* base;  // [SUB][STASH_COMPS][threads in block]: consecutive threads, consecutive banks
     __device__ __forceinline__ float& at(int j, int comp) const {
-        return base[(j * STASH_COMPS + comp) * (LANES * SUBS) + threadIdx.y * LANES + threadIdx.x];
+        return base[(j * STASH_COMPS + comp) * (LANES * ROWS) + threadIdx.y * LANES + threadIdx.x];
     }
 };
+using Stash = StashRows<SUBS>;
 constexpr int STASH_BYTES = SUB * STASH_COMPS * LANES * SUBS * sizeof(float);
 
-template <bool FULL, typename F>
+template <bool FULL, typename F, typename StashT = Stash>
 __device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, float u, const float (&k)[SUB],
                                                  const float (&v)[SUB], const float (&gy)[SUB], float al, float be,
                                                  int am, float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
-                                                 Stash stash) {
+                                                 StashT stash) {
     // The stash also keeps the step's exp (negated when k won), so the reverse walk need not redo
     // the update: the other factor is 1, or e^err with err recomputed from the stored exponents.
     Anchor an(s.p);
@@ -1157,12 +1202,12 @@ __device__ __forceinline__ St adjoint_half(int n, St& s, float w, float u, const
 
 // output_walk for both channels, step by step (each channel: output, then update, as there).
 template <bool FULL>
-__device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], const float (&w)[2], const float (&u)[2],
-                                                 const bf2 (&k2)[SUB], const bf2 (&v2)[SUB],
-                                                 __nv_bfloat16* __restrict__ y, int C, int (&last_win)[2]) {
+__device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], Anchor& an0, Anchor& an1,
+                                                 const float (&w)[2], const float (&u)[2], const bf2 (&k2)[SUB],
+                                                 const bf2 (&v2)[SUB], __nv_bfloat16* __restrict__ y, int C,
+                                                 int (&last_win)[2]) {
     bf2* p = reinterpret_cast<bf2*>(y + q.base);
     const int stride = C / 2;
-    Anchor an0(s[0].p), an1(s[1].p);
 #pragma unroll
     for (int j = 0; j < SUB; ++j) {
         if (FULL || j < q.n) {
@@ -1178,6 +1223,13 @@ __device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], cons
         p += stride;
     }
 }
+template <bool FULL>
+__device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], const float (&w)[2], const float (&u)[2],
+                                                 const bf2 (&k2)[SUB], const bf2 (&v2)[SUB],
+                                                 __nv_bfloat16* __restrict__ y, int C, int (&last_win)[2]) {
+    Anchor an0(s[0].p), an1(s[1].p);
+    output_walk_pair<FULL>(q, s, an0, an1, w, u, k2, v2, y, C, last_win);
+}
 
 // gradient_walk for channel H of the pair, the arithmetic copied line for line. Channel 0 runs
 // first and leaves its (gk, gv) per step, rounded to bf16, in `held`; channel 1 then stores both
@@ -1185,11 +1237,11 @@ __device__ __forceinline__ void output_walk_pair(const Tile& q, St (&s)[2], cons
 // barrier. (One template for both walks, with the loads and stores as a policy, was tried four ways:
 // each changed the unpaired bwd_gradients kernels' SASS, more spills in fp32 and another FMA
 // contraction in a bf16 variant, so the copy stays until a GPU session can measure such a change.)
-template <bool FULL, int H>
+template <bool FULL, int H, typename StashT = Stash>
 __device__ __forceinline__ GradAcc gradient_half(const Tile& q, St s, float w, float u, const bf2 (&k2)[SUB],
                                                  const bf2 (&v2)[SUB], const bf2 (&gy2)[SUB], float al, float be,
                                                  int am, float gpath, __nv_bfloat16* __restrict__ gk,
-                                                 __nv_bfloat16* __restrict__ gv, int C, Stash stash,
+                                                 __nv_bfloat16* __restrict__ gv, int C, StashT stash,
                                                  bf2 (&held)[SUB]) {
     Anchor an(s.p);
 #pragma unroll
@@ -1486,7 +1538,297 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
 }
 #endif  // WKV_PAIRS
 
+// ---------------------------------------------------------------------------------------------
+// Sequential path (WKV_SEQ_MIN_LANES_PER_SM): when the B*C lanes alone fill the GPU, one thread walks
+// its lane's whole sequence tile by tile, carrying the state (forward) or the adjoint (backward) in
+// registers. k, v (gy) are then read once per pass instead of twice, no summary is computed or
+// scanned, and a pass is one kernel (the backward plus its time_* reduction). The tiles, the walks
+// and the kept workspaces are the parallel kernels': `sub` holds the state at every tile start and
+// `lastwin` the last k win per segment, so either backward can follow either forward. Threads of a
+// block own consecutive lanes of the flattened [B, C] (pairs: consecutive channel pairs), so a warp's
+// access to one step is contiguous over c.
+
+constexpr int SEQ_ROWS = WKV_SEQ_ROWS;  // blockDim.y of the sequential kernels (blockDim.x = LANES)
+using SeqStash = StashRows<SEQ_ROWS>;
+constexpr int SEQ_STASH_BYTES = SUB * STASH_COMPS * LANES * SEQ_ROWS * sizeof(float);
+
+// Tile i (SUB steps from i * SUB) of lane (b, c).
+__device__ __forceinline__ Tile seq_tile(int b, int c, int T, int C, int i) {
+    Tile r;
+    r.b = b;
+    r.c = c;
+    r.sub = i;
+    r.seg = i / SUBS;
+    r.m = i - r.seg * SUBS;
+    r.t0 = i * SUB;
+    r.lane_ok = true;
+    r.n = min(SUB, T - r.t0);
+    r.base = (static_cast<size_t>(b) * T + r.t0) * C + c;
+    return r;
+}
+
+// The thread's first channel as a flat [B, C] index, or -1 past the end; `per` channels per thread.
+__device__ __forceinline__ long long seq_lane(int B, int C, int per) {
+    long long t = static_cast<long long>(blockIdx.x) * (LANES * SEQ_ROWS) + threadIdx.y * LANES + threadIdx.x;
+    return t < static_cast<long long>(B) * (C / per) ? t * per : -1;
+}
+
+// The arg-max step of the lane's pp_T from the forward's per-segment last wins: the latest win, -1
+// for the input pp. Loads go in batches, so a lane without wins does not wait nseg round trips.
+__device__ __forceinline__ int seq_argmax(const int* __restrict__ lastwin, int b, int c, int C, int nseg) {
+    const int* win = lastwin + static_cast<size_t>(b) * nseg * C + c;
+    int am = -1;
+    for (int g1 = nseg; g1 > 0 && am < 0; g1 -= SCAN_BATCH) {
+        int x[SCAN_BATCH];
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i) x[i] = g1 - 1 - i >= 0 ? win[static_cast<size_t>(g1 - 1 - i) * C] : -1;
+#pragma unroll
+        for (int i = 0; i < SCAN_BATCH; ++i)
+            if (am < 0) am = x[i];
+    }
+    return am;
+}
+
+// Per-lane backward bookkeeping across tiles: the carried adjoint, the pp_T path, the time_* sums
+// (in double across tiles: thousands of tile sums per lane).
+struct SeqAdjoint {
+    float al, be, gpath;
+    int am;
+    double gw, gu;
+};
+
+__device__ __forceinline__ SeqAdjoint seq_adjoint_start(size_t lane, int b, int c, int C, int T, int nseg,
+                                                        const int* __restrict__ lastwin,
+                                                        const float* __restrict__ aa1, const float* __restrict__ bb1,
+                                                        const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                                                        const float* __restrict__ gpp1) {
+    SeqAdjoint r;
+    r.am = seq_argmax(lastwin, b, c, C, nseg);  // the gradient of pp_T goes to step am (-1: the input pp)
+    r.gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
+    r.al = gaa1[lane];  // alpha_T = dL/daa_T since a_T = aa_T e^(pp_T)
+    r.be = gbb1[lane];
+    r.gw = (r.am < 0 ? static_cast<double>(T) : static_cast<double>(T - 1 - r.am)) * r.gpath;
+    r.gu = 0.0;
+    return r;
+}
+
+__device__ __forceinline__ void seq_adjoint_add(SeqAdjoint& r, const GradAcc& acc) {
+    r.al = acc.al;
+    r.be = acc.be;
+    r.gw += acc.gw;
+    r.gu += acc.gu;
+}
+
+// The input-state gradient and the lane's time_* partials, [B][1][2][C] (bwd_reduce with nseg 1).
+__device__ __forceinline__ void seq_adjoint_finish(const SeqAdjoint& r, size_t lane, int b, int c, int C,
+                                                   const float* __restrict__ aa0, const float* __restrict__ bb0,
+                                                   float* __restrict__ gaa0, float* __restrict__ gbb0,
+                                                   float* __restrict__ gpp0, float* __restrict__ part) {
+    gaa0[lane] = r.al;
+    gbb0[lane] = r.be;
+    gpp0[lane] = r.al * aa0[lane] + r.be * bb0[lane] + (r.am < 0 ? r.gpath : 0.f);
+    part[(static_cast<size_t>(b) * 2 + 0) * C + c] = static_cast<float>(r.gw);
+    part[(static_cast<size_t>(b) * 2 + 1) * C + c] = static_cast<float>(r.gu);
+}
+
+template <bool FULL, typename F>
+__device__ __forceinline__ int seq_forward_tile(const Tile& q, St& s, Anchor& an, float w, float u,
+                                                const F* __restrict__ k_, const F* __restrict__ v_,
+                                                F* __restrict__ y_, int C) {
+    float k[SUB], v[SUB];
+    load_steps<FULL>(k_, q, C, k);
+    load_steps<FULL>(v_, q, C, v);
+    return output_walk<FULL>(q, s, an, w, u, k, v, y_, C);
+}
+
+template <typename F>
+__global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_FWD_MIN_BLOCKS)
+    fwd_sequential(int B, int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                   const float* __restrict__ tf, const F* __restrict__ k_, const F* __restrict__ v_,
+                   F* __restrict__ y_, float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1,
+                   float* __restrict__ bb1, float* __restrict__ pp1, const float* __restrict__ aa0,
+                   const float* __restrict__ bb0, const float* __restrict__ pp0) {
+    long long lane = seq_lane(B, C, 1);
+    if (lane < 0) return;  // no barriers below
+    int b = static_cast<int>(lane / C), c = static_cast<int>(lane - static_cast<long long>(b) * C);
+    float w = -expf(td[c]), u = tf[c];
+    St s{aa0[lane], bb0[lane], pp0[lane]};
+    Anchor an(s.p);  // carried across tiles: pp stays one rounding from the last k win
+    int best = -1;
+    for (int i = 0; i < nsub; ++i) {
+        Tile q = seq_tile(b, c, T, C, i);
+        store3(sub, i, nsub, b, c, C, s);
+        int win = q.n == SUB ? seq_forward_tile<true>(q, s, an, w, u, k_, v_, y_, C)
+                             : seq_forward_tile<false>(q, s, an, w, u, k_, v_, y_, C);
+        best = max(best, win);
+        if (q.m == SUBS - 1 || i == nsub - 1) {
+            lastwin[(static_cast<size_t>(b) * nseg + q.seg) * C + c] = best;
+            best = -1;
+        }
+    }
+    aa1[lane] = s.a;
+    bb1[lane] = s.b;
+    pp1[lane] = s.p;
+}
+
+template <bool FULL, typename F>
+__device__ __forceinline__ GradAcc seq_backward_tile(const Tile& q, St s, float w, float u, const SeqAdjoint& r,
+                                                     const F* __restrict__ k_, const F* __restrict__ v_,
+                                                     const F* __restrict__ gy_, F* __restrict__ gk_,
+                                                     F* __restrict__ gv_, int C) {
+    extern __shared__ float stash_mem[];
+    float k[SUB], v[SUB], gy[SUB];
+    load_steps<FULL>(k_, q, C, k);
+    load_steps<FULL>(v_, q, C, v);
+    load_steps<FULL>(gy_, q, C, gy);
+    return gradient_walk<FULL>(q, s, w, u, k, v, gy, r.al, r.be, r.am, r.gpath, gk_, gv_, C, SeqStash{stash_mem});
+}
+
+template <typename F>
+__global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_BWD_MIN_BLOCKS)
+    bwd_sequential(int B, int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                   const float* __restrict__ tf, const F* __restrict__ k_, const F* __restrict__ v_,
+                   const F* __restrict__ gy_, const float* __restrict__ sub, const int* __restrict__ lastwin,
+                   const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ aa1,
+                   const float* __restrict__ bb1, const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                   const float* __restrict__ gpp1, F* __restrict__ gk_, F* __restrict__ gv_, float* __restrict__ part,
+                   float* __restrict__ gaa0, float* __restrict__ gbb0, float* __restrict__ gpp0) {
+    pdl_trigger();  // the reduction may launch; it waits for this kernel before reading `part`
+    long long lane = seq_lane(B, C, 1);
+    if (lane < 0) return;  // no barriers below (the stash is per thread)
+    int b = static_cast<int>(lane / C), c = static_cast<int>(lane - static_cast<long long>(b) * C);
+    float w = -expf(td[c]), u = tf[c];
+    SeqAdjoint r = seq_adjoint_start(lane, b, c, C, T, nseg, lastwin, aa1, bb1, gaa1, gbb1, gpp1);
+    for (int i = nsub - 1; i >= 0; --i) {
+        Tile q = seq_tile(b, c, T, C, i);
+        St s = load3(sub, i, nsub, b, c, C);
+        seq_adjoint_add(r, q.n == SUB ? seq_backward_tile<true>(q, s, w, u, r, k_, v_, gy_, gk_, gv_, C)
+                                      : seq_backward_tile<false>(q, s, w, u, r, k_, v_, gy_, gk_, gv_, C));
+    }
+    seq_adjoint_finish(r, lane, b, c, C, aa0, bb0, gaa0, gbb0, gpp0, part);
+}
+
+#if WKV_PAIRS
+// The same for bf16 channel pairs (the paired kernels' walks).
+template <bool FULL>
+__device__ __forceinline__ void seq_forward_tile_pair(const Tile& q, St (&s)[2], Anchor (&an)[2], const float (&w)[2],
+                                                      const float (&u)[2], const __nv_bfloat16* __restrict__ k_,
+                                                      const __nv_bfloat16* __restrict__ v_,
+                                                      __nv_bfloat16* __restrict__ y_, int C, int (&best)[2]) {
+    bf2 k[SUB], v[SUB];
+    load_pairs<FULL>(k_, q, C, k);
+    load_pairs<FULL>(v_, q, C, v);
+    output_walk_pair<FULL>(q, s, an[0], an[1], w, u, k, v, y_, C, best);  // sets best[h] to each later win
+}
+
+__global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_PAIR_FWD_MIN_BLOCKS)
+    fwd_sequential_pair(int B, int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                        const float* __restrict__ tf, const __nv_bfloat16* __restrict__ k_,
+                        const __nv_bfloat16* __restrict__ v_, __nv_bfloat16* __restrict__ y_,
+                        float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1,
+                        float* __restrict__ bb1, float* __restrict__ pp1, const float* __restrict__ aa0,
+                        const float* __restrict__ bb0, const float* __restrict__ pp0) {
+    long long lane = seq_lane(B, C, 2);
+    if (lane < 0) return;  // no barriers below
+    int b = static_cast<int>(lane / C), c = static_cast<int>(lane - static_cast<long long>(b) * C);
+    float w[2] = {-expf(td[c]), -expf(td[c + 1])}, u[2] = {tf[c], tf[c + 1]};
+    St s[2] = {{aa0[lane], bb0[lane], pp0[lane]}, {aa0[lane + 1], bb0[lane + 1], pp0[lane + 1]}};
+    Anchor an[2] = {Anchor(s[0].p), Anchor(s[1].p)};
+    int best[2] = {-1, -1};
+    for (int i = 0; i < nsub; ++i) {
+        Tile q = seq_tile(b, c, T, C, i);
+        store3(sub, i, nsub, b, c, C, s[0]);
+        store3(sub, i, nsub, b, c + 1, C, s[1]);
+        if (q.n == SUB)
+            seq_forward_tile_pair<true>(q, s, an, w, u, k_, v_, y_, C, best);
+        else
+            seq_forward_tile_pair<false>(q, s, an, w, u, k_, v_, y_, C, best);
+        if (q.m == SUBS - 1 || i == nsub - 1) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                lastwin[(static_cast<size_t>(b) * nseg + q.seg) * C + c + h] = best[h];
+                best[h] = -1;
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        aa1[lane + h] = s[h].a;
+        bb1[lane + h] = s[h].b;
+        pp1[lane + h] = s[h].p;
+    }
+}
+
+// Channel 0 walks first and holds its bf16 (gk, gv) per step; channel 1 then stores both as pairs.
+template <bool FULL>
+__device__ __forceinline__ void seq_backward_tile_pair(const Tile& q, const St (&s)[2], const float (&w)[2],
+                                                       const float (&u)[2], SeqAdjoint (&r)[2],
+                                                       const __nv_bfloat16* __restrict__ k_,
+                                                       const __nv_bfloat16* __restrict__ v_,
+                                                       const __nv_bfloat16* __restrict__ gy_,
+                                                       __nv_bfloat16* __restrict__ gk_,
+                                                       __nv_bfloat16* __restrict__ gv_, int C) {
+    extern __shared__ float stash_mem[];
+    bf2 k[SUB], v[SUB], gy[SUB], held[SUB];
+    load_pairs<FULL>(k_, q, C, k);
+    load_pairs<FULL>(v_, q, C, v);
+    load_pairs<FULL>(gy_, q, C, gy);
+    seq_adjoint_add(r[0], gradient_half<FULL, 0>(q, s[0], w[0], u[0], k, v, gy, r[0].al, r[0].be, r[0].am,
+                                                 r[0].gpath, gk_, gv_, C, SeqStash{stash_mem}, held));
+    seq_adjoint_add(r[1], gradient_half<FULL, 1>(q, s[1], w[1], u[1], k, v, gy, r[1].al, r[1].be, r[1].am,
+                                                 r[1].gpath, gk_, gv_, C, SeqStash{stash_mem}, held));
+}
+
+__global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS)
+    bwd_sequential_pair(int B, int T, int C, int nseg, int nsub, const float* __restrict__ td,
+                        const float* __restrict__ tf, const __nv_bfloat16* __restrict__ k_,
+                        const __nv_bfloat16* __restrict__ v_, const __nv_bfloat16* __restrict__ gy_,
+                        const float* __restrict__ sub, const int* __restrict__ lastwin, const float* __restrict__ aa0,
+                        const float* __restrict__ bb0, const float* __restrict__ aa1, const float* __restrict__ bb1,
+                        const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                        const float* __restrict__ gpp1, __nv_bfloat16* __restrict__ gk_,
+                        __nv_bfloat16* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0,
+                        float* __restrict__ gbb0, float* __restrict__ gpp0) {
+    pdl_trigger();  // the reduction may launch; it waits for this kernel before reading `part`
+    long long lane = seq_lane(B, C, 2);
+    if (lane < 0) return;  // no barriers below (the stash is per thread)
+    int b = static_cast<int>(lane / C), c = static_cast<int>(lane - static_cast<long long>(b) * C);
+    float w[2] = {-expf(td[c]), -expf(td[c + 1])}, u[2] = {tf[c], tf[c + 1]};
+    SeqAdjoint r[2] = {seq_adjoint_start(lane, b, c, C, T, nseg, lastwin, aa1, bb1, gaa1, gbb1, gpp1),
+                       seq_adjoint_start(lane + 1, b, c + 1, C, T, nseg, lastwin, aa1, bb1, gaa1, gbb1, gpp1)};
+    for (int i = nsub - 1; i >= 0; --i) {
+        Tile q = seq_tile(b, c, T, C, i);
+        St s[2] = {load3(sub, i, nsub, b, c, C), load3(sub, i, nsub, b, c + 1, C)};
+        if (q.n == SUB)
+            seq_backward_tile_pair<true>(q, s, w, u, r, k_, v_, gy_, gk_, gv_, C);
+        else
+            seq_backward_tile_pair<false>(q, s, w, u, r, k_, v_, gy_, gk_, gv_, C);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) seq_adjoint_finish(r[h], lane + h, b, c + h, C, aa0, bb0, gaa0, gbb0, gpp0, part);
+}
+#endif  // WKV_PAIRS
+
 int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
+
+// SMs of the current device (0 if it cannot be asked); cached per device, a benign race writes the
+// same value.
+int sm_count() {
+    static int counts[64] = {};
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return 0;
+    int& sms = counts[device & 63];
+    if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 0;
+    return sms;
+}
+
+// Whether a call takes the sequential kernels (WKV_SEQ_MIN_LANES_PER_SM), and their bf16 pairs
+// (WKV_SEQ_PAIR_MIN_LANES_PER_SM); forward and backward of one shape decide alike.
+bool lanes_per_sm_at_least(int B, int C, long long per_sm) {
+    return static_cast<long long>(B) * C >= per_sm * sm_count();
+}
+bool sequential(int B, int C) { return lanes_per_sm_at_least(B, C, WKV_SEQ_MIN_LANES_PER_SM); }
+bool sequential_pairs(int B, int C) { return lanes_per_sm_at_least(B, C, WKV_SEQ_PAIR_MIN_LANES_PER_SM); }
 
 // Launch `kernel`; `dependent` = a later kernel of a pass, launched as a programmatic dependent
 // of the kernel before it when PDL is on (it calls pdl_wait() before reading that kernel's output).
@@ -1527,18 +1869,17 @@ int forward_impl(int B, int T, int C, const float* td, const float* tf, const vo
 }
 
 // The stash plus the static shared memory pass the default 48 KiB per block: opt in, once per
-// device (the attribute is per function and device; setting it on every call costs host time).
-template <typename F>
-cudaError_t allow_stash() {
+// device and kernel (the attribute is per function and device; setting it on every call costs
+// host time).
+template <auto Kernel>
+cudaError_t allow_stash(int bytes = STASH_BYTES) {
     static unsigned long long done_mask = 0;  // one bit per device; a race only repeats the call
     int device = 0;
     cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
     unsigned long long bit = 1ull << (device & 63);
     if (__atomic_load_n(&done_mask, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
-    err = cudaFuncSetAttribute(bwd_gradients<F, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
-    if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(bwd_gradients<F, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err == cudaSuccess && device < 64) __atomic_fetch_or(&done_mask, bit, __ATOMIC_RELEASE);
     return err;
 }
@@ -1560,7 +1901,8 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
     if (err == cudaSuccess && !FUSED_BWD_SCAN && !lookback)
         err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
-    if (err == cudaSuccess) err = allow_stash<F>();
+    if (err == cudaSuccess)
+        err = lookback ? allow_stash<bwd_gradients<F, true>>() : allow_stash<bwd_gradients<F, false>>();
     auto gradients = lookback ? bwd_gradients<F, true> : bwd_gradients<F, false>;
     if (err == cudaSuccess)
         err = launch(true, gradients, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td,
@@ -1599,27 +1941,10 @@ int forward_pairs(int B, int T, int C, const float* td, const float* tf, const v
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
-cudaError_t allow_stash_pair() {  // as allow_stash
-    static unsigned long long done_mask = 0;
-    int device = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    unsigned long long bit = 1ull << (device & 63);
-    if (__atomic_load_n(&done_mask, __ATOMIC_ACQUIRE) & bit) return cudaSuccess;
-    err = cudaFuncSetAttribute(bwd_gradients_pair, cudaFuncAttributeMaxDynamicSharedMemorySize, STASH_BYTES);
-    if (err == cudaSuccess && device < 64) __atomic_fetch_or(&done_mask, bit, __ATOMIC_RELEASE);
-    return err;
-}
-
 // Whether the backward's paired gradients kernel runs on this paired grid (WKV_PAIR_GRADIENTS_MIN_GRID).
 bool paired_gradients(dim3 grid) {
-    static int sm_count[64] = {};  // per device, 0 until asked; a benign race writes the same value
-    int device = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return true;
-    int& sms = sm_count[device & 63];
-    if (sms == 0 && cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) sms = 0;
     long long blocks = static_cast<long long>(grid.x) * grid.y * grid.z;
-    return blocks >= static_cast<long long>(WKV_PAIR_GRADIENTS_MIN_GRID) * sms;
+    return blocks >= static_cast<long long>(WKV_PAIR_GRADIENTS_MIN_GRID) * sm_count();
 }
 
 int backward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
@@ -1638,13 +1963,13 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
         err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
     if (paired_gradients(grid)) {
-        if (err == cudaSuccess) err = allow_stash_pair();
+        if (err == cudaSuccess) err = allow_stash<bwd_gradients_pair>();
         if (err == cudaSuccess)
             err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg,
                          nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                          static_cast<__nv_bfloat16*>(gk), static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
     } else {  // the default's kernel and grid (the workspaces are the same); no counters without fusion
-        if (err == cudaSuccess) err = allow_stash<__nv_bfloat16>();
+        if (err == cudaSuccess) err = allow_stash<bwd_gradients<__nv_bfloat16, false>>();
         if (err == cudaSuccess)
             err = launch(true, bwd_gradients<__nv_bfloat16, false>, dim3(nseg, ceil_div(C, LANES), B), block,
                          static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub,
@@ -1658,6 +1983,65 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 #endif  // WKV_PAIRS
+
+// The sequential kernels: one thread per lane, or per channel pair where the paired kernels may run
+// (bf16, C even, aligned). dtype as wkv_forward's.
+int forward_sequential(int dtype, int B, int T, int C, const float* td, const float* tf, const void* k,
+                       const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1,
+                       float* bb1, float* pp1, float* sub, int* lastwin, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    auto grid = [&](int per) { return dim3(ceil_div(static_cast<long long>(B) * (C / per), LANES * SEQ_ROWS)); };
+    dim3 block(LANES, SEQ_ROWS);
+    cudaError_t err;
+    if (dtype == 0)
+        err = launch(false, fwd_sequential<float>, grid(1), block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v, y,
+                     sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+#if WKV_PAIRS
+    else if (sequential_pairs(B, C) && pairs_ok(C, {k, v, y}))
+        err = launch(false, fwd_sequential_pair, grid(2), block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v, y, sub,
+                     lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+#endif
+    else
+        err = launch(false, fwd_sequential<__nv_bfloat16>, grid(1), block, 0, stream, B, T, C, nseg, nsub, td, tf, k,
+                     v, y, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+}
+
+template <auto Kernel, typename... Args>
+cudaError_t launch_with_stash(dim3 grid, cudaStream_t stream, Args... args) {
+    cudaError_t err = allow_stash<Kernel>(SEQ_STASH_BYTES);
+    if (err != cudaSuccess) return err;
+    return launch(false, Kernel, grid, dim3(LANES, SEQ_ROWS), static_cast<size_t>(SEQ_STASH_BYTES), stream, args...);
+}
+
+int backward_sequential(int dtype, int B, int T, int C, const float* td, const float* tf, const void* k,
+                        const void* v, const void* gy, const float* aa0, const float* bb0, const float* aa1,
+                        const float* bb1, const float* gaa1, const float* gbb1, const float* gpp1, const float* sub,
+                        const int* lastwin, float* part, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
+                        float* gbb0, float* gpp0, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    auto grid = [&](int per) { return dim3(ceil_div(static_cast<long long>(B) * (C / per), LANES * SEQ_ROWS)); };
+    cudaError_t err;
+    if (dtype == 0)
+        err = launch_with_stash<bwd_sequential<float>>(grid(1), stream, B, T, C, nseg, nsub, td, tf, k, v, gy, sub,
+                                                       lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, gk, gv, part,
+                                                       gaa0, gbb0, gpp0);
+#if WKV_PAIRS
+    else if (sequential_pairs(B, C) && pairs_ok(C, {k, v, gy, gk, gv}))
+        err = launch_with_stash<bwd_sequential_pair>(grid(2), stream, B, T, C, nseg, nsub, td, tf, k, v, gy, sub,
+                                                     lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, gk, gv, part, gaa0,
+                                                     gbb0, gpp0);
+#endif
+    else
+        err = launch_with_stash<bwd_sequential<__nv_bfloat16>>(grid(1), stream, B, T, C, nseg, nsub, td, tf, k, v,
+                                                               gy, sub, lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                                                               gk, gv, part, gaa0, gbb0, gpp0);
+    // One partial per lane: the reduction's "segments" are 1.
+    if (err == cudaSuccess)
+        err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, 1, td, part, gtd,
+                     gtf);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+}
 
 bool shape_ok(int B, int T, int C) {
     return B > 0 && T > 0 && C > 0 && B <= 65535 && ceil_div(C, LANES) <= 65535 &&
@@ -1690,7 +2074,10 @@ int wkv_segment_steps() { return SEG; }
 int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                 const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
                 float* pp1, float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream) {
-    if (!shape_ok(B, T, C)) return -1;
+    if (!shape_ok(B, T, C) || (dtype != 0 && dtype != 1)) return -1;
+    if (sequential(B, C))
+        return forward_sequential(dtype, B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
+                                  lastwin, stream);
     if (dtype == 0)
         return forward_impl<float>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
                                    lastwin, seg, counters, stream);
@@ -1713,7 +2100,11 @@ int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const 
                  const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                  float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* g_time_decay,
                  float* g_time_first, float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
-    if (!shape_ok(B, T, C)) return -1;
+    if (!shape_ok(B, T, C) || (dtype != 0 && dtype != 1)) return -1;
+    if (sequential(B, C))
+        return backward_sequential(dtype, B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1,
+                                   gpp1, sub, lastwin, part, gk, gv, g_time_decay, g_time_first, gaa0, gbb0, gpp0,
+                                   stream);
     if (dtype == 0)
         return backward_impl<float>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                                     sub, lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0,

@@ -85,7 +85,18 @@ def compare(batch, steps, channels, dtype, **kw):
     return errors
 
 
-SHAPES = [(1, 1, 32), (2, 31, 48), (4, 1024, 64), (1, 4097, 32), (64, 31, 1024), (2048, 1, 32), (8, 300, 8192)]
+# B*C from 32 to 98,304 lanes: on an H200 the last three take the sequential kernels (cuda/wkv.cu,
+# WKV_SEQ_MIN_LANES_PER_SM), the last one in bf16 with channel pairs.
+SHAPES = [
+    (1, 1, 32),
+    (2, 31, 48),
+    (4, 1024, 64),
+    (1, 4097, 32),
+    (64, 31, 1024),
+    (2048, 1, 32),
+    (8, 300, 8192),
+    (128, 40, 768),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
