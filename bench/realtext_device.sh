@@ -9,17 +9,19 @@
 #   tokenize_in_process(d, train_tokenizer(d, TokenizerConfig(vocab_size=16384, sample_bytes=16 << 20),
 #   Path('runs/realtext/tokenizer')), Path('runs/realtext/shards'))"
 # then, from the repository root on the GPU machine (device tool: carry [".whl", "runs/realtext"]):
-#   bash bench/realtext_device.sh [STEPS]
+#   bash bench/realtext_device.sh [STEPS [MICRO_BSZ]]   # micro-batch 16 by default; 128 takes the
+#   WKV kernel's sequential path (cuda/wkv.cu) instead of the parallel one
 set -o pipefail
 . bench/device_env.sh --deepspeed || exit 1
 OUT=${OUT:-/tmp/realtext_out}
 STEPS=${1:-300}
+MICRO=${2:-16}
 mkdir -p "$OUT"
 start=$SECONDS
 for compile in true false; do
-  limit=$([ $compile = true ] && echo 220 || echo 150)  # the first run also builds both CUDA extensions
+  limit=$([ $compile = true ] && echo 260 || echo 180)  # the first run also builds both CUDA extensions
   timeout $limit python3 -m orchestration.train configs/rwkv4-169m-1gpu.yaml train.compile=$compile \
-      train.micro_bsz=16 train.steps="$STEPS" train.lr_init=6e-4 train.lr_final=1e-4 train.warmup_steps=20 \
+      train.micro_bsz="$MICRO" train.steps="$STEPS" train.lr_init=6e-4 train.lr_final=1e-4 train.warmup_steps=20 \
       train.log_every=20 train.val_every=100 train.checkpoint_every=100000 \
       --data runs/realtext/shards --out "/tmp/realtext-$compile" >"$OUT/compile-$compile.log" 2>&1
   echo "compile=$compile: exit $? at $((SECONDS - start)) s"
