@@ -93,6 +93,10 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
+    if spec.get("fused_ln_mix"):  # each block's LayerNorm, token shift and mixes in one Triton kernel
+        import model.rwkv
+
+        model.rwkv.FUSED_LN_MIX = True
     if spec.get("wkv_defines"):  # a build variant of cuda/wkv.cu's tuning macros for every WKV call
         import model.wkv_cuda
 
@@ -139,6 +143,8 @@ def spec_label(spec: dict) -> str:
         label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
     if spec.get("row_kernel", "cuda") != "cuda":
         label += f"_{spec['row_kernel']}rows"
+    if spec.get("fused_ln_mix"):
+        label += "_fusedlnmix"
     if spec.get("wkv_defines"):
         label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["wkv_defines"])
     return label
@@ -370,6 +376,9 @@ def main() -> int:
         help="torch._inductor.config settings, one 'key=value,...' per configuration ('' = defaults)",
     )
     parser.add_argument(
+        "--fused-ln-mix", type=int, nargs="+", default=[0], help="1: model.rwkv.FUSED_LN_MIX (Triton kernels)"
+    )
+    parser.add_argument(
         "--wkv-defines",
         nargs="+",
         default=[""],
@@ -435,6 +444,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "inductor": inductor,
             "row_kernel": row_kernel,
             "wkv_defines": wkv_defines,
+            "fused_ln_mix": fused_ln_mix,
             **fixed,
         }
         for model in args.models
@@ -450,6 +460,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for inductor in (args.inductor if compiled else [""])
         for row_kernel in (args.row_kernel if fused else ["cuda"])
         for wkv_defines in (args.wkv_defines if backend == "cuda" else [""])
+        for fused_ln_mix in args.fused_ln_mix
     ]
     for spec in grid:
         started = time.perf_counter()
@@ -495,6 +506,8 @@ def print_table(rows: list[dict]) -> None:
             compiled += ", no 1-rank all-reduce"
         if row.get("inductor"):
             compiled += f", inductor {row['inductor']}"
+        if row.get("fused_ln_mix"):
+            compiled += ", fused LN-mix"
         backend = row["backend"] + (f" ({row['wkv_defines']})" if row.get("wkv_defines") else "")
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"

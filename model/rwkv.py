@@ -27,12 +27,18 @@ from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.fused_loss import LMHead
+from model.ln_shift_mix import ln_shift_mix
 from model.wkv import wkv
 from model.wkv_reference import State as WkvState
 
 # Per layer: (att x_prev (B, C), (aa, bb, pp) each (B, A), ffn x_prev (B, C)).
 LayerState = tuple[torch.Tensor, WkvState, torch.Tensor]
 ModelState = list[LayerState]
+
+FUSED_LN_MIX = False
+"""Each block's LayerNorm, token shift and time-mixes per branch through model/ln_shift_mix.py: one
+Triton kernel per branch on CUDA tensors (the same values, float64-tested, with fewer bytes moved),
+its PyTorch reference elsewhere. Off until measured in training on a GPU."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
@@ -68,14 +74,25 @@ class TimeMix(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, WkvState]:
         """Returns (out (B, T, C), last input x[:, -1] (B, C), WKV state after the last step)."""
         xx = token_shift(x_BTC, x_prev_BC)
-        k_BTA = self.key(mix(x_BTC, xx, self.time_mix_k))
-        v_BTA = self.value(mix(x_BTC, xx, self.time_mix_v))
-        sr_BTA = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
+        mixed = (mix(x_BTC, xx, m) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r))
+        out_BTC, wkv_state = self.from_mixed(*mixed, wkv_state)
+        return out_BTC, x_BTC[:, -1], wkv_state
+
+    def mixes(self) -> torch.Tensor:
+        """(3, C): the k, v, r mixes, in the order from_mixed takes their results."""
+        return torch.stack([self.time_mix_k, self.time_mix_v, self.time_mix_r])
+
+    def from_mixed(
+        self, xk_BTC: torch.Tensor, xv_BTC: torch.Tensor, xr_BTC: torch.Tensor, wkv_state: WkvState | None
+    ) -> tuple[torch.Tensor, WkvState]:
+        k_BTA = self.key(xk_BTC)
+        v_BTA = self.value(xv_BTC)
+        sr_BTA = torch.sigmoid(self.receptance(xr_BTC))
         # The WKV op picks its own precision from k's dtype (fp32 state, max-trick); under torch.autocast
         # (bf16 training on fp32 weights) its backends' internal matmuls must not be recast.
         with torch.autocast(k_BTA.device.type, enabled=False):
             y_BTA, wkv_state = wkv(self.time_decay, self.time_first, k_BTA, v_BTA, wkv_state, backend=self.wkv_backend)
-        return self.output(sr_BTA * y_BTA.to(sr_BTA.dtype)), x_BTC[:, -1], wkv_state
+        return self.output(sr_BTA * y_BTA.to(sr_BTA.dtype)), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -93,9 +110,15 @@ class ChannelMix(nn.Module):
     def forward(self, x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (out (B, T, C), last input x[:, -1] (B, C))."""
         xx = token_shift(x_BTC, x_prev_BC)
-        k_BTF = torch.square(torch.relu(self.key(mix(x_BTC, xx, self.time_mix_k))))
-        sr_BTC = torch.sigmoid(self.receptance(mix(x_BTC, xx, self.time_mix_r)))
-        return sr_BTC * self.value(k_BTF), x_BTC[:, -1]
+        return self.from_mixed(mix(x_BTC, xx, self.time_mix_k), mix(x_BTC, xx, self.time_mix_r)), x_BTC[:, -1]
+
+    def mixes(self) -> torch.Tensor:
+        """(2, C): the k, r mixes, in the order from_mixed takes their results."""
+        return torch.stack([self.time_mix_k, self.time_mix_r])
+
+    def from_mixed(self, xk_BTC: torch.Tensor, xr_BTC: torch.Tensor) -> torch.Tensor:
+        k_BTF = torch.square(torch.relu(self.key(xk_BTC)))
+        return torch.sigmoid(self.receptance(xr_BTC)) * self.value(k_BTF)
 
 
 class Block(nn.Module):
@@ -118,10 +141,21 @@ class Block(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         att_x_prev, wkv_state, ffn_x_prev = state if state is not None else (None, None, None)
+        if FUSED_LN_MIX:
+            return self._forward_fused(x_BTC, att_x_prev, wkv_state, ffn_x_prev)
         att_out, att_last, wkv_state = self.att(self.ln1(x_BTC), att_x_prev, wkv_state)
         x_BTC = x_BTC + att_out
         ffn_out, ffn_last = self.ffn(self.ln2(x_BTC), ffn_x_prev)
         return x_BTC + ffn_out, (att_last, wkv_state, ffn_last)
+
+    def _forward_fused(self, x_BTC, att_x_prev, wkv_state, ffn_x_prev) -> tuple[torch.Tensor, LayerState]:
+        """forward with each branch's LayerNorm, token shift and mixes in one kernel (FUSED_LN_MIX)."""
+        ln1, ln2 = self.ln1, self.ln2
+        mixed, att_last = ln_shift_mix(x_BTC, ln1.weight, ln1.bias, att_x_prev, self.att.mixes(), ln1.eps)
+        att_out, wkv_state = self.att.from_mixed(*mixed, wkv_state)
+        x_BTC = x_BTC + att_out
+        mixed, ffn_last = ln_shift_mix(x_BTC, ln2.weight, ln2.bias, ffn_x_prev, self.ffn.mixes(), ln2.eps)
+        return x_BTC + self.ffn.from_mixed(*mixed), (att_last, wkv_state, ffn_last)
 
 
 class RWKV(nn.Module):

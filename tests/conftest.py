@@ -17,6 +17,14 @@ TESTS = Path(__file__).parent
 # run their clusters on loopback only, so they keep authentication off, in every process they start.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+# Without a GPU, Triton kernels (model/ln_shift_mix.py) run on CPU tensors through Triton's
+# interpreter. Triton reads TRITON_INTERPRET when it defines a kernel, its own library's included (at
+# import), so the switch is set here, before any test imports triton.
+import torch  # noqa: E402  (importing torch does not import triton)
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch

@@ -1,0 +1,162 @@
+"""LayerNorm, token shift and time-mix in one pass: the input side of each RWKV-4 branch.
+
+Legend: B batch, T time, C n_embd, M mixes (3 for TimeMix: k, v, r; 2 for ChannelMix: k, r).
+
+    ln = LayerNorm(x)                              x (B, T, C), weight and bias (C,)
+    xx[:, t] = ln[:, t-1],  xx[:, 0] = x_prev      x_prev (B, C): the previous chunk's last ln (None: zeros)
+    out[m] = ln * mixes[m] + xx * (1 - mixes[m])   mixes (M, C)
+
+returns out (M, B, T, C) in x's dtype and ln[:, -1] (B, C), the next chunk's x_prev.
+
+Why one pass: the unfused graph (model/rwkv.py) writes the LayerNorm output, rereads it for each mix,
+saves it for the mix gradients, and in backward sums those gradients over all B*T rows in kernels of
+their own (Inductor cannot fuse a column sum into the LayerNorm-backward kernel that produces its
+input). On an H200 the five time_mix gradients alone cost 4.2 % of the 169M training step
+(docs/benchmarks.md, "where the Triton kernels' bytes go"). Here a Triton program walks ROWS
+consecutive rows of one sequence: the forward reads x once and writes the M mixes; the backward reads
+x and the M output gradients once, writes x's gradient, and keeps the column sums (mixes, LayerNorm
+weight and bias) in registers, one partial per program, summed afterwards in a fixed order.
+
+`ln_shift_mix` is the entry point: the Triton kernels for CUDA tensors (as the custom op
+`rwkv::ln_shift_mix`, which torch.compile traces into), the PyTorch reference otherwise. The kernels
+are built on first use; under TRITON_INTERPRET=1 they also run on CPU tensors (the tests do that).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROWS = 64  # rows of one sequence per Triton program (tuning: docs/benchmarks.md)
+
+
+def ln_shift_mix_reference(
+    x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """The same computation in PyTorch ops (and the definition the kernels are tested against)."""
+    ln = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    first = torch.zeros_like(ln[:, :1]) if x_prev is None else x_prev.unsqueeze(1).to(ln.dtype)
+    xx = torch.cat([first, ln[:, :-1]], dim=1)
+    out = torch.stack([ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)])
+    return out, ln[:, -1]
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels():
+    """(forward, backward) Triton kernels, imported on first use (see model/ln_shift_mix_kernels.py)."""
+    from model import ln_shift_mix_kernels
+
+    return ln_shift_mix_kernels.forward, ln_shift_mix_kernels.backward
+
+
+def _launch_config(x: Tensor, mixes: Tensor) -> tuple[tuple[int, int], dict]:
+    import triton
+
+    batch, steps, channels = x.shape
+    if mixes.shape[0] not in (2, 3) or mixes.shape[1] != channels:
+        raise ValueError(f"mixes must be (2 or 3, {channels}), got {tuple(mixes.shape)}")
+    block = triton.next_power_of_2(channels)
+    grid = (batch, triton.cdiv(steps, ROWS))
+    return grid, {"M": mixes.shape[0], "ROWS": ROWS, "BLOCK_C": block, "num_warps": max(1, min(8, block // 256))}
+
+
+def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
+    """Run the forward kernel: (out (M, B, T, C), last (B, C)). `launch` wraps the kernel (the custom
+    op passes torch.library.wrap_triton)."""
+    kernel, _ = _kernels()
+    kernel = launch(kernel) if launch else kernel
+    grid, meta = _launch_config(x, mixes)
+    batch, steps, channels = x.shape
+    out = x.new_empty((mixes.shape[0], batch, steps, channels))
+    last = x.new_empty((batch, channels))
+    prev = x_prev if x_prev is not None else x  # a placeholder without HAS_PREV: never read
+    kernel[grid](
+        x, weight, bias, prev, mixes, out, last, batch, steps, channels, eps, HAS_PREV=x_prev is not None, **meta
+    )
+    return out, last
+
+
+def backward_kernel_launch(g_out, g_last, x, weight, bias, x_prev, mixes, eps, launch=None):
+    """Run the backward kernel: (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes)."""
+    _, kernel = _kernels()
+    kernel = launch(kernel) if launch else kernel
+    grid, meta = _launch_config(x, mixes)
+    batch, steps, channels = x.shape
+    gx = torch.empty_like(x)
+    g_prev = torch.empty_like(x_prev) if x_prev is not None else x.new_empty(0)
+    parts = torch.empty((grid[0] * grid[1], mixes.shape[0] + 2, channels), device=x.device, dtype=torch.float32)
+    # Placeholders for absent tensors (never read or written, by the HAS_* switches): x to read, gx to write.
+    kernel[grid](
+        x, weight, bias, x_prev if x_prev is not None else x, mixes, g_out.contiguous(),
+        g_last.contiguous() if g_last is not None else x, gx, g_prev if x_prev is not None else gx, parts,
+        batch, steps, channels, eps, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
+    )  # fmt: skip
+    sums = parts.sum(0)  # a fixed-order reduction over the programs' partials: deterministic
+    m = mixes.shape[0]
+    # Copies, not views of `sums`: a custom op's outputs may not alias one another.
+    g_weight, g_bias, g_mixes = (
+        t.to(p.dtype, copy=True) for t, p in ((sums[m], weight), (sums[m + 1], bias), (sums[:m], mixes))
+    )
+    return gx, g_weight, g_bias, g_prev, g_mixes
+
+
+# The kernels as torch custom ops (namespace `rwkv`), so torch.compile traces them as Triton kernels
+# of its own graph (torch.library.triton_op) instead of breaking the graph.
+@torch.library.triton_op("rwkv::ln_shift_mix", mutates_args=())
+def ln_shift_mix_op(
+    x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    return forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+
+
+@torch.library.triton_op("rwkv::ln_shift_mix_backward", mutates_args=())
+def ln_shift_mix_backward_op(
+    g_out: Tensor,
+    g_last: Tensor | None,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    x_prev: Tensor | None,
+    mixes: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return backward_kernel_launch(g_out, g_last, x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, x_prev, mixes, eps = inputs
+    ctx.save_for_backward(x, weight, bias, x_prev, mixes)
+    ctx.eps = eps
+
+
+def _backward(ctx, g_out, g_last):
+    x, weight, bias, x_prev, mixes = ctx.saved_tensors
+    gx, g_weight, g_bias, g_prev, g_mixes = torch.ops.rwkv.ln_shift_mix_backward(
+        g_out, g_last, x, weight, bias, x_prev, mixes, ctx.eps
+    )
+    return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None
+
+
+torch.library.register_autograd("rwkv::ln_shift_mix", _backward, setup_context=_setup_context)
+
+
+def ln_shift_mix(
+    x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """out (M, B, T, C), ln[:, -1] (B, C) as the module docstring defines them: the fused kernels for
+    CUDA tensors (or any, under TRITON_INTERPRET=1) when Triton is installed, the PyTorch reference
+    otherwise."""
+    if (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available():
+        x_prev = x_prev.contiguous() if x_prev is not None else None
+        return torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
+    return ln_shift_mix_reference(x, weight, bias, x_prev, mixes, eps)

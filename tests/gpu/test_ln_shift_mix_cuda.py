@@ -1,0 +1,43 @@
+"""The fused LayerNorm + token shift + mix kernels (model.rwkv.FUSED_LN_MIX) in the model on the GPU:
+compiled and eager, every parameter's gradient against the plain blocks. (The kernels themselves are
+checked against float64 by tests/unit/test_ln_shift_mix.py, which runs them on the GPU here.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model.rwkv
+from model import ModelConfig, build_model
+
+pytest.importorskip("triton", reason="Triton not installed: the fused LayerNorm-mix kernels are not run")
+DEVICE = "cuda"
+
+
+def loss_and_gradients(monkeypatch, fused: bool, compiled: bool, dtype: torch.dtype):
+    monkeypatch.setattr(model.rwkv, "FUSED_LN_MIX", fused)
+    torch.manual_seed(1)
+    net = build_model(ModelConfig(n_layer=2, n_embd=256, vocab_size=1024, wkv_backend="cuda")).to(DEVICE, dtype)
+    for name, param in net.named_parameters():  # off the init's ones and zeros, so every term shows
+        if "time_mix" in name or ".ln" in name:
+            param.data.uniform_(0.1, 0.9)
+    net.head.fused_loss_chunk = 1024
+    generator = torch.Generator(DEVICE).manual_seed(2)
+    idx, targets = torch.randint(0, 1024, (2, 4, 300), device=DEVICE, generator=generator)
+    torch._dynamo.reset()
+    forward = torch.compile(net) if compiled else net
+    loss = forward(idx, targets=targets)
+    loss.backward()
+    return loss.double(), {name: p.grad.double() for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_block_inputs_match_plain_blocks(monkeypatch, compiled, dtype):
+    loss_plain, plain = loss_and_gradients(monkeypatch, False, compiled, dtype)
+    loss_fused, fused = loss_and_gradients(monkeypatch, True, compiled, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert abs(loss_fused - loss_plain) <= tol * abs(loss_plain)
+    for name, want in plain.items():
+        error = ((fused[name] - want).norm() / want.norm().clamp_min(1e-30)).item()
+        assert error <= tol, f"{name}: relative L2 {error:.2e}"
