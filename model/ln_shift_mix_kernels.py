@@ -20,6 +20,18 @@ def norm_row(x_ptr, row, cols, cmask, w, b, C, eps):
 
 
 @triton.jit
+def load_three(ptr, stride, cols, mask, M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows ptr + k stride (k < M) of M = 2 or 3 (C,) vectors, as fp32; without a third, zeros (every
+    term it enters then vanishes)."""
+    r0 = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    r1 = tl.load(ptr + stride + cols, mask=mask, other=0.0).to(tl.float32)
+    r2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if M > 2:
+        r2 = tl.load(ptr + 2 * stride + cols, mask=mask, other=0.0).to(tl.float32)
+    return r0, r1, r2
+
+
+@triton.jit
 def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out_ptr, last_ptr, B, T, C, eps,
             HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
@@ -28,11 +40,7 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out_ptr, last_ptr, B, T, C, 
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0 = tl.load(mix_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m1 = tl.load(mix_ptr + C + cols, mask=cmask, other=0.0).to(tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)  # no third mix: it adds nothing
-    if M > 2:
-        m2 = tl.load(mix_ptr + 2 * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    m0, m1, m2 = load_three(mix_ptr, C, cols, cmask, M, BLOCK_C)
     # The row before the first: ln of x[t0 - 1], or x_prev (zeros without one) at t0 = 0.
     ln_prev, _, _ = norm_row(x_ptr, seq * T + tl.maximum(t0 - 1, 0), cols, cmask, w, b, C, eps)
     if t0 == 0:
@@ -66,22 +74,13 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0 = tl.load(mix_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m1 = tl.load(mix_ptr + C + cols, mask=cmask, other=0.0).to(tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)  # no third mix: it adds nothing
-    if M > 2:
-        m2 = tl.load(mix_ptr + 2 * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    m0, m1, m2 = load_three(mix_ptr, C, cols, cmask, M, BLOCK_C)
     plane = B * T * C
     # The output gradients of the row after this one: its xx is this row's ln. Start with the row
     # after the chunk (none after the sequence's end).
     t_next = t0 + ROWS
     nxt = cmask & (cols * 0 + t_next < T)
-    src = g_ptr + (seq * T + tl.minimum(t_next, T - 1)) * C + cols
-    h0 = tl.load(src, mask=nxt, other=0.0).to(tl.float32)
-    h1 = tl.load(src + plane, mask=nxt, other=0.0).to(tl.float32)
-    h2 = tl.zeros([BLOCK_C], dtype=tl.float32)  # no third mix: it adds nothing
-    if M > 2:
-        h2 = tl.load(src + 2 * plane, mask=nxt, other=0.0).to(tl.float32)
+    h0, h1, h2 = load_three(g_ptr + (seq * T + tl.minimum(t_next, T - 1)) * C, plane, cols, nxt, M, BLOCK_C)
     acc0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # column sums: the mixes, LayerNorm weight, bias
     acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -98,12 +97,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
             ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
             if HAS_PREV:
                 ln_prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
-        src = g_ptr + row * C + cols
-        g0 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-        g1 = tl.load(src + plane, mask=ok, other=0.0).to(tl.float32)
-        g2 = tl.zeros([BLOCK_C], dtype=tl.float32)  # no third mix: it adds nothing
-        if M > 2:
-            g2 = tl.load(src + 2 * plane, mask=ok, other=0.0).to(tl.float32)
+        g0, g1, g2 = load_three(g_ptr + row * C, plane, cols, ok, M, BLOCK_C)
         g_ln = g0 * m0 + h0 * (1 - m0) + g1 * m1 + h1 * (1 - m1) + g2 * m2 + h2 * (1 - m2)
         if HAS_GLAST:
             g_ln += tl.load(glast_ptr + seq * C + cols, mask=cmask & (tb == T - 1), other=0.0).to(tl.float32)
