@@ -74,7 +74,7 @@ class TimeMix(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, WkvState]:
         """Returns (out (B, T, C), last input x[:, -1] (B, C), WKV state after the last step)."""
         xx = token_shift(x_BTC, x_prev_BC)
-        mixed = (mix(x_BTC, xx, m) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r))
+        mixed = [mix(x_BTC, xx, m) for m in (self.time_mix_k, self.time_mix_v, self.time_mix_r)]
         out_BTC, wkv_state = self.from_mixed(*mixed, wkv_state)
         return out_BTC, x_BTC[:, -1], wkv_state
 
