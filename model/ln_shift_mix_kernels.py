@@ -86,13 +86,16 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # Rows in reverse; each row's LayerNorm is computed once, as the row before of the row after it.
+    ln, xhat, rstd = norm_row(x_ptr, seq * T + tl.minimum(t_next - 1, T - 1), cols, cmask, w, b, C, eps)
     for j in range(ROWS):
         t = t0 + ROWS - 1 - j
         tb = cols * 0 + t  # as in forward
         ok = cmask & (tb < T)
         row = seq * T + tl.minimum(t, T - 1)
-        ln, xhat, rstd = norm_row(x_ptr, row, cols, cmask, w, b, C, eps)
-        ln_prev, _, _ = norm_row(x_ptr, seq * T + tl.minimum(tl.maximum(t - 1, 0), T - 1), cols, cmask, w, b, C, eps)
+        before = seq * T + tl.minimum(tl.maximum(t - 1, 0), T - 1)
+        ln_before, xhat_before, rstd_before = norm_row(x_ptr, before, cols, cmask, w, b, C, eps)
+        ln_prev = ln_before
         if t == 0:
             ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
             if HAS_PREV:
@@ -117,6 +120,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
         gx = (g_xhat - xhat * c1 - c2) * rstd
         tl.store(gx_ptr + row * C + cols, gx.to(gx_ptr.dtype.element_ty), mask=ok)
         h0, h1, h2 = g0, g1, g2
+        ln, xhat, rstd = ln_before, xhat_before, rstd_before
     part = part_ptr + (seq * tl.num_programs(1) + chunk) * (M + 2) * C + cols
     tl.store(part, acc0, mask=cmask)
     tl.store(part + C, acc1, mask=cmask)
