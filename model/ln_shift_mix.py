@@ -6,7 +6,8 @@ Legend: B batch, T time, C n_embd, M mixes (3 for TimeMix: k, v, r; 2 for Channe
     xx[:, t] = ln[:, t-1],  xx[:, 0] = x_prev      x_prev (B, C): the previous chunk's last ln (None: zeros)
     out[m] = ln * mixes[m] + xx * (1 - mixes[m])   mixes (M, C)
 
-returns out (M, B, T, C) in x's dtype and ln[:, -1] (B, C), the next chunk's x_prev.
+returns the M outputs (B, T, C) in x's dtype (separate tensors, so that their gradients need no
+stacking) and ln[:, -1] (B, C), the next chunk's x_prev.
 
 Why one pass: the unfused graph (model/rwkv.py) writes the LayerNorm output, rereads it for each mix,
 saves it for the mix gradients, and in backward sums those gradients over all B*T rows in kernels of
@@ -35,13 +36,12 @@ ROWS = 64  # rows of one sequence per Triton program (tuning: docs/benchmarks.md
 
 def ln_shift_mix_reference(
     x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[tuple[Tensor, ...], Tensor]:
     """The same computation in PyTorch ops (and the definition the kernels are tested against)."""
     ln = F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     first = torch.zeros_like(ln[:, :1]) if x_prev is None else x_prev.unsqueeze(1).to(ln.dtype)
     xx = torch.cat([first, ln[:, :-1]], dim=1)
-    out = torch.stack([ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)])
-    return out, ln[:, -1]
+    return tuple(ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)), ln[:, -1]
 
 
 def triton_available() -> bool:
@@ -71,35 +71,40 @@ def _launch_config(x: Tensor, mixes: Tensor) -> tuple[tuple[int, int], dict]:
 
 
 def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
-    """Run the forward kernel: (out (M, B, T, C), last (B, C)). `launch` wraps the kernel (the custom
-    op passes torch.library.wrap_triton)."""
+    """Run the forward kernel: (the M outputs (B, T, C), last (B, C)). `launch` wraps the kernel (the
+    custom op passes torch.library.wrap_triton)."""
     kernel, _ = _kernels()
     kernel = launch(kernel) if launch else kernel
     grid, meta = _launch_config(x, mixes)
-    batch, steps, channels = x.shape
-    out = x.new_empty((mixes.shape[0], batch, steps, channels))
-    last = x.new_empty((batch, channels))
-    prev = x_prev if x_prev is not None else x  # a placeholder without HAS_PREV: never read
+    _, steps, channels = x.shape
+    outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
+    last = x.new_empty((x.shape[0], channels))
+    # Placeholders for absent tensors (never touched, by the HAS_PREV and M switches): x.
+    prev = x_prev if x_prev is not None else x
+    out2 = outs[2] if len(outs) > 2 else x
     kernel[grid](
-        x, weight, bias, prev, mixes, out, last, batch, steps, channels, eps, HAS_PREV=x_prev is not None, **meta
-    )
-    return out, last
+        x, weight, bias, prev, mixes, outs[0], outs[1], out2, last, steps, channels, eps,
+        HAS_PREV=x_prev is not None, **meta,
+    )  # fmt: skip
+    return outs, last
 
 
-def backward_kernel_launch(g_out, g_last, x, weight, bias, x_prev, mixes, eps, launch=None):
-    """Run the backward kernel: (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes)."""
+def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, launch=None):
+    """Run the backward kernel on the M outputs' gradients (None: zeros): (gx, g_weight, g_bias, g_x_prev
+    or an empty tensor, g_mixes)."""
     _, kernel = _kernels()
     kernel = launch(kernel) if launch else kernel
     grid, meta = _launch_config(x, mixes)
-    batch, steps, channels = x.shape
+    _, steps, channels = x.shape
+    g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in g_outs]
     gx = torch.empty_like(x)
     g_prev = torch.empty_like(x_prev) if x_prev is not None else x.new_empty(0)
     parts = torch.empty((grid[0] * grid[1], mixes.shape[0] + 2, channels), device=x.device, dtype=torch.float32)
-    # Placeholders for absent tensors (never read or written, by the HAS_* switches): x to read, gx to write.
+    # Placeholders for absent tensors (never touched, by the HAS_* and M switches): x to read, gx to write.
     kernel[grid](
-        x, weight, bias, x_prev if x_prev is not None else x, mixes, g_out.contiguous(),
+        x, weight, bias, x_prev if x_prev is not None else x, mixes, g[0], g[1], g[2] if len(g) > 2 else x,
         g_last.contiguous() if g_last is not None else x, gx, g_prev if x_prev is not None else gx, parts,
-        batch, steps, channels, eps, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
+        steps, channels, eps, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
     )  # fmt: skip
     sums = parts.sum(0)  # a fixed-order reduction over the programs' partials: deterministic
     m = mixes.shape[0]
@@ -112,16 +117,20 @@ def backward_kernel_launch(g_out, g_last, x, weight, bias, x_prev, mixes, eps, l
 
 # The kernels as torch custom ops (namespace `rwkv`), so torch.compile traces them as Triton kernels
 # of its own graph (torch.library.triton_op) instead of breaking the graph.
+# The op's outputs are fixed in number: three mixes' (an empty third for two) and ln[:, -1].
 @torch.library.triton_op("rwkv::ln_shift_mix", mutates_args=())
 def ln_shift_mix_op(
     x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
-) -> tuple[Tensor, Tensor]:
-    return forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    outs, last = forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+    return outs[0], outs[1], outs[2] if len(outs) > 2 else x.new_empty(0), last
 
 
 @torch.library.triton_op("rwkv::ln_shift_mix_backward", mutates_args=())
 def ln_shift_mix_backward_op(
-    g_out: Tensor,
+    g0: Tensor | None,
+    g1: Tensor | None,
+    g2: Tensor | None,
     g_last: Tensor | None,
     x: Tensor,
     weight: Tensor,
@@ -130,7 +139,8 @@ def ln_shift_mix_backward_op(
     mixes: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return backward_kernel_launch(g_out, g_last, x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+    g_outs = (g0, g1, g2)[: mixes.shape[0]]
+    return backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -139,10 +149,10 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.eps = eps
 
 
-def _backward(ctx, g_out, g_last):
+def _backward(ctx, g0, g1, g2, g_last):
     x, weight, bias, x_prev, mixes = ctx.saved_tensors
     gx, g_weight, g_bias, g_prev, g_mixes = torch.ops.rwkv.ln_shift_mix_backward(
-        g_out, g_last, x, weight, bias, x_prev, mixes, ctx.eps
+        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, ctx.eps
     )
     return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None
 
@@ -152,11 +162,12 @@ torch.library.register_autograd("rwkv::ln_shift_mix", _backward, setup_context=_
 
 def ln_shift_mix(
     x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float = 1e-5
-) -> tuple[Tensor, Tensor]:
-    """out (M, B, T, C), ln[:, -1] (B, C) as the module docstring defines them: the fused kernels for
+) -> tuple[tuple[Tensor, ...], Tensor]:
+    """The M outputs and ln[:, -1] as the module docstring defines them: the fused kernels for
     CUDA tensors (or any, under TRITON_INTERPRET=1) when Triton is installed, the PyTorch reference
     otherwise."""
     if (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available():
         x_prev = x_prev.contiguous() if x_prev is not None else None
-        return torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
+        *outs, last = torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
+        return tuple(outs[: mixes.shape[0]]), last
     return ln_shift_mix_reference(x, weight, bias, x_prev, mixes, eps)

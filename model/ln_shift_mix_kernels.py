@@ -20,19 +20,19 @@ def norm_row(x_ptr, row, cols, cmask, w, b, C, eps):
 
 
 @triton.jit
-def load_three(ptr, stride, cols, mask, M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Rows ptr + k stride (k < M) of M = 2 or 3 (C,) vectors, as fp32; without a third, zeros (every
-    term it enters then vanishes)."""
-    r0 = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    r1 = tl.load(ptr + stride + cols, mask=mask, other=0.0).to(tl.float32)
+def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """p_k + offsets for k < M (M = 2 or 3) as fp32 vectors; without a third, zeros (every term it
+    enters then vanishes, and p2 is never read)."""
+    r0 = tl.load(p0 + offsets, mask=mask, other=0.0).to(tl.float32)
+    r1 = tl.load(p1 + offsets, mask=mask, other=0.0).to(tl.float32)
     r2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     if M > 2:
-        r2 = tl.load(ptr + 2 * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        r2 = tl.load(p2 + offsets, mask=mask, other=0.0).to(tl.float32)
     return r0, r1, r2
 
 
 @triton.jit
-def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out_ptr, last_ptr, B, T, C, eps,
+def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, T, C, eps,
             HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
     t0 = tl.program_id(1) * ROWS
@@ -40,33 +40,33 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out_ptr, last_ptr, B, T, C, 
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0, m1, m2 = load_three(mix_ptr, C, cols, cmask, M, BLOCK_C)
+    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols, cmask, M, BLOCK_C)
     # The row before the first: ln of x[t0 - 1], or x_prev (zeros without one) at t0 = 0.
     ln_prev, _, _ = norm_row(x_ptr, seq * T + tl.maximum(t0 - 1, 0), cols, cmask, w, b, C, eps)
     if t0 == 0:
         ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
         if HAS_PREV:
             ln_prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
-    plane = B * T * C  # elements of one mix's output
+    out_type = out0_ptr.dtype.element_ty
     for i in range(ROWS):
         t = t0 + i
         tb = cols * 0 + t  # t as a block: a mask mixing a block and a scalar fails in Triton 3.9's interpreter
         ok = cmask & (tb < T)
         row = seq * T + tl.minimum(t, T - 1)
         ln, _, _ = norm_row(x_ptr, row, cols, cmask, w, b, C, eps)
-        dst = out_ptr + row * C + cols
-        tl.store(dst, (ln * m0 + ln_prev * (1 - m0)).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + plane, (ln * m1 + ln_prev * (1 - m1)).to(out_ptr.dtype.element_ty), mask=ok)
+        at = row * C + cols
+        tl.store(out0_ptr + at, (ln * m0 + ln_prev * (1 - m0)).to(out_type), mask=ok)
+        tl.store(out1_ptr + at, (ln * m1 + ln_prev * (1 - m1)).to(out_type), mask=ok)
         if M > 2:
-            tl.store(dst + 2 * plane, (ln * m2 + ln_prev * (1 - m2)).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out2_ptr + at, (ln * m2 + ln_prev * (1 - m2)).to(out_type), mask=ok)
         tl.store(last_ptr + seq * C + cols, ln.to(last_ptr.dtype.element_ty), mask=cmask & (tb == T - 1))
         ln_prev = ln
 
 
 @triton.jit
-def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, gprev_ptr, part_ptr, B, T, C,
-             eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr,
-             BLOCK_C: tl.constexpr):  # fmt: skip
+def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr, gprev_ptr,
+             part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
     seq = tl.program_id(0)
     chunk = tl.program_id(1)
     t0 = chunk * ROWS
@@ -74,13 +74,13 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
     cmask = cols < C
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0, m1, m2 = load_three(mix_ptr, C, cols, cmask, M, BLOCK_C)
-    plane = B * T * C
+    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols, cmask, M, BLOCK_C)
     # The output gradients of the row after this one: its xx is this row's ln. Start with the row
     # after the chunk (none after the sequence's end).
     t_next = t0 + ROWS
     nxt = cmask & (cols * 0 + t_next < T)
-    h0, h1, h2 = load_three(g_ptr + (seq * T + tl.minimum(t_next, T - 1)) * C, plane, cols, nxt, M, BLOCK_C)
+    at = (seq * T + tl.minimum(t_next, T - 1)) * C + cols
+    h0, h1, h2 = load_three(g0_ptr, g1_ptr, g2_ptr, at, nxt, M, BLOCK_C)
     acc0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # column sums: the mixes, LayerNorm weight, bias
     acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -100,7 +100,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g_ptr, glast_ptr, gx_ptr, g
             ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
             if HAS_PREV:
                 ln_prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
-        g0, g1, g2 = load_three(g_ptr + row * C, plane, cols, ok, M, BLOCK_C)
+        g0, g1, g2 = load_three(g0_ptr, g1_ptr, g2_ptr, row * C + cols, ok, M, BLOCK_C)
         g_ln = g0 * m0 + h0 * (1 - m0) + g1 * m1 + h1 * (1 - m1) + g2 * m2 + h2 * (1 - m2)
         if HAS_GLAST:
             g_ln += tl.load(glast_ptr + seq * C + cols, mask=cmask & (tb == T - 1), other=0.0).to(tl.float32)

@@ -41,7 +41,8 @@ def reference_with_grads(x, weight, bias, x_prev, mixes, g_out, g_last, eps=1e-5
     leaves = [
         t.detach().double().requires_grad_(True) if t is not None else None for t in (x, weight, bias, x_prev, mixes)
     ]
-    out, last = lsm.ln_shift_mix_reference(*leaves, eps)
+    outs, last = lsm.ln_shift_mix_reference(*leaves, eps)
+    out = torch.stack(outs)
     loss = (out * g_out.double()).sum() + ((last * g_last.double()).sum() if g_last is not None else 0)
     loss.backward()
     return out.detach(), last.detach(), [t.grad if t is not None else None for t in leaves]
@@ -64,9 +65,10 @@ def test_kernels_match_float64_reference(case, dtype):
     g_out = torch.randn(n_mix, batch, steps, channels, generator=gen).to(DEVICE, dtype)
     g_last = torch.randn(batch, channels, generator=gen).to(DEVICE, dtype) if with_glast else None
 
-    out, last = lsm.forward_kernel_launch(x, weight, bias, x_prev, mixes, 1e-5)
+    outs, last = lsm.forward_kernel_launch(x, weight, bias, x_prev, mixes, 1e-5)
+    out = torch.stack(outs)
     gx, g_weight, g_bias, g_prev, g_mixes = lsm.backward_kernel_launch(
-        g_out, g_last, x, weight, bias, x_prev, mixes, 1e-5
+        g_out.unbind(0), g_last, x, weight, bias, x_prev, mixes, 1e-5
     )
     want_out, want_last, (w_gx, w_gw, w_gb, w_gprev, w_gmix) = reference_with_grads(
         x, weight, bias, x_prev, mixes, g_out, g_last
@@ -88,15 +90,16 @@ def test_chained_chunks_equal_one_call():
     whole, _ = lsm.forward_kernel_launch(x, weight, bias, None, mixes, 1e-5)
     first, last = lsm.forward_kernel_launch(x[:, :6].contiguous(), weight, bias, None, mixes, 1e-5)
     second, _ = lsm.forward_kernel_launch(x[:, 6:].contiguous(), weight, bias, last, mixes, 1e-5)
-    torch.testing.assert_close(torch.cat([first, second], dim=2), whole, rtol=0, atol=0)
+    for a, b, w in zip(first, second, whole, strict=True):
+        torch.testing.assert_close(torch.cat([a, b], dim=1), w, rtol=0, atol=0)
 
 
 def test_cpu_tensors_take_the_reference_path(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # it makes CPU tensors take the kernels
     x, weight, bias, x_prev, mixes = (t.cpu() for t in make_inputs(1, 5, 16, 2, True, torch.float32))
-    out, last = lsm.ln_shift_mix(x, weight, bias, x_prev, mixes)
-    want_out, want_last = lsm.ln_shift_mix_reference(x, weight, bias, x_prev, mixes, 1e-5)
-    assert torch.equal(out, want_out) and torch.equal(last, want_last)
+    outs, last = lsm.ln_shift_mix(x, weight, bias, x_prev, mixes)
+    want_outs, want_last = lsm.ln_shift_mix_reference(x, weight, bias, x_prev, mixes, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(outs, want_outs, strict=True)) and torch.equal(last, want_last)
 
 
 def test_bad_mix_shape_is_named():
