@@ -34,7 +34,7 @@ def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr, BLOCK_C: tl.constexpr
 @triton.jit
 def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, T, C, eps,
             HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     t0 = tl.program_id(1) * ROWS
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -67,7 +67,7 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr
 def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr, gprev_ptr,
              part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
              ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    seq = tl.program_id(0)
+    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     chunk = tl.program_id(1)
     t0 = chunk * ROWS
     cols = tl.arange(0, BLOCK_C)
