@@ -1,0 +1,102 @@
+"""GPU benchmark of the fused LayerNorm + token shift + mix kernels (model/ln_shift_mix.py) against the same
+computation as PyTorch ops compiled by Inductor, side by side in one run.
+
+    python bench/ln_shift_mix.py                      # the training shapes, bf16, the kernels' ROWS as set
+    python bench/ln_shift_mix.py --rows 16 32 64 128  # the kernels at several rows per program
+
+Legend: B batch, T time, C channels, M mixes (3: TimeMix, 2: ChannelMix). Median times (triton's do_bench,
+L2 flushed) of forward, and of forward + backward with random output gradients (ln[:, -1]'s gradient
+left out, as in training without state). Minimum bytes, in (B, T, C) tensors: forward reads x and writes
+the M mixes (1 + M); backward reads x and the M gradients and writes x's gradient (2 + M). The copy rate
+is a device-to-device copy of 1 GiB in the same run, read plus written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import model.ln_shift_mix as lsm  # noqa: E402
+
+SHAPES = [(128, 1024, 768, 3), (128, 1024, 768, 2), (64, 1024, 1024, 3), (64, 1024, 1024, 2)]
+DEVICE = "cuda"
+
+
+def median_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def copy_rate_gbps() -> float:
+    src = torch.randn(2**28, device=DEVICE)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / median_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def make_case(batch, steps, channels, n_mix, dtype):
+    x = torch.randn(batch, steps, channels, device=DEVICE, dtype=dtype, requires_grad=True)
+    params = [
+        torch.randn(channels, device=DEVICE, dtype=dtype).requires_grad_(True),  # LayerNorm weight
+        torch.randn(channels, device=DEVICE, dtype=dtype).requires_grad_(True),  # bias
+        torch.rand(n_mix, channels, device=DEVICE, dtype=dtype).requires_grad_(True),
+    ]
+    grads = [torch.randn(batch, steps, channels, device=DEVICE, dtype=dtype) for _ in range(n_mix)]
+    return x, params, grads
+
+
+def timed(fn, x, params, grads) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of fn(x, weight, bias, mixes) -> (outs, last)."""
+    weight, bias, mixes = params
+
+    def forward():
+        return fn(x, weight, bias, mixes)
+
+    def forward_backward():
+        outs, _ = forward()
+        torch.autograd.backward(outs, grads)
+
+    for _ in range(3):  # compile and warm up outside the timing
+        forward_backward()
+    with torch.no_grad():
+        fwd = median_ms(forward)
+    return fwd, median_ms(forward_backward)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[lsm.ROWS], help="the kernels' rows per program")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    copy_gbps = copy_rate_gbps()
+    inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
+    print(f"device: {torch.cuda.get_device_name()}, copy rate {copy_gbps:.0f} GB/s (read + write), {args.dtype}")
+    print("| B x T x C, M | path | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy | fwd+bwd vs Inductor |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, steps, channels, n_mix in SHAPES:
+        x, params, grads = make_case(batch, steps, channels, n_mix, dtype)
+        unit = x.numel() * x.element_size()
+        fwd_bytes, total_bytes = (1 + n_mix) * unit, (3 + 2 * n_mix) * unit
+        rows = {"Inductor (PyTorch ops)": timed(inductor, x, params, grads)}
+        for r in args.rows:
+            lsm.ROWS = r
+            rows[f"fused, ROWS {r}"] = timed(lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m), x, params, grads)
+        base = rows["Inductor (PyTorch ops)"][1]
+        for name, (fwd, total) in rows.items():
+            print(
+                f"| {batch}x{steps}x{channels}, {n_mix} | {name} | {fwd:.3f} | "
+                f"{100 * fwd_bytes / fwd / 1e6 / copy_gbps:.0f} % | {total:.3f} | "
+                f"{100 * total_bytes / total / 1e6 / copy_gbps:.0f} % | {base / total:.2f}x |"
+            )
+        del x, params, grads
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
