@@ -25,6 +25,7 @@ are built on first use; under TRITON_INTERPRET=1 they also run on CPU tensors (t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -32,6 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 ROWS = 64  # rows of one sequence per Triton program (tuning: docs/benchmarks.md)
+# Decided once, not on every call in the model's forward (where torch.compile would also have to trace
+# the import and the environment lookup): whether Triton is installed, and whether its kernels run
+# interpreted (TRITON_INTERPRET=1, which Triton itself reads when it defines a kernel), so CPU tensors
+# may take them too.
+TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def ln_shift_mix_reference(
@@ -42,14 +49,6 @@ def ln_shift_mix_reference(
     first = torch.zeros_like(ln[:, :1]) if x_prev is None else x_prev.unsqueeze(1).to(ln.dtype)
     xx = torch.cat([first, ln[:, :-1]], dim=1)
     return tuple(ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)), ln[:, -1]
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _kernels():
@@ -166,7 +165,7 @@ def ln_shift_mix(
     """The M outputs and ln[:, -1] as the module docstring defines them: the fused kernels for
     CUDA tensors (or any, under TRITON_INTERPRET=1) when Triton is installed, the PyTorch reference
     otherwise."""
-    if (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and triton_available():
+    if TRITON and (x.is_cuda or INTERPRET):
         x_prev = x_prev.contiguous() if x_prev is not None else None
         *outs, last = torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
         return tuple(outs[: mixes.shape[0]]), last
