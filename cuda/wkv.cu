@@ -1828,7 +1828,9 @@ bool lanes_per_sm_at_least(int B, int C, long long per_sm) {
     return static_cast<long long>(B) * C >= per_sm * sm_count();
 }
 bool sequential(int B, int C) { return lanes_per_sm_at_least(B, C, WKV_SEQ_MIN_LANES_PER_SM); }
+#if WKV_PAIRS
 bool sequential_pairs(int B, int C) { return lanes_per_sm_at_least(B, C, WKV_SEQ_PAIR_MIN_LANES_PER_SM); }
+#endif
 
 // Launch `kernel`; `dependent` = a later kernel of a pass, launched as a programmatic dependent
 // of the kernel before it when PDL is on (it calls pdl_wait() before reading that kernel's output).
@@ -1986,29 +1988,33 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
 
 // The sequential kernels: one thread per lane, or per channel pair where the paired kernels may run
 // (bf16, C even, aligned). dtype as wkv_forward's.
+dim3 sequential_grid(int B, int C, int channels_per_thread) {
+    return dim3(ceil_div(static_cast<long long>(B) * (C / channels_per_thread), LANES * SEQ_ROWS));
+}
+
 int forward_sequential(int dtype, int B, int T, int C, const float* td, const float* tf, const void* k,
                        const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1,
                        float* bb1, float* pp1, float* sub, int* lastwin, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
-    auto grid = [&](int per) { return dim3(ceil_div(static_cast<long long>(B) * (C / per), LANES * SEQ_ROWS)); };
-    dim3 block(LANES, SEQ_ROWS);
+    dim3 lanes = sequential_grid(B, C, 1), block(LANES, SEQ_ROWS);
     cudaError_t err;
     if (dtype == 0)
-        err = launch(false, fwd_sequential<float>, grid(1), block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v, y,
-                     sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+        err = launch(false, fwd_sequential<float>, lanes, block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v, y, sub,
+                     lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
 #if WKV_PAIRS
     else if (sequential_pairs(B, C) && pairs_ok(C, {k, v, y}))
-        err = launch(false, fwd_sequential_pair, grid(2), block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v, y, sub,
-                     lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+        err = launch(false, fwd_sequential_pair, sequential_grid(B, C, 2), block, 0, stream, B, T, C, nseg, nsub, td,
+                     tf, k, v, y, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
 #endif
     else
-        err = launch(false, fwd_sequential<__nv_bfloat16>, grid(1), block, 0, stream, B, T, C, nseg, nsub, td, tf, k,
-                     v, y, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+        err = launch(false, fwd_sequential<__nv_bfloat16>, lanes, block, 0, stream, B, T, C, nseg, nsub, td, tf, k, v,
+                     y, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
+// A sequential backward kernel, with the dynamic shared memory of its per-thread stash.
 template <auto Kernel, typename... Args>
-cudaError_t launch_with_stash(dim3 grid, cudaStream_t stream, Args... args) {
+cudaError_t launch_sequential_backward(dim3 grid, cudaStream_t stream, Args... args) {
     cudaError_t err = allow_stash<Kernel>(SEQ_STASH_BYTES);
     if (err != cudaSuccess) return err;
     return launch(false, Kernel, grid, dim3(LANES, SEQ_ROWS), static_cast<size_t>(SEQ_STASH_BYTES), stream, args...);
@@ -2020,22 +2026,22 @@ int backward_sequential(int dtype, int B, int T, int C, const float* td, const f
                         const int* lastwin, float* part, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
                         float* gbb0, float* gpp0, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
-    auto grid = [&](int per) { return dim3(ceil_div(static_cast<long long>(B) * (C / per), LANES * SEQ_ROWS)); };
+    dim3 lanes = sequential_grid(B, C, 1);
     cudaError_t err;
     if (dtype == 0)
-        err = launch_with_stash<bwd_sequential<float>>(grid(1), stream, B, T, C, nseg, nsub, td, tf, k, v, gy, sub,
-                                                       lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, gk, gv, part,
-                                                       gaa0, gbb0, gpp0);
+        err = launch_sequential_backward<bwd_sequential<float>>(lanes, stream, B, T, C, nseg, nsub, td, tf, k, v, gy,
+                                                                sub, lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                                                                gk, gv, part, gaa0, gbb0, gpp0);
 #if WKV_PAIRS
     else if (sequential_pairs(B, C) && pairs_ok(C, {k, v, gy, gk, gv}))
-        err = launch_with_stash<bwd_sequential_pair>(grid(2), stream, B, T, C, nseg, nsub, td, tf, k, v, gy, sub,
-                                                     lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, gk, gv, part, gaa0,
-                                                     gbb0, gpp0);
+        err = launch_sequential_backward<bwd_sequential_pair>(sequential_grid(B, C, 2), stream, B, T, C, nseg, nsub,
+                                                              td, tf, k, v, gy, sub, lastwin, aa0, bb0, aa1, bb1,
+                                                              gaa1, gbb1, gpp1, gk, gv, part, gaa0, gbb0, gpp0);
 #endif
     else
-        err = launch_with_stash<bwd_sequential<__nv_bfloat16>>(grid(1), stream, B, T, C, nseg, nsub, td, tf, k, v,
-                                                               gy, sub, lastwin, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
-                                                               gk, gv, part, gaa0, gbb0, gpp0);
+        err = launch_sequential_backward<bwd_sequential<__nv_bfloat16>>(lanes, stream, B, T, C, nseg, nsub, td, tf, k,
+                                                                        v, gy, sub, lastwin, aa0, bb0, aa1, bb1, gaa1,
+                                                                        gbb1, gpp1, gk, gv, part, gaa0, gbb0, gpp0);
     // One partial per lane: the reduction's "segments" are 1.
     if (err == cudaSuccess)
         err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, 1, td, part, gtd,
