@@ -140,14 +140,18 @@ def spec_label(spec: dict) -> str:
     keys = ("model", "micro_bsz", "compile", "fused_loss_chunk", "host_sync", "skip_allreduce")
     label = "_".join(str(spec.get(k, "")) for k in keys)
     if spec.get("inductor"):
-        label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["inductor"])
+        label += "_" + file_safe(spec["inductor"])
     if spec.get("row_kernel", "cuda") != "cuda":
         label += f"_{spec['row_kernel']}rows"
     if spec.get("fused_ln_mix"):
         label += "_fusedlnmix"
     if spec.get("wkv_defines"):
-        label += "_" + "".join(ch if ch.isalnum() else "-" for ch in spec["wkv_defines"])
+        label += "_" + file_safe(spec["wkv_defines"])
     return label
+
+
+def file_safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() else "-" for ch in text)
 
 
 def keep_kernel_bandwidth(out_dir: str | None, label: str) -> None:
