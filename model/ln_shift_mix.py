@@ -13,10 +13,10 @@ Why one pass: the unfused graph (model/rwkv.py) writes the LayerNorm output, rer
 saves it for the mix gradients, and in backward sums those gradients over all B*T rows in kernels of
 their own (Inductor cannot fuse a column sum into the LayerNorm-backward kernel that produces its
 input). On an H200 the five time_mix gradients alone cost 4.2 % of the 169M training step
-(docs/benchmarks.md, "where the Triton kernels' bytes go"). Here a Triton program walks ROWS
-consecutive rows of one sequence: the forward reads x once and writes the M mixes; the backward reads
-x and the M output gradients once, writes x's gradient, and keeps the column sums (mixes, LayerNorm
-weight and bias) in registers, one partial per program, summed afterwards in a fixed order.
+(docs/benchmarks.md, "where the Triton kernels' bytes go"). Here the forward reads x once and writes
+the M mixes; the backward reads x and the M output gradients once, writes x's gradient, and keeps the
+column sums (mixes, LayerNorm weight and bias) of ROWS consecutive rows of one sequence in registers,
+one partial per program, summed afterwards in a fixed order. Both work on tiles of TILE rows.
 
 `ln_shift_mix` is the entry point: the Triton kernels for CUDA tensors (as the custom op
 `rwkv::ln_shift_mix`, which torch.compile traces into), the PyTorch reference otherwise. The kernels
@@ -32,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROWS = 64  # rows of one sequence per Triton program (tuning: docs/benchmarks.md)
+# Tuning (docs/benchmarks.md), per kernel: rows of one sequence side by side in a tile, and warps per
+# program (None: about 8 elements of a tile per thread, at most 8 warps); rows per backward program
+# (one partial of the column sums each).
+FORWARD_TILE, FORWARD_WARPS = 2, 4
+BACKWARD_TILE, BACKWARD_WARPS = 2, 4
+ROWS = 64
 # Decided once, not on every call in the model's forward (where torch.compile would also have to trace
 # the import and the environment lookup): whether Triton is installed, and whether its kernels run
 # interpreted (TRITON_INTERPRET=1, which Triton itself reads when it defines a kernel), so CPU tensors
@@ -58,15 +63,21 @@ def _kernels():
     return ln_shift_mix_kernels.forward, ln_shift_mix_kernels.backward
 
 
-def _launch_config(x: Tensor, mixes: Tensor) -> tuple[tuple[int, int], dict]:
+def _launch_config(x: Tensor, mixes: Tensor, backward: bool) -> tuple[tuple[int, int], dict]:
     import triton
 
     batch, steps, channels = x.shape
     if mixes.shape[0] not in (2, 3) or mixes.shape[1] != channels:
         raise ValueError(f"mixes must be (2 or 3, {channels}), got {tuple(mixes.shape)}")
+    tile, warps = (BACKWARD_TILE, BACKWARD_WARPS) if backward else (FORWARD_TILE, FORWARD_WARPS)
     block = triton.next_power_of_2(channels)
-    grid = (batch, triton.cdiv(steps, ROWS))
-    return grid, {"M": mixes.shape[0], "ROWS": ROWS, "BLOCK_C": block, "num_warps": max(1, min(8, block // 256))}
+    warps = warps or max(1, min(8, tile * block // 256))
+    meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
+    if not backward:
+        return (batch, triton.cdiv(steps, tile)), meta
+    if ROWS % tile:
+        raise ValueError(f"model.ln_shift_mix.ROWS ({ROWS}) must be a multiple of BACKWARD_TILE ({tile})")
+    return (batch, triton.cdiv(steps, ROWS)), {**meta, "ROWS": ROWS}
 
 
 def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
@@ -74,7 +85,7 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
     custom op passes torch.library.wrap_triton)."""
     kernel, _ = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes)
+    grid, meta = _launch_config(x, mixes, backward=False)
     _, steps, channels = x.shape
     outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
     last = x.new_empty((x.shape[0], channels))
@@ -93,7 +104,7 @@ def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, 
     or an empty tensor, g_mixes)."""
     _, kernel = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes)
+    grid, meta = _launch_config(x, mixes, backward=True)
     _, steps, channels = x.shape
     g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in g_outs]
     gx = torch.empty_like(x)

@@ -2,6 +2,13 @@
 
 Kept in a module of their own because Triton decides at definition time whether a kernel is compiled
 or interpreted (TRITON_INTERPRET=1, as the CPU tests set it before the first use).
+
+Both kernels work on tiles of TILE consecutive rows of one sequence x BLOCK_C columns, so the rows of a
+tile are normalised and mixed side by side (no row waits for the one before it). A row's shifted input
+is the LayerNorm of the row before, which belongs to the previous tile row or tile: each tile loads x
+once more, shifted by one row, and normalises it again (the second load hits the cache; LayerNorm is
+cheap next to the memory traffic). The backward's shifted operands, the next row's output gradients,
+are loaded the same way.
 """
 
 import triton
@@ -9,118 +16,128 @@ import triton.language as tl
 
 
 @triton.jit
-def norm_row(x_ptr, row, cols, cmask, w, b, C, eps):
-    """LayerNorm of one row in fp32: (ln, xhat, rstd); masked columns 0."""
-    x = tl.load(x_ptr + row * C + cols, mask=cmask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / C
-    d = tl.where(cmask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
-    xhat = d * rstd
-    return xhat * w + b, xhat, rstd
+def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
+    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, rstd) with ln, xhat (TILE, BLOCK_C) and
+    masked entries 0, rstd (TILE,)."""
+    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / C
+    d = tl.where(mask, x - mean[:, None], 0.0)
+    # Inductor passes a Python float as fp64, which would make the whole tile fp64: the variance is
+    # taken back to fp32 (one scalar per row, so the fp64 add costs nothing).
+    rstd = 1.0 / tl.sqrt((tl.sum(d * d, 1) / C + eps).to(tl.float32))
+    xhat = d * rstd[:, None]
+    return xhat * w[None, :] + b[None, :], xhat, rstd
 
 
 @triton.jit
-def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """p_k + offsets for k < M (M = 2 or 3) as fp32 vectors; without a third, zeros (every term it
+def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr):
+    """p_k + offsets for k < M (M = 2 or 3) as fp32 tiles; without a third, zeros (every term it
     enters then vanishes, and p2 is never read)."""
     r0 = tl.load(p0 + offsets, mask=mask, other=0.0).to(tl.float32)
     r1 = tl.load(p1 + offsets, mask=mask, other=0.0).to(tl.float32)
-    r2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r2 = tl.zeros_like(r0)
     if M > 2:
         r2 = tl.load(p2 + offsets, mask=mask, other=0.0).to(tl.float32)
     return r0, r1, r2
 
 
 @triton.jit
+def shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: tl.constexpr):
+    """xx of the rows t (TILE,): ln of row t - 1, and at t = 0 x_prev (zeros without one)."""
+    rows = seq * T + tl.maximum(t - 1, 0)
+    ln_before, _, _ = norm_tile(x_ptr, rows, cols, (t < T)[:, None] & cmask[None, :], w, b, C, eps)
+    start = tl.zeros_like(ln_before)
+    if HAS_PREV:
+        prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
+        start += prev[None, :]
+    return tl.where((t == 0)[:, None], start, ln_before)
+
+
+@triton.jit
 def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, T, C, eps,
-            HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+            HAS_PREV: tl.constexpr, M: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Program (sequence, tile): the outputs of TILE rows."""
     seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
-    t0 = tl.program_id(1) * ROWS
+    t = tl.program_id(1) * TILE + tl.arange(0, TILE)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
+    ok = (t < T)[:, None] & cmask[None, :]
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols, cmask, M, BLOCK_C)
-    # The row before the first: ln of x[t0 - 1], or x_prev (zeros without one) at t0 = 0.
-    ln_prev, _, _ = norm_row(x_ptr, seq * T + tl.maximum(t0 - 1, 0), cols, cmask, w, b, C, eps)
-    if t0 == 0:
-        ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
-        if HAS_PREV:
-            ln_prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
+    rows = seq * T + tl.minimum(t, T - 1)
+    ln, _, _ = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
+    xx = shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV)
+    at = rows[:, None] * C + cols[None, :]
     out_type = out0_ptr.dtype.element_ty
-    for i in range(ROWS):
-        t = t0 + i
-        tb = cols * 0 + t  # t as a block: a mask mixing a block and a scalar fails in Triton 3.9's interpreter
-        ok = cmask & (tb < T)
-        row = seq * T + tl.minimum(t, T - 1)
-        ln, _, _ = norm_row(x_ptr, row, cols, cmask, w, b, C, eps)
-        at = row * C + cols
-        tl.store(out0_ptr + at, (ln * m0 + ln_prev * (1 - m0)).to(out_type), mask=ok)
-        tl.store(out1_ptr + at, (ln * m1 + ln_prev * (1 - m1)).to(out_type), mask=ok)
-        if M > 2:
-            tl.store(out2_ptr + at, (ln * m2 + ln_prev * (1 - m2)).to(out_type), mask=ok)
-        tl.store(last_ptr + seq * C + cols, ln.to(last_ptr.dtype.element_ty), mask=cmask & (tb == T - 1))
-        ln_prev = ln
+    tl.store(out0_ptr + at, (ln * m0 + xx * (1 - m0)).to(out_type), mask=ok)
+    tl.store(out1_ptr + at, (ln * m1 + xx * (1 - m1)).to(out_type), mask=ok)
+    if M > 2:
+        tl.store(out2_ptr + at, (ln * m2 + xx * (1 - m2)).to(out_type), mask=ok)
+    last_at = seq * C + cols[None, :] + t[:, None] * 0
+    tl.store(last_ptr + last_at, ln.to(last_ptr.dtype.element_ty), mask=ok & (t == T - 1)[:, None])
+
+
+@triton.jit
+def mix_grad(g_ptr, at, ok, ok_next, C, m, diff, g_ln, g_prev):
+    """One mix's share of the backward at rows `at`: adds the mix output's gradient g into this row's ln
+    and (through the next row's xx) the next row's into it, and into x_prev; returns those with the
+    mix's column sum. Taken one mix at a time, so that only one pair of gradient tiles is live."""
+    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    h = tl.load(g_ptr + C + at, mask=ok_next, other=0.0).to(tl.float32)
+    return g_ln + g * m + h * (1 - m), g_prev + g * (1 - m), tl.sum(g * diff, 0)
 
 
 @triton.jit
 def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr, gprev_ptr,
              part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
-             ROWS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+             ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Program (sequence, chunk): x's gradient of ROWS rows, TILE at a time, and the chunk's column sums
+    (mixes, LayerNorm weight and bias) as one partial, written to part_ptr."""
     seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     chunk = tl.program_id(1)
-    t0 = chunk * ROWS
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols, cmask, M, BLOCK_C)
-    # The output gradients of the row after this one: its xx is this row's ln. Start with the row
-    # after the chunk (none after the sequence's end).
-    t_next = t0 + ROWS
-    nxt = cmask & (cols * 0 + t_next < T)
-    at = (seq * T + tl.minimum(t_next, T - 1)) * C + cols
-    h0, h1, h2 = load_three(g0_ptr, g1_ptr, g2_ptr, at, nxt, M, BLOCK_C)
     acc0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # column sums: the mixes, LayerNorm weight, bias
     acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    # Rows in reverse; each row's LayerNorm is computed once, as the row before of the row after it.
-    ln, xhat, rstd = norm_row(x_ptr, seq * T + tl.minimum(t_next - 1, T - 1), cols, cmask, w, b, C, eps)
-    for j in range(ROWS):
-        t = t0 + ROWS - 1 - j
-        tb = cols * 0 + t  # as in forward
-        ok = cmask & (tb < T)
-        row = seq * T + tl.minimum(t, T - 1)
-        before = seq * T + tl.minimum(tl.maximum(t - 1, 0), T - 1)
-        ln_before, xhat_before, rstd_before = norm_row(x_ptr, before, cols, cmask, w, b, C, eps)
-        ln_prev = ln_before
-        if t == 0:
-            ln_prev = tl.zeros([BLOCK_C], dtype=tl.float32)
-            if HAS_PREV:
-                ln_prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
-        g0, g1, g2 = load_three(g0_ptr, g1_ptr, g2_ptr, row * C + cols, ok, M, BLOCK_C)
-        g_ln = g0 * m0 + h0 * (1 - m0) + g1 * m1 + h1 * (1 - m1) + g2 * m2 + h2 * (1 - m2)
-        if HAS_GLAST:
-            g_ln += tl.load(glast_ptr + seq * C + cols, mask=cmask & (tb == T - 1), other=0.0).to(tl.float32)
-        g_ln = tl.where(ok, g_ln, 0.0)
-        diff = tl.where(ok, ln - ln_prev, 0.0)
-        acc0 += g0 * diff
-        acc1 += g1 * diff
-        acc2 += g2 * diff
-        acc_w += g_ln * xhat
-        acc_b += g_ln
+    for i in range(ROWS // TILE):
+        t = chunk * ROWS + i * TILE + tl.arange(0, TILE)
+        ok = (t < T)[:, None] & cmask[None, :]
+        ok_next = ok & (t + 1 < T)[:, None]  # the next row's output gradients (none after the end)
+        rows = seq * T + tl.minimum(t, T - 1)
+        at = rows[:, None] * C + cols[None, :]
+        # Parameters are read again in every tile (from the cache) rather than held: with the column
+        # sums, held (C,) vectors cost more registers per thread than a tile (docs/benchmarks.md).
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
+        ln, xhat, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
+        diff = ln - shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV)
+        # Gradients are 0 in masked entries (loaded as 0), so every sum below skips them.
+        g_ln = tl.zeros_like(diff)
+        per_seq = seq * C + cols[None, :] + t[:, None] * 0  # the sequence's (C,) vectors, per row
+        if HAS_GLAST:  # ln[:, -1]'s gradient: only the tile holding row T - 1 reads it
+            g_ln += tl.load(glast_ptr + per_seq, mask=ok & (t == T - 1)[:, None], other=0.0).to(tl.float32)
+        g_prev = tl.zeros_like(g_ln)
+        g_ln, g_prev, s = mix_grad(g0_ptr, at, ok, ok_next, C, m0, diff, g_ln, g_prev)
+        acc0 += s
+        g_ln, g_prev, s = mix_grad(g1_ptr, at, ok, ok_next, C, m1, diff, g_ln, g_prev)
+        acc1 += s
+        if M > 2:
+            g_ln, g_prev, s = mix_grad(g2_ptr, at, ok, ok_next, C, m2, diff, g_ln, g_prev)
+            acc2 += s
+        acc_w += tl.sum(g_ln * xhat, 0)
+        acc_b += tl.sum(g_ln, 0)
         if HAS_PREV:  # x_prev is row 0's xx
-            g_prev = g0 * (1 - m0) + g1 * (1 - m1) + g2 * (1 - m2)
-            tl.store(gprev_ptr + seq * C + cols, g_prev.to(gprev_ptr.dtype.element_ty), mask=ok & (tb == 0))
-        g_xhat = g_ln * w
-        c1 = tl.sum(g_xhat * xhat, 0) / C
-        c2 = tl.sum(g_xhat, 0) / C
-        gx = (g_xhat - xhat * c1 - c2) * rstd
-        tl.store(gx_ptr + row * C + cols, gx.to(gx_ptr.dtype.element_ty), mask=ok)
-        h0, h1, h2 = g0, g1, g2
-        ln, xhat, rstd = ln_before, xhat_before, rstd_before
+            tl.store(gprev_ptr + per_seq, g_prev.to(gprev_ptr.dtype.element_ty), mask=ok & (t == 0)[:, None])
+        g_xhat = g_ln * w[None, :]
+        c1 = tl.sum(g_xhat * xhat, 1) / C
+        c2 = tl.sum(g_xhat, 1) / C
+        gx = (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=ok)
     part = part_ptr + (seq * tl.num_programs(1) + chunk) * (M + 2) * C + cols
     tl.store(part, acc0, mask=cmask)
     tl.store(part + C, acc1, mask=cmask)

@@ -3,6 +3,8 @@ reference in float64: on a GPU compiled, without one through Triton's interprete
 (tests/conftest.py sets TRITON_INTERPRET); skipped, visibly, without Triton."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,10 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 @pytest.fixture(autouse=True)
 def small_programs(monkeypatch):
-    monkeypatch.setattr(lsm, "ROWS", 4)  # several programs per sequence even at small T
+    # Several tiles per backward program and several programs per sequence even at small T.
+    monkeypatch.setattr(lsm, "FORWARD_TILE", 2)
+    monkeypatch.setattr(lsm, "BACKWARD_TILE", 2)
+    monkeypatch.setattr(lsm, "ROWS", 4)
 
 
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -140,3 +145,36 @@ def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, chunks):
     assert abs(loss_fused.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
     for name, grad in grads_plain.items():
         assert rel_l2(grads_fused[name], grad.double()) <= 1e-5, name
+
+
+# Compiles both kernels for sm_90 (Triton's own compiler and ptxas; no GPU needed) with eps typed fp64, as
+# Inductor types a Python float argument (an eager launch and the interpreter type it fp32): the kernels
+# once failed to compile that way ("ln_prev is fp64, redefined as fp32") on the GPU only.
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from model import ln_shift_mix_kernels as kernels
+
+scalars = {"T": "i32", "C": "i32", "eps": "fp64"}
+for kernel, floats, constexprs in (
+    (kernels.forward, ("w_ptr", "b_ptr", "mix_ptr"), {"HAS_PREV": True, "M": 3, "TILE": 2, "BLOCK_C": 1024}),
+    (kernels.backward, ("w_ptr", "b_ptr", "mix_ptr", "part_ptr"),
+     {"HAS_PREV": True, "HAS_GLAST": True, "M": 3, "ROWS": 8, "TILE": 2, "BLOCK_C": 1024}),
+):
+    signature = {
+        name: "constexpr" if name in constexprs else scalars.get(name, "*fp32" if name in floats else "*bf16")
+        for name in kernel.arg_names
+    }
+    source = ASTSource(kernel, signature=signature, constexprs=constexprs)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+"""
+
+
+def test_kernels_compile_for_sm90_with_eps_typed_as_inductor_types_it():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
