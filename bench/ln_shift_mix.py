@@ -1,8 +1,11 @@
 """GPU benchmark of the fused LayerNorm + token shift + mix kernels (model/ln_shift_mix.py) against the same
 computation as PyTorch ops compiled by Inductor, side by side in one run.
 
-    python bench/ln_shift_mix.py                      # the training shapes, bf16, the kernels' ROWS as set
-    python bench/ln_shift_mix.py --rows 16 32 64 128  # the kernels at several rows per program
+    python bench/ln_shift_mix.py                            # the training shapes, bf16, the kernels as set
+    python bench/ln_shift_mix.py --configs 4,8,4,8,64 2,4,2,4,32  # several launch configurations
+
+A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS (model/ln_shift_mix.py;
+a warp count 0 takes the module's default for the tile).
 
 Legend: B batch, T time, C channels, M mixes (3: TimeMix, 2: ChannelMix). Median times (triton's do_bench,
 L2 flushed) of forward, and of forward + backward with random output gradients (ln[:, -1]'s gradient
@@ -70,12 +73,13 @@ def timed(fn, x, params, grads) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[lsm.ROWS], help="the kernels' rows per program")
+    here = f"{lsm.FORWARD_TILE},{lsm.FORWARD_WARPS or 0},{lsm.BACKWARD_TILE},{lsm.BACKWARD_WARPS or 0},{lsm.ROWS}"
+    parser.add_argument("--configs", nargs="+", default=[here], help="launch configurations (see above)")
+    parser.add_argument("--compiled", action="store_true", help="also time each configuration under torch.compile")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     copy_gbps = copy_rate_gbps()
-    inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
     print(f"device: {torch.cuda.get_device_name()}, copy rate {copy_gbps:.0f} GB/s (read + write), {args.dtype}")
     print("| B x T x C, M | path | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy | fwd+bwd vs Inductor |")
     print("|---|---|---|---|---|---|---|")
@@ -83,10 +87,19 @@ def main() -> None:
         x, params, grads = make_case(batch, steps, channels, n_mix, dtype)
         unit = x.numel() * x.element_size()
         fwd_bytes, total_bytes = (1 + n_mix) * unit, (3 + 2 * n_mix) * unit
+        # A fresh compile per shape: after a shape change Dynamo recompiles with dynamic shapes, whose
+        # generic kernels ran 4x slower at C = 1024 (docs/benchmarks.md, session 11).
+        torch._dynamo.reset()
+        inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
         rows = {"Inductor (PyTorch ops)": timed(inductor, x, params, grads)}
-        for r in args.rows:
-            lsm.ROWS = r
-            rows[f"fused, ROWS {r}"] = timed(lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m), x, params, grads)
+        for config in args.configs:
+            ft, fw, bt, bw, lsm.ROWS = (int(v) for v in config.split(","))
+            lsm.FORWARD_TILE, lsm.FORWARD_WARPS, lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = ft, fw or None, bt, bw or None
+            fused = lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m)  # noqa: E731
+            rows[f"fused {config}"] = timed(fused, x, params, grads)
+            if args.compiled:  # as training runs them: launched from Inductor's graph
+                torch._dynamo.reset()  # as above
+                rows[f"fused {config}, compiled"] = timed(torch.compile(fused), x, params, grads)
         base = rows["Inductor (PyTorch ops)"][1]
         for name, (fwd, total) in rows.items():
             print(
