@@ -40,6 +40,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -485,6 +486,14 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     return rows
 
 
+def failure_line(error: str) -> str:
+    """The line of a failed row's stderr that says why: the last one naming an exception (shutdown
+    warnings print after it), else the last line."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    named = [line for line in lines if re.search(r"\w+(Error|Exception)\b|^Killed|timed out|skipped", line)]
+    return (named or lines or ["?"])[-1]
+
+
 def print_table(rows: list[dict]) -> None:
     for row in rows:  # the profiles first, so that the table is what a log's tail shows
         if isinstance(row.get("profile"), dict):
@@ -498,7 +507,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         if "error" in row:
-            cells = f"failed: {row['error'].strip().splitlines()[-1] if row['error'].strip() else '?'} | | | |"
+            cells = f"failed: {failure_line(row['error'])} | | | |"
         else:
             idle = f"{row['profile']['idle_pct']:.1f} %" if isinstance(row.get("profile"), dict) else ""
             memory = row.get("gpu_mem_peak_gib", 0)
