@@ -38,7 +38,8 @@ ModelState = list[LayerState]
 FUSED_LN_MIX = False
 """Each block's LayerNorm, token shift and time-mixes per branch through model/ln_shift_mix.py: one
 Triton kernel per branch on CUDA tensors (the same values, float64-tested, with fewer bytes moved),
-its PyTorch reference elsewhere. Off until measured in training on a GPU."""
+its PyTorch reference elsewhere. Off: on an H200 it made 430M training 2.2 % faster and 169M 22 % slower,
+for a reason not yet found (docs/benchmarks.md, Training, session 11)."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
