@@ -7,7 +7,8 @@
 #   2. only if they pass: the kernels alone against Inductor at the training shapes, at each launch
 #      configuration given (bench/ln_shift_mix.py --configs; none: the module's), then 169M training at
 #      micro-batch 128 (compile, fused loss 8192, ZeRO-0 master path, cuda WKV), the switch as in
-#      $TRAIN_SWITCH (default "0 1 0 1": off and on, alternating), each row its own process.
+#      $TRAIN_SWITCH (default "0 1 0 1": off and on, alternating), each row its own process; with
+#      PROFILE=N each row also profiles N steps (top kernels in the log, files in $OUT).
 # Run from the repository root on the GPU machine with DeepSpeed's wheels in .whl/ (device tool: carry
 # ".whl"); logs and JSON rows go to $OUT.
 #   bash bench/ln_mix_device.sh [CONFIG ...]
@@ -28,5 +29,5 @@ echo "kernels done at $((SECONDS - start)) s"
 # shellcheck disable=SC2086  # the switch values are words
 python3 bench/train_throughput.py --models 169m --backends cuda --zero 0 --micro-bsz 128 --compile 1 \
     --fused-loss-chunk 8192 --steps 12 --warmup 6 --timeout 200 --fused-ln-mix ${TRAIN_SWITCH:-0 1 0 1} \
-    --json "$OUT/train169.json" 2>&1 | grep -v '^{' | tail -n 6
+    ${PROFILE:+--profile "$PROFILE" --out "$OUT"} --json "$OUT/train169.json" 2>&1 | grep -v '^{' | tail -n 80
 echo "all done: $((SECONDS - start)) s"
