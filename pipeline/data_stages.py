@@ -37,7 +37,7 @@ from tokenization.manifest import (
     write_manifest,
 )
 from tokenization.readers import ReadStats, read_segment
-from tokenization.shards import ShardWriter, token_dtype
+from tokenization.shards import ShardWriter
 from tokenization.tokenizer import TokenizerInfo, load_tokenizer, read_info, train_sentencepiece, write_atomic
 from tokenization.units import WorkUnit, plan_units, split_of
 
@@ -122,7 +122,6 @@ class _UnitWriter:
 
     def __init__(self, processor: Any, info: TokenizerInfo, out_dir: Path, index: int, batch_bytes: int) -> None:
         self.processor, self.info, self.out_dir, self.index = processor, info, out_dir, index
-        self.dtype = token_dtype(info.vocab_size)
         self.batch_bytes = batch_bytes
         self.pending: dict[str, list[str]] = {split: [] for split in SPLITS}
         self.pending_bytes = {split: 0 for split in SPLITS}
@@ -142,19 +141,14 @@ class _UnitWriter:
         started = time.perf_counter()
         encoded = self.processor.encode(texts, num_threads=1)  # one CPU per task: Ray schedules the parallelism
         eod = (self.info.eod_id,)
-        lengths = np.fromiter((len(ids) + 1 for ids in encoded), np.int64, len(encoded))
-        # sentencepiece's lists in one pass straight into the shard's dtype: an array per document, their
-        # concatenation and the cast took 1.8x as long (0.17 against 0.09 s for the stdlib's 4.2M tokens,
-        # against 1.9 s of encode; docs/benchmarks.md, Tokenization, session 11)
-        flat = itertools.chain.from_iterable(itertools.chain(ids, eod) for ids in encoded)
-        values = np.fromiter(flat, self.dtype, int(lengths.sum()))
+        documents = [np.fromiter(itertools.chain(ids, eod), np.int64, len(ids) + 1) for ids in encoded]
         self.encode_s += time.perf_counter() - started
         started = time.perf_counter()
         if split not in self.writers:
             self.writers[split] = ShardWriter(
                 self.out_dir / shard_name(split, self.index), self.info, split
             ).__enter__()
-        self.writers[split].write_flat(values, lengths)
+        self.writers[split].write(documents)
         self.write_s += time.perf_counter() - started
         self.pending[split], self.pending_bytes[split] = [], 0
 

@@ -85,25 +85,21 @@ class ShardWriter:
 
     def write(self, documents: list[np.ndarray]) -> None:
         """One record batch; each array is a document's ids, eod included."""
-        if documents:
-            lengths = np.fromiter((len(doc) for doc in documents), np.int64, len(documents))
-            self.write_flat(np.concatenate(documents), lengths)
-
-    def write_flat(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        """One record batch from the documents' ids back to back (eod included) and each one's length."""
-        if not len(lengths):
+        if not documents:
             return
-        offsets = np.zeros(len(lengths) + 1, np.int32)
+        lengths = np.fromiter((len(doc) for doc in documents), np.int64, len(documents))
+        offsets = np.zeros(len(documents) + 1, np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        values = np.ascontiguousarray(values, dtype=self.dtype)  # no copy when already the shard's dtype
+        values = np.ascontiguousarray(np.concatenate(documents), dtype=self.dtype)
         # from_buffers, not pa.array: no pandas import in workers, no copies
         value_array = pa.Array.from_buffers(self.value_type, len(values), [None, pa.py_buffer(values)])
         list_type = self.schema.field(0).type
-        offset_buffer = pa.py_buffer(offsets)
-        tokens = pa.ListArray.from_buffers(list_type, len(lengths), [None, offset_buffer], children=[value_array])
+        tokens = pa.ListArray.from_buffers(
+            list_type, len(documents), [None, pa.py_buffer(offsets)], children=[value_array]
+        )
         self.writer.write_batch(pa.record_batch([tokens], schema=self.schema))
-        self.documents += len(lengths)
-        self.tokens += int(offsets[-1])
+        self.documents += len(documents)
+        self.tokens += int(lengths.sum())
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.record is not None or not self.temporary.exists():
