@@ -1,14 +1,19 @@
 """Tokenize-stage throughput: the Ray stage with 1 and 2 workers against a single-process encode loop.
 
-    python bench/tokenize_throughput.py                       # the Python standard library, vocab 4096
-    python bench/tokenize_throughput.py --unit-kb 1024 --repeats 3
-    python bench/tokenize_throughput.py --workers 1 2 4 8 --unit-kb 256   # on a machine with >= 8 cores
+    python bench/tokenize_throughput.py                       # the Python standard library x 4, vocab 4096
+    python bench/tokenize_throughput.py --copies 1 --unit-kb 512   # the corpus and units until 2026-11-30
+    python bench/tokenize_throughput.py --workers 1 2 4 8 --unit-kb 512   # on a machine with >= 8 cores
     python bench/tokenize_throughput.py --paired 8    # rounds of (single, Ray stage, plain), back to back
 
-All runs share one corpus (the stdlib's *.py, ~14 MB) and one tokenizer. The baseline reads every
-document and calls sentencepiece `encode` in one process (one thread). The Ray runs start a local
-cluster once (as many CPUs as the most workers asked for), warm its workers on a small run, then
-time `run_units` over all units into a fresh directory, plus the manifest, for each worker count.
+All runs share one corpus and one tokenizer. The corpus is the stdlib's *.py (13 MB) copied --copies
+times (default 4: 53 MB) as .txt files, cut into units of --unit-kb (default 2048). A unit costs the
+stage a few ms besides its encode (the gap until the next task starts, ~3 ms measured; its shard's
+close, fsync and sha256; its record), so units far smaller than the stage's default (16 MB) overstate
+that cost, and the stdlib alone is too small for enough units of a realistic size (2-core VM, 53 MB:
+512 KB units put the stage at 0.90 of bare processes, 2-4 MB units at 0.93-0.96).
+The baseline reads every document and calls sentencepiece `encode` in one process (one thread). The
+Ray runs start a local cluster once (as many CPUs as the most workers asked for), warm its workers on
+a small run, then time `run_units` over all units into a fresh directory, plus the manifest, for each worker count.
 The "plain processes" rows run the baseline's loop in N forked processes (no Ray, no shards): on a
 shared machine they show what N cores deliver at that moment, the ceiling for the N-worker Ray row.
 Shard writing is the time units spent in the Arrow writer (building batches, writing, fsync, rename,
@@ -50,6 +55,7 @@ from pipeline.data_stages import train_tokenizer
 from tokenization.config import DataConfig, TokenizerConfig
 from tokenization.manifest import write_manifest
 from tokenization.readers import ReadStats, read_segment
+from tokenization.sources import STDLIB, resolve_sources
 from tokenization.tokenizer import load_tokenizer
 from tokenization.units import plan_units
 
@@ -222,7 +228,8 @@ def round_robin_table(args, data: DataConfig, tokenizer_dir: Path, pool, fresh, 
         rows[name] = {key: statistics.median(r[key] for r in runs_of_row) for key in runs_of_row[0]}
     base = rows["single process, sentencepiece encode loop"]
     base_rate = base["bytes"] / base["seconds"]
-    print(f"\ncorpus {args.paths}: {base['bytes'] / 1e6:.1f} MB, {base['tokens'] / 1e6:.2f} M tokens, ", end="")
+    corpus = f"corpus {args.paths} x {args.copies}: {base['bytes'] / 1e6:.1f} MB"
+    print(f"\n{corpus}, {base['tokens'] / 1e6:.2f} M tokens, ", end="")
     print(
         f"{len(plan_units(data))} units of {args.unit_kb} KB, vocab {args.vocab}, load avg {os.getloadavg()[0]:.2f}\n"
     )
@@ -238,10 +245,23 @@ def round_robin_table(args, data: DataConfig, tokenizer_dir: Path, pool, fresh, 
         )
 
 
+def copied_corpus(paths: list[str], copies: int, out: Path) -> Path:
+    """`copies` copies of the corpus files under out/copy-K/ (stdlib files as .txt, which is how the stage
+    reads them); each document keeps a distinct id."""
+    for source in resolve_sources(paths):
+        name = source.rel.removeprefix(STDLIB) + (".txt" if source.rel.startswith(STDLIB) else "")
+        for copy in range(copies):
+            target = out / f"copy-{copy}" / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.path, target)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paths", nargs="+", default=["stdlib:"])
-    parser.add_argument("--unit-kb", type=int, default=512)
+    parser.add_argument("--copies", type=int, default=4, help="the corpus this many times over (see above)")
+    parser.add_argument("--unit-kb", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per row; the median is shown")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray worker counts to time")
@@ -255,7 +275,8 @@ def main() -> None:
     import ray
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-tokenize-"))
-    data = DataConfig(paths=args.paths, unit_bytes=args.unit_kb << 10)
+    paths = [str(copied_corpus(args.paths, args.copies, scratch / "corpus"))] if args.copies > 1 else args.paths
+    data = DataConfig(paths=paths, unit_bytes=args.unit_kb << 10)
     tokenizer_dir = train_tokenizer(data, TokenizerConfig(vocab_size=args.vocab, sample_bytes=4 << 20), scratch / "tok")
     most = max(args.workers)
     pool = multiprocessing.get_context("fork").Pool(most, initializer=_pool_init, initargs=(tokenizer_dir,))
