@@ -5,10 +5,10 @@ or interpreted (TRITON_INTERPRET=1, as the CPU tests set it before the first use
 
 Both kernels work on tiles of TILE consecutive rows of one sequence x BLOCK_C columns, so the rows of a
 tile are normalised and mixed side by side (no row waits for the one before it). A row's shifted input
-is the LayerNorm of the row before, which belongs to the previous tile row or tile: each tile loads x
-once more, shifted by one row, and normalises it again (the second load hits the cache; LayerNorm is
-cheap next to the memory traffic). The backward's shifted operands, the next row's output gradients,
-are loaded the same way.
+is the LayerNorm of the row before, in the same tile or the tile before: each tile loads x once more,
+shifted by one row, and normalises it again (the second load hits the cache; LayerNorm is cheap next
+to the memory traffic). The backward's shifted operands, the next row's output gradients, are loaded
+the same way.
 """
 
 import triton
@@ -17,8 +17,8 @@ import triton.language as tl
 
 @triton.jit
 def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
-    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, rstd) with ln, xhat (TILE, BLOCK_C) and
-    masked entries 0, rstd (TILE,)."""
+    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, rstd) with ln, xhat (TILE, BLOCK_C), xhat 0
+    in masked entries, rstd (TILE,)."""
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, 1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
