@@ -42,6 +42,13 @@ def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr):
 
 
 @triton.jit
+def per_sequence(seq, C, cols, t):
+    """Offsets into a (B, C) tensor (x_prev, ln[:, -1] and their gradients) for the rows t (TILE,) of
+    sequence seq: each row gets its sequence's vector; the store or load masks pick the row."""
+    return seq * C + cols[None, :] + t[:, None] * 0
+
+
+@triton.jit
 def shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: tl.constexpr):
     """xx of the rows t (TILE,): ln of row t - 1, and at t = 0 x_prev (zeros without one)."""
     rows = seq * T + tl.maximum(t - 1, 0)
@@ -74,8 +81,8 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr
     tl.store(out1_ptr + at, (ln * m1 + xx * (1 - m1)).to(out_type), mask=ok)
     if M > 2:
         tl.store(out2_ptr + at, (ln * m2 + xx * (1 - m2)).to(out_type), mask=ok)
-    last_at = seq * C + cols[None, :] + t[:, None] * 0
-    tl.store(last_ptr + last_at, ln.to(last_ptr.dtype.element_ty), mask=ok & (t == T - 1)[:, None])
+    last = ln.to(last_ptr.dtype.element_ty)
+    tl.store(last_ptr + per_sequence(seq, C, cols, t), last, mask=ok & (t == T - 1)[:, None])
 
 
 @triton.jit
@@ -118,7 +125,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, gla
         diff = ln - shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV)
         # Gradients are 0 in masked entries (loaded as 0), so every sum below skips them.
         g_ln = tl.zeros_like(diff)
-        per_seq = seq * C + cols[None, :] + t[:, None] * 0  # the sequence's (C,) vectors, per row
+        per_seq = per_sequence(seq, C, cols, t)
         if HAS_GLAST:  # ln[:, -1]'s gradient: only the tile holding row T - 1 reads it
             g_ln += tl.load(glast_ptr + per_seq, mask=ok & (t == T - 1)[:, None], other=0.0).to(tl.float32)
         g_prev = tl.zeros_like(g_ln)
