@@ -93,8 +93,10 @@ def main() -> None:
         inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
         rows = {"Inductor (PyTorch ops)": timed(inductor, x, params, grads)}
         for config in args.configs:
-            ft, fw, bt, bw, lsm.ROWS = (int(v) for v in config.split(","))
-            lsm.FORWARD_TILE, lsm.FORWARD_WARPS, lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = ft, fw or None, bt, bw or None
+            fwd_tile, fwd_warps, bwd_tile, bwd_warps, bwd_rows = (int(v) for v in config.split(","))
+            lsm.FORWARD_TILE, lsm.FORWARD_WARPS = fwd_tile, fwd_warps or None
+            lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = bwd_tile, bwd_warps or None
+            lsm.ROWS = bwd_rows
             fused = lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m)  # noqa: E731
             rows[f"fused {config}"] = timed(fused, x, params, grads)
             if args.compiled:  # as training runs them: launched from Inductor's graph
