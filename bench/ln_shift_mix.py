@@ -4,8 +4,9 @@ computation as PyTorch ops compiled by Inductor, side by side in one run.
     python bench/ln_shift_mix.py                            # the training shapes, bf16, the kernels as set
     python bench/ln_shift_mix.py --configs 4,8,4,8,64 2,4,2,4,32  # several launch configurations
 
-A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS (model/ln_shift_mix.py;
-a warp count 0 takes the module's default for the tile).
+A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS[,BACKWARD_STAGES]
+(model/ln_shift_mix.py; a warp count 0 takes the module's default for the tile; stages 0 or left out:
+Triton's default pipelining of the backward's row loop).
 
 Legend: B batch, T time, C channels, M mixes (3: TimeMix, 2: ChannelMix). Median times (triton's do_bench,
 L2 flushed) of forward, and of forward + backward with random output gradients (ln[:, -1]'s gradient
@@ -73,7 +74,10 @@ def timed(fn, x, params, grads) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = f"{lsm.FORWARD_TILE},{lsm.FORWARD_WARPS or 0},{lsm.BACKWARD_TILE},{lsm.BACKWARD_WARPS or 0},{lsm.ROWS}"
+    here = (
+        f"{lsm.FORWARD_TILE},{lsm.FORWARD_WARPS or 0},{lsm.BACKWARD_TILE},{lsm.BACKWARD_WARPS or 0},{lsm.ROWS},"
+        f"{lsm.BACKWARD_STAGES or 0}"
+    )
     parser.add_argument("--configs", nargs="+", default=[here], help="launch configurations (see above)")
     parser.add_argument("--compiled", action="store_true", help="also time each configuration under torch.compile")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -93,10 +97,10 @@ def main() -> None:
         inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
         rows = {"Inductor (PyTorch ops)": timed(inductor, x, params, grads)}
         for config in args.configs:
-            fwd_tile, fwd_warps, bwd_tile, bwd_warps, bwd_rows = (int(v) for v in config.split(","))
+            fwd_tile, fwd_warps, bwd_tile, bwd_warps, bwd_rows, *stages = (int(v) for v in config.split(","))
             lsm.FORWARD_TILE, lsm.FORWARD_WARPS = fwd_tile, fwd_warps or None
             lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = bwd_tile, bwd_warps or None
-            lsm.ROWS = bwd_rows
+            lsm.ROWS, lsm.BACKWARD_STAGES = bwd_rows, (stages[0] if stages else 0) or None
             fused = lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m)  # noqa: E731
             rows[f"fused {config}"] = timed(fused, x, params, grads)
             if args.compiled:  # as training runs them: launched from Inductor's graph

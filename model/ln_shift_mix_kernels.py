@@ -98,9 +98,10 @@ def mix_grad(g_ptr, at, ok, ok_next, C, m, diff, g_ln, g_prev):
 @triton.jit
 def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr, gprev_ptr,
              part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
-             ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+             ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Program (sequence, chunk): x's gradient of ROWS rows, TILE at a time, and the chunk's column sums
-    (mixes, LayerNorm weight and bias) as one partial, written to part_ptr."""
+    (mixes, LayerNorm weight and bias) as one partial, written to part_ptr. STAGES: the row loop's
+    software pipelining (None: Triton's default)."""
     seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     chunk = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
@@ -110,7 +111,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, gla
     acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(ROWS // TILE):
+    for i in tl.range(ROWS // TILE, num_stages=STAGES):
         t = chunk * ROWS + i * TILE + tl.arange(0, TILE)
         ok = (t < T)[:, None] & cmask[None, :]
         ok_next = ok & (t + 1 < T)[:, None]  # the next row's output gradients (none after the end)

@@ -160,7 +160,7 @@ scalars = {"T": "i32", "C": "i32", "eps": "fp64"}
 for kernel, floats, constexprs in (
     (kernels.forward, ("w_ptr", "b_ptr", "mix_ptr"), {"HAS_PREV": True, "M": 3, "TILE": 2, "BLOCK_C": 1024}),
     (kernels.backward, ("w_ptr", "b_ptr", "mix_ptr", "part_ptr"),
-     {"HAS_PREV": True, "HAS_GLAST": True, "M": 3, "ROWS": 8, "TILE": 2, "BLOCK_C": 1024}),
+     {"HAS_PREV": True, "HAS_GLAST": True, "M": 3, "ROWS": 8, "TILE": 2, "BLOCK_C": 1024, "STAGES": 3}),
 ):
     signature = {
         name: "constexpr" if name in constexprs else scalars.get(name, "*fp32" if name in floats else "*bf16")
