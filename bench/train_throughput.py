@@ -271,10 +271,27 @@ def summarize_profile(prof, steps: int, out: str | None, label: str, top: int = 
 
     kernels: dict[str, list[float]] = {}
     intervals, syncs = [], {}
-    for event in prof.events():
+    events = prof.events()
+    # The host runs ahead of the device, so the device still works on the step before the first profiled
+    # one when profiling starts: only device ops inside the profiled steps' device-side spans (their
+    # ProfilerStep annotations mirrored on the device timeline) are counted, or every step's figures would
+    # hold ~1.5 steps' kernels (as before 2026-11-30, session 12).
+    windows = sorted(
+        (event.time_range.start, event.time_range.end)
+        for event in events
+        if event.device_type.name == "CUDA" and event.name.startswith("ProfilerStep")
+    )
+    steps = len(windows) or steps
+
+    def in_profiled_step(start: float) -> bool:
+        return not windows or any(low <= start <= high for low, high in windows)
+
+    for event in events:
         # user annotations (ProfilerStep#N, Optimizer.step#...) are mirrored on the device timeline: not kernels
         annotation = getattr(event, "is_user_annotation", False) or event.name.startswith("ProfilerStep")
         if event.device_type.name == "CUDA" and not annotation and "#" not in event.name:
+            if not in_profiled_step(event.time_range.start):
+                continue
             entry = kernels.setdefault(event.name, [0.0, 0.0])
             entry[0] += event.device_time_total / steps
             entry[1] += 1 / steps
