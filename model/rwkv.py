@@ -38,8 +38,9 @@ ModelState = list[LayerState]
 FUSED_LN_MIX = False
 """Each block's LayerNorm, token shift and time-mixes per branch through model/ln_shift_mix.py: one
 Triton kernel per branch on CUDA tensors (the same values, float64-tested, with fewer bytes moved),
-its PyTorch reference elsewhere. Off: on an H200 it made 430M training 2.2 % faster and 169M 22 % slower,
-for a reason not yet found (docs/benchmarks.md, Training, session 11)."""
+its PyTorch reference elsewhere. Off: on an H200 it made training 0.5-2.4 % faster in six of eight
+measured pairs, but 169M 22 % slower in two pairs of one session, for a reason not yet found
+(docs/benchmarks.md, Training, sessions 11 and 12)."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
