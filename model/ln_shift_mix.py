@@ -14,7 +14,8 @@ saves it for the mix gradients, and in backward sums those gradients over all B*
 their own (Inductor cannot fuse a column sum into the LayerNorm-backward kernel that produces its
 input). On an H200 the five time_mix gradients alone cost 4.2 % of the 169M training step
 (docs/benchmarks.md, "where the Triton kernels' bytes go"). Here the forward reads x once and writes
-the M mixes; the backward reads x and the M output gradients once, writes x's gradient, and keeps the
+the M mixes (and each row's LayerNorm mean and rstd, 8 bytes a row); the backward reads x, those
+statistics and the M output gradients once, writes x's gradient, and keeps the
 column sums (mixes, LayerNorm weight and bias) of ROWS consecutive rows of one sequence in registers,
 one partial per program, summed afterwards in a fixed order. Both work on tiles of TILE rows.
 
@@ -84,27 +85,29 @@ def _launch_config(x: Tensor, mixes: Tensor, backward: bool) -> tuple[tuple[int,
 
 
 def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
-    """Run the forward kernel: (the M outputs (B, T, C), last (B, C)). `launch` wraps the kernel (the
-    custom op passes torch.library.wrap_triton)."""
+    """Run the forward kernel: (the M outputs (B, T, C), last (B, C), stats (B, T, 2): each row's LayerNorm
+    mean and rstd in fp32, which the backward takes). `launch` wraps the kernel (the custom op passes
+    torch.library.wrap_triton)."""
     kernel, _ = _kernels()
     kernel = launch(kernel) if launch else kernel
     grid, meta = _launch_config(x, mixes, backward=False)
     _, steps, channels = x.shape
     outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
     last = x.new_empty((x.shape[0], channels))
+    stats = torch.empty((x.shape[0], steps, 2), device=x.device, dtype=torch.float32)
     # Placeholders for absent tensors (never touched, by the HAS_PREV and M switches): x.
     prev = x_prev if x_prev is not None else x
     out2 = outs[2] if len(outs) > 2 else x
     kernel[grid](
-        x, weight, bias, prev, mixes, outs[0], outs[1], out2, last, steps, channels, eps,
+        x, weight, bias, prev, mixes, outs[0], outs[1], out2, last, stats, steps, channels, eps,
         HAS_PREV=x_prev is not None, **meta,
     )  # fmt: skip
-    return outs, last
+    return outs, last, stats
 
 
-def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, launch=None):
-    """Run the backward kernel on the M outputs' gradients (None: zeros): (gx, g_weight, g_bias, g_x_prev
-    or an empty tensor, g_mixes)."""
+def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, launch=None):
+    """Run the backward kernel on the M outputs' gradients (None: zeros), with the forward's row `stats`:
+    (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes)."""
     _, kernel = _kernels()
     kernel = launch(kernel) if launch else kernel
     grid, meta = _launch_config(x, mixes, backward=True)
@@ -115,7 +118,7 @@ def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, 
     parts = torch.empty((grid[0] * grid[1], mixes.shape[0] + 2, channels), device=x.device, dtype=torch.float32)
     # Placeholders for absent tensors (never touched, by the HAS_* and M switches): x to read, gx to write.
     kernel[grid](
-        x, weight, bias, x_prev if x_prev is not None else x, mixes, g[0], g[1], g[2] if len(g) > 2 else x,
+        x, weight, bias, x_prev if x_prev is not None else x, mixes, stats, g[0], g[1], g[2] if len(g) > 2 else x,
         g_last.contiguous() if g_last is not None else x, gx, g_prev if x_prev is not None else gx, parts,
         steps, channels, eps, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
     )  # fmt: skip
@@ -130,13 +133,14 @@ def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, 
 
 # The kernels as torch custom ops (namespace `rwkv`), so torch.compile traces them as Triton kernels
 # of its own graph (torch.library.triton_op) instead of breaking the graph.
-# The op's outputs are fixed in number: three mixes' (an empty third for two) and ln[:, -1].
+# The op's outputs are fixed in number: three mixes' (an empty third for two), ln[:, -1] and the row
+# statistics the backward takes (no gradient).
 @torch.library.triton_op("rwkv::ln_shift_mix", mutates_args=())
 def ln_shift_mix_op(
     x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    outs, last = forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
-    return outs[0], outs[1], outs[2] if len(outs) > 2 else x.new_empty(0), last
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    outs, last, stats = forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+    return outs[0], outs[1], outs[2] if len(outs) > 2 else x.new_empty(0), last, stats
 
 
 @torch.library.triton_op("rwkv::ln_shift_mix_backward", mutates_args=())
@@ -150,22 +154,24 @@ def ln_shift_mix_backward_op(
     bias: Tensor,
     x_prev: Tensor | None,
     mixes: Tensor,
+    stats: Tensor,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g_outs = (g0, g1, g2)[: mixes.shape[0]]
-    return backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+    return backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, torch.library.wrap_triton)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, x_prev, mixes, eps = inputs
-    ctx.save_for_backward(x, weight, bias, x_prev, mixes)
+    ctx.save_for_backward(x, weight, bias, x_prev, mixes, output[-1])
+    ctx.mark_non_differentiable(output[-1])
     ctx.eps = eps
 
 
-def _backward(ctx, g0, g1, g2, g_last):
-    x, weight, bias, x_prev, mixes = ctx.saved_tensors
+def _backward(ctx, g0, g1, g2, g_last, _g_stats):
+    x, weight, bias, x_prev, mixes, stats = ctx.saved_tensors
     gx, g_weight, g_bias, g_prev, g_mixes = torch.ops.rwkv.ln_shift_mix_backward(
-        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, ctx.eps
+        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, stats, ctx.eps
     )
     return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None
 
@@ -181,6 +187,6 @@ def ln_shift_mix(
     otherwise."""
     if TRITON and (x.is_cuda or INTERPRET):
         x_prev = x_prev.contiguous() if x_prev is not None else None
-        *outs, last = torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
+        *outs, last, _ = torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
         return tuple(outs[: mixes.shape[0]]), last
     return ln_shift_mix_reference(x, weight, bias, x_prev, mixes, eps)

@@ -7,8 +7,10 @@ Both kernels work on tiles of TILE consecutive rows of one sequence x BLOCK_C co
 tile are normalised and mixed side by side (no row waits for the one before it). A row's shifted input
 is the LayerNorm of the row before, in the same tile or the tile before: each tile loads x once more,
 shifted by one row, and normalises it again (the second load hits the cache; LayerNorm is cheap next
-to the memory traffic). The backward's shifted operands, the next row's output gradients, are loaded
-the same way.
+to the memory traffic). The forward saves each row's mean and rstd (8 bytes a row), so the backward
+normalises with them instead of taking the row sums again: its tiles wait on two cross-warp sums
+instead of six. The backward's shifted operands, the next row's output gradients, are loaded the same
+way as x.
 """
 
 import triton
@@ -17,8 +19,8 @@ import triton.language as tl
 
 @triton.jit
 def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
-    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, rstd) with ln, xhat (TILE, BLOCK_C), xhat 0
-    in masked entries, rstd (TILE,)."""
+    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, mean, rstd) with ln, xhat (TILE, BLOCK_C),
+    xhat 0 in masked entries, mean and rstd (TILE,)."""
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, 1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -26,7 +28,18 @@ def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
     # taken back to fp32 (one scalar per row, so the fp64 add costs nothing).
     rstd = 1.0 / tl.sqrt((tl.sum(d * d, 1) / C + eps).to(tl.float32))
     xhat = d * rstd[:, None]
-    return xhat * w[None, :] + b[None, :], xhat, rstd
+    return xhat * w[None, :] + b[None, :], xhat, mean, rstd
+
+
+@triton.jit
+def saved_norm_tile(x_ptr, stats_ptr, rows, cols, mask, w, b, C):
+    """norm_tile with the rows' mean and rstd as the forward saved them (stats_ptr: (rows, 2) fp32): the
+    backward then needs no row sums of its own for the LayerNorm (the same values: the forward's)."""
+    x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr + rows * 2)
+    rstd = tl.load(stats_ptr + rows * 2 + 1)
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return xhat * w[None, :] + b[None, :], xhat, mean, rstd
 
 
 @triton.jit
@@ -49,10 +62,16 @@ def per_sequence(seq, C, cols, t):
 
 
 @triton.jit
-def shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: tl.constexpr):
-    """xx of the rows t (TILE,): ln of row t - 1, and at t = 0 x_prev (zeros without one)."""
+def shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: tl.constexpr,
+               SAVED: tl.constexpr):  # fmt: skip
+    """xx of the rows t (TILE,): ln of row t - 1, and at t = 0 x_prev (zeros without one). SAVED: from
+    the forward's row statistics (backward) instead of computed (forward)."""
     rows = seq * T + tl.maximum(t - 1, 0)
-    ln_before, _, _ = norm_tile(x_ptr, rows, cols, (t < T)[:, None] & cmask[None, :], w, b, C, eps)
+    mask = (t < T)[:, None] & cmask[None, :]
+    if SAVED:
+        ln_before, _, _, _ = saved_norm_tile(x_ptr, stats_ptr, rows, cols, mask, w, b, C)
+    else:
+        ln_before, _, _, _ = norm_tile(x_ptr, rows, cols, mask, w, b, C, eps)
     start = tl.zeros_like(ln_before)
     if HAS_PREV:
         prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -61,9 +80,10 @@ def shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: 
 
 
 @triton.jit
-def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, T, C, eps,
-            HAS_PREV: tl.constexpr, M: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """Program (sequence, tile): the outputs of TILE rows."""
+def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, stats_ptr, T, C,
+            eps, HAS_PREV: tl.constexpr, M: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """Program (sequence, tile): the outputs of TILE rows, and their LayerNorm mean and rstd for the
+    backward (stats_ptr)."""
     seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     t = tl.program_id(1) * TILE + tl.arange(0, TILE)
     cols = tl.arange(0, BLOCK_C)
@@ -73,8 +93,10 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
     rows = seq * T + tl.minimum(t, T - 1)
-    ln, _, _ = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
-    xx = shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV)
+    ln, _, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
+    tl.store(stats_ptr + rows * 2, mean, mask=t < T)
+    tl.store(stats_ptr + rows * 2 + 1, rstd, mask=t < T)
+    xx = shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV, False)
     at = rows[:, None] * C + cols[None, :]
     out_type = out0_ptr.dtype.element_ty
     tl.store(out0_ptr + at, (ln * m0 + xx * (1 - m0)).to(out_type), mask=ok)
@@ -96,8 +118,8 @@ def mix_grad(g_ptr, at, ok, ok_next, C, m, diff, g_ln, g_prev):
 
 
 @triton.jit
-def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr, gprev_ptr,
-             part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
+def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
+             gprev_ptr, part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
              ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Program (sequence, chunk): x's gradient of ROWS rows, TILE at a time, and the chunk's column sums
     (mixes, LayerNorm weight and bias) as one partial, written to part_ptr. STAGES: the row loop's
@@ -122,8 +144,8 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, g0_ptr, g1_ptr, g2_ptr, gla
         w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
-        ln, xhat, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
-        diff = ln - shifted_ln(x_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV)
+        ln, xhat, _, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok, w, b, C)
+        diff = ln - shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV, True)
         # Gradients are 0 in masked entries (loaded as 0), so every sum below skips them.
         g_ln = tl.zeros_like(diff)
         per_seq = per_sequence(seq, C, cols, t)

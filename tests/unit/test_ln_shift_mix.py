@@ -70,10 +70,10 @@ def test_kernels_match_float64_reference(case, dtype):
     g_out = torch.randn(n_mix, batch, steps, channels, generator=gen).to(DEVICE, dtype)
     g_last = torch.randn(batch, channels, generator=gen).to(DEVICE, dtype) if with_glast else None
 
-    outs, last = lsm.forward_kernel_launch(x, weight, bias, x_prev, mixes, 1e-5)
+    outs, last, stats = lsm.forward_kernel_launch(x, weight, bias, x_prev, mixes, 1e-5)
     out = torch.stack(outs)
     gx, g_weight, g_bias, g_prev, g_mixes = lsm.backward_kernel_launch(
-        g_out.unbind(0), g_last, x, weight, bias, x_prev, mixes, 1e-5
+        g_out.unbind(0), g_last, x, weight, bias, x_prev, mixes, stats, 1e-5
     )
     want_out, want_last, (w_gx, w_gw, w_gb, w_gprev, w_gmix) = reference_with_grads(
         x, weight, bias, x_prev, mixes, g_out, g_last
@@ -92,9 +92,9 @@ def test_kernels_match_float64_reference(case, dtype):
 def test_chained_chunks_equal_one_call():
     """Two chunks, the second given the first's last ln as x_prev, equal one call over both."""
     x, weight, bias, _, mixes = make_inputs(2, 10, 32, 3, False, torch.float32)
-    whole, _ = lsm.forward_kernel_launch(x, weight, bias, None, mixes, 1e-5)
-    first, last = lsm.forward_kernel_launch(x[:, :6].contiguous(), weight, bias, None, mixes, 1e-5)
-    second, _ = lsm.forward_kernel_launch(x[:, 6:].contiguous(), weight, bias, last, mixes, 1e-5)
+    whole, _, _ = lsm.forward_kernel_launch(x, weight, bias, None, mixes, 1e-5)
+    first, last, _ = lsm.forward_kernel_launch(x[:, :6].contiguous(), weight, bias, None, mixes, 1e-5)
+    second, _, _ = lsm.forward_kernel_launch(x[:, 6:].contiguous(), weight, bias, last, mixes, 1e-5)
     for a, b, w in zip(first, second, whole, strict=True):
         torch.testing.assert_close(torch.cat([a, b], dim=1), w, rtol=0, atol=0)
 
@@ -158,8 +158,9 @@ from model import ln_shift_mix_kernels as kernels
 
 scalars = {"T": "i32", "C": "i32", "eps": "fp64"}
 for kernel, floats, constexprs in (
-    (kernels.forward, ("w_ptr", "b_ptr", "mix_ptr"), {"HAS_PREV": True, "M": 3, "TILE": 2, "BLOCK_C": 1024}),
-    (kernels.backward, ("w_ptr", "b_ptr", "mix_ptr", "part_ptr"),
+    (kernels.forward, ("w_ptr", "b_ptr", "mix_ptr", "stats_ptr"),
+     {"HAS_PREV": True, "M": 3, "TILE": 2, "BLOCK_C": 1024}),
+    (kernels.backward, ("w_ptr", "b_ptr", "mix_ptr", "stats_ptr", "part_ptr"),
      {"HAS_PREV": True, "HAS_GLAST": True, "M": 3, "ROWS": 8, "TILE": 2, "BLOCK_C": 1024, "STAGES": 3}),
 ):
     signature = {
