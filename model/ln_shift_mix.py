@@ -67,30 +67,43 @@ def _kernels():
     return ln_shift_mix_kernels.forward, ln_shift_mix_kernels.backward
 
 
-def _launch_config(x: Tensor, mixes: Tensor, backward: bool) -> tuple[tuple[int, int], dict]:
+def launch_settings() -> list[int]:
+    """The tuning constants above as the custom ops take them (0 for None): [FORWARD_TILE, FORWARD_WARPS,
+    BACKWARD_TILE, BACKWARD_WARPS, ROWS, BACKWARD_STAGES].
+
+    They are an argument of the ops, not read inside them, so that torch.compile sees them: Dynamo then
+    guards on them (changing one recompiles), and Inductor's on-disk caches key compiled graphs by them.
+    Read inside the op they were invisible to both, and a process could run kernels compiled for other
+    settings by an earlier one (the kernels' source is in the cache key, the launch settings were not).
+    """
+    return [FORWARD_TILE, FORWARD_WARPS or 0, BACKWARD_TILE, BACKWARD_WARPS or 0, ROWS, BACKWARD_STAGES or 0]
+
+
+def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool) -> tuple[tuple[int, int], dict]:
     import triton
 
     batch, steps, channels = x.shape
     if mixes.shape[0] not in (2, 3) or mixes.shape[1] != channels:
         raise ValueError(f"mixes must be (2 or 3, {channels}), got {tuple(mixes.shape)}")
-    tile, warps = (BACKWARD_TILE, BACKWARD_WARPS) if backward else (FORWARD_TILE, FORWARD_WARPS)
+    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, stages = settings
+    tile, warps = (bwd_tile, bwd_warps) if backward else (fwd_tile, fwd_warps)
     block = triton.next_power_of_2(channels)
     warps = warps or max(1, min(8, tile * block // 256))
     meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
     if not backward:
         return (batch, triton.cdiv(steps, tile)), meta
-    if ROWS % tile:
-        raise ValueError(f"model.ln_shift_mix.ROWS ({ROWS}) must be a multiple of BACKWARD_TILE ({tile})")
-    return (batch, triton.cdiv(steps, ROWS)), {**meta, "ROWS": ROWS, "STAGES": BACKWARD_STAGES}
+    if rows % tile:
+        raise ValueError(f"model.ln_shift_mix.ROWS ({rows}) must be a multiple of BACKWARD_TILE ({tile})")
+    return (batch, triton.cdiv(steps, rows)), {**meta, "ROWS": rows, "STAGES": stages or None}
 
 
-def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
+def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, launch=None):
     """Run the forward kernel: (the M outputs (B, T, C), last (B, C), stats (B, T, 2): each row's LayerNorm
-    mean and rstd in fp32, which the backward takes). `launch` wraps the kernel (the custom op passes
-    torch.library.wrap_triton)."""
+    mean and rstd in fp32, which the backward takes). `settings`: launch_settings() when None; `launch`
+    wraps the kernel (the custom op passes torch.library.wrap_triton)."""
     kernel, _ = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, backward=False)
+    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=False)
     _, steps, channels = x.shape
     outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
     last = x.new_empty((x.shape[0], channels))
@@ -105,12 +118,12 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, launch=None):
     return outs, last, stats
 
 
-def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, launch=None):
+def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, settings=None, launch=None):
     """Run the backward kernel on the M outputs' gradients (None: zeros), with the forward's row `stats`:
-    (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes)."""
+    (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes). `settings`, `launch`: as forward's."""
     _, kernel = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, backward=True)
+    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=True)
     _, steps, channels = x.shape
     g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in g_outs]
     gx = torch.empty_like(x)
@@ -137,9 +150,9 @@ def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats
 # statistics the backward takes (no gradient).
 @torch.library.triton_op("rwkv::ln_shift_mix", mutates_args=())
 def ln_shift_mix_op(
-    x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float
+    x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float, settings: list[int]
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    outs, last, stats = forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, torch.library.wrap_triton)
+    outs, last, stats = forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings, torch.library.wrap_triton)
     return outs[0], outs[1], outs[2] if len(outs) > 2 else x.new_empty(0), last, stats
 
 
@@ -156,24 +169,27 @@ def ln_shift_mix_backward_op(
     mixes: Tensor,
     stats: Tensor,
     eps: float,
+    settings: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g_outs = (g0, g1, g2)[: mixes.shape[0]]
-    return backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, torch.library.wrap_triton)
+    return backward_kernel_launch(
+        g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, settings, torch.library.wrap_triton
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, x_prev, mixes, eps = inputs
+    x, weight, bias, x_prev, mixes, eps, settings = inputs
     ctx.save_for_backward(x, weight, bias, x_prev, mixes, output[-1])
     ctx.mark_non_differentiable(output[-1])
-    ctx.eps = eps
+    ctx.eps, ctx.settings = eps, settings
 
 
 def _backward(ctx, g0, g1, g2, g_last, _g_stats):
     x, weight, bias, x_prev, mixes, stats = ctx.saved_tensors
     gx, g_weight, g_bias, g_prev, g_mixes = torch.ops.rwkv.ln_shift_mix_backward(
-        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, stats, ctx.eps
+        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, stats, ctx.eps, ctx.settings
     )
-    return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None
+    return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None, None
 
 
 torch.library.register_autograd("rwkv::ln_shift_mix", _backward, setup_context=_setup_context)
@@ -187,6 +203,8 @@ def ln_shift_mix(
     otherwise."""
     if TRITON and (x.is_cuda or INTERPRET):
         x_prev = x_prev.contiguous() if x_prev is not None else None
-        *outs, last, _ = torch.ops.rwkv.ln_shift_mix(x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps)
+        *outs, last, _ = torch.ops.rwkv.ln_shift_mix(
+            x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps, launch_settings()
+        )
         return tuple(outs[: mixes.shape[0]]), last
     return ln_shift_mix_reference(x, weight, bias, x_prev, mixes, eps)

@@ -41,3 +41,31 @@ def test_fused_block_inputs_match_plain_blocks(monkeypatch, compiled, dtype):
     for name, want in plain.items():
         error = ((fused[name] - want).norm() / want.norm().clamp_min(1e-30)).item()
         assert error <= tol, f"{name}: relative L2 {error:.2e}"
+
+
+def test_changed_launch_settings_recompile(monkeypatch):
+    """Changing a tuning constant of model/ln_shift_mix.py recompiles with the new value: the settings are
+    an argument of the traced op (before, they were read inside it, and a process could reuse graphs that
+    Inductor had cached on disk for other settings)."""
+    import model.ln_shift_mix as lsm
+
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(list(n.args[-1]) for n in gm.graph.nodes if n.target is torch.ops.rwkv.ln_shift_mix.default)
+        return gm.forward
+
+    x = torch.randn(2, 64, 256, device=DEVICE)
+    weight, bias, mixes = (
+        torch.ones(256, device=DEVICE),
+        torch.zeros(256, device=DEVICE),
+        torch.rand(2, 256, device=DEVICE),
+    )
+    torch._dynamo.reset()
+    fused = torch.compile(lambda x: lsm.ln_shift_mix(x, weight, bias, None, mixes)[0][0], backend=capture)
+    first = fused(x)
+    monkeypatch.setattr(lsm, "FORWARD_TILE", 2 * lsm.FORWARD_TILE)
+    second = fused(x)
+    torch._dynamo.reset()
+    assert [settings[0] for settings in seen] == [lsm.FORWARD_TILE // 2, lsm.FORWARD_TILE], seen
+    torch.testing.assert_close(first, second)  # the same rows, normalised in tiles of another height

@@ -107,6 +107,15 @@ def test_cpu_tensors_take_the_reference_path(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(outs, want_outs, strict=True)) and torch.equal(last, want_last)
 
 
+def test_launch_settings_are_an_argument_of_the_ops():
+    """The tuning constants reach both custom ops as their last argument, so that torch.compile's graphs
+    hold them (tests/gpu/test_ln_shift_mix_cuda.py checks the recompile; interpreted kernels cannot be
+    traced with fake tensors on the CPU). Read inside the op, they were invisible to Dynamo's guards and
+    to Inductor's on-disk cache keys."""
+    for op in (torch.ops.rwkv.ln_shift_mix.default, torch.ops.rwkv.ln_shift_mix_backward.default):
+        assert op._schema.arguments[-1].name == "settings", op._schema
+
+
 def test_bad_mix_shape_is_named():
     x, weight, bias, _, _ = make_inputs(1, 4, 16, 2, False, torch.float32)
     with pytest.raises(ValueError, match=r"mixes must be \(2 or 3, 16\)"):
