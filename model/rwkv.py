@@ -38,9 +38,9 @@ ModelState = list[LayerState]
 FUSED_LN_MIX = False
 """Each block's LayerNorm, token shift and time-mixes per branch through model/ln_shift_mix.py: one
 Triton kernel per branch on CUDA tensors (the same values, float64-tested, with fewer bytes moved),
-its PyTorch reference elsewhere. Off: on an H200 it made training 0.5-2.4 % faster in six of eight
-measured pairs, but 169M 22 % slower in two pairs of one session, for a reason not yet found
-(docs/benchmarks.md, Training, sessions 11 and 12)."""
+its PyTorch reference elsewhere. Off until its latest kernels are measured in training: on an H200 it
+made training 0.5-2.4 % faster in every pair with the current launch settings (docs/benchmarks.md,
+Training, sessions 11 and 12)."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
