@@ -122,7 +122,7 @@ FORMULATIONS = {
     "int32 one-hot, select": int32_where_rows,
     "no arg-max (not equal)": no_argmax_rows,
     "CUDA kernel (cuda/head_loss.cu)": cuda_kernel_rows,
-    "CUDA kernel, rows staged in shared memory": cuda_kernel_staged_rows,
+    "CUDA kernel (staged rows)": cuda_kernel_staged_rows,
 }
 
 
