@@ -126,18 +126,40 @@ __device__ __forceinline__ Acc block_merge(Acc acc) {
 
 __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// 8 bf16 of a 16-byte vector as floats.
+__device__ __forceinline__ void unpack8(uint4 raw, float (&e)[8]) {
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int q = 0; q < 8; ++q) e[q] = to_f(h[q]);
+}
+
+// A row's target as a column, or -1 when it is out of range (no one-hot; the loss is NaN).
+__device__ __forceinline__ int row_target(long long target_row, int V) {
+    return target_row >= 0 && target_row < V ? static_cast<int>(target_row) : -1;
+}
+
+// Thread 0's writes of a row's loss (its logits x, in memory or staged), max and arg-max.
+__device__ __forceinline__ void write_row_results(long long row, const Acc& total, float lse, int t,
+                                                  const __nv_bfloat16* x, float* __restrict__ loss,
+                                                  __nv_bfloat16* __restrict__ max_out,
+                                                  long long* __restrict__ argmax_out) {
+    loss[row] = t >= 0 ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
+    max_out[row] = __float2bfloat16_rn(total.m);
+    argmax_out[row] = total.i;
+}
+
 // Pass 2 for the VEC elements at j of a row: g = bf16(grad(x, is the target)), one 16-byte load and
 // store when VEC is 8.
 template <int VEC, typename Grad>
 __device__ __forceinline__ void write_grads(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ g, int j,
                                             int t, Grad grad) {
     if constexpr (VEC == 8) {
-        uint4 raw = *reinterpret_cast<const uint4*>(x + j);
-        const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw);
+        float e[8];
+        unpack8(*reinterpret_cast<const uint4*>(x + j), e);
         uint4 out;
         __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(grad(to_f(e[q]), j + q == t));
+        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(grad(e[q], j + q == t));
         *reinterpret_cast<uint4*>(g + j) = out;
     } else {
         g[j] = __float2bfloat16_rn(grad(to_f(x[j]), j == t));
@@ -155,18 +177,13 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
     const long long row = blockIdx.x;
     const __nv_bfloat16* x = logits + row * V;
     __nv_bfloat16* g = grad + row * V;
-    const long long target_row = target[row];
-    const bool t_ok = target_row >= 0 && target_row < V;
-    const int t = t_ok ? static_cast<int>(target_row) : -1;  // -1: no one-hot
+    const int t = row_target(target[row], V);
 
     Acc acc{-INFINITY, 0x7fffffffffffffffLL, 0.f};
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
         float e[VEC];
         if constexpr (VEC == 8) {
-            uint4 raw = *reinterpret_cast<const uint4*>(x + j);
-            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-            for (int q = 0; q < 8; ++q) e[q] = to_f(h[q]);
+            unpack8(*reinterpret_cast<const uint4*>(x + j), e);
         } else {
             e[0] = to_f(x[j]);
         }
@@ -174,21 +191,10 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
     }
     const Acc total = block_merge<THREADS>(acc);
     const float lse = row_lse(total);
-    if (threadIdx.x == 0) {
-        loss[row] = t_ok ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
-        max_out[row] = __float2bfloat16_rn(total.m);
-        argmax_out[row] = total.i;
-    }
+    if (threadIdx.x == 0) write_row_results(row, total, lse, t, x, loss, max_out, argmax_out);
 
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC)
         write_grads<VEC>(x, g, j, t, [=](float v, bool is_target) { return logit_grad(v, lse, is_target, scale); });
-}
-
-// 8 bf16 of a 16-byte vector as floats.
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&e)[8]) {
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) e[q] = to_f(h[q]);
 }
 
 // The staged variant (see the top of the file): the row's V / 8 16-byte vectors go to shared memory in
@@ -200,11 +206,8 @@ __global__ void __launch_bounds__(STAGED_THREADS)
     extern __shared__ uint4 row_vectors[];
     const long long row = blockIdx.x;
     const uint4* x = reinterpret_cast<const uint4*>(logits + row * V);
-    uint4* g = reinterpret_cast<uint4*>(grad + row * V);
     const int vectors = V / 8;
-    const long long target_row = target[row];
-    const bool t_ok = target_row >= 0 && target_row < V;
-    const int t = t_ok ? static_cast<int>(target_row) : -1;  // -1: no one-hot
+    const int t = row_target(target[row], V);
 
     Acc acc{-INFINITY, 0x7fffffffffffffffLL, 0.f};
 #pragma unroll 4
@@ -217,22 +220,12 @@ __global__ void __launch_bounds__(STAGED_THREADS)
     }
     const Acc total = block_merge<STAGED_THREADS>(acc);  // its barrier also publishes the staged row
     const float lse = row_lse(total);
-    if (threadIdx.x == 0) {
-        const float x_t = t_ok ? to_f(reinterpret_cast<const __nv_bfloat16*>(row_vectors)[t]) : 0.f;
-        loss[row] = t_ok ? lse - x_t : __int_as_float(0x7fc00000);  // NaN for a bad target
-        max_out[row] = __float2bfloat16_rn(total.m);
-        argmax_out[row] = total.i;
-    }
+    const __nv_bfloat16* staged = reinterpret_cast<const __nv_bfloat16*>(row_vectors);
+    if (threadIdx.x == 0) write_row_results(row, total, lse, t, staged, loss, max_out, argmax_out);
 #pragma unroll 4
-    for (int k = threadIdx.x; k < vectors; k += STAGED_THREADS) {
-        float e[8];
-        unpack8(row_vectors[k], e);
-        uint4 out;
-        __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
-#pragma unroll
-        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(logit_grad(e[q], lse, 8 * k + q == t, scale));
-        g[k] = out;
-    }
+    for (int k = threadIdx.x; k < vectors; k += STAGED_THREADS)
+        write_grads<8>(staged, grad + row * V, 8 * k, t,
+                       [=](float v, bool is_target) { return logit_grad(v, lse, is_target, scale); });
 }
 
 // Whether the staged kernel takes rows of V: the row (2V bytes) plus the block's static shared memory
