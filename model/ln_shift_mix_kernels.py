@@ -18,6 +18,14 @@ import triton.language as tl
 
 
 @triton.jit
+def normalise(x, mask, mean, rstd, w, b):
+    """(ln, xhat) of the fp32 rows x (TILE, BLOCK_C) given their mean and rstd (TILE,), xhat 0 in masked
+    entries: the one LayerNorm formula of both kernels, so the backward's xhat is the forward's."""
+    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+    return xhat * w[None, :] + b[None, :], xhat
+
+
+@triton.jit
 def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
     """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, mean, rstd) with ln, xhat (TILE, BLOCK_C),
     xhat 0 in masked entries, mean and rstd (TILE,)."""
@@ -27,8 +35,8 @@ def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
     # Inductor passes a Python float as fp64, which would make the whole tile fp64: the variance is
     # taken back to fp32 (one scalar per row, so the fp64 add costs nothing).
     rstd = 1.0 / tl.sqrt((tl.sum(d * d, 1) / C + eps).to(tl.float32))
-    xhat = d * rstd[:, None]
-    return xhat * w[None, :] + b[None, :], xhat, mean, rstd
+    ln, xhat = normalise(x, mask, mean, rstd, w, b)
+    return ln, xhat, mean, rstd
 
 
 @triton.jit
@@ -38,8 +46,8 @@ def saved_norm_tile(x_ptr, stats_ptr, rows, cols, mask, w, b, C):
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(stats_ptr + rows * 2)
     rstd = tl.load(stats_ptr + rows * 2 + 1)
-    xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-    return xhat * w[None, :] + b[None, :], xhat, mean, rstd
+    ln, xhat = normalise(x, mask, mean, rstd, w, b)
+    return ln, xhat, mean, rstd
 
 
 @triton.jit
