@@ -10,3 +10,15 @@ if [ "${1:-}" = --deepspeed ]; then
     .whl/*.whl || return 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
+
+# The GPU tests a measurement rests on: `gpu_tests LOG TEST...` runs them into LOG, prints their summary
+# and fails when they do (a wrong kernel's throughput is no figure), e.g. `gpu_tests "$OUT/tests.log"
+# tests/gpu/test_head_loss_cuda.py || exit 1`.
+gpu_tests() {
+  local log=$1
+  shift
+  python3 -m pytest "$@" -q -p no:cacheprovider >"$log" 2>&1
+  local status=$?
+  grep -E "^(FAILED|ERROR)|passed|failed" "$log" | tail -n 12
+  [ "$status" = 0 ] || { echo "GPU tests failed: no throughput measured"; return 1; }
+}

@@ -15,10 +15,7 @@ OUT=${OUT:-/tmp/head_loss_out}
 LIMIT=${CALL_LIMIT:-570}
 mkdir -p "$OUT"
 start=$SECONDS
-python3 -m pytest tests/gpu/test_head_loss_cuda.py -q -p no:cacheprovider >"$OUT/tests.log" 2>&1
-status=$?
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 12
-[ "$status" = 0 ] || { echo "tests failed: no throughput measured"; exit 1; }
+gpu_tests "$OUT/tests.log" tests/gpu/test_head_loss_cuda.py || exit 1
 python3 bench/head_loss_rows.py --only "CUDA kernel (cuda/head_loss.cu),CUDA kernel (staged rows)" \
     >"$OUT/kernels.log" 2>&1
 grep -v "^|---" "$OUT/kernels.log" | tail -n 6

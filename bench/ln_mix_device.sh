@@ -19,11 +19,7 @@ OUT=${OUT:-/tmp/ln_mix_out}
 mkdir -p "$OUT"
 start=$SECONDS
 if [ "${TESTS:-1}" != 0 ]; then
-  python3 -m pytest tests/unit/test_ln_shift_mix.py tests/gpu/test_ln_shift_mix_cuda.py -q -p no:cacheprovider \
-      >"$OUT/tests.log" 2>&1
-  status=$?
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 12
-  [ "$status" = 0 ] || { echo "tests failed: no throughput measured"; exit 1; }
+  gpu_tests "$OUT/tests.log" tests/unit/test_ln_shift_mix.py tests/gpu/test_ln_shift_mix_cuda.py || exit 1
   echo "tests done at $((SECONDS - start)) s"
 fi
 if [ "${SWEEP:-1}" != 0 ]; then

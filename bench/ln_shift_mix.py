@@ -74,10 +74,7 @@ def timed(fn, x, params, grads) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    here = (
-        f"{lsm.FORWARD_TILE},{lsm.FORWARD_WARPS or 0},{lsm.BACKWARD_TILE},{lsm.BACKWARD_WARPS or 0},{lsm.ROWS},"
-        f"{lsm.BACKWARD_STAGES or 0}"
-    )
+    here = ",".join(str(value) for value in lsm.launch_settings())
     parser.add_argument("--configs", nargs="+", default=[here], help="launch configurations (see above)")
     parser.add_argument("--compiled", action="store_true", help="also time each configuration under torch.compile")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

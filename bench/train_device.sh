@@ -15,11 +15,7 @@ LIMIT=${CALL_LIMIT:-570}
 mkdir -p "$OUT"
 start=$SECONDS
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/env.txt"
-python3 -m pytest tests/gpu/test_compiled_training.py tests/gpu/test_head_loss_cuda.py -q -p no:cacheprovider \
-    >"$OUT/tests.log" 2>&1
-status=$?
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 12
-[ "$status" = 0 ] || { echo "GPU tests failed: no throughput measured"; exit 1; }
+gpu_tests "$OUT/tests.log" tests/gpu/test_compiled_training.py tests/gpu/test_head_loss_cuda.py || exit 1
 python3 bench/train_throughput.py --models 169m --backends cuda --zero 0 --micro-bsz 128 --compile 1 \
     --fused-loss-chunk 0 8192 --steps 12 --warmup 6 --timeout 200 --budget "$((LIMIT - (SECONDS - start) - 150))" \
     --json "$OUT/train169.json" 2>&1 | grep -v '^{' | tail -n 4
