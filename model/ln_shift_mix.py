@@ -118,7 +118,7 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, la
     return outs, last, stats
 
 
-def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, settings=None, launch=None):
+def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, settings=None, launch=None):
     """Run the backward kernel on the M outputs' gradients (None: zeros), with the forward's row `stats`:
     (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes). `settings`, `launch`: as forward's."""
     _, kernel = _kernels()
@@ -133,7 +133,7 @@ def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats
     kernel[grid](
         x, weight, bias, x_prev if x_prev is not None else x, mixes, stats, g[0], g[1], g[2] if len(g) > 2 else x,
         g_last.contiguous() if g_last is not None else x, gx, g_prev if x_prev is not None else gx, parts,
-        steps, channels, eps, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
+        steps, channels, HAS_PREV=x_prev is not None, HAS_GLAST=g_last is not None, **meta,
     )  # fmt: skip
     sums = parts.sum(0)  # a fixed-order reduction over the programs' partials: deterministic
     m = mixes.shape[0]
@@ -168,26 +168,25 @@ def ln_shift_mix_backward_op(
     x_prev: Tensor | None,
     mixes: Tensor,
     stats: Tensor,
-    eps: float,
     settings: list[int],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g_outs = (g0, g1, g2)[: mixes.shape[0]]
     return backward_kernel_launch(
-        g_outs, g_last, x, weight, bias, x_prev, mixes, stats, eps, settings, torch.library.wrap_triton
+        g_outs, g_last, x, weight, bias, x_prev, mixes, stats, settings, torch.library.wrap_triton
     )
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, x_prev, mixes, eps, settings = inputs
+    x, weight, bias, x_prev, mixes, _eps, settings = inputs  # the backward takes the forward's statistics
     ctx.save_for_backward(x, weight, bias, x_prev, mixes, output[-1])
     ctx.mark_non_differentiable(output[-1])
-    ctx.eps, ctx.settings = eps, settings
+    ctx.settings = settings
 
 
 def _backward(ctx, g0, g1, g2, g_last, _g_stats):
     x, weight, bias, x_prev, mixes, stats = ctx.saved_tensors
     gx, g_weight, g_bias, g_prev, g_mixes = torch.ops.rwkv.ln_shift_mix_backward(
-        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, stats, ctx.eps, ctx.settings
+        g0, g1, g2, g_last, x, weight, bias, x_prev, mixes, stats, ctx.settings
     )
     return gx, g_weight, g_bias, g_prev if x_prev is not None else None, g_mixes, None, None
 

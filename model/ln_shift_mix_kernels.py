@@ -70,16 +70,9 @@ def per_sequence(seq, C, cols, t):
 
 
 @triton.jit
-def shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV: tl.constexpr,
-               SAVED: tl.constexpr):  # fmt: skip
-    """xx of the rows t (TILE,): ln of row t - 1, and at t = 0 x_prev (zeros without one). SAVED: from
-    the forward's row statistics (backward) instead of computed (forward)."""
-    rows = seq * T + tl.maximum(t - 1, 0)
-    mask = (t < T)[:, None] & cmask[None, :]
-    if SAVED:
-        ln_before, _, _, _ = saved_norm_tile(x_ptr, stats_ptr, rows, cols, mask, w, b, C)
-    else:
-        ln_before, _, _, _ = norm_tile(x_ptr, rows, cols, mask, w, b, C, eps)
+def shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV: tl.constexpr):
+    """xx of the rows t (TILE,) from ln_before, the LayerNorm of rows t - 1 (the callers normalise rows
+    max(t - 1, 0)): at t = 0 x_prev instead (zeros without one)."""
     start = tl.zeros_like(ln_before)
     if HAS_PREV:
         prev = tl.load(prev_ptr + seq * C + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -104,7 +97,8 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr
     ln, _, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
     tl.store(stats_ptr + rows * 2, mean, mask=t < T)
     tl.store(stats_ptr + rows * 2 + 1, rstd, mask=t < T)
-    xx = shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV, False)
+    ln_before, _, _, _ = norm_tile(x_ptr, seq * T + tl.maximum(t - 1, 0), cols, ok, w, b, C, eps)
+    xx = shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
     at = rows[:, None] * C + cols[None, :]
     out_type = out0_ptr.dtype.element_ty
     tl.store(out0_ptr + at, (ln * m0 + xx * (1 - m0)).to(out_type), mask=ok)
@@ -127,7 +121,7 @@ def mix_grad(g_ptr, at, ok, ok_next, C, m, diff, g_ln, g_prev):
 
 @triton.jit
 def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
-             gprev_ptr, part_ptr, T, C, eps, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
+             gprev_ptr, part_ptr, T, C, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
              ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
     """Program (sequence, chunk): x's gradient of ROWS rows, TILE at a time, and the chunk's column sums
     (mixes, LayerNorm weight and bias) as one partial, written to part_ptr. STAGES: the row loop's
@@ -153,7 +147,8 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, 
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
         ln, xhat, _, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok, w, b, C)
-        diff = ln - shifted_ln(x_ptr, stats_ptr, prev_ptr, seq, t, T, cols, cmask, w, b, C, eps, HAS_PREV, True)
+        ln_before, _, _, _ = saved_norm_tile(x_ptr, stats_ptr, seq * T + tl.maximum(t - 1, 0), cols, ok, w, b, C)
+        diff = ln - shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
         # Gradients are 0 in masked entries (loaded as 0), so every sum below skips them.
         g_ln = tl.zeros_like(diff)
         per_seq = per_sequence(seq, C, cols, t)
