@@ -106,14 +106,6 @@ def cuda_kernel_rows(logits_nV, target_n, scale):
     return loss_n.sum(), grad_nV, max_n, argmax_n
 
 
-def cuda_kernel_staged_rows(logits_nV, target_n, scale):
-    """cuda/head_loss.cu's staged variant: each row staged in shared memory, read from memory once."""
-    from model.head_loss_cuda import head_loss_rows_op
-
-    grad_nV, loss_n, max_n, argmax_n = head_loss_rows_op(logits_nV, target_n, scale, True)
-    return loss_n.sum(), grad_nV, max_n, argmax_n
-
-
 FORMULATIONS = {
     "Inductor (logsumexp)": inductor_rows,
     "max as shift": max_shift_rows,
@@ -122,7 +114,6 @@ FORMULATIONS = {
     "int32 one-hot, select": int32_where_rows,
     "no arg-max (not equal)": no_argmax_rows,
     "CUDA kernel (cuda/head_loss.cu)": cuda_kernel_rows,
-    "CUDA kernel (staged rows)": cuda_kernel_staged_rows,
 }
 
 

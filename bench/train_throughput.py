@@ -107,11 +107,8 @@ def run_one(spec: dict) -> dict:
     if inductor_config.profile_bandwidth:  # set by --inductor (or TORCHINDUCTOR_PROFILE)
         keep_kernel_bandwidth(spec.get("out"), spec_label(spec))
     import model.fused_loss
-    import model.head_loss_cuda
 
-    row_kernel = spec.get("row_kernel", "cuda")  # "cuda-staged": the CUDA row kernel's staged variant
-    model.fused_loss.ROW_KERNEL = "cuda" if row_kernel == "cuda-staged" else row_kernel
-    model.head_loss_cuda.STAGED_ROWS = row_kernel == "cuda-staged"
+    model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -391,8 +388,8 @@ def main() -> int:
         "--row-kernel",
         nargs="+",
         default=["cuda"],
-        choices=["torch", "cuda", "cuda-staged"],
-        help="model.fused_loss.ROW_KERNEL with a fused loss chunk (cuda-staged: model.head_loss_cuda.STAGED_ROWS)",
+        choices=["torch", "cuda"],
+        help="model.fused_loss.ROW_KERNEL with a fused loss chunk",
     )
     parser.add_argument(
         "--inductor",

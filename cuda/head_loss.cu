@@ -15,16 +15,14 @@
 // of the logits, where the compiled PyTorch formulation reads each row three times
 // (docs/benchmarks.md, "Training throughput").
 //
-// Staged variant (`staged` = 1, head_loss_rows_staged_kernel, for 16-byte-aligned rows whose 2V bytes fit
-// in a block's shared memory): pass 1 also copies the row into shared memory and pass 2 reads it from
-// there, so each row is read from memory exactly once, whatever L2 keeps (~8 rows of 256 threads per SM
-// in the two-pass kernel: ~100 MB of rows in flight against the H200's 50 MB L2). Blocks of 512 threads,
-// ~100 KB of shared memory at V 50304: two rows per SM. Not yet measured on a GPU: off by default.
-//
 // A lighter pass 1 was measured and removed: per thread only (max, sum) and the group of 8 where the max
 // was reached, group maxima on packed bf16 pairs, the arg-max by re-reading that group, ex2.approx.ftz;
 // half the SASS instructions per element, yet 0.604 against 0.612 ms per 8192 x 50304 chunk on an H200
 // and within noise in training. The kernel waits on memory, not on arithmetic (docs/benchmarks.md).
+// A staged variant was measured and removed too: 512-thread blocks that copy the row into shared memory
+// in pass 1 and read it there in pass 2 (each row read from memory exactly once). 0.723 against 0.611 ms
+// per chunk on an H200 and 0.4-0.9 % slower 169M training: fewer rows in flight (two per SM), and
+// pass 2's re-read mostly hits L2 anyway.
 //
 // Legend: n rows, V vocabulary (row length). C interface, no torch headers: plain `nvcc -arch=sm_90`.
 // The per-element and merge arithmetic is __host__ __device__, so tests/unit/test_head_loss_rows_host.py
@@ -36,8 +34,8 @@
 
 namespace {
 
-constexpr int THREADS = 256;  // the two-pass kernel's block
-constexpr int STAGED_THREADS = 512;
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
 constexpr float LOG2E = 1.4426950408889634f;
 
 // Running (max, first index of the max, sum of exp(x - max)) of a set of elements.
@@ -104,12 +102,10 @@ __device__ __forceinline__ Acc warp_merge(Acc acc) {
     return acc;
 }
 
-// Every thread gets the block's accumulator (BLOCK threads).
-template <int BLOCK>
+// Every thread gets the block's accumulator.
 __device__ __forceinline__ Acc block_merge(Acc acc) {
-    constexpr int BLOCK_WARPS = BLOCK / 32;
-    __shared__ float sm[BLOCK_WARPS], ss[BLOCK_WARPS];
-    __shared__ long long si[BLOCK_WARPS];
+    __shared__ float sm[WARPS], ss[WARPS];
+    __shared__ long long si[WARPS];
     acc = warp_merge(acc);
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if (lane == 0) {
@@ -120,33 +116,11 @@ __device__ __forceinline__ Acc block_merge(Acc acc) {
     __syncthreads();
     Acc total{sm[0], si[0], ss[0]};
 #pragma unroll
-    for (int w = 1; w < BLOCK_WARPS; ++w) total = merge(total, Acc{sm[w], si[w], ss[w]});
+    for (int w = 1; w < WARPS; ++w) total = merge(total, Acc{sm[w], si[w], ss[w]});
     return total;
 }
 
 __host__ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-// 8 bf16 of a 16-byte vector as floats.
-__device__ __forceinline__ void unpack8(uint4 raw, float (&e)[8]) {
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int q = 0; q < 8; ++q) e[q] = to_f(h[q]);
-}
-
-// A row's target as a column, or -1 when it is out of range (no one-hot; the loss is NaN).
-__device__ __forceinline__ int row_target(long long target_row, int V) {
-    return target_row >= 0 && target_row < V ? static_cast<int>(target_row) : -1;
-}
-
-// Thread 0's writes of a row's loss (its logits x, in memory or staged), max and arg-max.
-__device__ __forceinline__ void write_row_results(long long row, const Acc& total, float lse, int t,
-                                                  const __nv_bfloat16* x, float* __restrict__ loss,
-                                                  __nv_bfloat16* __restrict__ max_out,
-                                                  long long* __restrict__ argmax_out) {
-    loss[row] = t >= 0 ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
-    max_out[row] = __float2bfloat16_rn(total.m);
-    argmax_out[row] = total.i;
-}
 
 // Pass 2 for the VEC elements at j of a row: g = bf16(grad(x, is the target)), one 16-byte load and
 // store when VEC is 8.
@@ -154,12 +128,12 @@ template <int VEC, typename Grad>
 __device__ __forceinline__ void write_grads(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ g, int j,
                                             int t, Grad grad) {
     if constexpr (VEC == 8) {
-        float e[8];
-        unpack8(*reinterpret_cast<const uint4*>(x + j), e);
+        uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+        const __nv_bfloat16* e = reinterpret_cast<const __nv_bfloat16*>(&raw);
         uint4 out;
         __nv_bfloat16* o = reinterpret_cast<__nv_bfloat16*>(&out);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(grad(e[q], j + q == t));
+        for (int q = 0; q < 8; ++q) o[q] = __float2bfloat16_rn(grad(to_f(e[q]), j + q == t));
         *reinterpret_cast<uint4*>(g + j) = out;
     } else {
         g[j] = __float2bfloat16_rn(grad(to_f(x[j]), j == t));
@@ -177,69 +151,33 @@ __global__ void __launch_bounds__(THREADS) head_loss_rows_kernel(int V, const __
     const long long row = blockIdx.x;
     const __nv_bfloat16* x = logits + row * V;
     __nv_bfloat16* g = grad + row * V;
-    const int t = row_target(target[row], V);
+    const long long target_row = target[row];
+    const bool t_ok = target_row >= 0 && target_row < V;
+    const int t = t_ok ? static_cast<int>(target_row) : -1;  // -1: no one-hot
 
     Acc acc{-INFINITY, 0x7fffffffffffffffLL, 0.f};
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC) {
         float e[VEC];
         if constexpr (VEC == 8) {
-            unpack8(*reinterpret_cast<const uint4*>(x + j), e);
+            uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+            const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+            for (int q = 0; q < 8; ++q) e[q] = to_f(h[q]);
         } else {
             e[0] = to_f(x[j]);
         }
         acc = merge(acc, local_acc<VEC>(e, j));
     }
-    const Acc total = block_merge<THREADS>(acc);
+    const Acc total = block_merge(acc);
     const float lse = row_lse(total);
-    if (threadIdx.x == 0) write_row_results(row, total, lse, t, x, loss, max_out, argmax_out);
+    if (threadIdx.x == 0) {
+        loss[row] = t_ok ? lse - to_f(x[t]) : __int_as_float(0x7fc00000);  // NaN for a bad target
+        max_out[row] = __float2bfloat16_rn(total.m);
+        argmax_out[row] = total.i;
+    }
 
     for (int j = threadIdx.x * VEC; j < V; j += THREADS * VEC)
         write_grads<VEC>(x, g, j, t, [=](float v, bool is_target) { return logit_grad(v, lse, is_target, scale); });
-}
-
-// The staged variant (see the top of the file): the row's V / 8 16-byte vectors go to shared memory in
-// pass 1; each thread reads back in pass 2 exactly the vectors it wrote.
-__global__ void __launch_bounds__(STAGED_THREADS)
-    head_loss_rows_staged_kernel(int V, const __nv_bfloat16* __restrict__ logits, const long long* __restrict__ target,
-                                 float scale, __nv_bfloat16* __restrict__ grad, float* __restrict__ loss,
-                                 __nv_bfloat16* __restrict__ max_out, long long* __restrict__ argmax_out) {
-    extern __shared__ uint4 row_vectors[];
-    const long long row = blockIdx.x;
-    const uint4* x = reinterpret_cast<const uint4*>(logits + row * V);
-    const int vectors = V / 8;
-    const int t = row_target(target[row], V);
-
-    Acc acc{-INFINITY, 0x7fffffffffffffffLL, 0.f};
-#pragma unroll 4
-    for (int k = threadIdx.x; k < vectors; k += STAGED_THREADS) {
-        const uint4 raw = x[k];
-        row_vectors[k] = raw;
-        float e[8];
-        unpack8(raw, e);
-        acc = merge(acc, local_acc<8>(e, 8LL * k));
-    }
-    const Acc total = block_merge<STAGED_THREADS>(acc);  // its barrier also publishes the staged row
-    const float lse = row_lse(total);
-    const __nv_bfloat16* staged = reinterpret_cast<const __nv_bfloat16*>(row_vectors);
-    if (threadIdx.x == 0) write_row_results(row, total, lse, t, staged, loss, max_out, argmax_out);
-#pragma unroll 4
-    for (int k = threadIdx.x; k < vectors; k += STAGED_THREADS)
-        write_grads<8>(staged, grad + row * V, 8 * k, t,
-                       [=](float v, bool is_target) { return logit_grad(v, lse, is_target, scale); });
-}
-
-// Whether the staged kernel takes rows of V: the row (2V bytes) plus the block's static shared memory
-// within the device's opt-in limit per block; raises the kernel's dynamic shared memory limit to it.
-bool staged_fits(int V) {
-    int device = 0, optin = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-        return false;
-    const long long bytes = 2LL * V;
-    constexpr long long static_bytes = 1024;  // block_merge's arrays (256 B at 16 warps), rounded up
-    if (bytes + static_bytes > optin) return false;
-    return cudaFuncSetAttribute(head_loss_rows_staged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(bytes)) == cudaSuccess;
 }
 
 }  // namespace
@@ -247,10 +185,9 @@ bool staged_fits(int V) {
 extern "C" {
 
 // logits, grad: [n, V] bf16, contiguous; target [n] int64; loss [n] fp32; max_out [n] bf16;
-// argmax_out [n] int64; staged: 1 for the staged kernel where it applies (else the two-pass one runs).
-// Returns a cudaError_t value (0 = success), or -1 for a bad shape.
+// argmax_out [n] int64. Returns a cudaError_t value (0 = success), or -1 for a bad shape.
 int head_loss_rows(long long n, int V, const void* logits, const long long* target, float scale, void* grad,
-                   float* loss, void* max_out, long long* argmax_out, int staged, cudaStream_t stream) {
+                   float* loss, void* max_out, long long* argmax_out, cudaStream_t stream) {
     if (n < 0 || n > 0x7fffffffLL || V <= 0) return -1;
     if (n == 0) return 0;
     const auto* x = static_cast<const __nv_bfloat16*>(logits);
@@ -259,10 +196,7 @@ int head_loss_rows(long long n, int V, const void* logits, const long long* targ
     bool vectorized = V % 8 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0 &&
                       reinterpret_cast<uintptr_t>(grad) % 16 == 0;
     dim3 grid(static_cast<unsigned>(n)), block(THREADS);
-    if (staged && vectorized && staged_fits(V))
-        head_loss_rows_staged_kernel<<<grid, dim3(STAGED_THREADS), 2 * static_cast<size_t>(V), stream>>>(
-            V, x, target, scale, g, loss, m, argmax_out);
-    else if (vectorized)
+    if (vectorized)
         head_loss_rows_kernel<8><<<grid, block, 0, stream>>>(V, x, target, scale, g, loss, m, argmax_out);
     else
         head_loss_rows_kernel<1><<<grid, block, 0, stream>>>(V, x, target, scale, g, loss, m, argmax_out);

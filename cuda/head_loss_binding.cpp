@@ -1,10 +1,9 @@
 // Torch binding of the fused head loss's row kernel in head_loss.cu (C interface, no torch headers).
 //
-// rows(logits, target, scale, staged) -> [grad, loss, max, argmax]
+// rows(logits, target, scale) -> [grad, loss, max, argmax]
 //   logits [n, V] bfloat16 CUDA, contiguous; target [n] int64; scale: the gradient's factor (1 / N)
 //   grad [n, V] bfloat16 = (softmax(logits) - onehot(target)) * scale; loss [n] float32 =
-//   logsumexp - the target's logit; max [n] bfloat16 and argmax [n] int64 of each row; staged: the
-//   kernel variant that stages each row in shared memory (head_loss.cu), where it applies.
+//   logsumexp - the target's logit; max [n] bfloat16 and argmax [n] int64 of each row.
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,10 +14,10 @@
 
 extern "C" {
 int head_loss_rows(long long n, int V, const void* logits, const long long* target, float scale, void* grad,
-                   float* loss, void* max_out, long long* argmax_out, int staged, cudaStream_t stream);
+                   float* loss, void* max_out, long long* argmax_out, cudaStream_t stream);
 }
 
-std::vector<torch::Tensor> head_loss_rows_op(torch::Tensor logits, torch::Tensor target, double scale, bool staged) {
+std::vector<torch::Tensor> head_loss_rows_op(torch::Tensor logits, torch::Tensor target, double scale) {
     TORCH_CHECK(logits.dim() == 2 && logits.is_cuda() && logits.is_contiguous() &&
                     logits.scalar_type() == torch::kBFloat16,
                 "head_loss_rows: logits must be a contiguous bfloat16 CUDA [n, V], got ", logits.scalar_type(), " ",
@@ -38,7 +37,7 @@ std::vector<torch::Tensor> head_loss_rows_op(torch::Tensor logits, torch::Tensor
     auto* argmax_ptr = reinterpret_cast<long long*>(argmax_out.data_ptr<int64_t>());
     int status = head_loss_rows(n, static_cast<int>(logits.size(1)), logits.data_ptr(), target_ptr,
                                 static_cast<float>(scale), grad.data_ptr(), loss.data_ptr<float>(), max_out.data_ptr(),
-                                argmax_ptr, staged ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream());
+                                argmax_ptr, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == 0, "head_loss_rows failed: ",
                 status < 0 ? "unsupported shape" : cudaGetErrorString(static_cast<cudaError_t>(status)));
     return {grad, loss, max_out, argmax_out};

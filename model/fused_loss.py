@@ -104,7 +104,7 @@ class FusedHeadLoss(torch.autograd.Function):
             logits_nV = hidden_nC @ weight_c.T
             if need_grads and row_kernel == "cuda" and head_loss_cuda.supports(logits_nV):
                 grad_nV, loss_n, max_logit_n, argmax_n = head_loss_cuda.head_loss_rows_op(
-                    logits_nV, target_n, 1.0 / rows, head_loss_cuda.STAGED_ROWS
+                    logits_nV, target_n, 1.0 / rows
                 )
                 chunk_loss = loss_n.sum()
             else:

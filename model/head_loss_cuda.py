@@ -21,18 +21,13 @@ from torch import Tensor
 
 from model.cuda_extension import ExtensionBuilds
 
-__all__ = ["BUILDS", "STAGED_ROWS", "head_loss_rows_op", "load_extension", "supports"]
+__all__ = ["BUILDS", "head_loss_rows_op", "load_extension", "supports"]
 
 BUILDS = ExtensionBuilds(
     "head_loss",
     ("head_loss.cu", "head_loss_binding.cpp"),
     fallback="Use the PyTorch ops instead: model.fused_loss.ROW_KERNEL = 'torch'.",
 )
-
-
-STAGED_ROWS = False
-"""Whether model/fused_loss.py asks for the kernel variant that stages each row in shared memory (read
-once from memory whatever L2 keeps; cuda/head_loss.cu). Off until it is measured on a GPU."""
 
 
 def load_extension() -> ModuleType:
@@ -46,18 +41,14 @@ def supports(logits_nV: Tensor) -> bool:
 
 
 @torch.library.custom_op("rwkv::head_loss_rows", mutates_args=())
-def head_loss_rows_op(
-    logits_nV: Tensor, target_n: Tensor, scale: float, staged: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(grad (n, V) bf16, loss (n,) fp32, max (n,) bf16, argmax (n,) int64) of contiguous bf16 logits;
-    `staged`: the variant that stages each row in shared memory, where it applies (the same results)."""
-    rows = load_extension().rows(logits_nV.contiguous(), target_n.contiguous(), scale, staged)
-    grad_nV, loss_n, max_n, argmax_n = rows
+def head_loss_rows_op(logits_nV: Tensor, target_n: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad (n, V) bf16, loss (n,) fp32, max (n,) bf16, argmax (n,) int64) of contiguous bf16 logits."""
+    grad_nV, loss_n, max_n, argmax_n = load_extension().rows(logits_nV.contiguous(), target_n.contiguous(), scale)
     return grad_nV, loss_n, max_n, argmax_n
 
 
 @head_loss_rows_op.register_fake
-def _head_loss_rows_fake(logits_nV, target_n, scale, staged=False):
+def _head_loss_rows_fake(logits_nV, target_n, scale):
     rows = logits_nV.shape[0]
     return (
         torch.empty_like(logits_nV),

@@ -28,16 +28,12 @@ def reference(logits_nV: torch.Tensor, target_n: torch.Tensor, scale: float):
     return grad, loss
 
 
-STAGED = pytest.mark.parametrize("staged", [False, True], ids=["two-pass", "staged"])
-
-
-@STAGED
 @pytest.mark.parametrize("vocab", [50304, 1000, 1001, 7])  # 16-byte loads when V % 8 == 0; else scalar
-def test_rows_match_float64(vocab, staged):
+def test_rows_match_float64(vocab):
     rows, scale = 37, 1.0 / 4096
     logits = (torch.randn(rows, vocab, device=DEVICE) * 4).bfloat16()
     target = torch.randint(0, vocab, (rows,), device=DEVICE)
-    grad, loss, max_n, argmax_n = head_loss_rows_op(logits, target, scale, staged)
+    grad, loss, max_n, argmax_n = head_loss_rows_op(logits, target, scale)
     grad_ref, loss_ref = reference(logits, target, scale)
     # one bf16 rounding (half an ulp: 2^-9 relative) plus fp32 exp error
     assert ((grad.double() - grad_ref).abs() <= grad_ref.abs() * 2**-8 + 1e-30).all()
@@ -46,8 +42,7 @@ def test_rows_match_float64(vocab, staged):
     assert torch.equal(argmax_n, logits.float().argmax(dim=-1))  # first index of the max
 
 
-@STAGED
-def test_ties_take_the_first_index_and_nan_wins(staged):
+def test_ties_take_the_first_index_and_nan_wins():
     vocab = 4096
     logits = torch.zeros(4, vocab, device=DEVICE, dtype=torch.bfloat16)
     logits[0, [5, 900, 4000]] = 3.0  # a three-way tie
@@ -56,7 +51,7 @@ def test_ties_take_the_first_index_and_nan_wins(staged):
     logits[2, :] = -float("inf")
     logits[2, 17] = 1.0
     target = torch.tensor([900, 3, 17, vocab], device=DEVICE)  # row 3: out of range
-    grad, loss, max_n, argmax_n = head_loss_rows_op(logits, target, 1.0, staged)
+    grad, loss, max_n, argmax_n = head_loss_rows_op(logits, target, 1.0)
     assert argmax_n.tolist()[:3] == [5, 77, 17]
     assert max_n[0].item() == 3.0 and torch.isnan(max_n[1]) and max_n[2].item() == 1.0
     assert torch.isnan(loss[1]) and torch.isnan(loss[3])  # the loop's non-finite check sees both
@@ -123,17 +118,3 @@ def test_fused_head_loss_matches_float64(compiled):
     assert torch.allclose(got[0], want[0], rtol=1e-3)
     for name, g, r in zip(("grad_hidden", "grad_weight"), got[1:], want[1:], strict=True):
         assert ((g - r).norm() / r.norm()).item() < 5e-3, name
-
-
-def test_staged_rows_equal_two_pass_rows():
-    """The staged variant against the two-pass kernel: the same max and arg-max (order-free), the loss
-    and gradient up to the fp32 sum's order (its threads stride the row differently) and one bf16
-    rounding; at the training vocabulary and at one too large to stage (it falls back, bit for bit)."""
-    for vocab in (50304, 200000):
-        logits = (torch.randn(64, vocab, device=DEVICE) * 4).bfloat16()
-        target = torch.randint(0, vocab, (64,), device=DEVICE)
-        two_pass = head_loss_rows_op(logits, target, 1.0 / 64, False)
-        staged = head_loss_rows_op(logits, target, 1.0 / 64, True)
-        assert torch.equal(two_pass[2], staged[2]) and torch.equal(two_pass[3], staged[3])  # max, arg-max
-        torch.testing.assert_close(staged[1], two_pass[1], rtol=1e-6, atol=0)  # loss
-        torch.testing.assert_close(staged[0].float(), two_pass[0].float(), rtol=2**-7, atol=1e-12)  # one bf16 ulp

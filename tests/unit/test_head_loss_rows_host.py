@@ -56,7 +56,7 @@ int main() {
             acc = next;
         }
         Acc total = acc[0];
-        for (int w = 1; w < (THREADS / 32); ++w) total = merge(total, acc[32 * w]);
+        for (int w = 1; w < WARPS; ++w) total = merge(total, acc[32 * w]);
         const float lse = row_lse(total);
         const bool t_ok = target >= 0 && target < V;
         const float loss = t_ok ? lse - x[target] : NAN;
