@@ -94,10 +94,9 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
-    if spec.get("fused_ln_mix"):  # each block's LayerNorm, token shift and mixes in one Triton kernel
-        import model.rwkv
+    import model.rwkv  # each block's LayerNorm, token shift and mixes in one Triton kernel, or the plain blocks
 
-        model.rwkv.FUSED_LN_MIX = True
+    model.rwkv.FUSED_LN_MIX = frozenset({"cuda"}) if spec.get("fused_ln_mix") else frozenset()
     if spec.get("wkv_defines"):  # a build variant of cuda/wkv.cu's tuning macros for every WKV call
         import model.wkv_cuda
 
@@ -398,7 +397,11 @@ def main() -> int:
         help="torch._inductor.config settings, one 'key=value,...' per configuration ('' = defaults)",
     )
     parser.add_argument(
-        "--fused-ln-mix", type=int, nargs="+", default=[0], help="1: model.rwkv.FUSED_LN_MIX (Triton kernels)"
+        "--fused-ln-mix",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="1: model.rwkv.FUSED_LN_MIX's Triton kernels on CUDA (the default), 0: the plain blocks",
     )
     parser.add_argument(
         "--wkv-defines",

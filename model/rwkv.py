@@ -35,12 +35,12 @@ from model.wkv_reference import State as WkvState
 LayerState = tuple[torch.Tensor, WkvState, torch.Tensor]
 ModelState = list[LayerState]
 
-FUSED_LN_MIX = False
-"""Each block's LayerNorm, token shift and time-mixes per branch through model/ln_shift_mix.py: one
-Triton kernel per branch on CUDA tensors (the same values, float64-tested, with fewer bytes moved),
-its PyTorch reference elsewhere. Off until its latest kernels are measured in training: on an H200 it
-made training 0.5-2.4 % faster in every pair with the current launch settings (docs/benchmarks.md,
-Training, sessions 11 and 12)."""
+FUSED_LN_MIX: frozenset[str] = frozenset({"cuda"})
+"""The device types whose tensors run each block's LayerNorm, token shift and time-mixes per branch
+through model/ln_shift_mix.py's Triton kernel (the same values, float64-tested, with fewer bytes moved);
+frozenset() turns it off. On an H200 it made training 2.8 % faster at 169M and 4.0 % at 430M, with
+5-6 GiB less peak memory (docs/benchmarks.md, Training, session 13). CPU tensors keep the plain blocks:
+the kernels run there only under TRITON_INTERPRET=1, for the tests."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
@@ -143,7 +143,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTC: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         att_x_prev, wkv_state, ffn_x_prev = state if state is not None else (None, None, None)
-        if FUSED_LN_MIX:
+        if x_BTC.device.type in FUSED_LN_MIX:
             return self._forward_fused(x_BTC, att_x_prev, wkv_state, ffn_x_prev)
         att_out, att_last, wkv_state = self.att(self.ln1(x_BTC), att_x_prev, wkv_state)
         x_BTC = x_BTC + att_out
