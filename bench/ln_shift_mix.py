@@ -12,7 +12,8 @@ Legend: B batch, T time, C channels, M mixes (3: TimeMix, 2: ChannelMix). Median
 L2 flushed) of forward, and of forward + backward with random output gradients (ln[:, -1]'s gradient
 left out, as in training without state). Minimum bytes, in (B, T, C) tensors: forward reads x and writes
 the M mixes (1 + M); backward reads x and the M gradients and writes x's gradient (2 + M). The copy rate
-is a device-to-device copy of 1 GiB in the same run, read plus written.
+is a device-to-device copy of 1 GiB in the same run, read plus written. "bwd alone": the backward op
+launched directly (kernel and partials' sum), no autograd or host work around it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,15 @@ def timed(fn, x, params, grads) -> tuple[float, float]:
     return fwd, median_ms(forward_backward)
 
 
+def backward_alone_ms(x, params, grads) -> float:
+    """The backward op launched directly (its kernel and the partials' sum), without autograd: the
+    kernel's own time, which the fwd+bwd column can blur with the host's work on a busy machine."""
+    weight, bias, mixes = (p.detach() for p in params)
+    x = x.detach()
+    _, _, stats = lsm.forward_kernel_launch(x, weight, bias, None, mixes, 1e-5)
+    return median_ms(lambda: lsm.backward_kernel_launch(grads, None, x, weight, bias, None, mixes, stats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = ",".join(str(value) for value in lsm.launch_settings())
@@ -82,33 +92,41 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     copy_gbps = copy_rate_gbps()
     print(f"device: {torch.cuda.get_device_name()}, copy rate {copy_gbps:.0f} GB/s (read + write), {args.dtype}")
-    print("| B x T x C, M | path | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy | fwd+bwd vs Inductor |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| B x T x C, M | path | fwd ms | fwd % copy | fwd+bwd ms | fwd+bwd % copy | fwd+bwd vs Inductor "
+        "| bwd alone ms | bwd % copy |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch, steps, channels, n_mix in SHAPES:
         x, params, grads = make_case(batch, steps, channels, n_mix, dtype)
         unit = x.numel() * x.element_size()
-        fwd_bytes, total_bytes = (1 + n_mix) * unit, (3 + 2 * n_mix) * unit
+        fwd_bytes, bwd_bytes = (1 + n_mix) * unit, (2 + n_mix) * unit
         # A fresh compile per shape: after a shape change Dynamo recompiles with dynamic shapes, whose
         # generic kernels ran 4x slower at C = 1024 (docs/benchmarks.md, session 11).
         torch._dynamo.reset()
         inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
-        rows = {"Inductor (PyTorch ops)": timed(inductor, x, params, grads)}
+        rows = {"Inductor (PyTorch ops)": (*timed(inductor, x, params, grads), None)}
         for config in args.configs:
             fwd_tile, fwd_warps, bwd_tile, bwd_warps, bwd_rows, *stages = (int(v) for v in config.split(","))
             lsm.FORWARD_TILE, lsm.FORWARD_WARPS = fwd_tile, fwd_warps or None
             lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = bwd_tile, bwd_warps or None
             lsm.ROWS, lsm.BACKWARD_STAGES = bwd_rows, (stages[0] if stages else 0) or None
             fused = lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m)  # noqa: E731
-            rows[f"fused {config}"] = timed(fused, x, params, grads)
+            backward = backward_alone_ms(x, params, grads)
+            rows[f"fused {config}"] = (*timed(fused, x, params, grads), backward)
             if args.compiled:  # as training runs them: launched from Inductor's graph
                 torch._dynamo.reset()  # as above
-                rows[f"fused {config}, compiled"] = timed(torch.compile(fused), x, params, grads)
+                rows[f"fused {config}, compiled"] = (*timed(torch.compile(fused), x, params, grads), backward)
         base = rows["Inductor (PyTorch ops)"][1]
-        for name, (fwd, total) in rows.items():
+
+        def share(nbytes: int, ms: float) -> str:
+            return f"{100 * nbytes / ms / 1e6 / copy_gbps:.0f} %"
+
+        for name, (fwd, total, bwd) in rows.items():
+            alone = f"{bwd:.3f} | {share(bwd_bytes, bwd)}" if bwd is not None else "- | -"
             print(
-                f"| {batch}x{steps}x{channels}, {n_mix} | {name} | {fwd:.3f} | "
-                f"{100 * fwd_bytes / fwd / 1e6 / copy_gbps:.0f} % | {total:.3f} | "
-                f"{100 * total_bytes / total / 1e6 / copy_gbps:.0f} % | {base / total:.2f}x |"
+                f"| {batch}x{steps}x{channels}, {n_mix} | {name} | {fwd:.3f} | {share(fwd_bytes, fwd)} | "
+                f"{total:.3f} | {share(fwd_bytes + bwd_bytes, total)} | {base / total:.2f}x | {alone} |"
             )
         del x, params, grads
         torch.cuda.empty_cache()
