@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call (~7 min on one H200) for the fused LayerNorm + token shift + mix kernels
-# (model/ln_shift_mix.py, model.rwkv.FUSED_LN_MIX, on by default for CUDA tensors: docs/benchmarks.md):
+# (model/ln_shift_mix.py, ModelConfig.fused_ln_mix, on by default: docs/benchmarks.md):
 #   1. their tests on the GPU: the kernels against float64 (tests/unit/test_ln_shift_mix.py, compiled for
 #      CUDA here) and the model with the switch on against the plain blocks, eager and compiled
 #      (tests/gpu/test_ln_shift_mix_cuda.py); TESTS=0 skips them (~3 min);

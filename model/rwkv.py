@@ -35,12 +35,10 @@ from model.wkv_reference import State as WkvState
 LayerState = tuple[torch.Tensor, WkvState, torch.Tensor]
 ModelState = list[LayerState]
 
-FUSED_LN_MIX: frozenset[str] = frozenset({"cuda"})
-"""The device types whose tensors run each block's LayerNorm, token shift and time-mixes per branch
-through model/ln_shift_mix.py's Triton kernel (the same values, float64-tested, with fewer bytes moved);
-frozenset() turns it off. On an H200 it made training 2.8 % faster at 169M and 4.0 % at 430M, with
-5-6 GiB less peak memory (docs/benchmarks.md, Training, session 13). CPU tensors keep the plain blocks:
-the kernels run there only under TRITON_INTERPRET=1, for the tests."""
+LN_MIX_KERNEL_DEVICES = frozenset({"cuda"})
+"""The device types on which ModelConfig.fused_ln_mix takes model/ln_shift_mix.py's Triton kernel. CPU
+tensors keep the plain blocks: there the kernels run only interpreted (TRITON_INTERPRET=1), which the
+tests do by adding "cpu"."""
 
 
 def token_shift(x_BTC: torch.Tensor, x_prev_BC: torch.Tensor | None) -> torch.Tensor:
@@ -140,10 +138,11 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.att = TimeMix(config)
         self.ffn = ChannelMix(config)
+        self.fused_ln_mix = config.fused_ln_mix
 
     def forward(self, x_BTC: torch.Tensor, state: LayerState | None = None) -> tuple[torch.Tensor, LayerState]:
         att_x_prev, wkv_state, ffn_x_prev = state if state is not None else (None, None, None)
-        if x_BTC.device.type in FUSED_LN_MIX:
+        if self.fused_ln_mix and x_BTC.device.type in LN_MIX_KERNEL_DEVICES:
             return self._forward_fused(x_BTC, att_x_prev, wkv_state, ffn_x_prev)
         att_out, att_last, wkv_state = self.att(self.ln1(x_BTC), att_x_prev, wkv_state)
         x_BTC = x_BTC + att_out
@@ -151,7 +150,7 @@ class Block(nn.Module):
         return x_BTC + ffn_out, (att_last, wkv_state, ffn_last)
 
     def _forward_fused(self, x_BTC, att_x_prev, wkv_state, ffn_x_prev) -> tuple[torch.Tensor, LayerState]:
-        """forward with each branch's LayerNorm, token shift and mixes in one kernel (FUSED_LN_MIX)."""
+        """forward with each branch's LayerNorm, token shift and mixes in one kernel (config.fused_ln_mix)."""
         ln1, ln2 = self.ln1, self.ln2
         mixed, att_last = ln_shift_mix(x_BTC, ln1.weight, ln1.bias, att_x_prev, self.att.mixes(), ln1.eps)
         att_out, wkv_state = self.att.from_mixed(*mixed, wkv_state)

@@ -77,6 +77,9 @@ def build_stages(config: RunConfig) -> list[Stage]:
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL_TRAIN_FIELDS}
     if not train["chunk_len"]:  # absent when off, so pretrain outputs made before the field existed keep their hash
         del train["chunk_len"]
+    model = _jsonable(config.model)
+    if model["fused_ln_mix"]:  # absent when on (the default), for the same reason
+        del model["fused_ln_mix"]
     stages = [
         Stage(
             "tokenizer",
@@ -87,7 +90,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
         Stage(
             "pretrain",
             pretrain_stage(config),
-            config={"model": _jsonable(config.model), "train": train, "workers": config.ray.num_workers},
+            config={"model": model, "train": train, "workers": config.ray.num_workers},
             inputs=("tokenize",),
         ),
     ]

@@ -1,4 +1,4 @@
-"""The fused LayerNorm + token shift + mix kernels (model.rwkv.FUSED_LN_MIX) in the model on the GPU:
+"""The fused LayerNorm + token shift + mix kernels (ModelConfig.fused_ln_mix) in the model on the GPU:
 compiled and eager, every parameter's gradient against the plain blocks. (The kernels themselves are
 checked against float64 by tests/unit/test_ln_shift_mix.py, which runs them on the GPU here.)"""
 
@@ -7,17 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import model.rwkv
 from model import ModelConfig, build_model
 
 pytest.importorskip("triton", reason="Triton not installed: the fused LayerNorm-mix kernels are not run")
 DEVICE = "cuda"
 
 
-def loss_and_gradients(monkeypatch, fused: bool, compiled: bool, dtype: torch.dtype):
-    monkeypatch.setattr(model.rwkv, "FUSED_LN_MIX", frozenset({DEVICE}) if fused else frozenset())
+def loss_and_gradients(fused: bool, compiled: bool, dtype: torch.dtype):
     torch.manual_seed(1)
-    net = build_model(ModelConfig(n_layer=2, n_embd=256, vocab_size=1024, wkv_backend="cuda")).to(DEVICE, dtype)
+    config = ModelConfig(n_layer=2, n_embd=256, vocab_size=1024, wkv_backend="cuda", fused_ln_mix=fused)
+    net = build_model(config).to(DEVICE, dtype)
     for name, param in net.named_parameters():  # off the init's ones and zeros, so every term shows
         if "time_mix" in name or ".ln" in name:
             param.data.uniform_(0.1, 0.9)
@@ -33,9 +32,9 @@ def loss_and_gradients(monkeypatch, fused: bool, compiled: bool, dtype: torch.dt
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_fused_block_inputs_match_plain_blocks(monkeypatch, compiled, dtype):
-    loss_plain, plain = loss_and_gradients(monkeypatch, False, compiled, dtype)
-    loss_fused, fused = loss_and_gradients(monkeypatch, True, compiled, dtype)
+def test_fused_block_inputs_match_plain_blocks(compiled, dtype):
+    loss_plain, plain = loss_and_gradients(False, compiled, dtype)
+    loss_fused, fused = loss_and_gradients(True, compiled, dtype)
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert abs(loss_fused - loss_plain) <= tol * abs(loss_plain)
     for name, want in plain.items():

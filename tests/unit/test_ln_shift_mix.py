@@ -2,6 +2,7 @@
 reference in float64: on a GPU compiled, without one through Triton's interpreter on CPU tensors
 (tests/conftest.py sets TRITON_INTERPRET); skipped, visibly, without Triton."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -124,21 +125,24 @@ def test_bad_mix_shape_is_named():
 
 @pytest.mark.parametrize("chunks", [1, 2], ids=["one window", "two chunks with state"])
 def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, chunks):
-    """RWKV with model.rwkv.FUSED_LN_MIX (the kernels, interpreted on CPU) against the plain blocks:
+    """RWKV with ModelConfig.fused_ln_mix (the kernels, interpreted on CPU) against the plain blocks:
     the loss and every parameter's gradient, fp32."""
     import model.rwkv
     from model import RWKV, ModelConfig
 
+    monkeypatch.setattr(model.rwkv, "LN_MIX_KERNEL_DEVICES", frozenset({DEVICE}))
     torch.manual_seed(0)
-    net = RWKV(ModelConfig(n_layer=2, n_embd=32, vocab_size=50, wkv_backend="torch")).to(DEVICE)
-    for name, param in net.named_parameters():  # off the init's ones and zeros, so every term shows
+    config = ModelConfig(n_layer=2, n_embd=32, vocab_size=50, wkv_backend="torch")
+    fused_net = RWKV(config).to(DEVICE)
+    for name, param in fused_net.named_parameters():  # off the init's ones and zeros, so every term shows
         if "time_mix" in name or "ln" in name:
             param.data.uniform_(0.1, 0.9)
+    plain_net = RWKV(dataclasses.replace(config, fused_ln_mix=False)).to(DEVICE)
+    plain_net.load_state_dict(fused_net.state_dict())
     idx = torch.randint(0, 50, (2, 11), device=DEVICE)
 
     def loss_and_grads(fused: bool):
-        monkeypatch.setattr(model.rwkv, "FUSED_LN_MIX", frozenset({DEVICE}) if fused else frozenset())
-        net.zero_grad()
+        net = fused_net if fused else plain_net
         if chunks == 1:
             loss = net(idx, targets=idx)
         else:
@@ -154,6 +158,21 @@ def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, chunks):
     assert abs(loss_fused.item() - loss_plain.item()) <= 1e-6 * abs(loss_plain.item())
     for name, grad in grads_plain.items():
         assert rel_l2(grads_fused[name], grad.double()) <= 1e-5, name
+
+
+def test_cpu_models_keep_the_plain_blocks(monkeypatch):
+    """fused_ln_mix is on by default, yet a model on CPU tensors never calls the kernels (interpreted
+    there, they would make every CPU forward slow): the plain blocks run."""
+    import model.rwkv
+    from model import RWKV, ModelConfig
+
+    def kernels_called(*args, **kwargs):
+        raise AssertionError("the LayerNorm-mix kernels ran on CPU tensors")
+
+    monkeypatch.setattr(model.rwkv, "ln_shift_mix", kernels_called)
+    net = RWKV(ModelConfig(n_layer=1, n_embd=16, vocab_size=20, wkv_backend="torch"))
+    assert net.config.fused_ln_mix
+    net(torch.randint(0, 20, (1, 5))).sum().backward()
 
 
 # Compiles both kernels for sm_90 (Triton's own compiler and ptxas; no GPU needed) with eps typed fp64, as
