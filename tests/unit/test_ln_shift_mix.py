@@ -123,10 +123,11 @@ def test_bad_mix_shape_is_named():
         lsm.forward_kernel_launch(x, weight, bias, None, torch.ones(4, 16, device=DEVICE), 1e-5)
 
 
-@pytest.mark.parametrize("chunks", [1, 2], ids=["one window", "two chunks with state"])
-def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, chunks):
+@pytest.mark.parametrize("mode", ["one window", "two chunks with state", "chunk_len 4, checkpointed blocks"])
+def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, mode):
     """RWKV with ModelConfig.fused_ln_mix (the kernels, interpreted on CPU) against the plain blocks:
-    the loss and every parameter's gradient, fp32."""
+    the loss and every parameter's gradient, fp32; also with the kernels recomputed under activation
+    checkpoints (each chunk's, and each block's inside it)."""
     import model.rwkv
     from model import RWKV, ModelConfig
 
@@ -143,7 +144,10 @@ def test_model_with_fused_block_inputs_matches_unfused(monkeypatch, chunks):
 
     def loss_and_grads(fused: bool):
         net = fused_net if fused else plain_net
-        if chunks == 1:
+        if mode == "one window":
+            loss = net(idx, targets=idx)
+        elif mode.startswith("chunk_len"):
+            net.chunk_len, net.checkpoint_blocks = 4, True
             loss = net(idx, targets=idx)
         else:
             logits_a, state = net.forward_with_state(idx[:, :6])
