@@ -26,6 +26,7 @@ are built on first use; under TRITON_INTERPRET=1 they also run on CPU tensors (t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -42,6 +43,14 @@ FORWARD_TILE, FORWARD_WARPS = 2, 4
 BACKWARD_TILE, BACKWARD_WARPS = 2, 4
 ROWS = 64
 BACKWARD_STAGES = 3
+# The constants above are tuned for rows of up to 1024 columns (C 768 and 1024). Wider rows get more
+# warps, then fewer rows per tile, so that a thread holds as many elements as tuned (`_widened`), and
+# the backward keeps only the pipelining stages its device's shared memory holds (`_stages_that_fit`):
+# the kernels compile for sm_90 with at most 12 bytes of register spills up to 4096 columns, where the
+# tuned constants would not launch at all (426 KB of shared memory; tests/unit/test_ln_shift_mix.py).
+# Rows wider than 1024 columns are float64-tested (interpreted) but not yet timed on a GPU; rows wider
+# than MAX_CHANNELS take the PyTorch reference.
+MAX_CHANNELS = 4096
 # Decided once, not on every call in the model's forward (where torch.compile would also have to trace
 # the import and the environment lookup): whether Triton is installed, and whether its kernels run
 # interpreted (TRITON_INTERPRET=1, which Triton itself reads when it defines a kernel), so CPU tensors
@@ -89,12 +98,65 @@ def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool
     tile, warps = (bwd_tile, bwd_warps) if backward else (fwd_tile, fwd_warps)
     block = triton.next_power_of_2(channels)
     warps = warps or max(1, min(8, tile * block // 256))
+    # The backward's registers allow at most 8 warps (255 a thread); the forward needs far fewer.
+    tile, warps = _widened(tile, warps, block, max_warps=8 if backward else 16)
     meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
     if not backward:
         return (batch, triton.cdiv(steps, tile)), meta
     if rows % tile:
         raise ValueError(f"model.ln_shift_mix.ROWS ({rows}) must be a multiple of BACKWARD_TILE ({tile})")
+    if stages:
+        per_stage = backward_stage_bytes(tile, block, mixes.shape[0], x.element_size(), mixes.element_size())
+        stages = _stages_that_fit(stages, per_stage, _shared_memory_bytes(x.device))
     return (batch, triton.cdiv(steps, rows)), {**meta, "ROWS": rows, "STAGES": stages or None}
+
+
+def _widened(tile: int, warps: int, block: int, max_warps: int) -> tuple[int, int]:
+    """(tile, warps) tuned for rows of up to 1024 columns, for rows of `block`: as many elements per
+    thread, by doubling the warps up to max_warps, then halving the tile down to one row."""
+    scale = max(1, block // 1024)
+    while scale > 1 and warps < max_warps:
+        warps, scale = 2 * warps, scale // 2
+    while scale > 1 and tile > 1:
+        tile, scale = tile // 2, scale // 2
+    return tile, warps
+
+
+def backward_stage_bytes(tile: int, block: int, n_mix: int, x_bytes: int, param_bytes: int) -> int:
+    """Shared memory that one pipelining stage of the backward's row loop takes, at most: the tile's
+    loads in x's dtype (x twice, each mix's output gradient twice: this row's and the next, ln[:, -1]'s
+    gradient), x_prev's row, the parameter vectors (LayerNorm weight and bias, the mixes), and the row
+    statistics (under 1 KB). An upper bound of what Triton allocates for sm_90
+    (tests/unit/test_ln_shift_mix.py compiles to check it)."""
+    return block * (tile * x_bytes * (3 + 2 * n_mix) + x_bytes + param_bytes * (n_mix + 2)) + 1024
+
+
+# Shared memory a kernel uses besides its pipelining buffers (the cross-warp sums' scratch; 16 KB at 16
+# warps and 4096 columns on sm_90): left free when choosing stages.
+_SCRATCH_BYTES = 16 << 10
+
+
+def _stages_that_fit(stages: int, per_stage: int, available: int) -> int:
+    """The most stages, up to `stages`, whose buffers ((stages - 1) x per_stage: one tile is in use
+    while the others load) and scratch fit in `available` bytes; 1 (no pipelining) at the least."""
+    while stages > 1 and (stages - 1) * per_stage + _SCRATCH_BYTES > available:
+        stages -= 1
+    return stages
+
+
+def _shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on `device` (as Triton checks it at launch); unlimited for the
+    interpreter on CPU tensors."""
+    if device.type != "cuda":
+        return 1 << 62
+    return _cuda_shared_memory_bytes(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_shared_memory_bytes(index: int) -> int:
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
 
 
 def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, launch=None):
@@ -198,9 +260,9 @@ def ln_shift_mix(
     x: Tensor, weight: Tensor, bias: Tensor, x_prev: Tensor | None, mixes: Tensor, eps: float = 1e-5
 ) -> tuple[tuple[Tensor, ...], Tensor]:
     """The M outputs and ln[:, -1] as the module docstring defines them: the fused kernels for
-    CUDA tensors (or any, under TRITON_INTERPRET=1) when Triton is installed, the PyTorch reference
-    otherwise."""
-    if TRITON and (x.is_cuda or INTERPRET):
+    CUDA tensors (or any, under TRITON_INTERPRET=1) of at most MAX_CHANNELS columns when Triton is
+    installed, the PyTorch reference otherwise."""
+    if TRITON and (x.is_cuda or INTERPRET) and x.shape[-1] <= MAX_CHANNELS:
         x_prev = x_prev.contiguous() if x_prev is not None else None
         *outs, last, _ = torch.ops.rwkv.ln_shift_mix(
             x.contiguous(), weight, bias, x_prev, mixes.contiguous(), eps, launch_settings()

@@ -59,6 +59,8 @@ CASES = {  # B, T, C, mixes, x_prev given, gradient into ln[:, -1]
     "ffn, sequence start": (1, 8, 32, 2, False, False),
     "att, T < rows, C a power of two": (3, 3, 64, 3, False, True),
     "ffn, T = 1 with state": (2, 1, 40, 2, True, True),
+    "att, C 1536: more warps": (1, 5, 1536, 3, True, True),
+    "ffn, C 2560: one row per tile": (1, 6, 2560, 2, True, True),
 }
 
 
@@ -179,6 +181,34 @@ def test_cpu_models_keep_the_plain_blocks(monkeypatch):
     net(torch.randint(0, 20, (1, 5))).sum().backward()
 
 
+def test_rows_wider_than_max_channels_take_the_reference(monkeypatch):
+    monkeypatch.setattr(lsm, "MAX_CHANNELS", 32)
+    x, weight, bias, x_prev, mixes = make_inputs(1, 5, 48, 3, True, torch.float32)
+    (outs, last), (want_outs, want_last) = (
+        f(x, weight, bias, x_prev, mixes, 1e-5) for f in (lsm.ln_shift_mix, lsm.ln_shift_mix_reference)
+    )
+    assert all(torch.equal(a, b) for a, b in zip(outs, want_outs, strict=True)) and torch.equal(last, want_last)
+
+
+@pytest.mark.parametrize(
+    ("channels", "dtype", "shared_kb", "want"),
+    [
+        (768, torch.bfloat16, 227, (2, 4, 3)),  # the tuned constants (an H200)
+        (768, torch.bfloat16, 99, (2, 4, 2)),  # an sm_89 card's shared memory holds two stages
+        (768, torch.float32, 163, (2, 4, 2)),  # an A100's, in fp32
+        (2048, torch.bfloat16, 227, (2, 8, 3)),  # twice the warps
+        (2560, torch.bfloat16, 227, (1, 8, 2)),  # 8 warps at most, then one row per tile, fewer stages
+    ],
+)
+def test_backward_launch_settings_for_the_row_width_and_device(monkeypatch, channels, dtype, shared_kb, want):
+    monkeypatch.setattr(lsm, "_shared_memory_bytes", lambda device: shared_kb << 10)
+    x = torch.empty(1, 64, channels, device="meta", dtype=dtype)
+    mixes = torch.empty(3, channels, device="meta", dtype=dtype)
+    settings = [2, 4, 2, 4, 64, 3]  # the module's, whatever the fixture above sets
+    _, meta = lsm._launch_config(x, mixes, settings, backward=True)
+    assert (meta["TILE"], meta["num_warps"], meta["STAGES"]) == want
+
+
 # Compiles both kernels for sm_90 (Triton's own compiler and ptxas; no GPU needed) with eps typed fp64, as
 # Inductor types a Python float argument (an eager launch and the interpreter type it fp32): the kernels
 # once failed to compile that way ("ln_prev is fp64, redefined as fp32") on the GPU only.
@@ -211,3 +241,73 @@ def test_kernels_compile_for_sm90_with_eps_typed_as_inductor_types_it():
         [sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# Compiles the kernels (no GPU needed) with the launch settings the module picks for an H200 (sm_90 and
+# Triton's max_shared_mem there) at rows up to MAX_CHANNELS wide, and for an sm_89 card with 99 KB:
+# (next to) no register spills, shared memory within the device and within backward_stage_bytes' bound,
+# which the choice of stages relies on. The tuned constants alone spilled 196 bytes at 2048 columns and
+# asked for 426 KB of shared memory at 4096, which no GPU has. (On the sm_89 card the bound picks two
+# stages at 768 columns: three would take 98.4 of its 99 KB, inside the bound's margins.)
+COMPILE_WIDE_ROWS = """
+import re, subprocess, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+import model.ln_shift_mix as lsm
+from model import ln_shift_mix_kernels as kernels
+
+H200, SM89 = (90, 232448), (89, 101376)  # compute capability, max_shared_mem
+CASES = [  # device, columns, mixes, dtype, which kernels
+    (H200, 768, 3, torch.bfloat16, "backward"), (H200, 768, 3, torch.float32, "backward"),
+    (H200, 2048, 3, torch.bfloat16, "backward"), (H200, 2560, 3, torch.bfloat16, "forward backward"),
+    (H200, 4096, 2, torch.bfloat16, "backward"), (SM89, 768, 3, torch.bfloat16, "backward"),
+]
+for (capability, device_shared), channels, n_mix, dtype, which in CASES:
+    lsm._shared_memory_bytes = lambda device: device_shared
+    x = torch.empty(1, 64, channels, device="meta", dtype=dtype)
+    mixes = torch.empty(n_mix, channels, device="meta", dtype=dtype)
+    pointer = "*bf16" if dtype == torch.bfloat16 else "*fp32"
+    for name in which.split():
+        kernel, backward = getattr(kernels, name), name == "backward"
+        _, meta = lsm._launch_config(x, mixes, lsm.launch_settings(), backward)
+        warps = meta.pop("num_warps")
+        constexprs = {"HAS_PREV": True, **meta, **({"HAS_GLAST": True} if backward else {})}
+        signature = {
+            arg: "constexpr" if arg in constexprs else {"T": "i32", "C": "i32", "eps": "fp32"}.get(
+                arg, "*fp32" if arg in ("stats_ptr", "part_ptr") else pointer)
+            for arg in kernel.arg_names
+        }
+        # as a launch specialises them: pointers 16-byte aligned, T and C multiples of 16
+        aligned = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, kind in signature.items()
+                   if kind.startswith("*") or arg in ("T", "C")}
+        source = ASTSource(kernel, signature=signature, constexprs=constexprs, attrs=aligned)
+        target = GPUTarget("cuda", capability, 32)
+        compiled = triton.compile(source, target=target, options={"num_warps": warps})
+        arch = "sm_90a" if capability == 90 else f"sm_{capability}"
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+            ptx.write(compiled.asm["ptx"])
+            ptx.flush()
+            log = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", ptx.name, "-o", "/dev/null"],
+                                 capture_output=True, text=True, check=True).stderr
+        spills = int(re.search(r"(\\d+) bytes spill stores", log).group(1))
+        shared = compiled.metadata.shared
+        where = f"sm_{capability}: {name} at C {channels}, M {n_mix}, {dtype}, {meta}, {warps} warps"
+        print(f"{where}: {spills} bytes spilled, {shared} bytes of shared memory")
+        assert spills <= 16, where  # 12 bytes in the backward at 4096 columns with every input given
+        assert shared <= device_shared, where
+        if backward and (meta["STAGES"] or 1) > 1:
+            sizes = x.element_size(), mixes.element_size()
+            stage = lsm.backward_stage_bytes(meta["TILE"], meta["BLOCK_C"], n_mix, *sizes)
+            assert shared <= (meta["STAGES"] - 1) * stage + lsm._SCRATCH_BYTES, where
+"""
+
+
+def test_wide_rows_compile_without_spills_within_the_devices_shared_memory():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_WIDE_ROWS], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
