@@ -3,6 +3,7 @@ computation as PyTorch ops compiled by Inductor, side by side in one run.
 
     python bench/ln_shift_mix.py                            # the training shapes, bf16, the kernels as set
     python bench/ln_shift_mix.py --configs 4,8,4,8,64 2,4,2,4,32  # several launch configurations
+    python bench/ln_shift_mix.py --wide                     # also wider rows (launch settings widened)
 
 A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS[,BACKWARD_STAGES]
 (model/ln_shift_mix.py; a warp count 0 takes the module's default for the tile; stages 0 or left out:
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model.ln_shift_mix as lsm  # noqa: E402
 
 SHAPES = [(128, 1024, 768, 3), (128, 1024, 768, 2), (64, 1024, 1024, 3), (64, 1024, 1024, 2)]
+WIDE_SHAPES = [(16, 1024, 2048, 3), (16, 1024, 2048, 2), (8, 1024, 2560, 3), (8, 1024, 2560, 2)]  # 1.5B, 3B
 DEVICE = "cuda"
 
 
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=[here], help="launch configurations (see above)")
     parser.add_argument("--compiled", action="store_true", help="also time each configuration under torch.compile")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--wide", action="store_true", help="also rows of 2048 and 2560 columns (1.5B, 3B)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     copy_gbps = copy_rate_gbps()
@@ -97,7 +100,7 @@ def main() -> None:
         "| bwd alone ms | bwd % copy |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for batch, steps, channels, n_mix in SHAPES:
+    for batch, steps, channels, n_mix in SHAPES + (WIDE_SHAPES if args.wide else []):
         x, params, grads = make_case(batch, steps, channels, n_mix, dtype)
         unit = x.numel() * x.element_size()
         fwd_bytes, bwd_bytes = (1 + n_mix) * unit, (2 + n_mix) * unit
