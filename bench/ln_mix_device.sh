@@ -5,7 +5,8 @@
 #      CUDA here) and the model with the switch on against the plain blocks, eager and compiled
 #      (tests/gpu/test_ln_shift_mix_cuda.py); TESTS=0 skips them (~3 min);
 #   2. only if they pass: the kernels alone against Inductor at the training shapes, at each launch
-#      configuration given (bench/ln_shift_mix.py --configs; none: the module's); SWEEP=0 skips it;
+#      configuration given (bench/ln_shift_mix.py --configs; none: the module's), with $BENCH_FLAGS
+#      (e.g. "--compiled --wide"); SWEEP=0 skips it;
 #   3. 169M training at micro-batch 128 (compile, fused loss 8192, ZeRO-0 master path, cuda WKV), the
 #      switch as in $TRAIN_SWITCH (default "0 1 0 1": off and on, alternating), each row its own process;
 #      with PROFILE=N each row also profiles N steps (top kernels in the log, files in $OUT); with
@@ -23,7 +24,8 @@ if [ "${TESTS:-1}" != 0 ]; then
   echo "tests done at $((SECONDS - start)) s"
 fi
 if [ "${SWEEP:-1}" != 0 ]; then
-  python3 bench/ln_shift_mix.py ${1:+--configs "$@"} >"$OUT/kernels.log" 2>&1
+  # shellcheck disable=SC2086  # the flags are words
+  python3 bench/ln_shift_mix.py ${1:+--configs "$@"} ${BENCH_FLAGS:-} >"$OUT/kernels.log" 2>&1
   grep -v "^|---" "$OUT/kernels.log" | tail -n 40
   echo "kernels done at $((SECONDS - start)) s"
 fi
