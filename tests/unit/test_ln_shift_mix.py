@@ -182,6 +182,8 @@ def test_cpu_models_keep_the_plain_blocks(monkeypatch):
 
 
 def test_rows_wider_than_max_channels_take_the_reference(monkeypatch):
+    """Past MAX_CHANNELS the entry point returns the PyTorch reference's values bit for bit (the
+    kernels' differ in rounding)."""
     monkeypatch.setattr(lsm, "MAX_CHANNELS", 32)
     x, weight, bias, x_prev, mixes = make_inputs(1, 5, 48, 3, True, torch.float32)
     (outs, last), (want_outs, want_last) = (
