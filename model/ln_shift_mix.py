@@ -137,8 +137,9 @@ _SCRATCH_BYTES = 16 << 10
 
 
 def _stages_that_fit(stages: int, per_stage: int, available: int) -> int:
-    """The most stages, up to `stages`, whose buffers ((stages - 1) x per_stage: one tile is in use
-    while the others load) and scratch fit in `available` bytes; 1 (no pipelining) at the least."""
+    """The most stages, up to `stages`, whose buffers (Triton keeps stages - 1 tiles' loads in flight in
+    shared memory: (stages - 1) x per_stage, as compiled) and scratch fit in `available` bytes; 1 (no
+    pipelining) at the least."""
     while stages > 1 and (stages - 1) * per_stage + _SCRATCH_BYTES > available:
         stages -= 1
     return stages
