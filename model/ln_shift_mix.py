@@ -97,9 +97,10 @@ def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool
     fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, stages = settings
     tile, warps = (bwd_tile, bwd_warps) if backward else (fwd_tile, fwd_warps)
     block = triton.next_power_of_2(channels)
-    warps = warps or max(1, min(8, tile * block // 256))
-    # The backward's registers allow at most 8 warps (255 a thread); the forward needs far fewer.
-    tile, warps = _widened(tile, warps, block, max_warps=8 if backward else 16)
+    if warps:  # tuned for rows of up to 1024 columns; the backward's registers allow at most 8 warps
+        tile, warps = _widened(tile, warps, block, max_warps=8 if backward else 16)
+    else:  # the default for the tile, which already scales with the row: no widening on top
+        warps = max(1, min(8, tile * block // 256))
     meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
     if not backward:
         return (batch, triton.cdiv(steps, tile)), meta
