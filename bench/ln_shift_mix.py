@@ -5,9 +5,10 @@ computation as PyTorch ops compiled by Inductor, side by side in one run.
     python bench/ln_shift_mix.py --configs 4,8,4,8,64 2,4,2,4,32  # several launch configurations
     python bench/ln_shift_mix.py --wide                     # also wider rows (launch settings widened)
 
-A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS[,BACKWARD_STAGES]
+A configuration is FORWARD_TILE,FORWARD_WARPS,BACKWARD_TILE,BACKWARD_WARPS,ROWS[,BACKWARD_STAGES[,STREAM]]
 (model/ln_shift_mix.py; a warp count 0 takes the module's default for the tile; stages 0 or left out:
-Triton's default pipelining of the backward's row loop).
+Triton's default pipelining of the backward's row loop; STREAM 1: the kernels that walk rows one at a
+time).
 
 Legend: B batch, T time, C channels, M mixes (3: TimeMix, 2: ChannelMix). Median times (triton's do_bench,
 L2 flushed) of forward, and of forward + backward with random output gradients (ln[:, -1]'s gradient
@@ -110,10 +111,7 @@ def main() -> None:
         inductor = torch.compile(lambda x, w, b, m: lsm.ln_shift_mix_reference(x, w, b, None, m, 1e-5))
         rows = {"Inductor (PyTorch ops)": (*timed(inductor, x, params, grads), None)}
         for config in args.configs:
-            fwd_tile, fwd_warps, bwd_tile, bwd_warps, bwd_rows, *stages = (int(v) for v in config.split(","))
-            lsm.FORWARD_TILE, lsm.FORWARD_WARPS = fwd_tile, fwd_warps or None
-            lsm.BACKWARD_TILE, lsm.BACKWARD_WARPS = bwd_tile, bwd_warps or None
-            lsm.ROWS, lsm.BACKWARD_STAGES = bwd_rows, (stages[0] if stages else 0) or None
+            lsm.set_launch_settings([int(v) for v in config.split(",")])
             fused = lambda x, w, b, m: lsm.ln_shift_mix(x, w, b, None, m)  # noqa: E731
             backward = backward_alone_ms(x, params, grads)
             rows[f"fused {config}"] = (*timed(fused, x, params, grads), backward)

@@ -112,6 +112,10 @@ def run_one(spec: dict) -> dict:
     import model.fused_loss
 
     model.fused_loss.ROW_KERNEL = spec.get("row_kernel", "cuda")
+    if spec.get("ln_mix_settings"):  # launch settings of the fused LayerNorm-mix kernels
+        import model.ln_shift_mix
+
+        model.ln_shift_mix.set_launch_settings([int(v) for v in spec["ln_mix_settings"].split(",")])
 
     profiled = spec.get("profile", 0)
     model_cfg, cfg = bench_configs(spec, extra_steps=profiled)
@@ -148,7 +152,7 @@ def spec_label(spec: dict) -> str:
     if spec.get("row_kernel", "cuda") != "cuda":
         label += f"_{spec['row_kernel']}rows"
     if spec.get("fused_ln_mix"):
-        label += "_fusedlnmix"
+        label += "_fusedlnmix" + (f"_{file_safe(spec['ln_mix_settings'])}" if spec.get("ln_mix_settings") else "")
     if spec.get("wkv_defines"):
         label += "_" + file_safe(spec["wkv_defines"])
     return label
@@ -408,6 +412,13 @@ def main() -> int:
         help="1: ModelConfig.fused_ln_mix, each block's LayerNorm-mix in one Triton kernel (the default), 0: off",
     )
     parser.add_argument(
+        "--ln-mix-settings",
+        nargs="+",
+        default=[""],
+        help="model/ln_shift_mix.py launch settings, one configuration each as bench/ln_shift_mix.py takes them"
+        " ('' = the module's)",
+    )
+    parser.add_argument(
         "--wkv-defines",
         nargs="+",
         default=[""],
@@ -474,6 +485,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "row_kernel": row_kernel,
             "wkv_defines": wkv_defines,
             "fused_ln_mix": fused_ln_mix,
+            "ln_mix_settings": ln_mix_settings,
             **fixed,
         }
         for model in args.models
@@ -490,6 +502,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for row_kernel in (args.row_kernel if fused else ["cuda"])
         for wkv_defines in (args.wkv_defines if backend == "cuda" else [""])
         for fused_ln_mix in args.fused_ln_mix
+        for ln_mix_settings in (args.ln_mix_settings if fused_ln_mix else [""])
     ]
     for spec in grid:
         started = time.perf_counter()
@@ -544,7 +557,7 @@ def print_table(rows: list[dict]) -> None:
         if row.get("inductor"):
             compiled += f", inductor {row['inductor']}"
         if row.get("fused_ln_mix"):
-            compiled += ", fused LN-mix"
+            compiled += ", fused LN-mix" + (f" {row['ln_mix_settings']}" if row.get("ln_mix_settings") else "")
         backend = row["backend"] + (f" ({row['wkv_defines']})" if row.get("wkv_defines") else "")
         path = precision_path(row["precision"], row["zero"], row.get("bf16_stage0", "master"))
         fused = row.get("fused_loss_chunk", 0) or "off"

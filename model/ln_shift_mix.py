@@ -43,6 +43,9 @@ FORWARD_TILE, FORWARD_WARPS = 2, 4
 BACKWARD_TILE, BACKWARD_WARPS = 2, 4
 ROWS = 64
 BACKWARD_STAGES = 3
+# 1: both kernels walk ROWS rows one at a time, carrying the row before (`forward_stream`,
+# `backward_stream`); the tiles and warps above then apply with one row per tile.
+STREAM = 0
 # The constants above are tuned for rows of up to 1024 columns (C 768 and 1024). Wider rows get more
 # warps, then fewer rows per tile, so that a thread holds as many elements as tuned (`_widened`), and
 # the backward keeps only the pipelining stages its device's shared memory holds (`_stages_that_fit`):
@@ -69,11 +72,11 @@ def ln_shift_mix_reference(
     return tuple(ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)), ln[:, -1]
 
 
-def _kernels():
+def _kernels(stream: bool):
     """(forward, backward) Triton kernels, imported on first use (see model/ln_shift_mix_kernels.py)."""
-    from model import ln_shift_mix_kernels
+    from model import ln_shift_mix_kernels as kernels
 
-    return ln_shift_mix_kernels.forward, ln_shift_mix_kernels.backward
+    return (kernels.forward_stream, kernels.backward_stream) if stream else (kernels.forward, kernels.backward)
 
 
 def launch_settings() -> list[int]:
@@ -85,7 +88,18 @@ def launch_settings() -> list[int]:
     Read inside the op they were invisible to both, and a process could run kernels compiled for other
     settings by an earlier one (the kernels' source is in the cache key, the launch settings were not).
     """
-    return [FORWARD_TILE, FORWARD_WARPS or 0, BACKWARD_TILE, BACKWARD_WARPS or 0, ROWS, BACKWARD_STAGES or 0]
+    return [FORWARD_TILE, FORWARD_WARPS or 0, BACKWARD_TILE, BACKWARD_WARPS or 0, ROWS, BACKWARD_STAGES or 0, STREAM]
+
+
+def set_launch_settings(settings: list[int]) -> None:
+    """Set the tuning constants above from a list as launch_settings() returns it (the benchmarks' sweeps);
+    the last two (stages, STREAM) may be left out: Triton's default pipelining, the tiled kernels."""
+    global FORWARD_TILE, FORWARD_WARPS, BACKWARD_TILE, BACKWARD_WARPS, ROWS, BACKWARD_STAGES, STREAM
+    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, *rest = settings
+    stages, stream = (list(rest) + [0, 0])[:2]
+    FORWARD_TILE, FORWARD_WARPS = fwd_tile, fwd_warps or None
+    BACKWARD_TILE, BACKWARD_WARPS = bwd_tile, bwd_warps or None
+    ROWS, BACKWARD_STAGES, STREAM = rows, stages or None, stream
 
 
 def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool) -> tuple[tuple[int, int], dict]:
@@ -94,14 +108,19 @@ def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool
     batch, steps, channels = x.shape
     if mixes.shape[0] not in (2, 3) or mixes.shape[1] != channels:
         raise ValueError(f"mixes must be (2 or 3, {channels}), got {tuple(mixes.shape)}")
-    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, stages = settings
+    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, stages, *stream = settings
+    stream = bool(stream and stream[0])
     tile, warps = (bwd_tile, bwd_warps) if backward else (fwd_tile, fwd_warps)
+    tile = 1 if stream else tile
     block = triton.next_power_of_2(channels)
-    if warps:  # tuned for rows of up to 1024 columns; the backward's registers allow at most 8 warps
-        tile, warps = _widened(tile, warps, block, max_warps=8 if backward else 16)
+    if warps:  # tuned for rows of up to 1024 columns; the tiled backward's registers allow at most 8 warps
+        tile, warps = _widened(tile, warps, block, max_warps=8 if backward and not stream else 16)
     else:  # the default for the tile, which already scales with the row: no widening on top
         warps = max(1, min(8, tile * block // 256))
     meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
+    if stream:
+        del meta["TILE"]
+        return (batch, triton.cdiv(steps, rows)), {**meta, "ROWS": rows, "STAGES": stages or None}
     if not backward:
         return (batch, triton.cdiv(steps, tile)), meta
     if rows % tile:
@@ -165,9 +184,10 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, la
     """Run the forward kernel: (the M outputs (B, T, C), last (B, C), stats (B, T, 2): each row's LayerNorm
     mean and rstd in fp32, which the backward takes). `settings`: launch_settings() when None; `launch`
     wraps the kernel (the custom op passes torch.library.wrap_triton)."""
-    kernel, _ = _kernels()
+    settings = settings or launch_settings()
+    kernel, _ = _kernels(bool(settings[6:] and settings[6]))
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=False)
+    grid, meta = _launch_config(x, mixes, settings, backward=False)
     _, steps, channels = x.shape
     outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
     last = x.new_empty((x.shape[0], channels))
@@ -185,9 +205,10 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, la
 def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, settings=None, launch=None):
     """Run the backward kernel on the M outputs' gradients (None: zeros), with the forward's row `stats`:
     (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes). `settings`, `launch`: as forward's."""
-    _, kernel = _kernels()
+    settings = settings or launch_settings()
+    _, kernel = _kernels(bool(settings[6:] and settings[6]))
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=True)
+    grid, meta = _launch_config(x, mixes, settings, backward=True)
     _, steps, channels = x.shape
     g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in g_outs]
     gx = torch.empty_like(x)

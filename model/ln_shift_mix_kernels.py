@@ -178,3 +178,113 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, 
         tl.store(part + 2 * C, acc2, mask=cmask)
     tl.store(part + M * C, acc_w, mask=cmask)
     tl.store(part + (M + 1) * C, acc_b, mask=cmask)
+
+
+@triton.jit
+def forward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, stats_ptr, T, C,
+                   eps, HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+                   STAGES: tl.constexpr):  # fmt: skip
+    """`forward` one row at a time over ROWS rows of one sequence (program (sequence, chunk)): each row of x
+    is loaded and normalised once, its LayerNorm carried to the next row as that row's xx."""
+    seq = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * ROWS
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
+    # xx of the chunk's first row: the LayerNorm of the row before it, or x_prev (zeros) at t = 0.
+    t = start + tl.arange(0, 1)
+    ln_before = norm_tile(x_ptr, seq * T + tl.maximum(t - 1, 0), cols, (t > 0)[:, None] & cmask[None, :], w, b, C,
+                          eps)[0]  # fmt: skip
+    ln_before = shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
+    out_type = out0_ptr.dtype.element_ty
+    for i in tl.range(ROWS, num_stages=STAGES):
+        t = start + i + tl.arange(0, 1)
+        ok = (t < T)[:, None] & cmask[None, :]
+        rows = seq * T + tl.minimum(t, T - 1)
+        ln, xhat, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
+        tl.store(stats_ptr + rows * 2, mean, mask=t < T)
+        tl.store(stats_ptr + rows * 2 + 1, rstd, mask=t < T)
+        at = rows[:, None] * C + cols[None, :]
+        tl.store(out0_ptr + at, (ln * m0 + ln_before * (1 - m0)).to(out_type), mask=ok)
+        tl.store(out1_ptr + at, (ln * m1 + ln_before * (1 - m1)).to(out_type), mask=ok)
+        if M > 2:
+            tl.store(out2_ptr + at, (ln * m2 + ln_before * (1 - m2)).to(out_type), mask=ok)
+        tl.store(last_ptr + per_sequence(seq, C, cols, t), ln.to(last_ptr.dtype.element_ty),
+                 mask=ok & (t == T - 1)[:, None])  # fmt: skip
+        ln_before = ln
+
+
+@triton.jit
+def backward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
+                    gprev_ptr, part_ptr, T, C, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
+                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """`backward` one row at a time: each row's x and output gradients are loaded once. Row t's gradients
+    enter ln[t] (through out[t]) and ln[t - 1] (through out[t]'s xx), so iteration t finishes row t - 1:
+    it carries row t - 1's LayerNorm, xhat, rstd and the part of its ln gradient that came through its own
+    outputs. ROWS + 1 iterations: the last reads only the next chunk's first row's gradients."""
+    seq = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    start = chunk * ROWS
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
+    t = start + tl.arange(0, 1)
+    ln_before, xhat_before, mean, rstd_before = saved_norm_tile(
+        x_ptr, stats_ptr, seq * T + tl.maximum(t - 1, 0), cols, (t > 0)[:, None] & cmask[None, :], w, b, C
+    )
+    ln_before = shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
+    g_ln_own = tl.zeros_like(ln_before)  # row t - 1's ln gradient through its own outputs
+    acc0 = tl.zeros_like(ln_before)  # column sums: the mixes, LayerNorm weight, bias
+    acc1 = tl.zeros_like(ln_before)
+    acc2 = tl.zeros_like(ln_before)
+    acc_w = tl.zeros_like(ln_before)
+    acc_b = tl.zeros_like(ln_before)
+    for i in tl.range(ROWS + 1, num_stages=STAGES):
+        t = start + i + tl.arange(0, 1)
+        own = i < ROWS  # row t is this chunk's (else only its gradients are read, for row t - 1)
+        ok = (t < T)[:, None] & cmask[None, :]
+        rows = seq * T + tl.minimum(t, T - 1)
+        at = rows[:, None] * C + cols[None, :]
+        ln, xhat, mean, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok & own, w, b, C)
+        g0, g1, g2 = load_three(g0_ptr + at, g1_ptr + at, g2_ptr + at, 0, ok, M)  # 0 past T
+        diff = ln - ln_before
+        keep = own.to(tl.float32)
+        acc0 += keep * g0 * diff
+        acc1 += keep * g1 * diff
+        if M > 2:
+            acc2 += keep * g2 * diff
+        into_before = g0 * (1 - m0) + g1 * (1 - m1)
+        if M > 2:
+            into_before += g2 * (1 - m2)
+        if HAS_PREV:  # x_prev is row 0's xx
+            tl.store(gprev_ptr + per_sequence(seq, C, cols, t), into_before.to(gprev_ptr.dtype.element_ty),
+                     mask=cmask[None, :] & (t == 0)[:, None])  # fmt: skip
+        # Row t - 1 is complete: its LayerNorm backward.
+        done = ((i > 0) & (t - 1 < T))[:, None]
+        g_ln = tl.where(done, g_ln_own + into_before, 0.0)
+        acc_w += g_ln * xhat_before
+        acc_b += g_ln
+        g_xhat = g_ln * w[None, :]
+        c1 = tl.sum(g_xhat * xhat_before, 1) / C
+        c2 = tl.sum(g_xhat, 1) / C
+        gx = (g_xhat - xhat_before * c1[:, None] - c2[:, None]) * rstd_before[:, None]
+        before = (seq * T + tl.minimum(tl.maximum(t - 1, 0), T - 1))[:, None] * C + cols[None, :]  # row t - 1
+        tl.store(gx_ptr + before, gx.to(gx_ptr.dtype.element_ty), mask=cmask[None, :] & done)
+        g_ln_own = g0 * m0 + g1 * m1
+        if M > 2:
+            g_ln_own += g2 * m2
+        if HAS_GLAST:  # ln[:, -1]'s gradient
+            g_ln_own += tl.load(glast_ptr + per_sequence(seq, C, cols, t), mask=ok & (t == T - 1)[:, None],
+                                other=0.0).to(tl.float32)  # fmt: skip
+        ln_before, xhat_before, rstd_before = ln, xhat, rstd
+    part = part_ptr + (seq * tl.num_programs(1) + chunk) * (M + 2) * C + cols
+    tl.store(part, tl.sum(acc0, 0), mask=cmask)
+    tl.store(part + C, tl.sum(acc1, 0), mask=cmask)
+    if M > 2:
+        tl.store(part + 2 * C, tl.sum(acc2, 0), mask=cmask)
+    tl.store(part + M * C, tl.sum(acc_w, 0), mask=cmask)
+    tl.store(part + (M + 1) * C, tl.sum(acc_b, 0), mask=cmask)

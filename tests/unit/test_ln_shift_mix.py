@@ -18,12 +18,13 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True)
-def small_programs(monkeypatch):
+@pytest.fixture(autouse=True, params=[0, 1], ids=["tiles", "stream"])
+def small_programs(monkeypatch, request):
     # Several tiles per backward program and several programs per sequence even at small T.
     monkeypatch.setattr(lsm, "FORWARD_TILE", 2)
     monkeypatch.setattr(lsm, "BACKWARD_TILE", 2)
     monkeypatch.setattr(lsm, "ROWS", 4)
+    monkeypatch.setattr(lsm, "STREAM", request.param)
 
 
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
