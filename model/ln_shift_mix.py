@@ -17,7 +17,8 @@ input). On an H200 the five time_mix gradients alone cost 4.2 % of the 169M trai
 the M mixes (and each row's LayerNorm mean and rstd, 8 bytes a row); the backward reads x, those
 statistics and the M output gradients once, writes x's gradient, and keeps the
 column sums (mixes, LayerNorm weight and bias) of ROWS consecutive rows of one sequence in registers,
-one partial per program, summed afterwards in a fixed order. Both work on tiles of TILE rows.
+one partial per program, summed afterwards in a fixed order. Both walk ROWS rows of one sequence per
+program, one row at a time (model/ln_shift_mix_kernels.py).
 
 `ln_shift_mix` is the entry point: the Triton kernels for CUDA tensors (as the custom op
 `rwkv::ln_shift_mix`, which torch.compile traces into), the PyTorch reference otherwise. The kernels
@@ -34,26 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Tuning (docs/benchmarks.md), per kernel: rows of one sequence side by side in a tile, and warps per
-# program (None: about 8 elements of a tile per thread, at most 8 warps); rows per backward program
-# (one partial of the column sums each); software-pipelining stages of the backward's row loop (its
-# loads for the next tiles issued while one is computed; None: Triton's default, which leaves the loop
-# unpipelined; 3 made fwd+bwd 10-17 % faster at the training shapes).
-FORWARD_TILE, FORWARD_WARPS = 2, 4
-BACKWARD_TILE, BACKWARD_WARPS = 2, 4
+# Tuning (docs/benchmarks.md, session 14): warps per program of each kernel (None: about 8 elements of a
+# row per thread, at most 8 warps); rows of one sequence per program (the backward writes one partial of
+# the column sums per program); software-pipelining stages of both kernels' row loops (loads for the
+# next rows issued while one is computed; None: Triton's default, which leaves the loop unpipelined).
+FORWARD_WARPS, BACKWARD_WARPS = 4, 4
 ROWS = 64
-BACKWARD_STAGES = 3
-# 1: both kernels walk ROWS rows one at a time, carrying the row before (`forward_stream`,
-# `backward_stream`); the tiles and warps above then apply with one row per tile.
-STREAM = 0
-# The constants above are tuned for rows of up to 1024 columns (C 768 and 1024). Wider rows get more
-# warps, then fewer rows per tile, so that a thread holds as many elements as tuned (`_widened`), and
-# the backward keeps only the pipelining stages its device's shared memory holds (`_stages_that_fit`):
-# the kernels compile for sm_90 with at most 12 bytes of register spills up to 4096 columns, where the
-# tuned constants would not launch at all (426 KB of shared memory; tests/unit/test_ln_shift_mix.py).
-# Rows wider than 1024 columns are float64-tested (interpreted) but not yet timed on a GPU; rows wider
-# than MAX_CHANNELS take the PyTorch reference.
-MAX_CHANNELS = 4096
+STAGES = 4
+# The warps above are tuned for rows of up to 1024 columns (C 768 and 1024); wider rows get
+# proportionally more (as many elements per thread), and each kernel keeps only the pipelining stages its
+# device's shared memory holds (`_stages_that_fit`). Rows wider than MAX_CHANNELS
+# take the PyTorch reference: the backward carries ~18 row vectors per thread, and at 4096 columns (3B
+# and up) it spills registers even at 16 warps (168 bytes on sm_90) and measured slower than the
+# kernels before it (docs/benchmarks.md, session 14).
+MAX_CHANNELS = 2048
 # Decided once, not on every call in the model's forward (where torch.compile would also have to trace
 # the import and the environment lookup): whether Triton is installed, and whether its kernels run
 # interpreted (TRITON_INTERPRET=1, which Triton itself reads when it defines a kernel), so CPU tensors
@@ -72,34 +67,30 @@ def ln_shift_mix_reference(
     return tuple(ln * m + xx * (1 - m) for m in mixes.to(ln.dtype)), ln[:, -1]
 
 
-def _kernels(stream: bool):
+def _kernels():
     """(forward, backward) Triton kernels, imported on first use (see model/ln_shift_mix_kernels.py)."""
     from model import ln_shift_mix_kernels as kernels
 
-    return (kernels.forward_stream, kernels.backward_stream) if stream else (kernels.forward, kernels.backward)
+    return kernels.forward, kernels.backward
 
 
 def launch_settings() -> list[int]:
-    """The tuning constants above as the custom ops take them (0 for None): [FORWARD_TILE, FORWARD_WARPS,
-    BACKWARD_TILE, BACKWARD_WARPS, ROWS, BACKWARD_STAGES].
+    """The tuning constants above as the custom ops take them (0 for None): [FORWARD_WARPS, BACKWARD_WARPS,
+    ROWS, STAGES].
 
     They are an argument of the ops, not read inside them, so that torch.compile sees them: Dynamo then
     guards on them (changing one recompiles), and Inductor's on-disk caches key compiled graphs by them.
     Read inside the op they were invisible to both, and a process could run kernels compiled for other
     settings by an earlier one (the kernels' source is in the cache key, the launch settings were not).
     """
-    return [FORWARD_TILE, FORWARD_WARPS or 0, BACKWARD_TILE, BACKWARD_WARPS or 0, ROWS, BACKWARD_STAGES or 0, STREAM]
+    return [FORWARD_WARPS or 0, BACKWARD_WARPS or 0, ROWS, STAGES or 0]
 
 
 def set_launch_settings(settings: list[int]) -> None:
-    """Set the tuning constants above from a list as launch_settings() returns it (the benchmarks' sweeps);
-    the last two (stages, STREAM) may be left out: Triton's default pipelining, the tiled kernels."""
-    global FORWARD_TILE, FORWARD_WARPS, BACKWARD_TILE, BACKWARD_WARPS, ROWS, BACKWARD_STAGES, STREAM
-    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, *rest = settings
-    stages, stream = (list(rest) + [0, 0])[:2]
-    FORWARD_TILE, FORWARD_WARPS = fwd_tile, fwd_warps or None
-    BACKWARD_TILE, BACKWARD_WARPS = bwd_tile, bwd_warps or None
-    ROWS, BACKWARD_STAGES, STREAM = rows, stages or None, stream
+    """Set the tuning constants above from a list as launch_settings() returns it (the benchmarks' sweeps)."""
+    global FORWARD_WARPS, BACKWARD_WARPS, ROWS, STAGES
+    fwd_warps, bwd_warps, ROWS, stages = settings
+    FORWARD_WARPS, BACKWARD_WARPS, STAGES = fwd_warps or None, bwd_warps or None, stages or None
 
 
 def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool) -> tuple[tuple[int, int], dict]:
@@ -108,56 +99,34 @@ def _launch_config(x: Tensor, mixes: Tensor, settings: list[int], backward: bool
     batch, steps, channels = x.shape
     if mixes.shape[0] not in (2, 3) or mixes.shape[1] != channels:
         raise ValueError(f"mixes must be (2 or 3, {channels}), got {tuple(mixes.shape)}")
-    fwd_tile, fwd_warps, bwd_tile, bwd_warps, rows, stages, *stream = settings
-    stream = bool(stream and stream[0])
-    tile, warps = (bwd_tile, bwd_warps) if backward else (fwd_tile, fwd_warps)
-    tile = 1 if stream else tile
+    fwd_warps, bwd_warps, rows, stages = settings
+    warps = bwd_warps if backward else fwd_warps
     block = triton.next_power_of_2(channels)
-    if warps:  # tuned for rows of up to 1024 columns; the tiled backward's registers allow at most 8 warps
-        tile, warps = _widened(tile, warps, block, max_warps=8 if backward and not stream else 16)
-    else:  # the default for the tile, which already scales with the row: no widening on top
-        warps = max(1, min(8, tile * block // 256))
-    meta = {"M": mixes.shape[0], "TILE": tile, "BLOCK_C": block, "num_warps": warps}
-    if stream:
-        del meta["TILE"]
-        return (batch, triton.cdiv(steps, rows)), {**meta, "ROWS": rows, "STAGES": stages or None}
-    if not backward:
-        return (batch, triton.cdiv(steps, tile)), meta
-    if rows % tile:
-        raise ValueError(f"model.ln_shift_mix.ROWS ({rows}) must be a multiple of BACKWARD_TILE ({tile})")
+    # Tuned warps for rows of up to 1024 columns, as many elements per thread for wider ones; the default
+    # already scales with the row.
+    warps = warps * max(1, block // 1024) if warps else max(1, min(8, block // 256))
     if stages:
-        per_stage = backward_stage_bytes(tile, block, mixes.shape[0], x.element_size(), mixes.element_size())
+        per_stage = stage_bytes(block, mixes.shape[0], x.element_size(), backward)
         stages = _stages_that_fit(stages, per_stage, _shared_memory_bytes(x.device))
-    return (batch, triton.cdiv(steps, rows)), {**meta, "ROWS": rows, "STAGES": stages or None}
+    meta = {"M": mixes.shape[0], "ROWS": rows, "BLOCK_C": block, "STAGES": stages or None, "num_warps": warps}
+    return (batch, triton.cdiv(steps, rows)), meta
 
 
-def _widened(tile: int, warps: int, block: int, max_warps: int) -> tuple[int, int]:
-    """(tile, warps) tuned for rows of up to 1024 columns, for rows of `block`: as many elements per
-    thread, by doubling the warps up to max_warps, then halving the tile down to one row."""
-    scale = max(1, block // 1024)
-    while scale > 1 and warps < max_warps:
-        warps, scale = 2 * warps, scale // 2
-    while scale > 1 and tile > 1:
-        tile, scale = tile // 2, scale // 2
-    return tile, warps
+def stage_bytes(block: int, n_mix: int, x_bytes: int, backward: bool) -> int:
+    """Shared memory that one pipelining stage of a kernel's row loop takes, at most: a row of x, and in the
+    backward a row of each mix's output gradient and of ln[:, -1]'s, in x's dtype, plus the row's statistics
+    (under 1 KB). An upper bound of what Triton allocates for sm_90 (tests/unit/test_ln_shift_mix.py
+    compiles to check it)."""
+    return block * x_bytes * (2 + n_mix if backward else 1) + 1024
 
 
-def backward_stage_bytes(tile: int, block: int, n_mix: int, x_bytes: int, param_bytes: int) -> int:
-    """Shared memory that one pipelining stage of the backward's row loop takes, at most: the tile's
-    loads in x's dtype (x twice, each mix's output gradient twice: this row's and the next, ln[:, -1]'s
-    gradient), x_prev's row, the parameter vectors (LayerNorm weight and bias, the mixes), and the row
-    statistics (under 1 KB). An upper bound of what Triton allocates for sm_90
-    (tests/unit/test_ln_shift_mix.py compiles to check it)."""
-    return block * (tile * x_bytes * (3 + 2 * n_mix) + x_bytes + param_bytes * (n_mix + 2)) + 1024
-
-
-# Shared memory a kernel uses besides its pipelining buffers (the cross-warp sums' scratch; 16 KB at 16
-# warps and 4096 columns on sm_90): left free when choosing stages.
+# Shared memory a kernel uses besides its pipelining buffers (the cross-warp sums' scratch): left free when
+# choosing stages.
 _SCRATCH_BYTES = 16 << 10
 
 
 def _stages_that_fit(stages: int, per_stage: int, available: int) -> int:
-    """The most stages, up to `stages`, whose buffers (Triton keeps stages - 1 tiles' loads in flight in
+    """The most stages, up to `stages`, whose buffers (Triton keeps stages - 1 rows' loads in flight in
     shared memory: (stages - 1) x per_stage, as compiled) and scratch fit in `available` bytes; 1 (no
     pipelining) at the least."""
     while stages > 1 and (stages - 1) * per_stage + _SCRATCH_BYTES > available:
@@ -184,10 +153,9 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, la
     """Run the forward kernel: (the M outputs (B, T, C), last (B, C), stats (B, T, 2): each row's LayerNorm
     mean and rstd in fp32, which the backward takes). `settings`: launch_settings() when None; `launch`
     wraps the kernel (the custom op passes torch.library.wrap_triton)."""
-    settings = settings or launch_settings()
-    kernel, _ = _kernels(bool(settings[6:] and settings[6]))
+    kernel, _ = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, settings, backward=False)
+    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=False)
     _, steps, channels = x.shape
     outs = tuple(torch.empty_like(x) for _ in range(mixes.shape[0]))
     last = x.new_empty((x.shape[0], channels))
@@ -205,10 +173,9 @@ def forward_kernel_launch(x, weight, bias, x_prev, mixes, eps, settings=None, la
 def backward_kernel_launch(g_outs, g_last, x, weight, bias, x_prev, mixes, stats, settings=None, launch=None):
     """Run the backward kernel on the M outputs' gradients (None: zeros), with the forward's row `stats`:
     (gx, g_weight, g_bias, g_x_prev or an empty tensor, g_mixes). `settings`, `launch`: as forward's."""
-    settings = settings or launch_settings()
-    _, kernel = _kernels(bool(settings[6:] and settings[6]))
+    _, kernel = _kernels()
     kernel = launch(kernel) if launch else kernel
-    grid, meta = _launch_config(x, mixes, settings, backward=True)
+    grid, meta = _launch_config(x, mixes, settings or launch_settings(), backward=True)
     _, steps, channels = x.shape
     g = [t.contiguous() if t is not None else torch.zeros_like(x) for t in g_outs]
     gx = torch.empty_like(x)

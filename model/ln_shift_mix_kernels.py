@@ -3,14 +3,16 @@
 Kept in a module of their own because Triton decides at definition time whether a kernel is compiled
 or interpreted (TRITON_INTERPRET=1, as the CPU tests set it before the first use).
 
-Both kernels work on tiles of TILE consecutive rows of one sequence x BLOCK_C columns, so the rows of a
-tile are normalised and mixed side by side (no row waits for the one before it). A row's shifted input
-is the LayerNorm of the row before, in the same tile or the tile before: each tile loads x once more,
-shifted by one row, and normalises it again (the second load hits the cache; LayerNorm is cheap next
-to the memory traffic). The forward saves each row's mean and rstd (8 bytes a row), so the backward
-normalises with them instead of taking the row sums again: its tiles wait on two cross-warp sums
-instead of six. The backward's shifted operands, the next row's output gradients, are loaded the same
-way as x.
+Both kernels walk ROWS consecutive rows of one sequence, one row (BLOCK_C columns) at a time, and carry
+what the next row needs from the one before in registers, so every row of x and of the output gradients
+is loaded once: the forward carries the row's LayerNorm (the next row's xx); the backward, whose row t
+gradients reach ln[t] and (through out[t]'s xx) ln[t - 1], finishes row t - 1 in iteration t. Only the
+row before a chunk is normalised twice. (The kernels before these normalised tiles of two rows side by
+side and loaded x and the gradients a second time, shifted by one row: on an H200 they took 1.05-1.2x as
+long at the training shapes, forward and backward; docs/benchmarks.md, session 14.) The
+forward saves each row's mean and rstd (8 bytes a row), so the backward normalises with them instead of
+taking the row sums again. A row is a (1, BLOCK_C) tile and its index a (1,) vector, so that the
+helpers below broadcast as for any tile.
 """
 
 import triton
@@ -19,16 +21,16 @@ import triton.language as tl
 
 @triton.jit
 def normalise(x, mask, mean, rstd, w, b):
-    """(ln, xhat) of the fp32 rows x (TILE, BLOCK_C) given their mean and rstd (TILE,), xhat 0 in masked
-    entries: the one LayerNorm formula of both kernels, so the backward's xhat is the forward's."""
+    """(ln, xhat) of the fp32 rows x (R, BLOCK_C) given their mean and rstd (R,), xhat 0 in masked entries:
+    the one LayerNorm formula of both kernels, so the backward's xhat is the forward's."""
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     return xhat * w[None, :] + b[None, :], xhat
 
 
 @triton.jit
 def norm_tile(x_ptr, rows, cols, mask, w, b, C, eps):
-    """LayerNorm in fp32 of the rows `rows` (TILE,): (ln, xhat, mean, rstd) with ln, xhat (TILE, BLOCK_C),
-    xhat 0 in masked entries, mean and rstd (TILE,)."""
+    """LayerNorm in fp32 of the rows `rows` (R,): (ln, xhat, mean, rstd) with ln, xhat (R, BLOCK_C), xhat 0 in
+    masked entries, mean and rstd (R,)."""
     x = tl.load(x_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, 1) / C
     d = tl.where(mask, x - mean[:, None], 0.0)
@@ -64,14 +66,14 @@ def load_three(p0, p1, p2, offsets, mask, M: tl.constexpr):
 
 @triton.jit
 def per_sequence(seq, C, cols, t):
-    """Offsets into a (B, C) tensor (x_prev, ln[:, -1] and their gradients) for the rows t (TILE,) of
-    sequence seq: each row gets its sequence's vector; the store or load masks pick the row."""
+    """Offsets into a (B, C) tensor (x_prev, ln[:, -1] and their gradients) for the rows t (R,) of sequence
+    seq: each row gets its sequence's vector; the store or load masks pick the row."""
     return seq * C + cols[None, :] + t[:, None] * 0
 
 
 @triton.jit
 def shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV: tl.constexpr):
-    """xx of the rows t (TILE,) from ln_before, the LayerNorm of rows t - 1 (the callers normalise rows
+    """xx of the rows t (R,) from ln_before, the LayerNorm of rows t - 1 (the callers normalise rows
     max(t - 1, 0)): at t = 0 x_prev instead (zeros without one)."""
     start = tl.zeros_like(ln_before)
     if HAS_PREV:
@@ -82,110 +84,11 @@ def shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV: tl.constexpr
 
 @triton.jit
 def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, stats_ptr, T, C,
-            eps, HAS_PREV: tl.constexpr, M: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """Program (sequence, tile): the outputs of TILE rows, and their LayerNorm mean and rstd for the
-    backward (stats_ptr)."""
-    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
-    t = tl.program_id(1) * TILE + tl.arange(0, TILE)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    ok = (t < T)[:, None] & cmask[None, :]
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
-    rows = seq * T + tl.minimum(t, T - 1)
-    ln, _, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
-    tl.store(stats_ptr + rows * 2, mean, mask=t < T)
-    tl.store(stats_ptr + rows * 2 + 1, rstd, mask=t < T)
-    ln_before, _, _, _ = norm_tile(x_ptr, seq * T + tl.maximum(t - 1, 0), cols, ok, w, b, C, eps)
-    xx = shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
-    at = rows[:, None] * C + cols[None, :]
-    out_type = out0_ptr.dtype.element_ty
-    tl.store(out0_ptr + at, (ln * m0 + xx * (1 - m0)).to(out_type), mask=ok)
-    tl.store(out1_ptr + at, (ln * m1 + xx * (1 - m1)).to(out_type), mask=ok)
-    if M > 2:
-        tl.store(out2_ptr + at, (ln * m2 + xx * (1 - m2)).to(out_type), mask=ok)
-    last = ln.to(last_ptr.dtype.element_ty)
-    tl.store(last_ptr + per_sequence(seq, C, cols, t), last, mask=ok & (t == T - 1)[:, None])
-
-
-@triton.jit
-def mix_grad(g_ptr, at, ok, ok_next, C, m, diff, g_ln, g_prev):
-    """One mix's share of the backward at rows `at`: adds the mix output's gradient g into this row's ln
-    and (through the next row's xx) the next row's into it, and into x_prev; returns those with the
-    mix's column sum. Taken one mix at a time, so that only one pair of gradient tiles is live."""
-    g = tl.load(g_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    h = tl.load(g_ptr + C + at, mask=ok_next, other=0.0).to(tl.float32)
-    return g_ln + g * m + h * (1 - m), g_prev + g * (1 - m), tl.sum(g * diff, 0)
-
-
-@triton.jit
-def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
-             gprev_ptr, part_ptr, T, C, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
-             ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    """Program (sequence, chunk): x's gradient of ROWS rows, TILE at a time, and the chunk's column sums
-    (mixes, LayerNorm weight and bias) as one partial, written to part_ptr. STAGES: the row loop's
-    software pipelining (None: Triton's default)."""
-    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
-    chunk = tl.program_id(1)
-    cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    acc0 = tl.zeros([BLOCK_C], dtype=tl.float32)  # column sums: the mixes, LayerNorm weight, bias
-    acc1 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in tl.range(ROWS // TILE, num_stages=STAGES):
-        t = chunk * ROWS + i * TILE + tl.arange(0, TILE)
-        ok = (t < T)[:, None] & cmask[None, :]
-        ok_next = ok & (t + 1 < T)[:, None]  # the next row's output gradients (none after the end)
-        rows = seq * T + tl.minimum(t, T - 1)
-        at = rows[:, None] * C + cols[None, :]
-        # Parameters are read again in every tile (from the cache) rather than held: with the column
-        # sums, held (C,) vectors cost more registers per thread than a tile (docs/benchmarks.md).
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
-        ln, xhat, _, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok, w, b, C)
-        ln_before, _, _, _ = saved_norm_tile(x_ptr, stats_ptr, seq * T + tl.maximum(t - 1, 0), cols, ok, w, b, C)
-        diff = ln - shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
-        # Gradients are 0 in masked entries (loaded as 0), so every sum below skips them.
-        g_ln = tl.zeros_like(diff)
-        per_seq = per_sequence(seq, C, cols, t)
-        if HAS_GLAST:  # ln[:, -1]'s gradient: only the tile holding row T - 1 reads it
-            g_ln += tl.load(glast_ptr + per_seq, mask=ok & (t == T - 1)[:, None], other=0.0).to(tl.float32)
-        g_prev = tl.zeros_like(g_ln)
-        g_ln, g_prev, s = mix_grad(g0_ptr, at, ok, ok_next, C, m0, diff, g_ln, g_prev)
-        acc0 += s
-        g_ln, g_prev, s = mix_grad(g1_ptr, at, ok, ok_next, C, m1, diff, g_ln, g_prev)
-        acc1 += s
-        if M > 2:
-            g_ln, g_prev, s = mix_grad(g2_ptr, at, ok, ok_next, C, m2, diff, g_ln, g_prev)
-            acc2 += s
-        acc_w += tl.sum(g_ln * xhat, 0)
-        acc_b += tl.sum(g_ln, 0)
-        if HAS_PREV:  # x_prev is row 0's xx
-            tl.store(gprev_ptr + per_seq, g_prev.to(gprev_ptr.dtype.element_ty), mask=ok & (t == 0)[:, None])
-        g_xhat = g_ln * w[None, :]
-        c1 = tl.sum(g_xhat * xhat, 1) / C
-        c2 = tl.sum(g_xhat, 1) / C
-        gx = (g_xhat - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
-        tl.store(gx_ptr + at, gx.to(gx_ptr.dtype.element_ty), mask=ok)
-    part = part_ptr + (seq * tl.num_programs(1) + chunk) * (M + 2) * C + cols
-    tl.store(part, acc0, mask=cmask)
-    tl.store(part + C, acc1, mask=cmask)
-    if M > 2:
-        tl.store(part + 2 * C, acc2, mask=cmask)
-    tl.store(part + M * C, acc_w, mask=cmask)
-    tl.store(part + (M + 1) * C, acc_b, mask=cmask)
-
-
-@triton.jit
-def forward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr, last_ptr, stats_ptr, T, C,
-                   eps, HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                   STAGES: tl.constexpr):  # fmt: skip
-    """`forward` one row at a time over ROWS rows of one sequence (program (sequence, chunk)): each row of x
-    is loaded and normalised once, its LayerNorm carried to the next row as that row's xx."""
+            eps, HAS_PREV: tl.constexpr, M: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
+            STAGES: tl.constexpr):  # fmt: skip
+    """Program (sequence, chunk): the outputs of ROWS rows, and their LayerNorm mean and rstd for the backward
+    (stats_ptr). Each row's LayerNorm is carried to the next row as its xx. STAGES: the row loop's
+    software pipelining (loads for the next rows issued while one is computed; None: Triton's default)."""
     seq = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * ROWS
     cols = tl.arange(0, BLOCK_C)
@@ -203,7 +106,7 @@ def forward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, o
         t = start + i + tl.arange(0, 1)
         ok = (t < T)[:, None] & cmask[None, :]
         rows = seq * T + tl.minimum(t, T - 1)
-        ln, xhat, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
+        ln, _, mean, rstd = norm_tile(x_ptr, rows, cols, ok, w, b, C, eps)
         tl.store(stats_ptr + rows * 2, mean, mask=t < T)
         tl.store(stats_ptr + rows * 2 + 1, rstd, mask=t < T)
         at = rows[:, None] * C + cols[None, :]
@@ -217,13 +120,14 @@ def forward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, o
 
 
 @triton.jit
-def backward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
-                    gprev_ptr, part_ptr, T, C, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
-                    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
-    """`backward` one row at a time: each row's x and output gradients are loaded once. Row t's gradients
-    enter ln[t] (through out[t]) and ln[t - 1] (through out[t]'s xx), so iteration t finishes row t - 1:
-    it carries row t - 1's LayerNorm, xhat, rstd and the part of its ln gradient that came through its own
-    outputs. ROWS + 1 iterations: the last reads only the next chunk's first row's gradients."""
+def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, g2_ptr, glast_ptr, gx_ptr,
+             gprev_ptr, part_ptr, T, C, HAS_PREV: tl.constexpr, HAS_GLAST: tl.constexpr, M: tl.constexpr,
+             ROWS: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr):  # fmt: skip
+    """Program (sequence, chunk): x's gradient of ROWS rows and the chunk's column sums (mixes, LayerNorm
+    weight and bias) as one partial, written to part_ptr. Row t's gradients enter ln[t] (through out[t])
+    and ln[t - 1] (through out[t]'s xx), so iteration t finishes row t - 1: it carries row t - 1's
+    LayerNorm, xhat, rstd and the part of its ln gradient that came through its own outputs. ROWS + 1
+    iterations: the last reads only the next chunk's first row's gradients. STAGES: as the forward's."""
     seq = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     start = chunk * ROWS
@@ -233,7 +137,7 @@ def backward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g
     b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     m0, m1, m2 = load_three(mix_ptr, mix_ptr + C, mix_ptr + 2 * C, cols[None, :], cmask[None, :], M)
     t = start + tl.arange(0, 1)
-    ln_before, xhat_before, mean, rstd_before = saved_norm_tile(
+    ln_before, xhat_before, _, rstd_before = saved_norm_tile(
         x_ptr, stats_ptr, seq * T + tl.maximum(t - 1, 0), cols, (t > 0)[:, None] & cmask[None, :], w, b, C
     )
     ln_before = shift_in(ln_before, prev_ptr, seq, t, cols, cmask, C, HAS_PREV)
@@ -249,7 +153,7 @@ def backward_stream(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g
         ok = (t < T)[:, None] & cmask[None, :]
         rows = seq * T + tl.minimum(t, T - 1)
         at = rows[:, None] * C + cols[None, :]
-        ln, xhat, mean, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok & own, w, b, C)
+        ln, xhat, _, rstd = saved_norm_tile(x_ptr, stats_ptr, rows, cols, ok & own, w, b, C)
         g0, g1, g2 = load_three(g0_ptr + at, g1_ptr + at, g2_ptr + at, 0, ok, M)  # 0 past T
         diff = ln - ln_before
         keep = own.to(tl.float32)

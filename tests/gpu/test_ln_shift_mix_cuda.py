@@ -65,8 +65,8 @@ def test_changed_launch_settings_recompile(monkeypatch):
     torch._dynamo.reset()
     fused = torch.compile(lambda x: lsm.ln_shift_mix(x, weight, bias, None, mixes)[0][0], backend=capture)
     first = fused(x)
-    monkeypatch.setattr(lsm, "FORWARD_TILE", 2 * lsm.FORWARD_TILE)
+    monkeypatch.setattr(lsm, "ROWS", 2 * lsm.ROWS)
     second = fused(x)
     torch._dynamo.reset()
-    assert [settings[0] for settings in seen] == [lsm.FORWARD_TILE // 2, lsm.FORWARD_TILE], seen
-    torch.testing.assert_close(first, second)  # the same rows, normalised in tiles of another height
+    assert [settings[2] for settings in seen] == [lsm.ROWS // 2, lsm.ROWS], seen
+    torch.testing.assert_close(first, second)  # the same rows, in programs of another length

@@ -18,13 +18,10 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)", allow_module_level=True)
 
 
-@pytest.fixture(autouse=True, params=[0, 1], ids=["tiles", "stream"])
-def small_programs(monkeypatch, request):
-    # Several tiles per backward program and several programs per sequence even at small T.
-    monkeypatch.setattr(lsm, "FORWARD_TILE", 2)
-    monkeypatch.setattr(lsm, "BACKWARD_TILE", 2)
+@pytest.fixture(autouse=True)
+def small_programs(monkeypatch):
+    # Several programs per sequence even at small T, so rows cross the programs' chunk boundaries.
     monkeypatch.setattr(lsm, "ROWS", 4)
-    monkeypatch.setattr(lsm, "STREAM", request.param)
 
 
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -61,7 +58,7 @@ CASES = {  # B, T, C, mixes, x_prev given, gradient into ln[:, -1]
     "att, T < rows, C a power of two": (3, 3, 64, 3, False, True),
     "ffn, T = 1 with state": (2, 1, 40, 2, True, True),
     "att, C 1536: more warps": (1, 5, 1536, 3, True, True),
-    "ffn, C 2560: one row per tile": (1, 6, 2560, 2, True, True),
+    "ffn, C 2048 (MAX_CHANNELS)": (1, 6, 2048, 2, True, True),
 }
 
 
@@ -196,30 +193,30 @@ def test_rows_wider_than_max_channels_take_the_reference(monkeypatch):
 @pytest.mark.parametrize(
     ("channels", "dtype", "shared_kb", "want"),
     [
-        (768, torch.bfloat16, 227, (2, 4, 3)),  # the tuned constants (an H200)
-        (768, torch.bfloat16, 99, (2, 4, 2)),  # an sm_89 card's shared memory holds two stages
-        (768, torch.float32, 163, (2, 4, 2)),  # an A100's, in fp32
-        (2048, torch.bfloat16, 227, (2, 8, 3)),  # twice the warps
-        (2560, torch.bfloat16, 227, (1, 8, 2)),  # 8 warps at most, then one row per tile, fewer stages
+        (768, torch.bfloat16, 227, (4, 4)),  # the tuned constants (an H200)
+        (2048, torch.bfloat16, 227, (8, 4)),  # twice the columns, twice the warps
+        (2048, torch.float32, 163, (8, 4)),  # an A100's shared memory holds the stages
+        (2048, torch.float32, 99, (8, 3)),  # an sm_89 card's: one stage fewer
     ],
 )
-def test_backward_launch_settings_for_the_row_width_and_device(monkeypatch, channels, dtype, shared_kb, want):
+def test_launch_settings_for_the_row_width_and_device(monkeypatch, channels, dtype, shared_kb, want):
     monkeypatch.setattr(lsm, "_shared_memory_bytes", lambda device: shared_kb << 10)
     x = torch.empty(1, 64, channels, device="meta", dtype=dtype)
     mixes = torch.empty(3, channels, device="meta", dtype=dtype)
-    settings = [2, 4, 2, 4, 64, 3]  # the module's, whatever the fixture above sets
+    settings = [4, 4, 64, 4]  # the module's, whatever the fixture above sets
     _, meta = lsm._launch_config(x, mixes, settings, backward=True)
-    assert (meta["TILE"], meta["num_warps"], meta["STAGES"]) == want
+    assert (meta["num_warps"], meta["STAGES"]) == want
+    _, meta = lsm._launch_config(x, mixes, settings, backward=False)  # one row of x per stage: all fit
+    assert (meta["num_warps"], meta["STAGES"]) == (want[0], 4)
 
 
 # Compiles the kernels (no GPU needed) with the launch settings the module picks for an H200 (sm_90 and
-# Triton's max_shared_mem there) at rows up to MAX_CHANNELS wide, and for an sm_89 card with 99 KB:
-# (next to) no register spills, shared memory within the device and within backward_stage_bytes' bound,
-# which the choice of stages relies on. The tuned constants alone spilled 196 bytes at 2048 columns and
-# asked for 426 KB of shared memory at 4096, which no GPU has. (On the sm_89 card the bound picks two
-# stages at 768 columns: three would take 98.4 of its 99 KB, inside the bound's margins.) eps is typed
-# fp64, as Inductor types a Python float argument (an eager launch and the interpreter type it fp32): the
-# kernels once failed to compile that way ("ln_prev is fp64, redefined as fp32") on the GPU only.
+# Triton's max_shared_mem there) at rows up to MAX_CHANNELS wide, and for an sm_89 card with 99 KB (three
+# stages of fp32 rows at 2048 columns): no register spills, shared memory within the device and within
+# stage_bytes' bound, which the choice of stages relies on. (At 4096 columns the backward spilled 168 bytes
+# even at 16 warps: MAX_CHANNELS is 2048.) eps is typed fp64, as Inductor types a Python float argument
+# (an eager launch and the interpreter type it fp32): the kernels once failed to compile that way
+# ("ln_prev is fp64, redefined as fp32") on the GPU only.
 COMPILE_WIDE_ROWS = """
 import re, subprocess, tempfile
 import torch, triton
@@ -231,9 +228,8 @@ from model import ln_shift_mix_kernels as kernels
 
 H200, SM89 = (90, 232448), (89, 101376)  # compute capability, max_shared_mem
 CASES = [  # device, columns, mixes, dtype, which kernels
-    (H200, 768, 3, torch.bfloat16, "forward backward"), (H200, 768, 3, torch.float32, "backward"),
-    (H200, 2048, 3, torch.bfloat16, "backward"), (H200, 2560, 3, torch.bfloat16, "forward backward"),
-    (H200, 4096, 2, torch.bfloat16, "backward"), (SM89, 768, 3, torch.bfloat16, "backward"),
+    (H200, 768, 3, torch.bfloat16, "forward backward"), (H200, 1024, 2, torch.float32, "forward backward"),
+    (H200, 2048, 3, torch.bfloat16, "forward backward"), (SM89, 2048, 3, torch.float32, "backward"),
 ]
 for (capability, device_shared), channels, n_mix, dtype, which in CASES:
     lsm._shared_memory_bytes = lambda device: device_shared
@@ -266,11 +262,10 @@ for (capability, device_shared), channels, n_mix, dtype, which in CASES:
         shared = compiled.metadata.shared
         where = f"sm_{capability}: {name} at C {channels}, M {n_mix}, {dtype}, {meta}, {warps} warps"
         print(f"{where}: {spills} bytes spilled, {shared} bytes of shared memory")
-        assert spills <= 16, where  # 12 bytes in the backward at 4096 columns with every input given
+        assert spills == 0, where
         assert shared <= device_shared, where
-        if backward and (meta["STAGES"] or 1) > 1:
-            sizes = x.element_size(), mixes.element_size()
-            stage = lsm.backward_stage_bytes(meta["TILE"], meta["BLOCK_C"], n_mix, *sizes)
+        if (meta["STAGES"] or 1) > 1:
+            stage = lsm.stage_bytes(meta["BLOCK_C"], n_mix, x.element_size(), backward)
             assert shared <= (meta["STAGES"] - 1) * stage + lsm._SCRATCH_BYTES, where
 """
 
