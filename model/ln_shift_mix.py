@@ -44,10 +44,10 @@ ROWS = 64
 STAGES = 4
 # The warps above are tuned for rows of up to 1024 columns (C 768 and 1024); wider rows get
 # proportionally more (as many elements per thread), and each kernel keeps only the pipelining stages its
-# device's shared memory holds (`_stages_that_fit`). Rows wider than MAX_CHANNELS
-# take the PyTorch reference: the backward carries ~18 row vectors per thread, and at 4096 columns (3B
-# and up) it spills registers even at 16 warps (168 bytes on sm_90) and measured slower than the
-# kernels before it (docs/benchmarks.md, session 14).
+# device's shared memory holds (`_stages_that_fit`). Rows wider than MAX_CHANNELS take the PyTorch
+# reference: the backward carries ~18 row vectors per thread, and at 4096 columns (3B and up) it spills
+# registers even at 16 warps (168 bytes on sm_90) and measured slower than the kernels before it
+# (docs/benchmarks.md, session 14).
 MAX_CHANNELS = 2048
 # Decided once, not on every call in the model's forward (where torch.compile would also have to trace
 # the import and the environment lookup): whether Triton is installed, and whether its kernels run
