@@ -117,6 +117,15 @@ def test_launch_settings_are_an_argument_of_the_ops():
         assert op._schema.arguments[-1].name == "settings", op._schema
 
 
+def test_set_launch_settings_round_trips(monkeypatch):
+    """The benchmarks' sweeps set the tuning constants from a list as the ops take them (0 for None)."""
+    for name in ("FORWARD_WARPS", "BACKWARD_WARPS", "ROWS", "STAGES"):
+        monkeypatch.setattr(lsm, name, getattr(lsm, name))  # restored afterwards
+    lsm.set_launch_settings([8, 0, 32, 0])
+    assert (lsm.FORWARD_WARPS, lsm.BACKWARD_WARPS, lsm.ROWS, lsm.STAGES) == (8, None, 32, None)
+    assert lsm.launch_settings() == [8, 0, 32, 0]
+
+
 def test_bad_mix_shape_is_named():
     x, weight, bias, _, _ = make_inputs(1, 4, 16, 2, False, torch.float32)
     with pytest.raises(ValueError, match=r"mixes must be \(2 or 3, 16\)"):
