@@ -31,8 +31,10 @@ class ModelConfig:
     torch otherwise. torch/reference also keep the fused head loss on PyTorch ops (no CUDA build at all)."""
     fused_ln_mix: bool = True
     """RWKV-4 on GPUs: each block's LayerNorm, token shift and time-mixes per branch in one Triton kernel
-    (model/ln_shift_mix.py; the same values with fewer bytes moved: 2.8 % faster 169M training on an
-    H200); false keeps the plain PyTorch blocks. CPU tensors always take the plain blocks."""
+    (model/ln_shift_mix.py; the same values with fewer bytes moved: 169M training 2.8 % faster on an H200,
+    then 1.4 % more with the current kernels; docs/benchmarks.md) for rows of up to
+    model.ln_shift_mix.MAX_CHANNELS (2048) columns; false keeps the plain PyTorch blocks. CPU tensors, and
+    wider rows, always take the plain PyTorch ops."""
 
     def __post_init__(self) -> None:
         if self.dim_att == 0:

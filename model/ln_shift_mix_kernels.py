@@ -89,7 +89,7 @@ def forward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, out0_ptr, out1_ptr, out2_ptr
     """Program (sequence, chunk): the outputs of ROWS rows, and their LayerNorm mean and rstd for the backward
     (stats_ptr). Each row's LayerNorm is carried to the next row as its xx. STAGES: the row loop's
     software pipelining (loads for the next rows issued while one is computed; None: Triton's default)."""
-    seq = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     start = tl.program_id(1) * ROWS
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -128,7 +128,7 @@ def backward(x_ptr, w_ptr, b_ptr, prev_ptr, mix_ptr, stats_ptr, g0_ptr, g1_ptr, 
     and ln[t - 1] (through out[t]'s xx), so iteration t finishes row t - 1: it carries row t - 1's
     LayerNorm, xhat, rstd and the part of its ln gradient that came through its own outputs. ROWS + 1
     iterations: the last reads only the next chunk's first row's gradients. STAGES: as the forward's."""
-    seq = tl.program_id(0).to(tl.int64)
+    seq = tl.program_id(0).to(tl.int64)  # row offsets pass 2**31 elements at large B*T*C
     chunk = tl.program_id(1)
     start = chunk * ROWS
     cols = tl.arange(0, BLOCK_C)
