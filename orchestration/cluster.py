@@ -10,8 +10,12 @@ at most a few seconds, so the run stops with one sentence naming the address.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+
+# Ray Train's per-run helper that removes a dead controller's placement group (Ray 2.60).
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 class RayUnreachable(ConnectionError):
@@ -68,7 +72,28 @@ def _job_runtime_env() -> dict:
     """
     from pipeline.distributed_env import multicast_off_env
 
-    return {"env_vars": {**multicast_off_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+    return {
+        "env_vars": {**multicast_off_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        "worker_process_setup_hook": f"{__name__}.prepare_worker_process",
+    }
+
+
+def prepare_worker_process() -> None:
+    """Run by Ray in each worker process of our jobs, once it has joined the cluster.
+
+    Ray Train (2.60) starts a detached PlacementGroupCleaner per run that asks Ray's state API every
+    second whether the run's controller is alive, and finds the state API through the address `ray
+    start` last wrote to /tmp/ray/ray_current_cluster, not through the cluster it runs in. On a
+    machine that ever ran `ray start`, that is another, usually dead, cluster: the cleaner's thread
+    died with a GCS-timeout traceback in every run. On a cluster without Ray's dashboard (ours start
+    without one) the state API does not answer at all, and it logged a warning every second for the
+    whole run. So "auto" lookups in our workers resolve to their own cluster, and the cleaner only
+    speaks for errors; when the state API is there it still removes a dead controller's placement group.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def start_ray(address: str) -> bool:

@@ -1,8 +1,10 @@
-"""What every Ray worker of our jobs sees in its environment: NVLink multicast off, Ray Train's print left alone."""
+"""What every Ray worker of our jobs sees in its environment: NVLink multicast off, Ray Train's print left alone,
+"auto" pinned to its own cluster, Ray Train's placement-group cleaner kept to errors."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,13 +18,29 @@ from orchestration.cluster import start_ray
 
 start_ray(sys.argv[1])
 names = json.loads(sys.argv[2])
-print(json.dumps(ray.get(ray.remote(lambda: {name: os.environ.get(name) for name in names}).remote())))
+
+
+@ray.remote
+def seen():
+    import logging
+
+    from orchestration.cluster import PLACEMENT_GROUP_CLEANER_LOGGER
+
+    return {
+        "env": {name: os.environ.get(name) for name in names},
+        "ray_address": os.environ.get("RAY_ADDRESS"),
+        "cleaner_level": logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel(),
+    }
+
+
+print(json.dumps({"gcs_address": ray.get_runtime_context().gcs_address, **ray.get(seen.remote())}))
 """
 
 
-def test_ray_tasks_get_multicast_off_and_unpatched_print(ray_address: str):
+def test_ray_tasks_get_multicast_off_unpatched_print_and_their_own_cluster(ray_address: str):
     names = [*NVLINK_MULTICAST_OFF, "RAY_TRAIN_ENABLE_PRINT_PATCH"]
-    env = {k: v for k, v in os.environ.items() if k not in names}  # the driver sets none of them itself
+    # The driver sets none of them itself; RAY_ADDRESS is left out so that only the workers' hook sets it.
+    env = {k: v for k, v in os.environ.items() if k not in [*names, "RAY_ADDRESS"]}
     done = subprocess.run(
         [sys.executable, "-c", PROBE, ray_address, json.dumps(names)],
         capture_output=True,
@@ -32,7 +50,10 @@ def test_ray_tasks_get_multicast_off_and_unpatched_print(ray_address: str):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen == {**NVLINK_MULTICAST_OFF, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    assert seen["env"] == {**NVLINK_MULTICAST_OFF, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    # Ray's state API looks for "auto" here, not in /tmp/ray/ray_current_cluster (often a dead cluster).
+    assert seen["ray_address"] == seen["gcs_address"]
+    assert seen["cleaner_level"] == logging.ERROR
 
 
 def test_a_value_already_set_is_kept(monkeypatch):
