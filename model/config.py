@@ -12,6 +12,8 @@ from typing import Literal
 
 @dataclass
 class ModelConfig:
+    """The network: RWKV-4 (or the same-size GPT baseline), its shape and which kernels run it."""
+
     arch: Literal["rwkv4", "gpt"] = "rwkv4"
     """Which network: RWKV-4, or the same-size GPT baseline (pre-LN, causal attention)."""
     n_layer: int = 4

@@ -7,6 +7,7 @@
     rwkv-pipeline eval runs/quickstart --ctx-len 512            # evaluate the run's model again
     rwkv-pipeline export runs/quickstart --out model/           # official .pth + safetensors + tokenizer
     rwkv-pipeline print-config configs/quickstart.yaml train.lr_init=3e-4
+    rwkv-pipeline reference-config                              # every field, default and meaning
 
 Errors a user can fix (a config typo, a missing corpus path, an unreachable Ray address, a failed
 stage) print one paragraph naming the cause; `--debug` shows the traceback.
@@ -29,6 +30,13 @@ class UsageError(ValueError):
 
 def _print_config(args: argparse.Namespace) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def _reference_config(args: argparse.Namespace) -> int:
+    from orchestration.config_reference import reference_yaml
+
+    print(reference_yaml(), end="")
     return 0
 
 
@@ -200,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("run", "Run the stage DAG; complete stages are reused, an interrupted one resumes.", _run)
     with_config("plan", "Show which stages would run and which are cached, without running anything.", _plan)
     with_config("print-config", "Print the resolved config (YAML plus overrides).", _print_config)
+
+    reference = commands.add_parser(
+        "reference-config",
+        help="Print every config field with its default and what it does (configs/reference.yaml).",
+    )
+    reference.set_defaults(handler=_reference_config)
 
     status = commands.add_parser("status", help="Stages, progress and MLflow links of a run directory.")
     status.add_argument("run_dir", help="<workdir>/<run name>, e.g. runs/quickstart")

@@ -24,8 +24,12 @@ class ConfigError(ValueError):
 
 
 class RayConfig(BaseModel):
+    """Where stages run: a local Ray cluster by default, or the one at `address`."""
+
     model_config = ConfigDict(extra="forbid")
-    address: str | None = Field(None, description="Cluster to join; None starts a local one (or RAY_ADDRESS).")
+    address: str | None = Field(
+        None, description="Cluster to join (host:port); null starts a local one, or joins RAY_ADDRESS when set."
+    )
     num_workers: int = Field(2, ge=1, description="Training workers (one per GPU when use_gpu).")
     use_gpu: bool = Field(False, description="Give each training worker one GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
@@ -35,8 +39,12 @@ class RayConfig(BaseModel):
 
 
 class TrackingConfig(BaseModel):
+    """MLflow: one parent run per pipeline run, one nested run per stage."""
+
     model_config = ConfigDict(extra="forbid")
-    uri: str | None = Field(None, description="MLflow tracking URI; None = SQLite in the workdir.")
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI if set, else SQLite in the workdir."
+    )
     experiment: str = Field("rwkv-pipeline", description="MLflow experiment name.")
     system_metrics: bool = Field(True, description="Log CPU/GPU/memory system metrics.")
     system_metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between system metric samples.")
