@@ -68,8 +68,9 @@ def fields_of(cls: type) -> list[tuple[str, Any, Any, str]]:
     return found
 
 
-def comment(text: str, indent: str) -> list[str]:
-    return [f"{indent}# {line}" for line in textwrap.wrap(text, WIDTH - len(indent) - 2)]
+def comment(text: str, indent: str, hanging: str = "") -> list[str]:
+    lines = textwrap.wrap(text, WIDTH - len(indent) - 2, initial_indent=hanging[:2], subsequent_indent=hanging)
+    return [f"{indent}# {line}" for line in lines]
 
 
 def scalar(value: Any) -> str:
@@ -94,7 +95,7 @@ def section_lines(cls: type, indent: str) -> list[str]:
             lines.append(f"{indent}# Each item:")
             for item_name, _, item_default, item_description in fields_of(item_type):
                 shown = "(required)" if item_default is REQUIRED else scalar(item_default)
-                lines += comment(f"  {item_name}: {shown}  {item_description}", indent)
+                lines += comment(f"{item_name}: {shown}  {item_description}", indent, hanging="    ")
         lines.append(f"{indent}{name}: {scalar(default)}")
     return lines
 

@@ -70,6 +70,15 @@ def _jsonable(value: Any) -> Any:
     return value.model_dump(mode="json")
 
 
+def _extension_identity(extension: ExtendStageConfig) -> dict[str, Any]:
+    """An extend stage's hashed config. micro_bsz came later: at its default (0, train.micro_bsz, what
+    every earlier run trained with) it is left out, so the extension stages of those runs stay complete."""
+    identity = _jsonable(extension)
+    if not identity["micro_bsz"]:
+        del identity["micro_bsz"]
+    return identity
+
+
 def build_stages(config: RunConfig) -> list[Stage]:
     data = config.data.model_dump(mode="json")
     tokenizer_data = {key: value for key, value in data.items() if key != "val_fraction"}
@@ -101,7 +110,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             Stage(
                 name,
                 extend_stage(config, number, previous),
-                config={"extend": _jsonable(extension)},
+                config={"extend": _extension_identity(extension)},
                 inputs=(previous, "tokenize"),
             )
         )
@@ -278,6 +287,7 @@ def extend_train_config(config: RunConfig, extension: ExtendStageConfig) -> Trai
             "lr_schedule": "constant",
             "warmup_steps": 0,
             "chunk_len": extension.chunk_len,
+            "micro_bsz": extension.micro_bsz or config.train.micro_bsz,
         }
     )
 

@@ -33,7 +33,10 @@ class TrainConfig(_Strict):
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
     grad_checkpointing: bool = Field(False, description="Recompute each block in backward.")
     chunk_len: int = Field(
-        0, ge=0, description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole."
+        0,
+        ge=0,
+        description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole. With "
+        "compile false (compiled, 169M at 8192/1024 did not finish compiling in 240 s on an H200).",
     )
     fused_loss_chunk: int = Field(
         0,
@@ -61,7 +64,16 @@ class ExtendStageConfig(_Strict):
     steps: int = Field(100, ge=1, description="Optimizer steps at this length.")
     lr: float = Field(1e-5, gt=0, description="Constant learning rate of the fine-tune.")
     chunk_len: int = Field(
-        0, ge=0, description="RWKV only: process each sample in chunks carrying state (full BPTT); 0 = whole."
+        0,
+        ge=0,
+        description="RWKV only: process each sample in chunks carrying state (full BPTT); 0 = whole. Chunked "
+        "runs want train.compile false (compiled, 169M at 8192/1024 did not finish compiling in 240 s).",
+    )
+    micro_bsz: int = Field(
+        0,
+        ge=0,
+        description="Samples per worker per micro-step at this length; 0 = train.micro_bsz. Longer samples at "
+        "the same micro_bsz mean proportionally more tokens, time and activation memory per step.",
     )
 
 

@@ -168,3 +168,17 @@ def test_pipeline_stage_graph_and_what_each_hash_covers():
     assert "fused_ln_mix" not in pretrain.config["model"]
     plain = stage_hashes(build_stages(load_config(quickstart, [*extended, "model.fused_ln_mix=false"])))
     assert [name for name in base if base[name] != plain[name]] == ["pretrain", "extend1", "evaluate", "export"]
+    # extend.N.micro_bsz (added later) likewise enters the extension's hash only when set
+    extension = next(stage for stage in stages if stage.name == "extend1")
+    assert extension.config == {"extend": {"ctx_len": 256, "steps": 10, "lr": 1e-5, "chunk_len": 0}}
+    smaller = stage_hashes(build_stages(load_config(quickstart, [*extended, "extend.0.micro_bsz=2"])))
+    assert [name for name in base if base[name] != smaller[name]] == ["extend1", "evaluate", "export"]
+
+
+def test_an_extension_trains_at_its_own_micro_batch_or_the_pretraining_one():
+    from orchestration.config import load_config
+    from orchestration.stages import extend_train_config
+
+    quickstart = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+    config = load_config(quickstart, ["extend=[{ctx_len: 512, steps: 10}, {ctx_len: 1024, steps: 5, micro_bsz: 2}]"])
+    assert [extend_train_config(config, extension).micro_bsz for extension in config.extend] == [8, 2]
