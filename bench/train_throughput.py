@@ -55,7 +55,7 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
     """(ModelConfig, TrainConfig) of one bench row: `warmup` + `steps` (+ extra) steps, logged after the warmup.
 
     spec keys: model (a SIZES key), backend, ctx, micro_bsz, warmup, steps, precision, zero, compile;
-    optional peak_tflops, fused_loss_chunk, fused_ln_mix (default on, as the model's).
+    optional peak_tflops, fused_loss_chunk, chunk_len, fused_ln_mix (default on, as the model's).
     bench/train_scaling.py builds its rows with this too.
     """
     from model import ModelConfig
@@ -81,6 +81,7 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
         val_every=1 << 30,
         val_batches=1,
         fused_loss_chunk=spec.get("fused_loss_chunk", 0),
+        chunk_len=spec.get("chunk_len", 0),
         **({"peak_tflops": spec["peak_tflops"]} if "peak_tflops" in spec else {}),
     )
     return model_cfg, cfg
@@ -372,6 +373,9 @@ def main() -> int:
     parser.add_argument("--compile", nargs="+", type=int, default=[0, 1], help="0 eager, 1 torch.compile")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--ctx", type=int, default=1024)
+    parser.add_argument(
+        "--chunk-len", type=int, default=0, help="train.chunk_len: each sample in chunks, state carried (0: whole)"
+    )
     parser.add_argument("--micro-bsz", type=int, nargs="+", default=[16], help="16 x 1024 = 16,384 tokens per step")
     parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: our bf16 optimizer)")
     parser.add_argument("--bf16-stage0", nargs="+", default=["master"], choices=["master", "autocast"])
@@ -461,6 +465,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
     fixed = {
         "precision": args.precision,
         "ctx": args.ctx,
+        "chunk_len": args.chunk_len,
         "profile": args.profile,
         "out": args.out,
         "trace": args.trace,
