@@ -88,14 +88,13 @@ def section_lines(cls: type, indent: str) -> list[str]:
             lines.append(f"{indent}{name}:")
             lines += section_lines(annotation, indent + "  ")
             continue
-        if is_section(item_type):  # a list of sections (extend), set apart like a section
-            lines.append("")
-        lines += comment(description, indent)
-        if is_section(item_type):  # document one item
-            lines.append(f"{indent}# Each item:")
+        if is_section(item_type):  # a list of sections (extend): set apart like a section, one item shown
+            lines += ["", *comment(description, indent), f"{indent}# Each item:"]
             for item_name, _, item_default, item_description in fields_of(item_type):
                 shown = "(required)" if item_default is REQUIRED else scalar(item_default)
                 lines += comment(f"{item_name}: {shown}  {item_description}", indent, hanging="    ")
+        else:
+            lines += comment(description, indent)
         lines.append(f"{indent}{name}: {scalar(default)}")
     return lines
 
@@ -108,4 +107,4 @@ def section_doc(cls: type) -> str:
 
 
 def reference_yaml() -> str:
-    return HEADER + "\n" + "\n".join(section_lines(RunConfig, "")).replace("\n\n\n", "\n\n") + "\n"
+    return HEADER + "\n" + "\n".join(section_lines(RunConfig, "")) + "\n"
