@@ -68,8 +68,9 @@ def fields_of(cls: type) -> list[tuple[str, Any, Any, str]]:
     return found
 
 
-def comment(text: str, indent: str, hanging: str = "") -> list[str]:
-    lines = textwrap.wrap(text, WIDTH - len(indent) - 2, initial_indent=hanging[:2], subsequent_indent=hanging)
+def comment(text: str, indent: str, first: str = "", rest: str = "") -> list[str]:
+    """`text` as comment lines at `indent`, the first line's text indented by `first`, the others by `rest`."""
+    lines = textwrap.wrap(text, WIDTH - len(indent) - 2, initial_indent=first, subsequent_indent=rest)
     return [f"{indent}# {line}" for line in lines]
 
 
@@ -92,7 +93,7 @@ def section_lines(cls: type, indent: str) -> list[str]:
             lines += ["", *comment(description, indent), f"{indent}# Each item:"]
             for item_name, _, item_default, item_description in fields_of(item_type):
                 shown = "(required)" if item_default is REQUIRED else scalar(item_default)
-                lines += comment(f"{item_name}: {shown}  {item_description}", indent, hanging="    ")
+                lines += comment(f"{item_name}: {shown}  {item_description}", indent, first="  ", rest="    ")
         else:
             lines += comment(description, indent)
         lines.append(f"{indent}{name}: {scalar(default)}")

@@ -70,13 +70,19 @@ def _jsonable(value: Any) -> Any:
     return value.model_dump(mode="json")
 
 
-def _extension_identity(extension: ExtendStageConfig) -> dict[str, Any]:
-    """An extend stage's hashed config. micro_bsz came later: at its default (0, train.micro_bsz, what
-    every earlier run trained with) it is left out, so the extension stages of those runs stay complete."""
-    identity = _jsonable(extension)
-    if not identity["micro_bsz"]:
-        del identity["micro_bsz"]
-    return identity
+# Fields added after runs had been made, with the value those runs trained with: at that value a field is
+# left out of its stage's hash, so the outputs of earlier runs keep their folders.
+ADDED_LATER = {
+    "train": {"chunk_len": 0},
+    "model": {"fused_ln_mix": True},
+    "extend": {"micro_bsz": 0},
+}
+
+
+def _identity(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A config section as its stage hashes it: without the fields added later that hold their old value."""
+    later = ADDED_LATER[section]
+    return {key: value for key, value in values.items() if key not in later or value != later[key]}
 
 
 def build_stages(config: RunConfig) -> list[Stage]:
@@ -84,11 +90,8 @@ def build_stages(config: RunConfig) -> list[Stage]:
     tokenizer_data = {key: value for key, value in data.items() if key != "val_fraction"}
     corpus = corpus_fingerprint(config)
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL_TRAIN_FIELDS}
-    if not train["chunk_len"]:  # absent when off, so pretrain outputs made before the field existed keep their hash
-        del train["chunk_len"]
-    model = _jsonable(config.model)
-    if model["fused_ln_mix"]:  # absent when on (the default), for the same reason
-        del model["fused_ln_mix"]
+    train = _identity("train", train)
+    model = _identity("model", _jsonable(config.model))
     stages = [
         Stage(
             "tokenizer",
@@ -110,7 +113,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             Stage(
                 name,
                 extend_stage(config, number, previous),
-                config={"extend": _extension_identity(extension)},
+                config={"extend": _identity("extend", _jsonable(extension))},
                 inputs=(previous, "tokenize"),
             )
         )
