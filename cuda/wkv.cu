@@ -45,6 +45,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <math.h>
 #include <stdint.h>
 
 #include <initializer_list>
@@ -104,6 +105,11 @@ namespace {
 //                     pairs (where WKV_PAIRS allows them; fewer lanes: one channel per thread, so more threads)
 //   WKV_SEQ_FWD_MIN_BLOCKS, WKV_SEQ_BWD_MIN_BLOCKS, WKV_SEQ_PAIR_FWD_MIN_BLOCKS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS
 //                     register budgets of the sequential kernels, in blocks of 32 x WKV_SEQ_ROWS per SM
+//   WKV_SINGLE_PASS   bit mask of the parallel passes run as one kernel each (see fwd_single_pair):
+//                     1 the bf16 paired forward, 2 the backward (fp32 and bf16; the time_* reduction
+//                     stays its own kernel). Needs WKV_FUSED_SCANS = 0 and WKV_LOOKBACK = 0.
+//   WKV_SP_GROUP      segments per lookback group of the single-pass kernels (0: ceil(sqrt(nseg)))
+//   WKV_SP_FWD_MIN_BLOCKS, WKV_SP_BWD_MIN_BLOCKS  their register budgets, in blocks of 256 threads per SM
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -173,12 +179,28 @@ namespace {
 #ifndef WKV_FAST_GM1
 #define WKV_FAST_GM1 0
 #endif
+#ifndef WKV_SINGLE_PASS
+#define WKV_SINGLE_PASS 0
+#endif
+#ifndef WKV_SP_GROUP
+#define WKV_SP_GROUP 0
+#endif
+#ifndef WKV_SP_FWD_MIN_BLOCKS
+#define WKV_SP_FWD_MIN_BLOCKS 3
+#endif
+#ifndef WKV_SP_BWD_MIN_BLOCKS
+#define WKV_SP_BWD_MIN_BLOCKS 2
+#endif
 
 constexpr int SUB = WKV_SUB;
 constexpr int SUBS = WKV_SUBS;
 constexpr bool FUSED_FWD_SCAN = (WKV_FUSED_SCANS & 1) != 0;
 constexpr bool FUSED_BWD_SCAN = (WKV_FUSED_SCANS & 2) != 0;
 constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
+constexpr bool SINGLE_FWD = (WKV_SINGLE_PASS & 1) != 0;
+constexpr bool SINGLE_BWD = (WKV_SINGLE_PASS & 2) != 0;
+static_assert(WKV_SINGLE_PASS == 0 || (WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0),
+              "WKV_SINGLE_PASS replaces the scan kernels; it needs WKV_FUSED_SCANS 0 and WKV_LOOKBACK 0");
 constexpr bool PDL = WKV_PDL != 0;
 constexpr bool EXACT_DECAY = WKV_EXACT_DECAY != 0;
 constexpr int LOOKBACK = WKV_LOOKBACK;
@@ -352,11 +374,12 @@ struct Tile {
     size_t base;  // element offset of (b, t0, c) in [B, T, C]
 };
 
-__device__ __forceinline__ Tile tile(int T, int C) {
+// The tile of thread (threadIdx.x, threadIdx.y) in block (segment seg, channel block cb, batch b).
+__device__ __forceinline__ Tile tile_at(int T, int C, int seg, int cb, int b) {
     Tile r;
-    r.c = blockIdx.y * LANES + threadIdx.x;
-    r.b = blockIdx.z;
-    r.seg = blockIdx.x;
+    r.c = cb * LANES + threadIdx.x;
+    r.b = b;
+    r.seg = seg;
     r.m = threadIdx.y;
     r.sub = r.seg * SUBS + r.m;
     r.t0 = r.sub * SUB;
@@ -366,6 +389,7 @@ __device__ __forceinline__ Tile tile(int T, int C) {
     r.base = (static_cast<size_t>(r.b) * T + r.t0) * C + r.c;
     return r;
 }
+__device__ __forceinline__ Tile tile(int T, int C) { return tile_at(T, C, blockIdx.x, blockIdx.y, blockIdx.z); }
 
 // Steps j < n of one lane (stride C); FULL = all SUB steps, so no per-step predicate.
 template <bool FULL, typename F>
@@ -1138,14 +1162,17 @@ __global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, c
 static_assert(SUBS >= 2, "WKV_PAIRS: rows 0 and 1 of a block do the two channels' serial parts");
 using bf2 = __nv_bfloat162;
 
-__device__ __forceinline__ Tile tile_pair(int T, int C) {
-    Tile r = tile(T, C);
-    r.c = 2 * (blockIdx.y * LANES + threadIdx.x);  // C is even: c < C implies c + 1 < C
+__device__ __forceinline__ Tile tile_pair_at(int T, int C, int seg, int cb, int b) {
+    Tile r = tile_at(T, C, seg, cb, b);
+    r.c = 2 * (cb * LANES + threadIdx.x);  // C is even: c < C implies c + 1 < C
     r.lane_ok = r.c < C;
     int left = T - r.t0;
     r.n = r.lane_ok ? (left < 0 ? 0 : (left > SUB ? SUB : left)) : 0;
     r.base = (static_cast<size_t>(r.b) * T + r.t0) * C + r.c;  // even: 4-byte aligned pairs
     return r;
+}
+__device__ __forceinline__ Tile tile_pair(int T, int C) {
+    return tile_pair_at(T, C, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // Steps j < n of a lane pair (stride C / 2 pairs).
@@ -1809,6 +1836,311 @@ __global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS)
 }
 #endif  // WKV_PAIRS
 
+// ---------------------------------------------------------------------------------------------
+// Single pass (WKV_SINGLE_PASS): the forward and the backward each in one kernel instead of three,
+// for the parallel path. A block computes its segment's summary from the k, v (gy) it holds in
+// registers, publishes it, composes the incoming state (adjoint) from the summaries other blocks
+// published, and goes on to the outputs (gradients) without reading k, v (gy) again.
+//
+// Blocks take tickets in launch order (an atomic counter), and ticket order is segment order
+// (reversed in the backward): a block waits only on blocks with earlier tickets, which are resident
+// or done, so the waits cannot deadlock whatever order the hardware starts blocks in.
+// Deterministic: segments form groups of `group` consecutive segments (counted from the end in the
+// backward); a block folds, from the last segment of the group before its own (whose published value
+// is the state at its end) or from the input state, the summaries of its group's earlier segments,
+// in segment order. That is the per-lane scan kernels' left fold, so results are bit-identical to
+// the three-kernel passes, whatever the timing. The chain between groups has nseg / group links.
+//
+// counters (the binding's zeroed per-stream buffer): [0] ticket, [1] arrival, [2...] one ready flag
+// per (batch, segment, channel block). The last block to finish zeroes them for the next launch.
+constexpr int SP_HEADER = 2;
+__device__ __forceinline__ int ceil_div_dev(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+    int x;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(x) : "l"(p) : "memory");
+    return x;
+}
+__device__ __forceinline__ void store_release(int* p, int x) {
+    asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(x) : "memory");
+}
+// Every thread calls this (barrier): returns once the records [lo, hi) are published, polled by one
+// thread each (hi - lo <= threads in the block), so the waits overlap instead of taking a round trip each.
+__device__ __forceinline__ void wait_published(const int* flags, int stride, int lo, int hi) {
+    int i = lo + threadIdx.y * blockDim.x + threadIdx.x;
+    if (i < hi)
+        while (load_acquire(flags + static_cast<size_t>(i) * stride) == 0) {
+        }
+    __syncthreads();
+}
+constexpr int SP_BATCH = 4;  // records loaded at once by the folds (registers: the forward keeps 64)
+
+// This block's (segment, channel block, batch): ticket order walks segments slowest (from the last
+// in reverse), so every block a block waits on took its ticket earlier.
+struct Ticket {
+    int seg, cb, b;
+};
+__device__ __forceinline__ Ticket take_ticket(int* counter, int nseg, int cblocks, int B, bool reverse) {
+    __shared__ int ticket;
+    if (threadIdx.x == 0 && threadIdx.y == 0) ticket = atomicAdd(counter, 1);
+    __syncthreads();
+    int per_seg = cblocks * B;
+    int s = ticket / per_seg, r = ticket - s * per_seg;
+    return {reverse ? nseg - 1 - s : s, r % cblocks, r / cblocks};
+}
+
+// Barrier, then one thread releases the block's published values (the grid-sync pattern).
+__device__ __forceinline__ void publish(int* flag) {
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        __threadfence();
+        store_release(flag, 1);
+    }
+}
+
+// After the block's last global access to `counters`: the last block to get here zeroes the flags
+// and the ticket (last_block_arrives zeroes the arrival count).
+__device__ __forceinline__ void sp_finish(int* counters, int nflags) {
+    int total = gridDim.x;
+    if (last_block_arrives(counters + 1, total)) {
+        for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < nflags; i += blockDim.x * blockDim.y)
+            counters[SP_HEADER + i] = 0;
+        if (threadIdx.x == 0 && threadIdx.y == 0) counters[0] = 0;
+    }
+}
+
+#if WKV_PAIRS
+// Forward, paired, one kernel: fwd_summaries_pair, the segment scan and fwd_outputs_pair in one.
+// `seg` slot j holds segment j's summary, or, for the last segment of a group, the state at its end.
+__global__ void __launch_bounds__(LANES* SUBS, WKV_SP_FWD_MIN_BLOCKS)
+    fwd_single_pair(int B, int T, int C, int nseg, int nsub, int group, const float* __restrict__ td,
+                    const float* __restrict__ tf, const __nv_bfloat16* __restrict__ k_,
+                    const __nv_bfloat16* __restrict__ v_, __nv_bfloat16* __restrict__ y_,
+                    const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ pp0,
+                    float* seg, float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1,
+                    float* __restrict__ bb1, float* __restrict__ pp1, int* counters) {
+    __shared__ Shared3 sh[2];
+    __shared__ int shn[2][SUBS][LANES];
+    const int cblocks = ceil_div_dev(C, 2 * LANES);
+    Ticket tk = take_ticket(counters, nseg, cblocks, B, false);
+    Tile q = tile_pair_at(T, C, tk.seg, tk.cb, tk.b);
+    int* flags = counters + SP_HEADER + static_cast<size_t>(q.b) * nseg * cblocks + tk.cb;  // segment j: [j * cblocks]
+    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
+    float u[2] = {q.lane_ok ? tf[q.c] : 0.f, q.lane_ok ? tf[q.c + 1] : 0.f};
+    bf2 k[SUB], v[SUB];
+    St s[2];
+    if (q.n == SUB) {
+        load_pairs<true>(k_, q, C, k);
+        load_pairs<true>(v_, q, C, v);
+        s[0] = summary_half<true, 0>(q.n, w[0], k, v);
+        s[1] = summary_half<true, 1>(q.n, w[1], k, v);
+    } else {
+        load_pairs<false>(k_, q, C, k);
+        load_pairs<false>(v_, q, C, v);
+        s[0] = summary_half<false, 0>(q.n, w[0], k, v);
+        s[1] = summary_half<false, 1>(q.n, w[1], k, v);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) sh[h].put(q.m, s[h]);
+    shn[0][q.m][threadIdx.x] = q.n;
+    __syncthreads();
+    const int first = q.seg - q.seg % group;  // this group's first segment
+    const bool closes_group = q.seg % group == group - 1;
+    const bool needed = q.seg + 1 < nseg;  // the last segment's summary is never needed
+    St own{0.f, 0.f, EMPTY};
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;  // row h combines channel c + h
+        for (int m = 0; m < SUBS; ++m) own = apply(own, sh[h].get(m), shn[0][m][threadIdx.x], w[h]);
+        if (needed && !closes_group) store3(seg, q.seg, nseg, q.b, q.c + h, C, own);
+    }
+    if (needed && !closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
+    wait_published(flags, cblocks, first > 0 ? first - 1 : 0, q.seg);
+    St state{0.f, 0.f, EMPTY};  // rows 0, 1: the state at this segment's start
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m, c = q.c + h;
+        size_t lane = static_cast<size_t>(q.b) * C + c;
+        state = first == 0 ? St{aa0[lane], bb0[lane], pp0[lane]} : load3_cg(seg, first - 1, nseg, q.b, c, C);
+        for (int j0 = first; j0 < q.seg; j0 += SP_BATCH) {
+            St x[SP_BATCH];
+#pragma unroll
+            for (int i = 0; i < SP_BATCH; ++i)
+                x[i] = j0 + i < q.seg ? load3_cg(seg, j0 + i, nseg, q.b, c, C) : St{0.f, 0.f, EMPTY};
+#pragma unroll
+            for (int i = 0; i < SP_BATCH; ++i)
+                if (j0 + i < q.seg) state = apply(state, x[i], SEG, w[h]);
+        }
+        if (needed && closes_group) store3(seg, q.seg, nseg, q.b, c, C, apply(state, own, SEG, w[h]));
+    }
+    if (needed && closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
+    if (q.m < 2 && q.lane_ok) {  // the sub-chunks' start states, as fwd_outputs_pair scans them
+        const int h = q.m;
+        St acc = state;
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh[h].get(m);
+            sh[h].put(m, acc);
+            acc = apply(acc, x, shn[0][m][threadIdx.x], w[h]);
+        }
+    }
+    __syncthreads();
+    int last_win[2] = {-1, -1};
+    if (q.n > 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            s[h] = sh[h].get(q.m);
+            store3(sub, q.sub, nsub, q.b, q.c + h, C, s[h]);
+        }
+        if (q.n == SUB)
+            output_walk_pair<true>(q, s, w, u, k, v, y_, C, last_win);
+        else
+            output_walk_pair<false>(q, s, w, u, k, v, y_, C, last_win);
+        if (q.t0 + q.n == T) {
+            size_t lane = static_cast<size_t>(q.b) * C + q.c;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                aa1[lane + h] = s[h].a;
+                bb1[lane + h] = s[h].b;
+                pp1[lane + h] = s[h].p;
+            }
+        }
+    }
+    shn[0][q.m][threadIdx.x] = last_win[0];  // every thread has passed the barrier after the scan
+    shn[1][q.m][threadIdx.x] = last_win[1];
+    __syncthreads();
+    if (q.m < 2 && q.lane_ok) {
+        const int h = q.m;
+        int best = -1;
+        for (int m = 0; m < SUBS; ++m) best = max(best, shn[h][m][threadIdx.x]);
+        lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c + h] = best;
+    }
+    sp_finish(counters, B * nseg * cblocks);
+}
+#endif  // WKV_PAIRS
+
+// Backward, one kernel: bwd_summaries, the reverse segment scan and bwd_gradients in one (the time_*
+// reduction stays its own kernel). `aseg` slot j holds segment j's adjoint summary, or, for the
+// last segment of a group (the earliest in time: groups count from the end), the adjoint at its start.
+template <typename F>
+__global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
+    bwd_single(int B, int T, int C, int nseg, int nsub, int group, const float* __restrict__ td,
+               const float* __restrict__ tf, const F* __restrict__ k_, const F* __restrict__ v_,
+               const F* __restrict__ gy_, const float* __restrict__ sub, const int* __restrict__ lastwin,
+               float* aseg, const float* __restrict__ aa0, const float* __restrict__ bb0,
+               const float* __restrict__ aa1, const float* __restrict__ bb1, const float* __restrict__ gaa1,
+               const float* __restrict__ gbb1, const float* __restrict__ gpp1, F* __restrict__ gk_,
+               F* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0, float* __restrict__ gbb0,
+               float* __restrict__ gpp0, int* counters) {
+    __shared__ Shared3 sh;
+    __shared__ int arg_max[LANES];
+    extern __shared__ float stash_mem[];
+    const int cblocks = ceil_div_dev(C, LANES);
+    Ticket tk = take_ticket(counters, nseg, cblocks, B, true);
+    pdl_trigger();  // the reduction may launch; it waits for this kernel before reading `part`
+    Tile q = tile_at(T, C, tk.seg, tk.cb, tk.b);
+    int* flags = counters + SP_HEADER + static_cast<size_t>(q.b) * nseg * cblocks + tk.cb;
+    const size_t lane = static_cast<size_t>(q.b) * C + q.c;
+    float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
+    float u = q.lane_ok ? tf[q.c] : 0.f;
+    if (q.m == 0) arg_max[threadIdx.x] = q.lane_ok ? seq_argmax(lastwin, q.b, q.c, C, nseg) : -1;
+    float k[SUB], v[SUB], gy[SUB];
+    St r{0.f, 0.f, G_ONE};  // as in bwd_summaries
+    St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
+    float p_start = s.p;
+    bool next_stored = EXACT_DECAY && q.n > 0 && q.sub + 1 < nsub;
+    float p_next = next_stored ? sub[chunk_idx(q.b, q.sub + 1, nsub, 2, 3, q.c, C)] : 0.f;
+    if (q.n == SUB) {
+        load_steps<true>(k_, q, C, k);
+        load_steps<true>(v_, q, C, v);
+        load_steps<true>(gy_, q, C, gy);
+        r = adjoint_walk<true>(q.n, s, w, u, k, v, gy);
+    } else if (q.n > 0) {
+        load_steps<false>(k_, q, C, k);
+        load_steps<false>(v_, q, C, v);
+        load_steps<false>(gy_, q, C, gy);
+        r = adjoint_walk<false>(q.n, s, w, u, k, v, gy);
+    }
+    if (EXACT_DECAY && q.n > 0) r.p = decay_m1(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
+    sh.put(q.m, r);
+    __syncthreads();
+    const int rank = nseg - 1 - q.seg;            // position from the end
+    const int first = nseg - 1 - (rank - rank % group);  // this group's first segment (the latest in time)
+    const bool closes_group = rank % group == group - 1;
+    const bool needed = q.seg > 0;  // segment 0's summary is never needed
+    St own{0.f, 0.f, G_ONE};
+    if (q.m == 0 && q.lane_ok) {
+        for (int m = SUBS - 1; m >= 0; --m) own = adj_compose(sh.get(m), own);
+        if (needed && !closes_group) store3(aseg, q.seg, nseg, q.b, q.c, C, own);
+    }
+    if (needed && !closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
+    wait_published(flags, cblocks, q.seg + 1, first + 1 < nseg ? first + 2 : nseg);
+    float al = 0.f, be = 0.f;  // row 0: the adjoint at this segment's end
+    if (q.m == 0 && q.lane_ok) {
+        if (first == nseg - 1) {
+            al = gaa1[lane];
+            be = gbb1[lane];
+        } else {
+            St x = load3_cg(aseg, first + 1, nseg, q.b, q.c, C);
+            al = x.a;
+            be = x.b;
+        }
+        for (int j0 = first; j0 > q.seg; j0 -= SP_BATCH) {
+            St x[SP_BATCH];
+#pragma unroll
+            for (int i = 0; i < SP_BATCH; ++i)
+                x[i] = j0 - i > q.seg ? load3_cg(aseg, j0 - i, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
+#pragma unroll
+            for (int i = 0; i < SP_BATCH; ++i) {
+                if (j0 - i > q.seg) {
+                    al = adj_apply(al, x[i].a, x[i].p);
+                    be = adj_apply(be, x[i].b, x[i].p);
+                }
+            }
+        }
+        if (needed && closes_group)
+            store3(aseg, q.seg, nseg, q.b, q.c, C, {adj_apply(al, own.a, own.p), adj_apply(be, own.b, own.p), 0.f});
+    }
+    if (needed && closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
+    if (q.m == 0 && q.lane_ok) {  // the sub-chunks' end adjoints, as bwd_gradients scans them
+        St acc{al, be, 0.f};
+        for (int m = SUBS - 1; m >= 0; --m) {
+            St x = sh.get(m);
+            sh.put(m, acc);
+            acc = {adj_apply(acc.a, x.a, x.p), adj_apply(acc.b, x.b, x.p), 0.f};
+        }
+    }
+    __syncthreads();
+    GradAcc acc{0.f, 0.f, 0.f, 0.f};
+    if (q.n > 0) {
+        St s0 = load3(sub, q.sub, nsub, q.b, q.c, C);
+        St adj = sh.get(q.m);
+        int am = arg_max[threadIdx.x];
+        bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
+        float gpath = 0.f;
+        if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
+        acc = q.n == SUB ? gradient_walk<true>(q, s0, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem})
+                         : gradient_walk<false>(q, s0, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem});
+        if (path_here) acc.gw += (am < 0 ? static_cast<float>(T) : static_cast<float>(T - 1 - am)) * gpath;
+        if (q.t0 == 0) {
+            gaa0[lane] = acc.al;
+            gbb0[lane] = acc.be;
+            gpp0[lane] = acc.al * aa0[lane] + acc.be * bb0[lane] + (am < 0 ? gpath : 0.f);
+        }
+    }
+    __syncthreads();  // the scan results in sh are consumed; reuse it for the partial sums
+    sh.put(q.m, {acc.gw, acc.gu, 0.f});
+    __syncthreads();
+    if (q.m == 0 && q.lane_ok) {
+        float sw = 0.f, su = 0.f;
+        for (int m = 0; m < SUBS; ++m) {
+            St x = sh.get(m);
+            sw += x.a;
+            su += x.b;
+        }
+        part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c, C)] = sw;
+        part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c, C)] = su;
+    }
+    sp_finish(counters, B * nseg * cblocks);
+}
+
 int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
 // SMs of the current device (0 if it cannot be asked); cached per device, a benign race writes the
@@ -1886,12 +2218,42 @@ cudaError_t allow_stash(int bytes = STASH_BYTES) {
     return err;
 }
 
+// Lookback group of the single-pass kernels (WKV_SP_GROUP): at most the block's threads, which poll
+// one record each.
+int sp_group(int nseg) {
+    int g = WKV_SP_GROUP > 0 ? WKV_SP_GROUP : static_cast<int>(ceil(sqrt(static_cast<double>(nseg))));
+    return g < 1 ? 1 : (g > LANES * SUBS ? LANES * SUBS : g);
+}
+
+template <typename F>
+int backward_single_pass(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
+                         const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
+                         const float* gaa1, const float* gbb1, const float* gpp1, const float* sub,
+                         const int* lastwin, float* aseg, float* part, void* gk, void* gv, float* gtd, float* gtf,
+                         float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
+    int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
+    dim3 grid(nseg * ceil_div(C, LANES) * B), block(LANES, SUBS);
+    cudaError_t err = allow_stash<bwd_single<F>>();
+    if (err == cudaSuccess)
+        err = launch(false, bwd_single<F>, grid, block, static_cast<size_t>(STASH_BYTES), stream, B, T, C, nseg, nsub,
+                     sp_group(nseg), td, tf, static_cast<const F*>(k), static_cast<const F*>(v),
+                     static_cast<const F*>(gy), sub, lastwin, aseg, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                     static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0, counters);
+    if (err == cudaSuccess)
+        err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
+                     gtf);
+    return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+}
+
 template <typename F>
 int backward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const void* gy,
                   const float* aa0, const float* bb0, const float* aa1, const float* bb1, const float* gaa1,
                   const float* gbb1, const float* gpp1, const float* sub, const int* lastwin, float* asub,
                   float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf, float* gaa0,
                   float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
+    if (SINGLE_BWD)
+        return backward_single_pass<F>(B, T, C, td, tf, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub, lastwin,
+                                       aseg, part, gk, gv, gtd, gtf, gaa0, gbb0, gpp0, counters, stream);
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     bool lookback = !FUSED_BWD_SCAN && nseg <= LOOKBACK;
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
@@ -1928,11 +2290,17 @@ bool pairs_ok(int C, std::initializer_list<const void*> ptrs) {
 
 int forward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
                   const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1,
-                  float* sub, int* lastwin, float* seg, cudaStream_t stream) {
+                  float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     dim3 grid(nseg, ceil_div(C, 2 * LANES), B), block(LANES, SUBS);
     const __nv_bfloat16* kk = static_cast<const __nv_bfloat16*>(k);
     const __nv_bfloat16* vv = static_cast<const __nv_bfloat16*>(v);
+    if (SINGLE_FWD) {
+        cudaError_t err = launch(false, fwd_single_pair, dim3(grid.x * grid.y * grid.z), block, 0, stream, B, T, C,
+                                 nseg, nsub, sp_group(nseg), td, tf, kk, vv, static_cast<__nv_bfloat16*>(y), aa0, bb0,
+                                 pp0, seg, sub, lastwin, aa1, bb1, pp1, counters);
+        return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
+    }
     cudaError_t err = launch(false, fwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg);
     if (err == cudaSuccess)
         err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
@@ -1953,7 +2321,11 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
                    const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
                    const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                    float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf,
-                   float* gaa0, float* gbb0, float* gpp0, cudaStream_t stream) {
+                   float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
+    if (SINGLE_BWD)
+        return backward_single_pass<__nv_bfloat16>(B, T, C, td, tf, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                                                   sub, lastwin, aseg, part, gk, gv, gtd, gtf, gaa0, gbb0, gpp0,
+                                                   counters, stream);
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     dim3 grid(nseg, ceil_div(C, 2 * LANES), B), block(LANES, SUBS);
     const __nv_bfloat16* kk = static_cast<const __nv_bfloat16*>(k);
@@ -2064,11 +2436,13 @@ long long wkv_sub_floats(int B, int T, int C) { return static_cast<long long>(B)
 long long wkv_segment_elems(int B, int T, int C, int ncomp) {
     return static_cast<long long>(B) * ceil_div(T, SEG) * ncomp * C;
 }
-// Arrival counters (ints) both launchers need: zero before the first call; every launch leaves
-// them zero again. Calls that may run at the same time need separate counters.
-// 0 when this build fuses nothing (no counters are used; the pointer may be null).
-long long wkv_counter_ints(int B, int C) {
-    return WKV_FUSED_SCANS ? static_cast<long long>(B) * ceil_div(C, LANES) : 0;
+// Counters (ints) both launchers need: zero before the first call; every launch leaves them zero
+// again. Calls that may run at the same time need separate counters. 0 when this build fuses
+// nothing (no counters are used; the pointer may be null).
+long long wkv_counter_ints(int B, int T, int C) {
+    long long fused = WKV_FUSED_SCANS ? static_cast<long long>(B) * ceil_div(C, LANES) : 0;
+    long long single = WKV_SINGLE_PASS ? SP_HEADER + static_cast<long long>(B) * ceil_div(T, SEG) * ceil_div(C, LANES) : 0;
+    return fused > single ? fused : single;
 }
 // Steps per sub-chunk and per segment of this build (the workspace sizes above follow from them).
 int wkv_sub_steps() { return SUB; }
@@ -2090,7 +2464,7 @@ int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const f
 #if WKV_PAIRS
     if (dtype == 1 && pairs_ok(C, {k, v, y}))
         return forward_pairs(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub, lastwin, seg,
-                             stream);
+                             counters, stream);
 #endif
     if (dtype == 1)
         return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
@@ -2119,7 +2493,7 @@ int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const 
     if (dtype == 1 && pairs_ok(C, {k, v, gy, gk, gv}))
         return backward_pairs(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub,
                               lastwin, asub, aseg, part, argmax, gk, gv, g_time_decay, g_time_first, gaa0, gbb0, gpp0,
-                              stream);
+                              counters, stream);
 #endif
     if (dtype == 1)
         return backward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, gy, aa0, bb0, aa1, bb1, gaa1,

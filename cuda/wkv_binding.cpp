@@ -31,7 +31,7 @@ int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const 
                  const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                  float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* g_time_decay,
                  float* g_time_first, float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream);
-long long wkv_counter_ints(int B, int C);
+long long wkv_counter_ints(int B, int T, int C);
 int wkv_sub_steps();
 int wkv_segment_steps();
 }
@@ -111,7 +111,7 @@ std::vector<torch::Tensor> wkv_forward_op(torch::Tensor time_decay, torch::Tenso
                              k.data_ptr(), v.data_ptr(), aa0.data_ptr<float>(), bb0.data_ptr<float>(),
                              pp0.data_ptr<float>(), y.data_ptr(), aa1.data_ptr<float>(), bb1.data_ptr<float>(),
                              pp1.data_ptr<float>(), sub.data_ptr<float>(), lastwin.data_ptr<int>(),
-                             seg.data_ptr<float>(), counters_for(k, wkv_counter_ints(B, C)),
+                             seg.data_ptr<float>(), counters_for(k, wkv_counter_ints(B, T, C)),
                              c10::cuda::getCurrentCUDAStream().stream());
     check_status(status, "forward");
     return {y, aa1, bb1, pp1, sub, lastwin};
@@ -150,7 +150,7 @@ std::vector<torch::Tensor> wkv_backward_op(torch::Tensor time_decay, torch::Tens
         sub.data_ptr<float>(), lastwin.data_ptr<int>(), asub.data_ptr<float>(), aseg.data_ptr<float>(),
         part.data_ptr<float>(), argmax.data_ptr<int>(), gk.data_ptr(), gv.data_ptr(), gtd.data_ptr<float>(),
         gtf.data_ptr<float>(), gaa0.data_ptr<float>(), gbb0.data_ptr<float>(), gpp0.data_ptr<float>(),
-        counters_for(k, wkv_counter_ints(B, C)), c10::cuda::getCurrentCUDAStream().stream());
+        counters_for(k, wkv_counter_ints(B, T, C)), c10::cuda::getCurrentCUDAStream().stream());
     check_status(status, "backward");
     return {gk, gv, gtd, gtf, gaa0, gbb0, gpp0};
 }
