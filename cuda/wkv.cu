@@ -33,6 +33,9 @@
 // start while the kernel before finishes and load their k, v, gy before waiting for its results.
 // (WKV_FUSED_SCANS moves the per-lane work into the last block of the kernel before instead;
 // measured on an H200 that is slower once dependent launch hides the launch gaps.)
+// Where the unpaired kernels run (fp32; bf16 without channel pairs) the backward is one kernel
+// plus the reduction instead (WKV_SINGLE_BWD, bwd_single): blocks compose the adjoint across segments
+// through published summaries, and each tile is walked forward once instead of twice.
 //
 // Sequential path: when B*C alone fills the GPU (WKV_SEQ_MIN_LANES_PER_SM lanes per SM or more, as
 // in training: 98,304 lanes for 169M at micro-batch 128), parallelism over T only costs bytes. Then
@@ -105,11 +108,13 @@ namespace {
 //                     pairs (where WKV_PAIRS allows them; fewer lanes: one channel per thread, so more threads)
 //   WKV_SEQ_FWD_MIN_BLOCKS, WKV_SEQ_BWD_MIN_BLOCKS, WKV_SEQ_PAIR_FWD_MIN_BLOCKS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS
 //                     register budgets of the sequential kernels, in blocks of 32 x WKV_SEQ_ROWS per SM
-//   WKV_SINGLE_PASS   bit mask of the parallel passes run as one kernel each (see fwd_single_pair):
-//                     1 the bf16 paired forward, 2 the backward (fp32 and bf16; the time_* reduction
-//                     stays its own kernel). Needs WKV_FUSED_SCANS = 0 and WKV_LOOKBACK = 0.
-//   WKV_SP_GROUP      segments per lookback group of the single-pass kernels (0: ceil(sqrt(nseg)))
-//   WKV_SP_FWD_MIN_BLOCKS, WKV_SP_BWD_MIN_BLOCKS  their register budgets, in blocks of 256 threads per SM
+//   WKV_SINGLE_BWD    the parallel backward as one kernel (bwd_single) plus the time_* reduction:
+//                     1 where the unpaired kernels run (fp32; bf16 without pairs), 2 also for bf16 in
+//                     place of the paired kernels, 0 never. Off when WKV_FUSED_SCANS or WKV_LOOKBACK is set.
+//                     (default 1: fp32 fwd+bwd 6-10 % faster at four of the five benchmark shapes; in
+//                     bf16 the paired three kernels are 2-6 % faster at three; docs/benchmarks.md, WKV run 10)
+//   WKV_SP_GROUP      segments per lookback group of bwd_single (0: ceil(sqrt(nseg)))
+//   WKV_SP_BWD_MIN_BLOCKS  bwd_single's register budget, in blocks of 256 threads per SM
 #ifndef WKV_SUB
 #define WKV_SUB 16
 #endif
@@ -179,14 +184,11 @@ namespace {
 #ifndef WKV_FAST_GM1
 #define WKV_FAST_GM1 0
 #endif
-#ifndef WKV_SINGLE_PASS
-#define WKV_SINGLE_PASS 0
+#ifndef WKV_SINGLE_BWD
+#define WKV_SINGLE_BWD 1
 #endif
 #ifndef WKV_SP_GROUP
 #define WKV_SP_GROUP 0
-#endif
-#ifndef WKV_SP_FWD_MIN_BLOCKS
-#define WKV_SP_FWD_MIN_BLOCKS 3
 #endif
 #ifndef WKV_SP_BWD_MIN_BLOCKS
 #define WKV_SP_BWD_MIN_BLOCKS 2
@@ -197,10 +199,9 @@ constexpr int SUBS = WKV_SUBS;
 constexpr bool FUSED_FWD_SCAN = (WKV_FUSED_SCANS & 1) != 0;
 constexpr bool FUSED_BWD_SCAN = (WKV_FUSED_SCANS & 2) != 0;
 constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
-constexpr bool SINGLE_FWD = (WKV_SINGLE_PASS & 1) != 0;
-constexpr bool SINGLE_BWD = (WKV_SINGLE_PASS & 2) != 0;
-static_assert(WKV_SINGLE_PASS == 0 || (WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0),
-              "WKV_SINGLE_PASS replaces the scan kernels; it needs WKV_FUSED_SCANS 0 and WKV_LOOKBACK 0");
+// The single-pass backward replaces the scan kernels, so a variant that changes them keeps three.
+constexpr bool SINGLE_BWD = WKV_SINGLE_BWD >= 1 && WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0;
+constexpr bool SINGLE_BWD_PAIRS = SINGLE_BWD && WKV_SINGLE_BWD >= 2;
 constexpr bool PDL = WKV_PDL != 0;
 constexpr bool EXACT_DECAY = WKV_EXACT_DECAY != 0;
 constexpr int LOOKBACK = WKV_LOOKBACK;
@@ -1162,17 +1163,14 @@ __global__ void __launch_bounds__(LANES* 8) bwd_reduce(int B, int C, int nseg, c
 static_assert(SUBS >= 2, "WKV_PAIRS: rows 0 and 1 of a block do the two channels' serial parts");
 using bf2 = __nv_bfloat162;
 
-__device__ __forceinline__ Tile tile_pair_at(int T, int C, int seg, int cb, int b) {
-    Tile r = tile_at(T, C, seg, cb, b);
-    r.c = 2 * (cb * LANES + threadIdx.x);  // C is even: c < C implies c + 1 < C
+__device__ __forceinline__ Tile tile_pair(int T, int C) {
+    Tile r = tile(T, C);
+    r.c = 2 * (blockIdx.y * LANES + threadIdx.x);  // C is even: c < C implies c + 1 < C
     r.lane_ok = r.c < C;
     int left = T - r.t0;
     r.n = r.lane_ok ? (left < 0 ? 0 : (left > SUB ? SUB : left)) : 0;
     r.base = (static_cast<size_t>(r.b) * T + r.t0) * C + r.c;  // even: 4-byte aligned pairs
     return r;
-}
-__device__ __forceinline__ Tile tile_pair(int T, int C) {
-    return tile_pair_at(T, C, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
 // Steps j < n of a lane pair (stride C / 2 pairs).
@@ -1837,19 +1835,22 @@ __global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS)
 #endif  // WKV_PAIRS
 
 // ---------------------------------------------------------------------------------------------
-// Single pass (WKV_SINGLE_PASS): the forward and the backward each in one kernel instead of three,
-// for the parallel path. A block computes its segment's summary from the k, v (gy) it holds in
-// registers, publishes it, composes the incoming state (adjoint) from the summaries other blocks
-// published, and goes on to the outputs (gradients) without reading k, v (gy) again.
+// Single-pass backward (WKV_SINGLE_BWD): bwd_summaries, the reverse segment scan and bwd_gradients
+// as one kernel. A block computes its segment's adjoint summary from the k, v, gy it holds in
+// registers, publishes it, composes the adjoint at its segment's end from what the blocks of later
+// segments published, and goes on to the gradients without reading k, v, gy again; the forward
+// recompute of its adjoint walk stays in the stash for the gradient walk, so each tile is walked
+// forward once instead of twice (the saving that counts: at small shapes arithmetic, not bytes,
+// limits these kernels; docs/benchmarks.md, WKV run 10).
 //
-// Blocks take tickets in launch order (an atomic counter), and ticket order is segment order
-// (reversed in the backward): a block waits only on blocks with earlier tickets, which are resident
-// or done, so the waits cannot deadlock whatever order the hardware starts blocks in.
-// Deterministic: segments form groups of `group` consecutive segments (counted from the end in the
-// backward); a block folds, from the last segment of the group before its own (whose published value
-// is the state at its end) or from the input state, the summaries of its group's earlier segments,
-// in segment order. That is the per-lane scan kernels' left fold, so results are bit-identical to
-// the three-kernel passes, whatever the timing. The chain between groups has nseg / group links.
+// Blocks take tickets in launch order (an atomic counter), and ticket order is reverse segment
+// order: a block waits only on blocks with earlier tickets, which are resident or done, so the waits
+// cannot deadlock whatever order the hardware starts blocks in. Deterministic: segments form groups
+// of `group` consecutive segments counted from the end; a block folds, from the adjoint published by
+// the group after its own (the adjoint at that group's start) or from the output-state gradient, the
+// summaries of its group's later segments, latest first. That is bwd_segment_scan's fold, in the same
+// order, whatever the timing. The chain between groups has nseg / group links; a block's waits for
+// the records it folds overlap (one thread polls each).
 //
 // counters (the binding's zeroed per-stream buffer): [0] ticket, [1] arrival, [2...] one ready flag
 // per (batch, segment, channel block). The last block to finish zeroes them for the next launch.
@@ -1865,7 +1866,8 @@ __device__ __forceinline__ void store_release(int* p, int x) {
     asm volatile("st.release.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(x) : "memory");
 }
 // Every thread calls this (barrier): returns once the records [lo, hi) are published, polled by one
-// thread each (hi - lo <= threads in the block), so the waits overlap instead of taking a round trip each.
+// thread each (hi - lo <= threads in the block), so the waits overlap instead of a round trip each.
+// The barrier orders every thread's later loads (through L2: load3_cg) after the acquiring loads.
 __device__ __forceinline__ void wait_published(const int* flags, int stride, int lo, int hi) {
     int i = lo + threadIdx.y * blockDim.x + threadIdx.x;
     if (i < hi)
@@ -1873,20 +1875,19 @@ __device__ __forceinline__ void wait_published(const int* flags, int stride, int
         }
     __syncthreads();
 }
-constexpr int SP_BATCH = 4;  // records loaded at once by the folds (registers: the forward keeps 64)
 
-// This block's (segment, channel block, batch): ticket order walks segments slowest (from the last
-// in reverse), so every block a block waits on took its ticket earlier.
+// This block's (segment, channel block, batch): ticket order walks segments slowest, from the last,
+// so every block a block waits on took its ticket earlier.
 struct Ticket {
     int seg, cb, b;
 };
-__device__ __forceinline__ Ticket take_ticket(int* counter, int nseg, int cblocks, int B, bool reverse) {
+__device__ __forceinline__ Ticket take_ticket(int* counter, int nseg, int cblocks, int B) {
     __shared__ int ticket;
     if (threadIdx.x == 0 && threadIdx.y == 0) ticket = atomicAdd(counter, 1);
     __syncthreads();
     int per_seg = cblocks * B;
     int s = ticket / per_seg, r = ticket - s * per_seg;
-    return {reverse ? nseg - 1 - s : s, r % cblocks, r / cblocks};
+    return {nseg - 1 - s, r % cblocks, r / cblocks};
 }
 
 // Barrier, then one thread releases the block's published values (the grid-sync pattern).
@@ -1909,116 +1910,75 @@ __device__ __forceinline__ void sp_finish(int* counters, int nflags) {
     }
 }
 
-#if WKV_PAIRS
-// Forward, paired, one kernel: fwd_summaries_pair, the segment scan and fwd_outputs_pair in one.
-// `seg` slot j holds segment j's summary, or, for the last segment of a group, the state at its end.
-__global__ void __launch_bounds__(LANES* SUBS, WKV_SP_FWD_MIN_BLOCKS)
-    fwd_single_pair(int B, int T, int C, int nseg, int nsub, int group, const float* __restrict__ td,
-                    const float* __restrict__ tf, const __nv_bfloat16* __restrict__ k_,
-                    const __nv_bfloat16* __restrict__ v_, __nv_bfloat16* __restrict__ y_,
-                    const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ pp0,
-                    float* seg, float* __restrict__ sub, int* __restrict__ lastwin, float* __restrict__ aa1,
-                    float* __restrict__ bb1, float* __restrict__ pp1, int* counters) {
-    __shared__ Shared3 sh[2];
-    __shared__ int shn[2][SUBS][LANES];
-    const int cblocks = ceil_div_dev(C, 2 * LANES);
-    Ticket tk = take_ticket(counters, nseg, cblocks, B, false);
-    Tile q = tile_pair_at(T, C, tk.seg, tk.cb, tk.b);
-    int* flags = counters + SP_HEADER + static_cast<size_t>(q.b) * nseg * cblocks + tk.cb;  // segment j: [j * cblocks]
-    float w[2] = {q.lane_ok ? -expf(td[q.c]) : 0.f, q.lane_ok ? -expf(td[q.c + 1]) : 0.f};
-    float u[2] = {q.lane_ok ? tf[q.c] : 0.f, q.lane_ok ? tf[q.c + 1] : 0.f};
-    bf2 k[SUB], v[SUB];
-    St s[2];
-    if (q.n == SUB) {
-        load_pairs<true>(k_, q, C, k);
-        load_pairs<true>(v_, q, C, v);
-        s[0] = summary_half<true, 0>(q.n, w[0], k, v);
-        s[1] = summary_half<true, 1>(q.n, w[1], k, v);
-    } else {
-        load_pairs<false>(k_, q, C, k);
-        load_pairs<false>(v_, q, C, v);
-        s[0] = summary_half<false, 0>(q.n, w[0], k, v);
-        s[1] = summary_half<false, 1>(q.n, w[1], k, v);
-    }
+// adjoint_walk that also stashes what gradient_walk's forward loop would (the same update from the
+// same state, so the same values): the single-pass backward then walks the tile forward once, not twice.
+template <bool FULL>
+__device__ __forceinline__ St adjoint_walk_stashed(int n, St& s, float w, float u, const float (&k)[SUB],
+                                                   const float (&v)[SUB], const float (&gy)[SUB], Stash stash) {
+    St r{0.f, 0.f, 1.f};
+    Anchor an(s.p);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) sh[h].put(q.m, s[h]);
-    shn[0][q.m][threadIdx.x] = q.n;
-    __syncthreads();
-    const int first = q.seg - q.seg % group;  // this group's first segment
-    const bool closes_group = q.seg % group == group - 1;
-    const bool needed = q.seg + 1 < nseg;  // the last segment's summary is never needed
-    St own{0.f, 0.f, EMPTY};
-    if (q.m < 2 && q.lane_ok) {
-        const int h = q.m;  // row h combines channel c + h
-        for (int m = 0; m < SUBS; ++m) own = apply(own, sh[h].get(m), shn[0][m][threadIdx.x], w[h]);
-        if (needed && !closes_group) store3(seg, q.seg, nseg, q.b, q.c + h, C, own);
-    }
-    if (needed && !closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
-    wait_published(flags, cblocks, first > 0 ? first - 1 : 0, q.seg);
-    St state{0.f, 0.f, EMPTY};  // rows 0, 1: the state at this segment's start
-    if (q.m < 2 && q.lane_ok) {
-        const int h = q.m, c = q.c + h;
-        size_t lane = static_cast<size_t>(q.b) * C + c;
-        state = first == 0 ? St{aa0[lane], bb0[lane], pp0[lane]} : load3_cg(seg, first - 1, nseg, q.b, c, C);
-        for (int j0 = first; j0 < q.seg; j0 += SP_BATCH) {
-            St x[SP_BATCH];
-#pragma unroll
-            for (int i = 0; i < SP_BATCH; ++i)
-                x[i] = j0 + i < q.seg ? load3_cg(seg, j0 + i, nseg, q.b, c, C) : St{0.f, 0.f, EMPTY};
-#pragma unroll
-            for (int i = 0; i < SP_BATCH; ++i)
-                if (j0 + i < q.seg) state = apply(state, x[i], SEG, w[h]);
-        }
-        if (needed && closes_group) store3(seg, q.seg, nseg, q.b, c, C, apply(state, own, SEG, w[h]));
-    }
-    if (needed && closes_group) publish(flags + static_cast<size_t>(q.seg) * cblocks);
-    if (q.m < 2 && q.lane_ok) {  // the sub-chunks' start states, as fwd_outputs_pair scans them
-        const int h = q.m;
-        St acc = state;
-        for (int m = 0; m < SUBS; ++m) {
-            St x = sh[h].get(m);
-            sh[h].put(m, acc);
-            acc = apply(acc, x, shn[0][m][threadIdx.x], w[h]);
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < n) {
+            stash.at(j, 0) = s.a;
+            stash.at(j, 1) = s.b;
+            stash.at(j, 2) = s.p;
+            float e1, e2, inv, f1, f2;
+            float y = output(s, u, k[j], v[j], e1, e2, inv);
+            float re1 = r.p * e1 * gy[j] * inv;
+            r.a += re1;
+            r.b -= re1 * y;
+            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
+            stash.at(j, 3) = k_wins ? -f1 : f2;
+            r.p *= f1;
         }
     }
-    __syncthreads();
-    int last_win[2] = {-1, -1};
-    if (q.n > 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            s[h] = sh[h].get(q.m);
-            store3(sub, q.sub, nsub, q.b, q.c + h, C, s[h]);
-        }
-        if (q.n == SUB)
-            output_walk_pair<true>(q, s, w, u, k, v, y_, C, last_win);
-        else
-            output_walk_pair<false>(q, s, w, u, k, v, y_, C, last_win);
-        if (q.t0 + q.n == T) {
-            size_t lane = static_cast<size_t>(q.b) * C + q.c;
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                aa1[lane + h] = s[h].a;
-                bb1[lane + h] = s[h].b;
-                pp1[lane + h] = s[h].p;
-            }
-        }
-    }
-    shn[0][q.m][threadIdx.x] = last_win[0];  // every thread has passed the barrier after the scan
-    shn[1][q.m][threadIdx.x] = last_win[1];
-    __syncthreads();
-    if (q.m < 2 && q.lane_ok) {
-        const int h = q.m;
-        int best = -1;
-        for (int m = 0; m < SUBS; ++m) best = max(best, shn[h][m][threadIdx.x]);
-        lastwin[(static_cast<size_t>(q.b) * nseg + q.seg) * C + q.c + h] = best;
-    }
-    sp_finish(counters, B * nseg * cblocks);
+    return r;
 }
-#endif  // WKV_PAIRS
 
-// Backward, one kernel: bwd_summaries, the reverse segment scan and bwd_gradients in one (the time_*
-// reduction stays its own kernel). `aseg` slot j holds segment j's adjoint summary, or, for the
-// last segment of a group (the earliest in time: groups count from the end), the adjoint at its start.
+// gradient_walk's reverse loop, from a stash adjoint_walk_stashed filled; p_end = the tile's end exponent.
+template <bool FULL, typename F>
+__device__ __forceinline__ GradAcc gradient_walk_stashed(const Tile& q, float p_end, float w, float u,
+                                                         const float (&k)[SUB], const float (&v)[SUB],
+                                                         const float (&gy)[SUB], float al, float be, int am,
+                                                         float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
+                                                         Stash stash) {
+    float p_next = p_end;
+    GradAcc acc{0.f, 0.f, al, be};
+    F* pk = gk + q.base + static_cast<size_t>(SUB - 1) * C;
+    F* pv = gv + q.base + static_cast<size_t>(SUB - 1) * C;
+#pragma unroll
+    for (int j = SUB - 1; j >= 0; --j) {
+        if (FULL || j < q.n) {
+            St st{stash.at(j, 0), stash.at(j, 1), stash.at(j, 2)};
+            float e = stash.at(j, 3);
+            bool k_won = signbit(e);
+            float f1 = k_won ? -e : fmaxf(1.f + ((st.p - p_next) + w), 0.f);
+            float f2 = k_won ? 1.f : e;
+            p_next = st.p;
+            float e1, e2, inv;
+            float y = output(st, u, k[j], v[j], e1, e2, inv);
+            float rr = gy[j] * inv;
+            float re2 = rr * e2, re1 = rr * e1;
+            float dy = re2 * (v[j] - y);
+            float gkj = dy + f2 * (acc.al * v[j] + acc.be);
+            if (q.t0 + j == am) gkj += gpath;
+            *pv = from_f<F>(re2 + acc.al * f2);
+            *pk = from_f<F>(gkj);
+            acc.gu += dy;
+            acc.gw += f1 * (acc.al * st.a + acc.be * st.b);
+            acc.al = f1 * acc.al + re1;
+            acc.be = f1 * acc.be - re1 * y;
+        }
+        pk -= C;
+        pv -= C;
+    }
+    return acc;
+}
+
+// The single-pass backward (the time_* reduction stays its own kernel). `aseg` slot j holds segment
+// j's adjoint summary, or, for the last segment of a group (the earliest in time: groups count from
+// the end), the adjoint at its start.
 template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
     bwd_single(int B, int T, int C, int nseg, int nsub, int group, const float* __restrict__ td,
@@ -2033,7 +1993,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
     __shared__ int arg_max[LANES];
     extern __shared__ float stash_mem[];
     const int cblocks = ceil_div_dev(C, LANES);
-    Ticket tk = take_ticket(counters, nseg, cblocks, B, true);
+    Ticket tk = take_ticket(counters, nseg, cblocks, B);
     pdl_trigger();  // the reduction may launch; it waits for this kernel before reading `part`
     Tile q = tile_at(T, C, tk.seg, tk.cb, tk.b);
     int* flags = counters + SP_HEADER + static_cast<size_t>(q.b) * nseg * cblocks + tk.cb;
@@ -2051,13 +2011,14 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
         load_steps<true>(k_, q, C, k);
         load_steps<true>(v_, q, C, v);
         load_steps<true>(gy_, q, C, gy);
-        r = adjoint_walk<true>(q.n, s, w, u, k, v, gy);
+        r = adjoint_walk_stashed<true>(q.n, s, w, u, k, v, gy, {stash_mem});
     } else if (q.n > 0) {
         load_steps<false>(k_, q, C, k);
         load_steps<false>(v_, q, C, v);
         load_steps<false>(gy_, q, C, gy);
-        r = adjoint_walk<false>(q.n, s, w, u, k, v, gy);
+        r = adjoint_walk_stashed<false>(q.n, s, w, u, k, v, gy, {stash_mem});
     }
+    const float p_end = s.p;
     if (EXACT_DECAY && q.n > 0) r.p = decay_m1(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
     sh.put(q.m, r);
     __syncthreads();
@@ -2082,18 +2043,10 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
             al = x.a;
             be = x.b;
         }
-        for (int j0 = first; j0 > q.seg; j0 -= SP_BATCH) {
-            St x[SP_BATCH];
-#pragma unroll
-            for (int i = 0; i < SP_BATCH; ++i)
-                x[i] = j0 - i > q.seg ? load3_cg(aseg, j0 - i, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
-#pragma unroll
-            for (int i = 0; i < SP_BATCH; ++i) {
-                if (j0 - i > q.seg) {
-                    al = adj_apply(al, x[i].a, x[i].p);
-                    be = adj_apply(be, x[i].b, x[i].p);
-                }
-            }
+        for (int j = first; j > q.seg; --j) {  // one load at a time: batches of 4 spilled, and were no faster
+            St x = load3_cg(aseg, j, nseg, q.b, q.c, C);
+            al = adj_apply(al, x.a, x.p);
+            be = adj_apply(be, x.b, x.p);
         }
         if (needed && closes_group)
             store3(aseg, q.seg, nseg, q.b, q.c, C, {adj_apply(al, own.a, own.p), adj_apply(be, own.b, own.p), 0.f});
@@ -2110,14 +2063,15 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
     __syncthreads();
     GradAcc acc{0.f, 0.f, 0.f, 0.f};
     if (q.n > 0) {
-        St s0 = load3(sub, q.sub, nsub, q.b, q.c, C);
         St adj = sh.get(q.m);
         int am = arg_max[threadIdx.x];
         bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
         float gpath = 0.f;
         if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
-        acc = q.n == SUB ? gradient_walk<true>(q, s0, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem})
-                         : gradient_walk<false>(q, s0, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_, C, {stash_mem});
+        acc = q.n == SUB ? gradient_walk_stashed<true>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_,
+                                                       C, {stash_mem})
+                         : gradient_walk_stashed<false>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_,
+                                                        C, {stash_mem});
         if (path_here) acc.gw += (am < 0 ? static_cast<float>(T) : static_cast<float>(T - 1 - am)) * gpath;
         if (q.t0 == 0) {
             gaa0[lane] = acc.al;
@@ -2290,17 +2244,11 @@ bool pairs_ok(int C, std::initializer_list<const void*> ptrs) {
 
 int forward_pairs(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v,
                   const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1,
-                  float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream) {
+                  float* sub, int* lastwin, float* seg, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
     dim3 grid(nseg, ceil_div(C, 2 * LANES), B), block(LANES, SUBS);
     const __nv_bfloat16* kk = static_cast<const __nv_bfloat16*>(k);
     const __nv_bfloat16* vv = static_cast<const __nv_bfloat16*>(v);
-    if (SINGLE_FWD) {
-        cudaError_t err = launch(false, fwd_single_pair, dim3(grid.x * grid.y * grid.z), block, 0, stream, B, T, C,
-                                 nseg, nsub, sp_group(nseg), td, tf, kk, vv, static_cast<__nv_bfloat16*>(y), aa0, bb0,
-                                 pp0, seg, sub, lastwin, aa1, bb1, pp1, counters);
-        return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
-    }
     cudaError_t err = launch(false, fwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg);
     if (err == cudaSuccess)
         err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
@@ -2322,7 +2270,7 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
                    const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
                    float* asub, float* aseg, float* part, int* argmax, void* gk, void* gv, float* gtd, float* gtf,
                    float* gaa0, float* gbb0, float* gpp0, int* counters, cudaStream_t stream) {
-    if (SINGLE_BWD)
+    if (SINGLE_BWD_PAIRS)
         return backward_single_pass<__nv_bfloat16>(B, T, C, td, tf, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                                                    sub, lastwin, aseg, part, gk, gv, gtd, gtf, gaa0, gbb0, gpp0,
                                                    counters, stream);
@@ -2441,7 +2389,7 @@ long long wkv_segment_elems(int B, int T, int C, int ncomp) {
 // nothing (no counters are used; the pointer may be null).
 long long wkv_counter_ints(int B, int T, int C) {
     long long fused = WKV_FUSED_SCANS ? static_cast<long long>(B) * ceil_div(C, LANES) : 0;
-    long long single = WKV_SINGLE_PASS ? SP_HEADER + static_cast<long long>(B) * ceil_div(T, SEG) * ceil_div(C, LANES) : 0;
+    long long single = SINGLE_BWD ? SP_HEADER + static_cast<long long>(B) * ceil_div(T, SEG) * ceil_div(C, LANES) : 0;
     return fused > single ? fused : single;
 }
 // Steps per sub-chunk and per segment of this build (the workspace sizes above follow from them).
@@ -2464,7 +2412,7 @@ int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const f
 #if WKV_PAIRS
     if (dtype == 1 && pairs_ok(C, {k, v, y}))
         return forward_pairs(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub, lastwin, seg,
-                             counters, stream);
+                             stream);
 #endif
     if (dtype == 1)
         return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
