@@ -20,6 +20,9 @@ A long sequence can be run chunk by chunk, gradients flowing through the carried
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,6 +180,7 @@ class RWKV(nn.Module):
     `checkpoint_blocks` as well, the blocks are checkpointed inside each chunk's recompute: one
     more forward, for one block's activations at a time instead of one chunk's.
     `model(idx_BT, targets=y_BT)` returns the loss instead, the head fused with it: no logits kept.
+    A chunked model is compiled with `compile_chunks()`, not as a whole (see there).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -185,6 +189,7 @@ class RWKV(nn.Module):
         self.checkpoint_blocks = False
         self.chunk_len = 0
         self.checkpoint_chunks = True
+        self._compiled_chunk: Callable[..., tuple[torch.Tensor, ...]] | None = None  # set by compile_chunks()
         self.emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_out = nn.LayerNorm(config.n_embd)
@@ -231,12 +236,30 @@ class RWKV(nn.Module):
             new_state.append(layer_state)
         return self.ln_out(x_BTC), new_state
 
+    def compile_chunks(self, **compile_kwargs: Any) -> None:
+        """torch.compile what runs one chunk (embedding, blocks, ln_out, with the state in and out),
+        leaving the chunk loop, the activation checkpoint around each chunk and the head eager.
+
+        Compiling a chunked model as a whole puts every chunk's checkpoint into the graph; on an
+        H200 (torch 2.11) Inductor then failed in the backward's lowering, and crashed or hung formatting
+        its error (docs/benchmarks.md, Training, session 16). Here the checkpoint wraps the compiled
+        function: the recompute in backward runs it compiled again, and its backward is compiled too.
+        Graphs: one for the first chunk (no state yet), one for the others, one for a shorter last chunk.
+        Static shapes, always: with a dynamic graph compiled for the shorter last chunk, the recompute
+        of an earlier chunk took that graph instead of the one its forward ran, which saves other
+        tensors for backward (torch.utils.checkpoint's CheckpointError).
+        """
+        self._compiled_chunk = torch.compile(self._flat_features, **{**compile_kwargs, "dynamic": False})
+
     def _chunk_features(self, idx_BT: torch.Tensor, state: ModelState | None) -> tuple[torch.Tensor, ModelState]:
-        if not (self.checkpoint_chunks and torch.is_grad_enabled()):
-            return self.features(idx_BT, state)
-        # The state goes in and out as flat tensors: checkpoint saves tensor arguments for the
-        # recompute (and counts them as saved for backward) but would only hold a nested list.
-        x_BTC, *flat_state = checkpoint(self._flat_features, idx_BT, *flatten_state(state), use_reentrant=False)
+        run_chunk = self._compiled_chunk or self._flat_features
+        flat_in = flatten_state(state)
+        if self.checkpoint_chunks and torch.is_grad_enabled():
+            # The state goes in and out as flat tensors: checkpoint saves tensor arguments for the
+            # recompute (and counts them as saved for backward) but would only hold a nested list.
+            x_BTC, *flat_state = checkpoint(run_chunk, idx_BT, *flat_in, use_reentrant=False)
+        else:
+            x_BTC, *flat_state = run_chunk(idx_BT, *flat_in)
         return x_BTC, unflatten_state(flat_state)
 
     def _flat_features(self, idx_BT: torch.Tensor, *flat_state: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -35,8 +35,8 @@ class TrainConfig(_Strict):
     chunk_len: int = Field(
         0,
         ge=0,
-        description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole. Use with "
-        "compile false: compiled, 169M at 8192 in chunks of 1024 did not finish compiling in 240 s on an H200.",
+        description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole. With "
+        "compile on, each chunk is compiled, not the whole model (RWKV.compile_chunks).",
     )
     fused_loss_chunk: int = Field(
         0,
@@ -66,8 +66,8 @@ class ExtendStageConfig(_Strict):
     chunk_len: int = Field(
         0,
         ge=0,
-        description="RWKV only: process each sample in chunks carrying state (full BPTT); 0 = whole. Use with "
-        "train.compile false (see train.chunk_len).",
+        description="RWKV only: process each sample in chunks carrying state (full BPTT); 0 = whole (see "
+        "train.chunk_len).",
     )
     micro_bsz: int = Field(
         0,

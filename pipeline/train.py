@@ -318,7 +318,10 @@ def train(
         # The blocks share one frame (RWKV applies ln0), so this is headroom, in case Dynamo still
         # specialises on a block's attributes: then it recompiles per layer instead of falling back to eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * model_cfg.n_layer)
-        engine.compile(compile_kwargs=dict(COMPILE_KWARGS))
+        if cfg.chunk_len:  # the chunk, not the model: a whole chunked model crashed Inductor (see compile_chunks)
+            model.compile_chunks(**COMPILE_KWARGS)
+        else:
+            engine.compile(compile_kwargs=dict(COMPILE_KWARGS))
 
     # Resume from the newest complete checkpoint (or the one named).
     # The data position is the global sample index: step n reads [first_sample + (n - first_step) x batch, ...).

@@ -55,6 +55,17 @@ def test_chunked_loss_and_gradients_equal_whole_windows(
     assert _max_relative_error(got_grads, want_grads) <= 1e-5
 
 
+def test_compiled_chunks_give_the_loss_and_gradients_of_eager_chunks():
+    """compile_chunks(): chunks of 20, 20, 8 (three graphs), the first call with gradients on. A dynamic
+    graph for the short chunk once served an earlier chunk's recompute: a CheckpointError in backward."""
+    model, x_BT, y_BT = _model_and_batch()
+    want_loss, want_grads = _loss_and_grads(model, x_BT, y_BT, 20)
+    model.compile_chunks()
+    got_loss, got_grads = _loss_and_grads(model, x_BT, y_BT, 20)
+    assert abs(got_loss - want_loss) <= 1e-5 * abs(want_loss)
+    assert _max_relative_error(got_grads, want_grads) <= 1e-5
+
+
 class _Truncated(RWKV):
     """Detaches the state between chunks (truncated BPTT)."""
 

@@ -67,6 +67,20 @@ def test_chunked_steps_have_the_losses_and_gradient_norms_of_whole_windows(
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_chunked_steps_have_the_losses_of_whole_windows(shards: Path, tmp_path: Path, single_process_world):
+    """train.compile with chunk_len compiles each chunk (RWKV.compile_chunks), checkpoint and recompute included."""
+    cfg = TrainConfig(
+        ctx_len=40, micro_bsz=2, steps=2, lr_init=1e-3, lr_schedule="constant", precision="fp32", zero_stage=2,
+        log_every=1, val_every=100, val_batches=1, checkpoint_every=100,
+    )  # fmt: skip
+    whole = _run(cfg, shards, tmp_path / "whole")
+    compiled = _run(cfg.model_copy(update={"chunk_len": 16, "compile": True}), shards, tmp_path / "compiled")
+    assert sorted(whole) == sorted(compiled) == [1, 2]
+    for step in whole:
+        for key in ("loss", "grad_norm"):
+            assert compiled[step][key] == pytest.approx(whole[step][key], rel=1e-5), (step, key)
+
+
 def test_chunk_len_with_the_gpt_baseline_is_refused(shards: Path, tmp_path: Path, single_process_world):
     gpt = ModelConfig(arch="gpt", n_layer=1, n_embd=16, vocab_size=400)
     with pytest.raises(ValueError, match="chunk_len=8 needs model.arch=rwkv4"):
