@@ -8,20 +8,34 @@ torch.utils.cpp_extension.load compiles into torch's extension cache (~/.cache/t
 TORCH_EXTENSIONS_DIR), under a name keyed by the sources, flags and torch/CUDA versions, so a second
 process loads the built library without compiling and an edited kernel gets a fresh build. A failed
 build raises CudaBuildError naming the fallback the caller gives. `ExtensionBuilds` keeps one
-extension's builds of this process, one per build variant (`defines`).
+extension's builds of this process, one per build variant (`defines`). A build folder is held with an
+OS file lock for the build or load (`exclusive_build`), so a process killed mid-build blocks nobody.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["CudaBuildError", "ExtensionBuilds", "NVCC_FLAGS", "build_extension", "source_digest", "source_dir"]
+__all__ = [
+    "CudaBuildError",
+    "ExtensionBuilds",
+    "NVCC_FLAGS",
+    "build_extension",
+    "build_root",
+    "exclusive_build",
+    "source_digest",
+    "source_dir",
+]
 
 NVCC_FLAGS = ["-O3", "-Xptxas", "-O3", "-std=c++17"]
 
@@ -49,6 +63,39 @@ def source_digest(directory: Path, sources: tuple[str, ...], defines: tuple[str,
     return h.hexdigest()[:16]
 
 
+def build_root() -> Path:
+    """The folder torch builds extensions under: TORCH_EXTENSIONS_DIR, else its cache per Python and CUDA."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return Path(root)
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}"
+
+
+@contextmanager
+def exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold `build_dir` against other processes' builds and loads of it, with an OS lock on a file beside it.
+
+    torch's own lock is a file `lock` in the folder that a build removes when it ends: a process killed
+    mid-build (Ctrl-C, a timeout) leaves it, and every later process waits on it forever, silently.
+    The OS drops this lock when its process dies, and while it is held no other build of ours runs, so
+    a `lock` file found then is such a leftover: it is removed, and named on stderr.
+    """
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{build_dir.name}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            leftover = build_dir / "lock"
+            if leftover.exists():
+                print(f"removing {leftover}: a build lock left by a build that did not finish", file=sys.stderr)
+                leftover.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build_extension(
     prefix: str, directory: Path, sources: tuple[str, ...], *, fallback: str, defines: tuple[str, ...] = ()
 ) -> ModuleType:
@@ -60,13 +107,17 @@ def build_extension(
     from torch.utils.cpp_extension import load
 
     try:
-        return load(
-            name=f"{prefix}_{source_digest(directory, sources, defines)}",
-            sources=[str(directory / name) for name in sources],
-            extra_cuda_cflags=NVCC_FLAGS + [f"-D{d}" for d in defines],
-            extra_cflags=["-O3"],
-            verbose=False,
-        )
+        name = f"{prefix}_{source_digest(directory, sources, defines)}"
+        build_dir = build_root() / name
+        with exclusive_build(build_dir):
+            return load(
+                name=name,
+                sources=[str(directory / source) for source in sources],
+                extra_cuda_cflags=NVCC_FLAGS + [f"-D{d}" for d in defines],
+                extra_cflags=["-O3"],
+                build_directory=str(build_dir),
+                verbose=False,
+            )
     except Exception as error:
         failure = f"{type(error).__name__}: {error}"
         raise CudaBuildError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,6 +133,33 @@ def test_failed_head_loss_build_names_the_torch_fallback(monkeypatch, tmp_path):
     monkeypatch.setattr(head_loss_cuda.BUILDS, "directory", tmp_path)  # no sources here
     with pytest.raises(model.cuda_extension.CudaBuildError, match="ROW_KERNEL = 'torch'"):
         head_loss_cuda.load_extension()
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_named(tmp_path, capsys):
+    """torch's `lock` file outlives a process killed mid-build; the next build removes it instead of
+    waiting on it forever, and says so."""
+    from model.cuda_extension import exclusive_build
+
+    build_dir = tmp_path / "wkv_0123"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()
+    with exclusive_build(build_dir):
+        assert not (build_dir / "lock").exists()
+    assert str(build_dir / "lock") in capsys.readouterr().err
+
+
+def test_a_build_in_progress_holds_its_folder_against_other_processes(tmp_path):
+    from model.cuda_extension import exclusive_build
+
+    build_dir = tmp_path / "wkv_0123"
+    try_lock = (
+        "import fcntl, sys; handle = open(sys.argv[1], 'a')\n"
+        "try:\n    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError:\n    sys.exit(3)"
+    )
+    lock_file = str(tmp_path / "wkv_0123.lock")
+    with exclusive_build(build_dir):
+        assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 0
 
 
 class _ReferenceStandIn:
