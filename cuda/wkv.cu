@@ -591,29 +591,6 @@ __device__ __forceinline__ int output_walk(const Tile& q, St& s, float w, float 
     return output_walk<FULL>(q, s, an, w, u, k, v, y, C);
 }
 
-// Local adjoint summary of a tile from its start state s (left at the end state): (alpha, beta) at
-// the start for a zero adjoint at its end, and g = e^(pp_start + n w - pp_end) that carries an end
-// adjoint to the start (the product of the step factors; see bwd_summaries for EXACT_DECAY).
-template <bool FULL>
-__device__ __forceinline__ St adjoint_walk(int n, St& s, float w, float u, const float (&k)[SUB],
-                                           const float (&v)[SUB], const float (&gy)[SUB]) {
-    St r{0.f, 0.f, 1.f};
-    Anchor an(s.p);
-#pragma unroll
-    for (int j = 0; j < SUB; ++j) {
-        if (FULL || j < n) {
-            float e1, e2, inv, f1, f2;
-            float y = output(s, u, k[j], v[j], e1, e2, inv);
-            float re1 = r.p * e1 * gy[j] * inv;  // e^(pp_start + j w - q_j) gy / Ds
-            r.a += re1;
-            r.b -= re1 * y;
-            update(s, an, w, k[j], v[j], f1, f2);
-            r.p *= f1;
-        }
-    }
-    return r;
-}
-
 struct GradAcc {
     float gw, gu, al, be;
 };
@@ -632,26 +609,15 @@ struct StashRows {
 using Stash = StashRows<SUBS>;
 constexpr int STASH_BYTES = SUB * STASH_COMPS * LANES * SUBS * sizeof(float);
 
-template <bool FULL, typename F, typename StashT = Stash>
-__device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, float u, const float (&k)[SUB],
-                                                 const float (&v)[SUB], const float (&gy)[SUB], float al, float be,
-                                                 int am, float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
-                                                 StashT stash) {
-    // The stash also keeps the step's exp (negated when k won), so the reverse walk need not redo
-    // the update: the other factor is 1, or e^err with err recomputed from the stored exponents.
-    Anchor an(s.p);
-#pragma unroll
-    for (int j = 0; j < SUB; ++j) {
-        if (FULL || j < q.n) {
-            stash.at(j, 0) = s.a;
-            stash.at(j, 1) = s.b;
-            stash.at(j, 2) = s.p;
-            float f1, f2;
-            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
-            stash.at(j, 3) = k_wins ? -f1 : f2;
-        }
-    }
-    float p_next = s.p;  // stored exponent after the step being reversed
+// gradient_walk's second half (also the single-pass backward's, from the stash its adjoint walk fills):
+// the tile in reverse from the stash and the end adjoint (al, be), writing gk, gv; p_end = the
+// stored exponent at the tile's end.
+template <bool FULL, typename F, typename StashT>
+__device__ __forceinline__ GradAcc gradient_reverse(const Tile& q, float p_end, float w, float u,
+                                                    const float (&k)[SUB], const float (&v)[SUB],
+                                                    const float (&gy)[SUB], float al, float be, int am, float gpath,
+                                                    F* __restrict__ gk, F* __restrict__ gv, int C, StashT stash) {
+    float p_next = p_end;  // stored exponent after the step being reversed
     GradAcc acc{0.f, 0.f, al, be};
     F* pk = gk + q.base + static_cast<size_t>(SUB - 1) * C;
     F* pv = gv + q.base + static_cast<size_t>(SUB - 1) * C;
@@ -682,6 +648,59 @@ __device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, f
         pv -= C;
     }
     return acc;
+}
+
+template <bool FULL, typename F, typename StashT = Stash>
+__device__ __forceinline__ GradAcc gradient_walk(const Tile& q, St s, float w, float u, const float (&k)[SUB],
+                                                 const float (&v)[SUB], const float (&gy)[SUB], float al, float be,
+                                                 int am, float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
+                                                 StashT stash) {
+    // The stash also keeps the step's exp (negated when k won), so the reverse walk need not redo
+    // the update: the other factor is 1, or e^err with err recomputed from the stored exponents.
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < q.n) {
+            stash.at(j, 0) = s.a;
+            stash.at(j, 1) = s.b;
+            stash.at(j, 2) = s.p;
+            float f1, f2;
+            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
+            stash.at(j, 3) = k_wins ? -f1 : f2;
+        }
+    }
+    return gradient_reverse<FULL>(q, s.p, w, u, k, v, gy, al, be, am, gpath, gk, gv, C, stash);
+}
+
+// Local adjoint summary of a tile from its start state s (left at the end state): (alpha, beta) at
+// the start for a zero adjoint at its end, and g = e^(pp_start + n w - pp_end) that carries an end
+// adjoint to the start (the product of the step factors; see bwd_summaries for EXACT_DECAY).
+// STASH: also stash what gradient_walk's forward loop would (the same update from the same state,
+// so the same values), for the single-pass backward's gradient_reverse.
+template <bool FULL, bool STASH = false>
+__device__ __forceinline__ St adjoint_walk(int n, St& s, float w, float u, const float (&k)[SUB],
+                                           const float (&v)[SUB], const float (&gy)[SUB], Stash stash = {nullptr}) {
+    St r{0.f, 0.f, 1.f};
+    Anchor an(s.p);
+#pragma unroll
+    for (int j = 0; j < SUB; ++j) {
+        if (FULL || j < n) {
+            if (STASH) {
+                stash.at(j, 0) = s.a;
+                stash.at(j, 1) = s.b;
+                stash.at(j, 2) = s.p;
+            }
+            float e1, e2, inv, f1, f2;
+            float y = output(s, u, k[j], v[j], e1, e2, inv);
+            float re1 = r.p * e1 * gy[j] * inv;  // e^(pp_start + j w - q_j) gy / Ds
+            r.a += re1;
+            r.b -= re1 * y;
+            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
+            if (STASH) stash.at(j, 3) = k_wins ? -f1 : f2;
+            r.p *= f1;
+        }
+    }
+    return r;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1910,72 +1929,6 @@ __device__ __forceinline__ void sp_finish(int* counters, int nflags) {
     }
 }
 
-// adjoint_walk that also stashes what gradient_walk's forward loop would (the same update from the
-// same state, so the same values): the single-pass backward then walks the tile forward once, not twice.
-template <bool FULL>
-__device__ __forceinline__ St adjoint_walk_stashed(int n, St& s, float w, float u, const float (&k)[SUB],
-                                                   const float (&v)[SUB], const float (&gy)[SUB], Stash stash) {
-    St r{0.f, 0.f, 1.f};
-    Anchor an(s.p);
-#pragma unroll
-    for (int j = 0; j < SUB; ++j) {
-        if (FULL || j < n) {
-            stash.at(j, 0) = s.a;
-            stash.at(j, 1) = s.b;
-            stash.at(j, 2) = s.p;
-            float e1, e2, inv, f1, f2;
-            float y = output(s, u, k[j], v[j], e1, e2, inv);
-            float re1 = r.p * e1 * gy[j] * inv;
-            r.a += re1;
-            r.b -= re1 * y;
-            bool k_wins = update(s, an, w, k[j], v[j], f1, f2);
-            stash.at(j, 3) = k_wins ? -f1 : f2;
-            r.p *= f1;
-        }
-    }
-    return r;
-}
-
-// gradient_walk's reverse loop, from a stash adjoint_walk_stashed filled; p_end = the tile's end exponent.
-template <bool FULL, typename F>
-__device__ __forceinline__ GradAcc gradient_walk_stashed(const Tile& q, float p_end, float w, float u,
-                                                         const float (&k)[SUB], const float (&v)[SUB],
-                                                         const float (&gy)[SUB], float al, float be, int am,
-                                                         float gpath, F* __restrict__ gk, F* __restrict__ gv, int C,
-                                                         Stash stash) {
-    float p_next = p_end;
-    GradAcc acc{0.f, 0.f, al, be};
-    F* pk = gk + q.base + static_cast<size_t>(SUB - 1) * C;
-    F* pv = gv + q.base + static_cast<size_t>(SUB - 1) * C;
-#pragma unroll
-    for (int j = SUB - 1; j >= 0; --j) {
-        if (FULL || j < q.n) {
-            St st{stash.at(j, 0), stash.at(j, 1), stash.at(j, 2)};
-            float e = stash.at(j, 3);
-            bool k_won = signbit(e);
-            float f1 = k_won ? -e : fmaxf(1.f + ((st.p - p_next) + w), 0.f);
-            float f2 = k_won ? 1.f : e;
-            p_next = st.p;
-            float e1, e2, inv;
-            float y = output(st, u, k[j], v[j], e1, e2, inv);
-            float rr = gy[j] * inv;
-            float re2 = rr * e2, re1 = rr * e1;
-            float dy = re2 * (v[j] - y);
-            float gkj = dy + f2 * (acc.al * v[j] + acc.be);
-            if (q.t0 + j == am) gkj += gpath;
-            *pv = from_f<F>(re2 + acc.al * f2);
-            *pk = from_f<F>(gkj);
-            acc.gu += dy;
-            acc.gw += f1 * (acc.al * st.a + acc.be * st.b);
-            acc.al = f1 * acc.al + re1;
-            acc.be = f1 * acc.be - re1 * y;
-        }
-        pk -= C;
-        pv -= C;
-    }
-    return acc;
-}
-
 // The single-pass backward (the time_* reduction stays its own kernel). `aseg` slot j holds segment
 // j's adjoint summary, or, for the last segment of a group (the earliest in time: groups count from
 // the end), the adjoint at its start.
@@ -2011,12 +1964,12 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
         load_steps<true>(k_, q, C, k);
         load_steps<true>(v_, q, C, v);
         load_steps<true>(gy_, q, C, gy);
-        r = adjoint_walk_stashed<true>(q.n, s, w, u, k, v, gy, {stash_mem});
+        r = adjoint_walk<true, true>(q.n, s, w, u, k, v, gy, {stash_mem});
     } else if (q.n > 0) {
         load_steps<false>(k_, q, C, k);
         load_steps<false>(v_, q, C, v);
         load_steps<false>(gy_, q, C, gy);
-        r = adjoint_walk_stashed<false>(q.n, s, w, u, k, v, gy, {stash_mem});
+        r = adjoint_walk<false, true>(q.n, s, w, u, k, v, gy, {stash_mem});
     }
     const float p_end = s.p;
     if (EXACT_DECAY && q.n > 0) r.p = decay_m1(fmaf(static_cast<float>(q.n), w, p_start - (next_stored ? p_next : s.p)));
@@ -2068,10 +2021,10 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
         bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
         float gpath = 0.f;
         if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
-        acc = q.n == SUB ? gradient_walk_stashed<true>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_,
-                                                       C, {stash_mem})
-                         : gradient_walk_stashed<false>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_, gv_,
-                                                        C, {stash_mem});
+        acc = q.n == SUB ? gradient_reverse<true, F, Stash>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_,
+                                                            gv_, C, {stash_mem})
+                         : gradient_reverse<false, F, Stash>(q, p_end, w, u, k, v, gy, adj.a, adj.b, am, gpath, gk_,
+                                                             gv_, C, {stash_mem});
         if (path_here) acc.gw += (am < 0 ? static_cast<float>(T) : static_cast<float>(T - 1 - am)) * gpath;
         if (q.t0 == 0) {
             gaa0[lane] = acc.al;
@@ -2079,6 +2032,8 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_SP_BWD_MIN_BLOCKS)
             gpp0[lane] = acc.al * aa0[lane] + acc.be * bb0[lane] + (am < 0 ? gpath : 0.f);
         }
     }
+    // From here as bwd_gradients ends, copied: the same lines as a shared helper changed the address
+    // arithmetic of bwd_gradients' default instances (their SASS, compared by cubin section here).
     __syncthreads();  // the scan results in sh are consumed; reuse it for the partial sums
     sh.put(q.m, {acc.gw, acc.gu, 0.f});
     __syncthreads();
