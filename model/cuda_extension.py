@@ -81,16 +81,24 @@ def exclusive_build(build_dir: Path) -> Iterator[None]:
     torch's own lock is a file `lock` in the folder that a build removes when it ends: a process killed
     mid-build (Ctrl-C, a timeout) leaves it, and every later process waits on it forever, silently.
     The OS drops this lock when its process dies, and while it is held no other build of ours runs, so
-    a `lock` file found then is such a leftover: it is removed, and named on stderr.
+    a `lock` file found then is such a leftover: it is removed, and named on stderr. Waiting for another
+    process's build, and starting a build (no library in the folder yet), are said on stderr too.
     """
     build_dir.mkdir(parents=True, exist_ok=True)
     with open(build_dir.parent / f"{build_dir.name}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process's build in {build_dir}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             leftover = build_dir / "lock"
             if leftover.exists():
                 print(f"removing {leftover}: a build lock left by a build that did not finish", file=sys.stderr)
                 leftover.unlink(missing_ok=True)
+            if not (build_dir / f"{build_dir.name}.so").exists():  # what torch's load() writes there
+                print(f"building {build_dir.name} (first use of these sources: a minute or two, then cached)",
+                      file=sys.stderr, flush=True)  # fmt: skip
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)

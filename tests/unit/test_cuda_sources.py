@@ -145,7 +145,13 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_named(tmp_path, caps
     (build_dir / "lock").touch()
     with exclusive_build(build_dir):
         assert not (build_dir / "lock").exists()
-    assert str(build_dir / "lock") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(build_dir / "lock") in err
+    assert "building wkv_0123" in err  # no library there yet
+    (build_dir / "wkv_0123.so").touch()
+    with exclusive_build(build_dir):
+        pass
+    assert capsys.readouterr().err == ""  # built: loads quietly
 
 
 def test_a_build_in_progress_holds_its_folder_against_other_processes(tmp_path):
@@ -160,6 +166,27 @@ def test_a_build_in_progress_holds_its_folder_against_other_processes(tmp_path):
     with exclusive_build(build_dir):
         assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 3
     assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 0
+
+
+def test_waiting_for_another_processs_build_is_said(tmp_path, capfd):
+    from model.cuda_extension import exclusive_build
+
+    build_dir = tmp_path / "wkv_0123"
+    build_dir.mkdir()
+    (build_dir / "wkv_0123.so").touch()
+    released = tmp_path / "released"
+    hold = (
+        "import fcntl, pathlib, sys, time; handle = open(sys.argv[1], 'a'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        "print('held', flush=True); time.sleep(1)\n"
+        "pathlib.Path(sys.argv[2]).touch(); fcntl.flock(handle, fcntl.LOCK_UN)"
+    )
+    lock_file = str(tmp_path / "wkv_0123.lock")
+    holder = subprocess.Popen([sys.executable, "-c", hold, lock_file, str(released)], stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    with exclusive_build(build_dir):
+        assert released.exists()  # entered only once the other process let go
+    holder.wait()
+    assert f"waiting for another process's build in {build_dir}" in capfd.readouterr().err
 
 
 class _ReferenceStandIn:
