@@ -519,7 +519,9 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-            row = json.loads(lines[-1][7:]) if lines else {**spec, "error": done.stderr[-800:]}
+            # The exception's line is often far above the tail (a compiler's log follows it): kept apart.
+            failed = {**spec, "error": failure_line(done.stderr), "stderr_tail": done.stderr[-800:]}
+            row = json.loads(lines[-1][7:]) if lines else failed
         except subprocess.TimeoutExpired:
             row = {**spec, "error": f"timed out after {timeout:.0f} s"}
         row["wall_s"] = time.perf_counter() - started

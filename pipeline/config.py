@@ -36,7 +36,8 @@ class TrainConfig(_Strict):
         0,
         ge=0,
         description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole. With "
-        "compile on, each chunk is compiled, not the whole model (RWKV.compile_chunks).",
+        "compile on, each chunk is compiled, not the whole model (RWKV.compile_chunks). Small chunks are "
+        "slow (launch-bound): use the largest that fits.",
     )
     fused_loss_chunk: int = Field(
         0,
