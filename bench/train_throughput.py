@@ -55,7 +55,8 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
     """(ModelConfig, TrainConfig) of one bench row: `warmup` + `steps` (+ extra) steps, logged after the warmup.
 
     spec keys: model (a SIZES key), backend, ctx, micro_bsz, warmup, steps, precision, zero, compile;
-    optional peak_tflops, fused_loss_chunk, chunk_len, fused_ln_mix (default on, as the model's).
+    optional peak_tflops, fused_loss_chunk, chunk_len, grad_checkpointing, fused_ln_mix (default on, as the
+    model's).
     bench/train_scaling.py builds its rows with this too.
     """
     from model import ModelConfig
@@ -82,6 +83,7 @@ def bench_configs(spec: dict, extra_steps: int = 0) -> tuple[Any, Any]:
         val_batches=1,
         fused_loss_chunk=spec.get("fused_loss_chunk", 0),
         chunk_len=spec.get("chunk_len", 0),
+        grad_checkpointing=bool(spec.get("grad_checkpointing", 0)),
         **({"peak_tflops": spec["peak_tflops"]} if "peak_tflops" in spec else {}),
     )
     return model_cfg, cfg
@@ -376,6 +378,9 @@ def main() -> int:
     parser.add_argument(
         "--chunk-len", type=int, default=0, help="train.chunk_len: each sample in chunks, state carried (0: whole)"
     )
+    parser.add_argument(
+        "--grad-checkpointing", type=int, nargs="+", default=[0], help="train.grad_checkpointing: 1 recomputes blocks"
+    )
     parser.add_argument("--micro-bsz", type=int, nargs="+", default=[16], help="16 x 1024 = 16,384 tokens per step")
     parser.add_argument("--zero", type=int, nargs="+", default=[0], help="ZeRO stages (0: our bf16 optimizer)")
     parser.add_argument("--bf16-stage0", nargs="+", default=["master"], choices=["master", "autocast"])
@@ -491,6 +496,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
             "wkv_defines": wkv_defines,
             "fused_ln_mix": fused_ln_mix,
             "ln_mix_settings": ln_mix_settings,
+            "grad_checkpointing": checkpointing,
             **fixed,
         }
         for model in args.models
@@ -508,6 +514,7 @@ def run_all(args: argparse.Namespace, data: Path) -> list[dict]:
         for wkv_defines in (args.wkv_defines if backend == "cuda" else [""])
         for fused_ln_mix in args.fused_ln_mix
         for ln_mix_settings in (args.ln_mix_settings if fused_ln_mix else [""])
+        for checkpointing in args.grad_checkpointing
     ]
     for spec in grid:
         started = time.perf_counter()
@@ -571,7 +578,12 @@ def print_table(rows: list[dict]) -> None:
         if row.get("row_kernel", "cuda") != "cuda":
             fused = f"{fused}, {row['row_kernel']} row kernel"
         syncs = row.get("host_sync", "new")
-        config = f"| {row['model']} | {backend} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
+        model = row["model"] + (f", ctx {row['ctx']}" if row.get("ctx", 1024) != 1024 else "")
+        if row.get("chunk_len"):
+            model += f", chunks of {row['chunk_len']}"
+        if row.get("grad_checkpointing"):
+            model += ", blocks recomputed"
+        config = f"| {model} | {backend} | {path} | {row['micro_bsz']} | {compiled} | {fused} | {syncs} |"
         print(f"{config} {cells} {row['wall_s']:.0f} |")
 
 
