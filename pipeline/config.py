@@ -31,13 +31,17 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
-    grad_checkpointing: bool = Field(False, description="Recompute each block in backward.")
+    grad_checkpointing: bool = Field(
+        False,
+        description="Recompute each block in backward: keeps each block's input and one block's activations. "
+        "169M at 8 x 8192 on an H200: 6.9 instead of 31.0 GiB, -18 % tokens/s.",
+    )
     chunk_len: int = Field(
         0,
         ge=0,
         description="RWKV only: run each sample in chunks of this many tokens, state carried; 0 = whole. With "
         "compile on, each chunk is compiled, not the whole model (RWKV.compile_chunks). Small chunks are "
-        "slow (launch-bound): use the largest that fits.",
+        "slow (launch-bound): try grad_checkpointing first, then the largest chunk that fits.",
     )
     fused_loss_chunk: int = Field(
         0,
