@@ -75,7 +75,7 @@ def _jsonable(value: Any) -> Any:
 ADDED_LATER = {
     "train": {"chunk_len": 0},
     "model": {"fused_ln_mix": True},
-    "extend": {"micro_bsz": 0},
+    "extend": {"micro_bsz": 0, "grad_checkpointing": None},
 }
 
 
@@ -280,7 +280,9 @@ def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[Sta
 
 
 def extend_train_config(config: RunConfig, extension: ExtendStageConfig) -> TrainConfig:
-    """The train section of an extension stage: the pretrain recipe at the new length, constant LR, chunking."""
+    """The train section of an extension stage: the pretrain recipe at the new length, constant LR, and
+    the stage's own chunking, micro-batch and block recompute where it sets them."""
+    recompute = extension.grad_checkpointing
     return config.train.model_copy(
         update={
             "ctx_len": extension.ctx_len,
@@ -291,6 +293,7 @@ def extend_train_config(config: RunConfig, extension: ExtendStageConfig) -> Trai
             "warmup_steps": 0,
             "chunk_len": extension.chunk_len,
             "micro_bsz": extension.micro_bsz or config.train.micro_bsz,
+            "grad_checkpointing": config.train.grad_checkpointing if recompute is None else recompute,
         }
     )
 

@@ -80,6 +80,11 @@ class ExtendStageConfig(_Strict):
         description="Samples per worker per micro-step at this length; 0 = train.micro_bsz. Longer samples at "
         "the same micro_bsz mean proportionally more tokens, time and activation memory per step.",
     )
+    grad_checkpointing: bool | None = Field(
+        None,
+        description="Recompute each block in backward at this length; null = train.grad_checkpointing. The "
+        "first thing to try where a length does not fit (see train.grad_checkpointing).",
+    )
 
 
 class EvalConfig(_Strict):

@@ -173,6 +173,8 @@ def test_pipeline_stage_graph_and_what_each_hash_covers():
     assert extension.config == {"extend": {"ctx_len": 256, "steps": 10, "lr": 1e-5, "chunk_len": 0}}
     smaller = stage_hashes(build_stages(load_config(quickstart, [*extended, "extend.0.micro_bsz=2"])))
     assert [name for name in base if base[name] != smaller[name]] == ["extend1", "evaluate", "export"]
+    recomputed = stage_hashes(build_stages(load_config(quickstart, [*extended, "extend.0.grad_checkpointing=true"])))
+    assert [name for name in base if base[name] != recomputed[name]] == ["extend1", "evaluate", "export"]
 
 
 def test_an_extension_trains_at_its_own_micro_batch_or_the_pretraining_one():
@@ -182,3 +184,16 @@ def test_an_extension_trains_at_its_own_micro_batch_or_the_pretraining_one():
     quickstart = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
     config = load_config(quickstart, ["extend=[{ctx_len: 512, steps: 10}, {ctx_len: 1024, steps: 5, micro_bsz: 2}]"])
     assert [extend_train_config(config, extension).micro_bsz for extension in config.extend] == [8, 2]
+
+
+def test_an_extension_recomputes_blocks_as_it_says_or_as_pretraining_does():
+    from orchestration.config import load_config
+    from orchestration.stages import extend_train_config
+
+    quickstart = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+    stages = (
+        "extend=[{ctx_len: 512}, {ctx_len: 1024, grad_checkpointing: true}, {ctx_len: 2048, grad_checkpointing: false}]"
+    )
+    for pretraining, expected in [("false", [False, True, False]), ("true", [True, True, False])]:
+        config = load_config(quickstart, [stages, f"train.grad_checkpointing={pretraining}"])
+        assert [extend_train_config(config, stage).grad_checkpointing for stage in config.extend] == expected
