@@ -98,7 +98,8 @@ namespace {
 //                     value: never. (default 8: on an H200 the paired kernel is 5-8 % faster in fwd+bwd
 //                     at 3072-4096 paired blocks, equal at 768, 3-4 % slower at 512; docs/benchmarks.md)
 //   WKV_FAST_GM1      1: the exact decay's g - 1 from a degree-8 series for |x| < 1/2 and
-//                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: not yet measured)
+//                     e^x - 1 otherwise, instead of expm1f (see decay_m1; default 0: within noise, 0-1 %,
+//                     on an H200 in bf16 fwd+bwd; docs/benchmarks.md, WKV "Two bf16 channels per thread")
 //   WKV_SEQ_MIN_LANES_PER_SM  calls with at least this many lanes (B*C) per SM run the sequential
 //                     kernels (one thread walks a lane's whole sequence, see fwd_sequential); fewer
 //                     lanes run the parallel ones. 1: always sequential; a huge value: never.
