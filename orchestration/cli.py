@@ -3,6 +3,7 @@
     rwkv-pipeline run configs/quickstart.yaml                  # the whole DAG; reruns reuse what is done
     rwkv-pipeline plan configs/quickstart.yaml train.lr_init=3e-4   # what would run, what is cached
     rwkv-pipeline status runs/quickstart                        # stages, progress, MLflow links
+    rwkv-pipeline compare runs/a runs/b --out compare.png       # differing fields, results, loss chart
     rwkv-pipeline generate runs/quickstart/export-<hash> --prompt "def "
     rwkv-pipeline eval runs/quickstart --ctx-len 512            # evaluate the run's model again
     rwkv-pipeline export runs/quickstart --out model/           # official .pth + safetensors + tokenizer
@@ -88,6 +89,18 @@ def _status(args: argparse.Namespace) -> int:
         except ImportError:
             pass
     print("\n".join(mlflow_hints(state.get("tracking_uri"), url)))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from orchestration.compare import differing_fields, label_runs, load_run, plot_losses, results_table
+
+    runs = [load_run(Path(path)) for path in args.run_dirs]
+    label_runs(runs)
+    print(differing_fields(runs), end="\n\n")
+    print(results_table(runs), end="\n\n")
+    plot_losses(runs, Path(args.out))
+    print(f"loss curves: {args.out}")
     return 0
 
 
@@ -219,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", help="<workdir>/<run name>, e.g. runs/quickstart")
     status.set_defaults(handler=_status)
 
+    compare = commands.add_parser(
+        "compare", help="Runs side by side: the config fields that differ, results, one loss chart."
+    )
+    compare.add_argument("run_dirs", nargs="+", help="<workdir>/<run name> of each run, e.g. runs/a runs/b")
+    compare.add_argument("--out", default="compare.png", help="Chart of the losses (default compare.png).")
+    compare.set_defaults(handler=_compare)
+
     gen = commands.add_parser("generate", help="Sample text from an exported model (RNN mode).")
     gen.add_argument("checkpoint", help="Exported model.pth, or the export folder holding it.")
     gen.add_argument("--prompt", required=True, help="Text to continue.")
@@ -252,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed as one paragraph, no traceback."""
     from orchestration.cluster import RayUnreachable
+    from orchestration.compare import CompareError
     from orchestration.dag import StageFailed
     from orchestration.rundir import RunDirBusy
     from orchestration.stages import PipelineSetupError
@@ -260,6 +281,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [
         ConfigError,
         UsageError,
+        CompareError,
         CorpusError,
         RayUnreachable,
         RunDirBusy,

@@ -1,0 +1,191 @@
+"""Runs side by side from their run directories (`rwkv-pipeline compare RUN_DIR ...`), no MLflow needed.
+
+    runs = [load_run(Path(path)) for path in ("runs/lr3e-4", "runs/lr6e-4")]
+    print(differing_fields(runs))      # the config fields whose values differ, one row each
+    print(results_table(runs))         # stages, tokens, last losses, evaluation, tokens/s
+    plot_losses(runs, Path("compare.png"))
+
+A run's training stages (pretrain, then extend1..N) are read from the metrics.jsonl each writes as it
+trains (its `.partial` folder while it runs), so a run still training compares too. Losses are drawn
+against tokens seen since the run began, each stage after the one before it, so runs with other batch
+sizes or context lengths line up by data consumed rather than by step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
+
+
+class CompareError(ValueError):
+    """A path given to compare is not a run directory (named in the message)."""
+
+
+@dataclass
+class StageCurve:
+    """One training stage's logged points, tokens counted from the run's start."""
+
+    stage: str
+    train: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, loss)
+    val: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, val loss)
+    tokens_per_s: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+@dataclass
+class RunResult:
+    label: str
+    root: Path
+    config: dict[str, Any]
+    stages: list[StageCurve]
+    evaluation: dict[str, Any] | None
+
+
+def load_run(root: Path) -> RunResult:
+    root = Path(root)
+    state_path = root / "state.json"
+    if not state_path.is_file():
+        raise CompareError(f"{root} is not a run directory (no state.json); give <workdir>/<run name>")
+    state = json.loads(state_path.read_text())
+    config_path = root / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    stages, evaluation, tokens_before = [], None, 0.0
+    for name, stage in state.get("stages", {}).items():
+        folder = _stage_folder(root, stage)
+        if folder is None:
+            continue
+        if TRAINING_STAGE.fullmatch(name):
+            curve = _read_curve(name, folder / "metrics.jsonl", tokens_before)
+            stages.append(curve)
+            tokens_before = curve.train[-1][0] if curve.train else tokens_before
+        elif name == "evaluate" and (folder / "eval_report.json").is_file():
+            evaluation = json.loads((folder / "eval_report.json").read_text())
+    return RunResult(state.get("name") or root.name, root, config, stages, evaluation)
+
+
+def _stage_folder(root: Path, stage: dict[str, Any]) -> Path | None:
+    if not stage.get("dir"):
+        return None
+    for folder in (root / stage["dir"], root / f"{stage['dir']}.partial"):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _read_curve(stage: str, path: Path, tokens_before: float) -> StageCurve:
+    curve = StageCurve(stage)
+    if not path.is_file():
+        return curve
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # Validation points carry only their step: tokens per step from the training points of the stage.
+    per_step = next((r["tokens_seen"] / r["step"] for r in records if "tokens_seen" in r and r.get("step")), 0.0)
+    for record in records:
+        step = record.get("step", 0)
+        curve.steps = max(curve.steps, step)
+        if "loss" in record:
+            curve.train.append((tokens_before + record.get("tokens_seen", step * per_step), record["loss"]))
+        if "val_loss" in record:
+            curve.val.append((tokens_before + step * per_step, record["val_loss"]))
+        if record.get("tokens_per_s"):
+            curve.tokens_per_s.append(record["tokens_per_s"])
+    return curve
+
+
+def label_runs(runs: list[RunResult]) -> None:
+    """Runs of the same name (one name in two workdirs) are told apart by their folders."""
+    names = [run.label for run in runs]
+    for run in runs:
+        if names.count(run.label) > 1:
+            run.label = str(run.root)
+
+
+def differing_fields(runs: list[RunResult]) -> str:
+    """A Markdown table of the config fields (dotted) whose values differ between the runs."""
+    flat = [_flatten(run.config) for run in runs]
+    keys = sorted({key for fields in flat for key in fields} - {"name"})
+    rows = [[key, *(json.dumps(fields[key]) if key in fields else "-" for fields in flat)] for key in keys]
+    rows = [row for row in rows if len(set(row[1:])) > 1]
+    if not rows:
+        return "no config field differs"
+    return _markdown(["field", *(run.label for run in runs)], rows)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def results_table(runs: list[RunResult]) -> str:
+    """A Markdown table: one row per run, what its training and evaluation reached."""
+    header = [
+        "run",
+        "stages",
+        "tokens seen",
+        "train loss (last 3 logged)",
+        "tokens/s (median)",
+        "last val loss",
+        "eval loss (ppl)",
+    ]
+    return _markdown(header, [_results_row(run) for run in runs])
+
+
+def _results_row(run: RunResult) -> list[str]:
+    trained = [stage for stage in run.stages if stage.train]
+    last = trained[-1].train if trained else []
+    rates = [rate for stage in run.stages for rate in stage.tokens_per_s]
+    val = [point for stage in run.stages for point in stage.val]
+    evaluation = run.evaluation or {}
+    return [
+        run.label,
+        ", ".join(f"{stage.stage} ({stage.steps} steps)" for stage in trained) or "-",
+        f"{last[-1][0]:,.0f}" if last else "-",
+        f"{statistics.fmean(loss for _, loss in last[-3:]):.4f}" if last else "-",
+        f"{statistics.median(rates):,.0f}" if rates else "-",
+        f"{val[-1][1]:.4f}" if val else "-",
+        f"{evaluation['val_loss']:.4f} ({evaluation['perplexity']:.1f}) at ctx {evaluation['ctx_len']}"
+        if "val_loss" in evaluation
+        else "-",
+    ]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot_losses(runs: list[RunResult], path: Path) -> None:
+    """Training loss (lines) and validation loss (dashed, dots) of every run against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for index, run in enumerate(runs):
+        color = f"C{index % 10}"
+        train = [point for stage in run.stages for point in stage.train]
+        val = [point for stage in run.stages for point in stage.val]
+        if train:
+            axes.plot(*zip(*train, strict=True), color=color, label=f"{run.label} train")
+        if val:
+            axes.plot(*zip(*val, strict=True), color=color, linestyle="--", marker="o", label=f"{run.label} val")
+    axes.set(xlabel="tokens seen", ylabel="loss (nats)", title="loss by tokens seen")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
