@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from orchestration.metrics_log import metrics_by_step
+
 TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
 
 
@@ -82,20 +84,18 @@ def _stage_folder(root: Path, stage: dict[str, Any]) -> Path | None:
 
 def _read_curve(stage: str, path: Path, tokens_before: float) -> StageCurve:
     curve = StageCurve(stage)
-    if not path.is_file():
-        return curve
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # Validation points carry only their step: tokens per step from the training points of the stage.
-    per_step = next((r["tokens_seen"] / r["step"] for r in records if "tokens_seen" in r and r.get("step")), 0.0)
-    for record in records:
-        step = record.get("step", 0)
-        curve.steps = max(curve.steps, step)
-        if "loss" in record:
-            curve.train.append((tokens_before + record.get("tokens_seen", step * per_step), record["loss"]))
-        if "val_loss" in record:
-            curve.val.append((tokens_before + step * per_step, record["val_loss"]))
-        if record.get("tokens_per_s"):
-            curve.tokens_per_s.append(record["tokens_per_s"])
+    by_step = metrics_by_step(path)
+    # Validation points carry only their step: tokens per step from the stage's training points.
+    per_step = next((m["tokens_seen"] / step for step, m in by_step.items() if step and "tokens_seen" in m), 0.0)
+    for step, metrics in by_step.items():
+        curve.steps = step
+        tokens = tokens_before + metrics.get("tokens_seen", step * per_step)
+        if "loss" in metrics:
+            curve.train.append((tokens, metrics["loss"]))
+        if "val_loss" in metrics:
+            curve.val.append((tokens, metrics["val_loss"]))
+        if metrics.get("tokens_per_s"):
+            curve.tokens_per_s.append(metrics["tokens_per_s"])
     return curve
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from orchestration.config import RunConfig
 from orchestration.dag import Stage, StageContext
+from orchestration.metrics_log import append_metrics, metrics_by_step
 from pipeline.config import ExtendStageConfig, TrainConfig
 
 # Train settings that only change logging/checkpoint cadence, never the trained weights.
@@ -188,17 +189,12 @@ class MetricHistory:
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
         self.ctx.log_metrics(metrics, step)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_metrics(self.path, step, metrics)
         self.ctx.progress(step, self.total_steps)
 
     def curves(self) -> dict[str, tuple[list[float], list[float]]]:
         """Loss and val loss by step; a resumed run's replayed steps keep their latest value."""
-        by_step: dict[int, dict[str, float]] = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                record = json.loads(line)
-                by_step.setdefault(record.pop("step"), {}).update(record)
+        by_step = metrics_by_step(self.path)
         curves = {}
         for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
             steps = sorted(step for step, values in by_step.items() if key in values)
