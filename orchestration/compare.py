@@ -36,10 +36,17 @@ class StageCurve:
     """One training stage's logged points, tokens counted from the run's start."""
 
     stage: str
+    ctx_len: int | None = None
+    start_tokens: float = 0.0  # tokens the stages before it saw
     train: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, loss)
     val: list[tuple[float, float]] = field(default_factory=list)  # (tokens seen, val loss)
     tokens_per_s: list[float] = field(default_factory=list)
     steps: int = 0
+
+    @property
+    def end_tokens(self) -> float:
+        """Tokens seen once its last logged point was reached (a validation point may come last)."""
+        return max((tokens for tokens, _ in self.train + self.val), default=self.start_tokens)
 
 
 @dataclass
@@ -66,8 +73,9 @@ def load_run(root: Path) -> RunResult:
             continue
         if TRAINING_STAGE.fullmatch(name):
             curve = _read_curve(name, folder / "metrics.jsonl", tokens_before)
+            curve.ctx_len = _stage_ctx_len(config, name)
             stages.append(curve)
-            tokens_before = curve.train[-1][0] if curve.train else tokens_before
+            tokens_before = curve.end_tokens
         elif name == "evaluate" and (folder / "eval_report.json").is_file():
             evaluation = json.loads((folder / "eval_report.json").read_text())
     return RunResult(state.get("name") or root.name, root, config, stages, evaluation)
@@ -82,8 +90,17 @@ def _stage_folder(root: Path, stage: dict[str, Any]) -> Path | None:
     return None
 
 
+def _stage_ctx_len(config: dict[str, Any], stage: str) -> int | None:
+    try:
+        if stage == "pretrain":
+            return config["train"]["ctx_len"]
+        return config["extend"][int(stage.removeprefix("extend")) - 1]["ctx_len"]
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
 def _read_curve(stage: str, path: Path, tokens_before: float) -> StageCurve:
-    curve = StageCurve(stage)
+    curve = StageCurve(stage, start_tokens=tokens_before)
     by_step = metrics_by_step(path)
     # Validation points carry only their step: tokens per step from the stage's training points.
     per_step = next((m["tokens_seen"] / step for step, m in by_step.items() if step and "tokens_seen" in m), 0.0)
@@ -150,8 +167,8 @@ def _results_row(run: RunResult) -> list[str]:
     evaluation = run.evaluation or {}
     return [
         run.label,
-        ", ".join(f"{stage.stage} ({stage.steps} steps)" for stage in trained) or "-",
-        f"{last[-1][0]:,.0f}" if last else "-",
+        ", ".join(f"{stage.stage}{_at_ctx(stage)} ({stage.steps} steps)" for stage in trained) or "-",
+        f"{trained[-1].end_tokens:,.0f}" if trained else "-",
         f"{statistics.fmean(loss for _, loss in last[-3:]):.4f}" if last else "-",
         f"{statistics.median(rates):,.0f}" if rates else "-",
         f"{val[-1][1]:.4f}" if val else "-",
@@ -159,6 +176,10 @@ def _results_row(run: RunResult) -> list[str]:
         if "val_loss" in evaluation
         else "-",
     ]
+
+
+def _at_ctx(stage: StageCurve) -> str:
+    return f" ctx {stage.ctx_len}" if stage.ctx_len else ""
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -182,6 +203,19 @@ def plot_losses(runs: list[RunResult], path: Path) -> None:
             axes.plot(*zip(*train, strict=True), color=color, label=f"{run.label} train")
         if val:
             axes.plot(*zip(*val, strict=True), color=color, linestyle="--", marker="o", label=f"{run.label} val")
+        for stage in run.stages[1:]:  # where each context extension began
+            if stage.train:
+                axes.axvline(stage.start_tokens, color=color, linestyle=":", alpha=0.6)
+                label = f"{stage.stage}{_at_ctx(stage)}"
+                axes.annotate(
+                    label,
+                    (stage.start_tokens, 1),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(3, -12),
+                    textcoords="offset points",
+                    fontsize="x-small",
+                    color=color,
+                )
     axes.set(xlabel="tokens seen", ylabel="loss (nats)", title="loss by tokens seen")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

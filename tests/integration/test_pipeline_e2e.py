@@ -198,7 +198,7 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     assert compared.returncode == 0, compared.stderr[-2000:]
     report = json.loads((stage_dirs(run_dir)["evaluate"] / "eval_report.json").read_text())
     assert f"| {report['val_loss']:.4f} ({report['perplexity']:.1f}) at ctx {report['ctx_len']} |" in compared.stdout
-    assert "| e2e | pretrain (" in compared.stdout and (tmp_path / "compare.png").stat().st_size > 0
+    assert "| e2e | pretrain ctx " in compared.stdout and (tmp_path / "compare.png").stat().st_size > 0
 
 
 def test_rerun_of_a_finished_run_does_no_work(first_run):

@@ -53,6 +53,7 @@ def test_stages_follow_one_another_in_tokens_seen_and_a_running_stage_is_read_fr
     # the extension counts its own tokens from 0: drawn after pretrain's 4000
     assert extension.train == [(6000, 5.0)] and extension.val == [(8000, 4.9)]
     assert run.evaluation["val_loss"] == 4.87654 and pretrain.steps == 4 and extension.steps == 2
+    assert (pretrain.ctx_len, extension.ctx_len, extension.start_tokens) == (100, 200, 4000)
 
 
 def test_only_the_fields_that_differ_are_listed_and_a_missing_one_shows_as_a_dash(tmp_path):
@@ -68,9 +69,9 @@ def test_the_results_table_holds_the_last_losses_rate_and_evaluation(tmp_path):
     run = load_run(write_run(tmp_path / "a", 1e-3))
     row = results_table([run]).splitlines()[2]
     # extension's only training point 5.0; median tokens/s over 51, 52, 53, 54, 40; val 4.9; the report
-    assert (
-        row
-        == "| a | pretrain (4 steps), extend1 (2 steps) | 6,000 | 5.0000 | 52 | 4.9000 | 4.8765 (131.2) at ctx 200 |"
+    assert row == (
+        "| a | pretrain ctx 100 (4 steps), extend1 ctx 200 (2 steps) | 8,000 | 5.0000 | 52 | 4.9000 "
+        "| 4.8765 (131.2) at ctx 200 |"
     )
 
 
@@ -85,7 +86,7 @@ def test_the_command_prints_both_tables_and_draws_the_chart(tmp_path, capsys):
     chart = tmp_path / "out" / "compare.png"
     assert main(["compare", str(a), str(b), "--out", str(chart)]) == 0
     printed = capsys.readouterr().out
-    assert "| train.lr_init | 0.001 | 0.002 |" in printed and "| b | pretrain (4 steps)" in printed
+    assert "| train.lr_init | 0.001 | 0.002 |" in printed and "| b | pretrain ctx 100 (4 steps)" in printed
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 
