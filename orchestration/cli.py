@@ -63,9 +63,7 @@ def _status(args: argparse.Namespace) -> int:
     from orchestration.run import mlflow_hints
     from orchestration.rundir import RunDir
 
-    run_dir = RunDir(Path(args.run_dir))
-    if not run_dir.state_path.is_file():
-        raise UsageError(f"{run_dir.root} is not a run directory (no state.json); give <workdir>/<run name>")
+    run_dir = RunDir.existing(Path(args.run_dir))
     state = run_dir.read_state()
     print(f"run {state.get('name', run_dir.root.name)} in {run_dir.root} (updated {state.get('updated_at')})")
     for name, stage in state["stages"].items():
@@ -272,16 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed as one paragraph, no traceback."""
     from orchestration.cluster import RayUnreachable
-    from orchestration.compare import CompareError
     from orchestration.dag import StageFailed
-    from orchestration.rundir import RunDirBusy
+    from orchestration.rundir import NotARunDirectory, RunDirBusy
     from orchestration.stages import PipelineSetupError
     from tokenization.sources import CorpusError
 
     errors: list[type[BaseException]] = [
         ConfigError,
         UsageError,
-        CompareError,
+        NotARunDirectory,
         CorpusError,
         RayUnreachable,
         RunDirBusy,

@@ -23,12 +23,10 @@ from typing import Any
 import yaml
 
 from orchestration.metrics_log import metrics_by_step
+from orchestration.rundir import RunDir
+from orchestration.tracking import flatten
 
 TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
-
-
-class CompareError(ValueError):
-    """A path given to compare is not a run directory (named in the message)."""
 
 
 @dataclass
@@ -59,16 +57,13 @@ class RunResult:
 
 
 def load_run(root: Path) -> RunResult:
-    root = Path(root)
-    state_path = root / "state.json"
-    if not state_path.is_file():
-        raise CompareError(f"{root} is not a run directory (no state.json); give <workdir>/<run name>")
-    state = json.loads(state_path.read_text())
-    config_path = root / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    """The run at `root` (NotARunDirectory when it holds no state.json)."""
+    run_dir = RunDir.existing(root)
+    state = run_dir.read_state()
+    config = yaml.safe_load(run_dir.config_path.read_text()) if run_dir.config_path.is_file() else {}
     stages, evaluation, tokens_before = [], None, 0.0
-    for name, stage in state.get("stages", {}).items():
-        folder = _stage_folder(root, stage)
+    for name, stage in state["stages"].items():
+        folder = _stage_folder(run_dir, name, stage)
         if folder is None:
             continue
         if TRAINING_STAGE.fullmatch(name):
@@ -78,13 +73,14 @@ def load_run(root: Path) -> RunResult:
             tokens_before = curve.end_tokens
         elif name == "evaluate" and (folder / "eval_report.json").is_file():
             evaluation = json.loads((folder / "eval_report.json").read_text())
-    return RunResult(state.get("name") or root.name, root, config, stages, evaluation)
+    return RunResult(state.get("name") or Path(root).name, Path(root), config, stages, evaluation)
 
 
-def _stage_folder(root: Path, stage: dict[str, Any]) -> Path | None:
-    if not stage.get("dir"):
+def _stage_folder(run_dir: RunDir, name: str, stage: dict[str, Any]) -> Path | None:
+    """The stage's output folder, or its `.partial` folder while it runs."""
+    if not stage.get("hash"):
         return None
-    for folder in (root / stage["dir"], root / f"{stage['dir']}.partial"):
+    for folder in (run_dir.stage_dir(name, stage["hash"]), run_dir.partial_dir(name, stage["hash"])):
         if folder.is_dir():
             return folder
     return None
@@ -125,24 +121,15 @@ def label_runs(runs: list[RunResult]) -> None:
 
 
 def differing_fields(runs: list[RunResult]) -> str:
-    """A Markdown table of the config fields (dotted) whose values differ between the runs."""
-    flat = [_flatten(run.config) for run in runs]
+    """A Markdown table of the config fields whose values differ between the runs, named and shown as
+    the runs' MLflow params are (`extend.0.ctx_len`)."""
+    flat = [flatten(run.config) for run in runs]
     keys = sorted({key for fields in flat for key in fields} - {"name"})
-    rows = [[key, *(json.dumps(fields[key]) if key in fields else "-" for fields in flat)] for key in keys]
+    rows = [[key, *(fields.get(key, "-") for fields in flat)] for key in keys]
     rows = [row for row in rows if len(set(row[1:])) > 1]
     if not rows:
         return "no config field differs"
     return _markdown(["field", *(run.label for run in runs)], rows)
-
-
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def results_table(runs: list[RunResult]) -> str:

@@ -42,7 +42,19 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class NotARunDirectory(ValueError):
+    """A path given as a run directory holds no state.json (named in the message)."""
+
+
 class RunDir:
+    @classmethod
+    def existing(cls, root: Path) -> RunDir:
+        """The run directory at `root`, which a run must have made: NotARunDirectory otherwise."""
+        run_dir = cls(root)
+        if not run_dir.state_path.is_file():
+            raise NotARunDirectory(f"{run_dir.root} is not a run directory (no state.json); give <workdir>/<run name>")
+        return run_dir
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()  # stage code and Ray tasks get absolute paths
         self._state_lock = threading.RLock()  # the metrics thread writes progress while stages run

@@ -197,7 +197,7 @@ class MetricHistory:
         by_step = metrics_by_step(self.path)
         curves = {}
         for key, label in (("loss", "train loss"), ("val_loss", "val loss")):
-            steps = sorted(step for step, values in by_step.items() if key in values)
+            steps = [step for step, values in by_step.items() if key in values]  # in step order
             if steps:
                 curves[label] = ([float(s) for s in steps], [by_step[s][key] for s in steps])
         return curves

@@ -22,10 +22,10 @@ def write_run(root: Path, lr: float, *, extension_running: bool = False) -> Path
     state = {
         "name": root.name,
         "stages": {
-            "tokenizer": {"status": "done", "dir": "tokenizer-000"},
-            "pretrain": {"status": "done", "dir": "pretrain-aaa"},
-            "extend1": {"status": "running" if extension_running else "done", "dir": "extend1-bbb"},
-            "evaluate": {"status": "done", "dir": "evaluate-ccc"},
+            "tokenizer": {"status": "done", "dir": "tokenizer-000", "hash": "000"},
+            "pretrain": {"status": "done", "dir": "pretrain-aaa", "hash": "aaa"},
+            "extend1": {"status": "running" if extension_running else "done", "dir": "extend1-bbb", "hash": "bbb"},
+            "evaluate": {"status": "done", "dir": "evaluate-ccc", "hash": "ccc"},
         },
     }
     (root / "state.json").write_text(json.dumps(state))
@@ -61,7 +61,9 @@ def test_only_the_fields_that_differ_are_listed_and_a_missing_one_shows_as_a_das
     runs[1].config["train"]["grad_checkpointing"] = True
     table = differing_fields(runs).splitlines()
     assert table[0] == "| field | a | b |"
-    assert table[2:] == ["| train.grad_checkpointing | - | true |", "| train.lr_init | 0.001 | 0.002 |"]
+    assert table[2:] == ["| train.grad_checkpointing | - | True |", "| train.lr_init | 0.001 | 0.002 |"]
+    runs[1].config["extend"][0]["ctx_len"] = 400  # an extension stage's field, named as in MLflow's params
+    assert "| extend.0.ctx_len | 200 | 400 |" in differing_fields(runs).splitlines()
     assert differing_fields(runs[:1] * 2) == "no config field differs"
 
 
