@@ -11,7 +11,8 @@
 //   * a thread owns one lane and a sub-chunk of SUB consecutive steps, held in registers;
 //   * a block owns 32 lanes x SUBS sub-chunks = one segment of SEG = SUB*SUBS steps; sub-chunk
 //     summaries are combined in shared memory;
-//   * segment summaries are scanned across the sequence by a per-lane kernel.
+//   * segment summaries are scanned across the sequence by a per-lane kernel (a lane's segments
+//     shared by rows of threads when there are many).
 // A summary of n steps applied to a state is exact algebra: pp' = max(pp + n w, P),
 // aa' = aa e^(pp + n w - pp') + A e^(P - pp'); every exponent is <= 0, so nothing overflows.
 //
@@ -116,8 +117,19 @@ namespace {
 //                     bf16 the paired three kernels are 2-6 % faster at three; docs/benchmarks.md, WKV run 10)
 //   WKV_SP_GROUP      segments per lookback group of bwd_single (0: ceil(sqrt(nseg)))
 //   WKV_SP_BWD_MIN_BLOCKS  bwd_single's register budget, in blocks of 256 threads per SM
+//   WKV_SCAN_MAX_ROWS  the segment scan kernels split a lane's segments over up to this many rows of
+//                     threads (see fwd_segment_scan; 1: one thread walks them all). (default 16: on an
+//                     H200 bf16 fwd+bwd 11 % faster at 2x16384x768, 20 % at 1x65536x768, 1 % at 8x4096x768
+//                     than 1; docs/benchmarks.md, WKV run 11)
+//   WKV_SCAN_ROWS_MIN_SEG  sequences of fewer segments than this are scanned by one thread per lane
 #ifndef WKV_SUB
 #define WKV_SUB 16
+#endif
+#ifndef WKV_SCAN_MAX_ROWS
+#define WKV_SCAN_MAX_ROWS 16
+#endif
+#ifndef WKV_SCAN_ROWS_MIN_SEG
+#define WKV_SCAN_ROWS_MIN_SEG 16
 #endif
 #ifndef WKV_SUBS
 #define WKV_SUBS 8
@@ -482,7 +494,7 @@ struct Shared3 {
 // The per-lane segment scans as the last block of a summaries kernel runs them (FUSED): row m of
 // the block loads segment g0 + m of each chunk of SUBS segments into shared memory, row 0 scans a
 // chunk serially while all rows load the next (double buffer), then all rows store the chunk's
-// results. Same arithmetic in the same order as the scan kernels below, with few registers (the
+// results. Same arithmetic in the same order as the scan kernels below with one row, with few registers (the
 // summaries kernels keep their occupancy).
 __device__ __forceinline__ void fwd_scan_block(const Tile& q, int C, int nseg, float w, St s, float* seg,
                                                Shared3& sh0) {
@@ -746,33 +758,68 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS) fwd_summaries
     }
 }
 
-// Forward 2: per lane, scan the segment summaries from the input state, replacing each summary
-// in `seg` by the state at that segment's start. Loads go in batches so their latency overlaps.
-__device__ __forceinline__ void fwd_scan_lane(int b, int c, int C, int nseg, float w, St s, float* seg) {
-    for (int g0 = 0; g0 < nseg; g0 += SCAN_BATCH) {
+// Forward 2: per lane, the state at each segment's start from the input state and the segment
+// summaries, replacing each summary in `seg`. A block is LANES lanes x R rows (R = blockDim.y, see
+// scan_rows). With one row a thread walks its lane's segments in order. With R rows, row m first
+// composes its own share of the segments (from the zero state), row 0 folds the R shares from the
+// input state, then each row walks its share from its start state: about 2 nseg / R + R dependent
+// applies instead of nseg, each share's loads issued together. (One thread's walk over 128
+// segments, a chain of loads and exps, took 21 us on an H200: docs/benchmarks.md, WKV run 9.)
+constexpr int SCAN_MAX_ROWS = WKV_SCAN_MAX_ROWS;
+static_assert(SCAN_MAX_ROWS >= 1 && SCAN_MAX_ROWS <= 32, "WKV_SCAN_MAX_ROWS: 1 to 32 rows");
+
+// Segments [lo, hi) of lane (b, c) applied to s in order; with STORE each segment's start state
+// replaces its summary. Loads go in batches so their latency overlaps. The last segment's summary
+// is never loaded: nothing reads the state after it.
+template <bool STORE>
+__device__ __forceinline__ St fwd_scan_range(int b, int c, int C, int nseg, int lo, int hi, float w, St s,
+                                             float* seg) {
+    for (int g0 = lo; g0 < hi; g0 += SCAN_BATCH) {
         St x[SCAN_BATCH];
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i)
-            x[i] = g0 + i + 1 < nseg ? load3_cg(seg, g0 + i, nseg, b, c, C) : St{0.f, 0.f, EMPTY};
+            x[i] = g0 + i < hi && g0 + i + 1 < nseg ? load3_cg(seg, g0 + i, nseg, b, c, C) : St{0.f, 0.f, EMPTY};
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
-            if (g0 + i < nseg) {
-                store3(seg, g0 + i, nseg, b, c, C, s);
+            if (g0 + i < hi) {
+                if (STORE) store3(seg, g0 + i, nseg, b, c, C, s);
                 s = apply(s, x[i], SEG, w);
             }
         }
     }
+    return s;
 }
 
-__global__ void fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
-                                 const float* __restrict__ bb0, const float* __restrict__ pp0,
-                                 float* __restrict__ seg) {
+__global__ void __launch_bounds__(LANES* SCAN_MAX_ROWS)
+    fwd_segment_scan(int B, int C, int nseg, const float* __restrict__ td, const float* __restrict__ aa0,
+                     const float* __restrict__ bb0, const float* __restrict__ pp0, float* __restrict__ seg) {
+    __shared__ float share[3][SCAN_MAX_ROWS][LANES];  // row m's composed share, then its start state
     pdl_trigger();
     pdl_wait();
-    int lane = blockIdx.x * blockDim.x + threadIdx.x;
-    if (lane >= B * C) return;
-    int b = lane / C, c = lane - b * C;
-    fwd_scan_lane(b, c, C, nseg, -expf(td[c]), St{aa0[lane], bb0[lane], pp0[lane]}, seg);
+    const int rows = blockDim.y, m = threadIdx.y, x = threadIdx.x;
+    const long long lane = static_cast<long long>(blockIdx.x) * LANES + x;
+    const bool ok = lane < static_cast<long long>(B) * C;
+    const int b = ok ? static_cast<int>(lane / C) : 0, c = ok ? static_cast<int>(lane - static_cast<long long>(b) * C) : 0;
+    const float w = ok ? -expf(td[c]) : 0.f;
+    const int per = (nseg + rows - 1) / rows, lo = min(m * per, nseg), hi = min(lo + per, nseg);
+    St s = ok ? St{aa0[lane], bb0[lane], pp0[lane]} : St{0.f, 0.f, EMPTY};
+    if (rows > 1) {
+        St part = ok ? fwd_scan_range<false>(b, c, C, nseg, lo, hi, w, St{0.f, 0.f, EMPTY}, seg)
+                     : St{0.f, 0.f, EMPTY};
+        share[0][m][x] = part.a, share[1][m][x] = part.b, share[2][m][x] = part.p;
+        __syncthreads();
+        if (m == 0) {
+            for (int r = 0; r < rows; ++r) {
+                St next = apply(s, St{share[0][r][x], share[1][r][x], share[2][r][x]},
+                                (min(r * per + per, nseg) - min(r * per, nseg)) * SEG, w);
+                share[0][r][x] = s.a, share[1][r][x] = s.b, share[2][r][x] = s.p;
+                s = next;
+            }
+        }
+        __syncthreads();
+        s = {share[0][m][x], share[1][m][x], share[2][m][x]};
+    }
+    if (ok) fwd_scan_range<true>(b, c, C, nseg, lo, hi, w, s, seg);
 }
 
 // Lookback (nseg <= WKV_LOOKBACK): instead of a per-lane scan kernel between the summaries and the
@@ -994,47 +1041,75 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         bwd_scan_block(q, C, nseg, gaa1, gbb1, lastwin, aseg, argmax, sh);
 }
 
-// Backward 2: per lane, scan the adjoint backwards over segments from the state-out gradient,
-// replacing each summary in `aseg` by the adjoint at that segment's end; and find the arg-max
-// step of pp_T (the last step where k won, -1 for the input pp) from the forward's `lastwin`.
-__device__ __forceinline__ void bwd_scan_lane(int b, int c, int C, int nseg, const float* __restrict__ gaa1,
-                                              const float* __restrict__ gbb1, const int* __restrict__ lastwin,
-                                              float* aseg, int* __restrict__ argmax) {
-    size_t lane = static_cast<size_t>(b) * C + c;
-    float al = gaa1[lane], be = gbb1[lane];  // alpha_T = dL/daa_T since a_T = aa_T e^(pp_T)
-    int best = -1;
-    for (int g0 = nseg - 1; g0 >= 0; g0 -= SCAN_BATCH) {
+// Backward 2: per lane, the adjoint at each segment's end from the state-out gradient and the
+// adjoint summaries, replacing each summary in `aseg` (the reverse of fwd_segment_scan, in rows the
+// same way: row m composes its share, row 0 folds the shares from the end, each row walks its
+// share); and the arg-max step of pp_T (the last step where k won, -1 for the input pp) from the
+// forward's `lastwin`: steps grow with segments, so that is the largest entry.
+// Segments [lo, hi) of lane (b, c), latest first: with WALK the adjoint `acc` is carried back over
+// them, each segment's end adjoint replacing its summary; without, `acc` is composed with them
+// (earlier after later). Segment 0's summary is never loaded: nothing reads the adjoint before it.
+template <bool WALK>
+__device__ __forceinline__ St bwd_scan_range(int b, int c, int C, int nseg, int lo, int hi, St acc, float* aseg) {
+    for (int g0 = hi - 1; g0 >= lo; g0 -= SCAN_BATCH) {
         St x[SCAN_BATCH];
-        int wins[SCAN_BATCH];
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
             int g = g0 - i;
-            x[i] = g > 0 ? load3_cg(aseg, g, nseg, b, c, C) : St{0.f, 0.f, G_ONE};
-            wins[i] = g >= 0 ? lastwin[(static_cast<size_t>(b) * nseg + g) * C + c] : -1;
+            x[i] = g >= lo && g > 0 ? load3_cg(aseg, g, nseg, b, c, C) : St{0.f, 0.f, G_ONE};
         }
 #pragma unroll
         for (int i = 0; i < SCAN_BATCH; ++i) {
-            int g = g0 - i;
-            if (g >= 0) {
-                store3(aseg, g, nseg, b, c, C, {al, be, 0.f});
-                al = adj_apply(al, x[i].a, x[i].p);
-                be = adj_apply(be, x[i].b, x[i].p);
-                if (best < 0) best = wins[i];
+            if (g0 - i >= lo) {
+                if (WALK) {
+                    store3(aseg, g0 - i, nseg, b, c, C, {acc.a, acc.b, 0.f});
+                    acc = {adj_apply(acc.a, x[i].a, x[i].p), adj_apply(acc.b, x[i].b, x[i].p), 0.f};
+                } else {
+                    acc = adj_compose(x[i], acc);
+                }
             }
         }
     }
-    argmax[lane] = best;
+    return acc;
 }
 
-__global__ void bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1,
-                                 const float* __restrict__ gbb1, const int* __restrict__ lastwin,
-                                 float* __restrict__ aseg, int* __restrict__ argmax) {
+__global__ void __launch_bounds__(LANES* SCAN_MAX_ROWS)
+    bwd_segment_scan(int B, int C, int nseg, const float* __restrict__ gaa1, const float* __restrict__ gbb1,
+                     const int* __restrict__ lastwin, float* __restrict__ aseg, int* __restrict__ argmax) {
+    __shared__ float share[3][SCAN_MAX_ROWS][LANES];  // row m's composed share, then its end adjoint
+    __shared__ int share_best[SCAN_MAX_ROWS][LANES];
     pdl_trigger();
     pdl_wait();
-    int lane = blockIdx.x * blockDim.x + threadIdx.x;
-    if (lane >= B * C) return;
-    int b = lane / C, c = lane - b * C;
-    bwd_scan_lane(b, c, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
+    const int rows = blockDim.y, m = threadIdx.y, x = threadIdx.x;
+    const long long lane = static_cast<long long>(blockIdx.x) * LANES + x;
+    const bool ok = lane < static_cast<long long>(B) * C;
+    const int b = ok ? static_cast<int>(lane / C) : 0, c = ok ? static_cast<int>(lane - static_cast<long long>(b) * C) : 0;
+    const int per = (nseg + rows - 1) / rows, lo = min(m * per, nseg), hi = min(lo + per, nseg);
+    St end = ok ? St{gaa1[lane], gbb1[lane], 0.f} : St{0.f, 0.f, 0.f};  // alpha_T = dL/daa_T: a_T = aa_T e^(pp_T)
+    int best = -1;  // the largest lastwin entry of the row's share (row 0: at last, of all)
+    if (ok) {
+        const int* win = lastwin + static_cast<size_t>(b) * nseg * C + c;
+#pragma unroll 4
+        for (int g = lo; g < hi; ++g) best = max(best, win[static_cast<size_t>(g) * C]);
+    }
+    if (rows > 1) {
+        St part = ok ? bwd_scan_range<false>(b, c, C, nseg, lo, hi, St{0.f, 0.f, G_ONE}, aseg) : St{0.f, 0.f, G_ONE};
+        share[0][m][x] = part.a, share[1][m][x] = part.b, share[2][m][x] = part.p;
+        share_best[m][x] = best;
+        __syncthreads();
+        if (m == 0) {
+            for (int r = rows - 1; r >= 0; --r) {
+                St sum{share[0][r][x], share[1][r][x], share[2][r][x]};
+                share[0][r][x] = end.a, share[1][r][x] = end.b;
+                end = {adj_apply(end.a, sum.a, sum.p), adj_apply(end.b, sum.b, sum.p), 0.f};
+                best = max(best, share_best[r][x]);
+            }
+        }
+        __syncthreads();
+        end = {share[0][m][x], share[1][m][x], 0.f};
+    }
+    if (ok) bwd_scan_range<true>(b, c, C, nseg, lo, hi, end, aseg);
+    if (ok && m == 0) argmax[lane] = best;
 }
 
 // Backward 3: gradients. The block scans the adjoint back over its sub-chunks from the segment
@@ -1868,8 +1943,8 @@ __global__ void __launch_bounds__(LANES* SEQ_ROWS, WKV_SEQ_PAIR_BWD_MIN_BLOCKS)
 // cannot deadlock whatever order the hardware starts blocks in. Deterministic: segments form groups
 // of `group` consecutive segments counted from the end; a block folds, from the adjoint published by
 // the group after its own (the adjoint at that group's start) or from the output-state gradient, the
-// summaries of its group's later segments, latest first. That is bwd_segment_scan's fold, in the same
-// order, whatever the timing. The chain between groups has nseg / group links; a block's waits for
+// summaries of its group's later segments, latest first. That is bwd_segment_scan's fold with one row, in
+// the same order, whatever the timing. The chain between groups has nseg / group links; a block's waits for
 // the records it folds overlap (one thread polls each).
 //
 // counters (the binding's zeroed per-stream buffer): [0] ticket, [1] arrival, [2...] one ready flag
@@ -2055,6 +2130,15 @@ int ceil_div(long long a, long long b) { return static_cast<int>((a + b - 1) / b
 
 // SMs of the current device (0 if it cannot be asked); cached per device, a benign race writes the
 // same value.
+// Rows of the segment scan kernels for nseg segments: a lane's chain is about 2 nseg / R + R applies,
+// least at R = sqrt(2 nseg).
+int scan_rows(int nseg) {
+    if (nseg < WKV_SCAN_ROWS_MIN_SEG) return 1;
+    int rows = static_cast<int>(sqrt(2.0 * nseg));
+    return rows < 1 ? 1 : (rows > SCAN_MAX_ROWS ? SCAN_MAX_ROWS : rows);
+}
+dim3 scan_grid(int B, int C) { return dim3(static_cast<unsigned>(ceil_div(static_cast<long long>(B) * C, LANES))); }
+
 int sm_count() {
     static int counts[64] = {};
     int device = 0;
@@ -2104,7 +2188,7 @@ int forward_impl(int B, int T, int C, const float* td, const float* tf, const vo
     cudaError_t err = launch(false, fwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg,
                              aa0, bb0, pp0, counters);
     if (err == cudaSuccess && !FUSED_FWD_SCAN && !lookback)
-        err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+        err = launch(true, fwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, td, aa0, bb0, pp0, seg);
     if (err == cudaSuccess)
         err = launch(true, lookback ? fwd_outputs<F, true> : fwd_outputs<F, false>, grid, block, 0, stream, T, C,
@@ -2173,7 +2257,7 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
     cudaError_t err = launch(false, bwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
                              sub, asub, aseg, gaa1, gbb1, lastwin, argmax, counters);
     if (err == cudaSuccess && !FUSED_BWD_SCAN && !lookback)
-        err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+        err = launch(true, bwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
     if (err == cudaSuccess)
         err = lookback ? allow_stash<bwd_gradients<F, true>>() : allow_stash<bwd_gradients<F, false>>();
@@ -2207,7 +2291,7 @@ int forward_pairs(int B, int T, int C, const float* td, const float* tf, const v
     const __nv_bfloat16* vv = static_cast<const __nv_bfloat16*>(v);
     cudaError_t err = launch(false, fwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg);
     if (err == cudaSuccess)
-        err = launch(true, fwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+        err = launch(true, fwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, td, aa0, bb0, pp0, seg);
     if (err == cudaSuccess)
         err = launch(true, fwd_outputs_pair, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv,
@@ -2238,7 +2322,7 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
     cudaError_t err = launch(false, bwd_summaries_pair, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
                              sub, asub, aseg);
     if (err == cudaSuccess)
-        err = launch(true, bwd_segment_scan, dim3(ceil_div(static_cast<long long>(B) * C, 256)), dim3(256), 0, stream,
+        err = launch(true, bwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
     if (paired_gradients(grid)) {
         if (err == cudaSuccess) err = allow_stash<bwd_gradients_pair>();
