@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message says what to fix: printed as one paragraph, no traceback."""
-    from orchestration.cluster import RayUnreachable
+    from orchestration.cluster import ClusterTooSmall, RayUnreachable
     from orchestration.dag import StageFailed
     from orchestration.rundir import NotARunDirectory, RunDirBusy
     from orchestration.stages import PipelineSetupError
@@ -281,6 +281,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         NotARunDirectory,
         CorpusError,
         RayUnreachable,
+        ClusterTooSmall,
         RunDirBusy,
         StageFailed,
         PipelineSetupError,

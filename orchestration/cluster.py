@@ -2,6 +2,7 @@
 
     address = ray_address_from(config.ray.address)    # "127.0.0.1:6379", or "local"
     start_ray(address)                                # RayUnreachable names the address if nothing answers
+    check_workers_fit(config.ray, address)            # ClusterTooSmall: more workers than a local cluster holds
 
 `ray.init("host:port")` on an address where nothing listens retries for a long while before it
 gives up with a long traceback; a TCP connect with a short timeout answers the same question in
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 # Ray Train's per-run helper that removes a dead controller's placement group (Ray 2.60).
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -20,6 +22,10 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 
 class RayUnreachable(ConnectionError):
     """Nothing answers at the configured Ray address."""
+
+
+class ClusterTooSmall(ValueError):
+    """The local Ray cluster cannot hold the training workers the config asks for."""
 
 
 def ray_address_from(configured: str | None) -> str:
@@ -142,3 +148,36 @@ def _start_local_cluster() -> None:
     finally:  # set only for the start: later joins in this process decide afresh
         if set_here:
             del os.environ["RAY_AUTH_MODE"]
+
+
+def check_workers_fit(ray_config: Any, address: str) -> None:
+    """The training workers' resources against what the cluster has, once Ray is up.
+
+    Ray Train waits for resources that never come on a local cluster (it retries the worker group's
+    start every minute, without end), so there it is an error before any work. A cluster joined by
+    address may add nodes on demand: there it is a warning.
+    """
+    import ray
+
+    total = ray.cluster_resources()
+    workers, cpus = ray_config.num_workers, ray_config.cpus_per_worker
+    short = []
+    if workers * cpus > (have := total.get("CPU", 0.0)):
+        short.append(
+            f"{workers * cpus:g} CPUs (ray.num_workers={workers} x ray.cpus_per_worker={cpus:g}) and it has {have:g}"
+        )
+    if ray_config.use_gpu and workers > (gpus := total.get("GPU", 0.0)):
+        short.append(f"{workers} GPUs (ray.num_workers={workers}, ray.use_gpu=true) and it has {gpus:g}")
+    if not short:
+        return
+    needs = "; ".join(short)
+    if address == "local":
+        raise ClusterTooSmall(
+            f"the training workers need {needs}: lower ray.num_workers or ray.cpus_per_worker (fractions are "
+            "allowed), or join a larger cluster with ray.address."
+        )
+    logging.getLogger(__name__).warning(
+        "the Ray cluster at %s cannot hold the training workers yet: they need %s; training waits until nodes join.",
+        address,
+        needs,
+    )

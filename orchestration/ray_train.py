@@ -7,10 +7,12 @@
   Ray sets up the process group; DeepSpeed joins it.
 * Checkpoints: every rank writes its part (DeepSpeed shards, its RNG state) into a private staging
   directory and reports it; Ray merges the ranks' files into `<storage_path>/<name>/step_N/` and keeps
-  the newest `train.keep_checkpoints`. This also works across nodes without a shared filesystem.
+  the newest `train.keep_checkpoints`. On several nodes the storage path must be a filesystem every
+  node sees (the run's workdir, README "Joining a Ray cluster").
 * Failures: `FailureConfig(max_failures=ray.max_retries)` restarts the worker group, and each worker
   resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
-  resumes the same way.
+  resumes the same way, or from a newer checkpoint found whole in that storage folder that Ray had
+  not recorded yet (the run was stopped between the upload and the record).
 * Worker records: `<out_dir>/workers/rank_N.pid` and `rank_N.env.json` (pid, the NVLink multicast
   variables as the worker process sees them, process-group backend, its GPU), for tests and debugging.
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from contextlib import nullcontext
@@ -43,6 +46,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import torch
 
     from model import ModelConfig
+    from pipeline.checkpoint_files import step_of
     from pipeline.config import TrainConfig
     from pipeline.train import train
 
@@ -69,7 +73,17 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         metrics_queue.put((metrics, step))
 
     checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint is not None else nullcontext(None) as resume_dir:
+    resume = checkpoint.as_directory() if checkpoint is not None else nullcontext(None)
+    stored = loop_config["stored_checkpoint"]
+    if stored is not None and (checkpoint is None or step_of(Path(checkpoint.path)) < step_of(Path(stored))):
+        # Ray records a checkpoint only after every rank's upload; a run stopped in between left a
+        # newer, whole one in storage that Ray does not list.
+        if not Path(stored).is_dir():  # every rank must resume from the same step
+            raise FileNotFoundError(f"{stored} is not visible on this node: storage_path must be shared by all")
+        resume = nullcontext(stored)
+        if rank == 0:
+            print(f"resuming from {stored}: whole in storage, newer than Ray's last recorded checkpoint", flush=True)
+    with resume as resume_dir:
         train(
             TrainConfig(**loop_config["train"]),
             ModelConfig(**loop_config["model"]),
@@ -140,10 +154,16 @@ def train_on_ray(
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    out_dir = Path(out_dir).resolve()
-    from orchestration.cluster import ray_address_from, start_ray
+    from orchestration.cluster import check_workers_fit, ray_address_from, start_ray
+    from pipeline.checkpoint_files import newest_intact
 
-    start_ray(ray_address_from(config.ray.address))  # no-op when this process already joined Ray
+    out_dir = Path(out_dir).resolve()
+    storage = Path(storage_path).resolve() if storage_path else out_dir / "ray"
+
+    address = ray_address_from(config.ray.address)
+    start_ray(address)  # no-op when this process already joined Ray
+    check_workers_fit(config.ray, address)
+    stored = newest_intact(storage / name)  # whole, perhaps newer than what Ray recorded (see _worker_loop)
     use_gpu = config.ray.use_gpu
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {
@@ -155,6 +175,7 @@ def train_on_ray(
         "tracking_run_id": tracking_run_id,
         "init_weights": str(Path(init_weights).resolve()) if init_weights is not None else None,
         "threads": max(int(config.ray.cpus_per_worker), 1),
+        "stored_checkpoint": str(stored) if stored is not None else None,
     }
     trainer = TorchTrainer(
         _worker_loop,
@@ -167,7 +188,7 @@ def train_on_ray(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RayRunConfig(
             name=name,
-            storage_path=str(Path(storage_path).resolve() if storage_path else out_dir / "ray"),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=config.ray.max_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
         ),
@@ -175,9 +196,16 @@ def train_on_ray(
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(metrics_queue, log_metrics, stop), daemon=True)
     pump.start()
+    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
+    except SystemExit as exit_:
+        # fit() installs a SIGINT handler that aborts the run, then exits: that was Ctrl-C, and the
+        # run reports it as one (the stage stopped, not failed; a rerun resumes).
+        raise KeyboardInterrupt from exit_
     finally:
+        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous_sigint)  # Ray leaves its handler installed
         stop.set()
         pump.join(timeout=30)
         ray.kill(metrics_queue.actor)

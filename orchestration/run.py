@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestration.cluster import check_reachable, ray_address_from, start_ray
+from orchestration.cluster import check_reachable, check_workers_fit, ray_address_from, start_ray
 from orchestration.config import RunConfig, dump_config
 from orchestration.dag import DagRunner, PlanItem
 from orchestration.rundir import RunDir
@@ -80,8 +80,11 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
         tracker = make_tracker(uri, config.tracking.experiment)
         interval = config.tracking.system_metrics_interval_s if config.tracking.system_metrics else None
         runner = DagRunner(run_dir, tracker, config.ray.stage_retries, interval, reporter)
-        started_ray = any(item.action != "cached" for item in runner.plan(stages)) and start_ray(address)
+        pending = [item.stage for item in runner.plan(stages) if item.action != "cached"]
+        started_ray = bool(pending) and start_ray(address)
         try:
+            if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
+                check_workers_fit(config.ray, address)
             outputs = runner.run(stages, config.name, config.model_dump(mode="json"), run_dir.config_path)
         finally:
             tracker.close(timeout_s=config.tracking.flush_timeout_s)

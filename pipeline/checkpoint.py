@@ -4,6 +4,7 @@ One checkpoint is one directory, `<root>/step_00000100/`:
 
     mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt   DeepSpeed (weights, optimizer)
     rng_rank_00000.json ...                                        each rank's RNG states
+    files_rank_00000.json ...                                      each rank's list of the files, sizes
     train_state.json                                               step, tokens seen, sampler position,
                                                                    tracking run id, parameter shapes
     COMPLETE                                                       written last, by rank 0
@@ -15,8 +16,9 @@ One checkpoint is one directory, `<root>/step_00000100/`:
     export_rwkv4_pth(latest, "model.pth")           # the official RWKV-4 .pth from a training checkpoint
 
 A checkpoint without COMPLETE (a crash while saving) is ignored by `latest_complete` and removed by
-`prune`. Everything of ours is JSON, so reading it never unpickles; the DeepSpeed files are read by
-DeepSpeed's own loader.
+`prune`. Each rank also lists the folder's files and sizes (`files_rank_*.json`), so that a copy of
+the folder can be checked whole (pipeline/checkpoint_files.py). Everything of ours is JSON, so reading
+it never unpickles; the DeepSpeed files are read by DeepSpeed's own loader.
 
 Another world size. DeepSpeed's own loader refuses ZeRO-1/2/3 optimizer shards written by a different
 number of ranks (`ZeRORuntimeException: ... DP world size of 2 but the current world size is 1`).
@@ -49,8 +51,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-COMPLETE = "COMPLETE"
-TRAIN_STATE = "train_state.json"
+from pipeline.checkpoint_files import (
+    COMPLETE,
+    TRAIN_STATE,
+    is_complete,
+    list_checkpoints,
+    step_of,
+    write_file_list,
+    write_json_atomic,
+)
+
 FORMAT_VERSION = 1
 
 
@@ -70,15 +80,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _b64(tensor: torch.Tensor) -> str:
@@ -139,22 +140,6 @@ def has_zero_shards(ckpt_dir: Path) -> bool:
     return any(Path(ckpt_dir).glob("*zero_pp_rank_*_optim_states.pt"))
 
 
-def is_complete(ckpt_dir: Path) -> bool:
-    return (Path(ckpt_dir) / COMPLETE).is_file() and (Path(ckpt_dir) / TRAIN_STATE).is_file()
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.removeprefix("step_"))
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """All `step_*` directories under root, oldest first (complete or not)."""
-    if not Path(root).is_dir():
-        return []
-    found = [p for p in Path(root).iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
-    return sorted(found, key=_step_of)
-
-
 def latest_complete(root: Path) -> Path | None:
     complete = [p for p in list_checkpoints(root) if is_complete(p)]
     return complete[-1] if complete else None
@@ -169,10 +154,12 @@ def save(engine: Any, ckpt_dir: Path, state: dict[str, Any]) -> None:
     _barrier()
     # DeepSpeed writes <save_dir>/<tag>/; tag = our directory name, and no 'latest' file (ours is COMPLETE).
     engine.save_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, save_latest=False)
-    _write_json_atomic(ckpt_dir / f"rng_rank_{rank:05d}.json", rng_state())
+    write_json_atomic(ckpt_dir / f"rng_rank_{rank:05d}.json", rng_state())
+    _barrier()
+    write_file_list(ckpt_dir, rank)  # what a copy of this folder must hold to be whole (is_intact)
     _barrier()
     if rank == 0:
-        _write_json_atomic(ckpt_dir / TRAIN_STATE, {"format": FORMAT_VERSION, **state})
+        write_json_atomic(ckpt_dir / TRAIN_STATE, {"format": FORMAT_VERSION, **state})
         (ckpt_dir / COMPLETE).write_text("ok\n")
     _barrier()
 
@@ -266,10 +253,10 @@ def prune(root: Path, keep: int) -> list[Path]:
     checkpoints = list_checkpoints(root)
     complete = [p for p in checkpoints if is_complete(p)]
     keep_set = set(complete[-keep:]) if keep > 0 else set()
-    newest = _step_of(complete[-1]) if complete else -1
+    newest = step_of(complete[-1]) if complete else -1
     removed = []
     for path in checkpoints:
-        if path not in keep_set and _step_of(path) <= newest:
+        if path not in keep_set and step_of(path) <= newest:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed

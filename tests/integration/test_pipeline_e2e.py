@@ -252,6 +252,46 @@ def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(firs
         assert len(steps) == len(set(steps)), key
 
 
+def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newest_whole_checkpoint(first_run):
+    """Ctrl-C reaches Ray Train's own SIGINT handler (it aborts the run, then exits the process); the
+    run reports an interrupt, not a failure. Ray had not recorded the checkpoints (its snapshot is
+    removed here, as when the stop falls between an upload and the record): the rerun resumes from
+    the newest whole checkpoint in Ray's storage folder, not from step 0."""
+    from pipeline.checkpoint_files import newest_intact
+
+    config, run_dir, _ = first_run
+    overrides = ["train.lr_init=0.0015"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "run", str(config), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+    try:
+        wait_for(checkpoint_registered(run_dir, "step_00000010"), 300, "checkpoint 10 registered with Ray Train")
+        assert driver.poll() is None, "the run ended before it could be interrupted"
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output[-3000:]
+    assert "interrupted: rerun the same command to resume" in output
+    pretrain = state_of(run_dir)["stages"]["pretrain"]
+    assert pretrain["status"] == "killed", pretrain
+
+    storage = next(run_dir.glob("pretrain-*.partial/ray/pretrain"))
+    (storage / "checkpoint_manager_snapshot.json").unlink()
+    newest = newest_intact(storage)
+    assert newest is not None and newest.name >= "step_00000010"
+
+    resumed = cli("run", str(config), *overrides)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    result = json.loads((stage_dirs(run_dir)["pretrain"] / "train_result.json").read_text())
+    assert result["step"] == 30 and Path(result["resumed_from"]).name == newest.name, result
+
+
 def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(first_run, own_mlflow_server):
     config, run_dir, _ = first_run
     server = own_mlflow_server
