@@ -118,11 +118,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def build_config(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
     try:
-        return RunConfig.model_validate(tree)
+        config = RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
     except ValueError as exc:  # raised by a section's own checks (e.g. ModelConfig.__post_init__)
         raise ConfigError(f"invalid config ({source}): {exc}") from None
+    _check_extension_lengths(config, source)
+    return config
+
+
+def _check_extension_lengths(config: RunConfig, source: str) -> None:
+    """Each context-extension stage trains at a longer context than the stage before it."""
+    previous, field = config.train.ctx_len, "train.ctx_len"
+    for number, extension in enumerate(config.extend):
+        if extension.ctx_len <= previous:
+            raise ConfigError(
+                f"invalid config ({source}): extend.{number}.ctx_len={extension.ctx_len} is not longer than "
+                f"{field}={previous}; an extension stage continues the stage before it at a longer context"
+            )
+        previous, field = extension.ctx_len, f"extend.{number}.ctx_len"
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

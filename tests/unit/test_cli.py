@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -33,6 +34,8 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         (["model.n_layer=zero"], "model.n_layer"),
         (["train.lr_init"], "not of the form key=value"),
         (["data.paths=[/no/such/corpus]"], "data.paths: '/no/such/corpus' does not exist"),
+        (["extend=[{ctx_len: 512}, {ctx_len: 256}]"], "extend.1.ctx_len=256 is not longer than extend.0.ctx_len=512"),
+        (["extend=[{ctx_len: 64}]"], "extend.0.ctx_len=64 is not longer than train.ctx_len=128"),
         ([f"ray.address=127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
     ],
 )
@@ -41,6 +44,16 @@ def test_user_errors_are_one_paragraph_without_traceback(capsys, tmp_path: Path,
     assert code == 2 and cause in err and err.startswith("error: ")
     assert "Traceback" not in err and "\n\n" not in err.strip()
     assert not (tmp_path / "quickstart").exists()  # stopped before any work
+
+
+def test_more_training_workers_than_the_local_cluster_holds_stop_before_any_stage(capsys, tmp_path: Path):
+    cpus = os.cpu_count() or 1  # two workers of all the machine's CPUs each: never fits, on any machine
+    args = ("ray.address=local", "ray.num_workers=2", f"ray.cpus_per_worker={cpus}")
+    code, err = run_cli(capsys, "run", QUICKSTART, f"workdir={tmp_path}", *args)
+    last = err.strip().splitlines()[-1]  # after the local MLflow store's first-use lines
+    assert code == 2 and last.startswith("error: the training workers need ") and "Traceback" not in err
+    assert f"ray.num_workers=2 x ray.cpus_per_worker={cpus}" in last
+    assert not list((tmp_path / "quickstart").glob("tokenizer-*"))  # no stage started
 
 
 def test_missing_config_file_and_debug_traceback(capsys, tmp_path: Path):
