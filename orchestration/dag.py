@@ -76,6 +76,12 @@ class StageFailed(RuntimeError):
         )
 
 
+def retryable(error: BaseException) -> bool:
+    """False for errors whose class says `retryable = False`: the config or the data is wrong, and the
+    message names the fix, so another attempt would fail the same way (a Ray task's error wraps it)."""
+    return getattr(getattr(error, "cause", None) or error, "retryable", True)
+
+
 def describe(error: BaseException) -> str:
     """`Type: message` of the real error (a Ray task's error wraps it), tracebacks cut to their last line."""
     cause = getattr(error, "cause", None) or error
@@ -285,8 +291,8 @@ class DagRunner:
             except Exception as error:  # noqa: BLE001 - retried, then raised as StageFailed
                 # The traceback goes to the stage log only; the console gets one line (or StageFailed).
                 ctx.log.info("attempt %d/%d failed:\n%s", attempt, attempts, traceback.format_exc())
-                if attempt == attempts:
-                    raise StageFailed(stage.name, attempts, error, log_path) from error
+                if attempt == attempts or not retryable(error):
+                    raise StageFailed(stage.name, attempt, error, log_path) from error
                 self.report(f"{stage.name:<10} retry   attempt {attempt} failed ({describe(error)})")
         raise AssertionError("unreachable")
 

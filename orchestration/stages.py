@@ -42,6 +42,8 @@ OPERATIONAL_TRAIN_FIELDS = {
 class PipelineSetupError(ValueError):
     """The config asks for something the pipeline cannot do (named in the message)."""
 
+    retryable = False  # raised inside a stage: another attempt fails the same way
+
 
 def corpus_fingerprint(config: RunConfig) -> str:
     """sha256 over the corpus files' ids, sizes and mtimes: an edited corpus is a new tokenizer input.
@@ -253,9 +255,23 @@ def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
         )
 
     def run(ctx: StageContext) -> None:
+        _check_val_split(config, ctx.inputs["tokenize"])
         _train(ctx, _with_vocab(config, ctx.inputs["tokenize"]), ctx.inputs["tokenize"])
 
     return run
+
+
+def _check_val_split(config: RunConfig, shard_dir: Path) -> None:
+    """Before training, not after it: the evaluate stage needs one window of its context from the val split."""
+    ctx_len = eval_ctx_len(config)
+    val = json.loads((shard_dir / "manifest.json").read_text())["totals"]["val"]
+    if val["tokens"] < ctx_len + 1:
+        raise PipelineSetupError(
+            f"the val split of {shard_dir} holds {val['tokens']} tokens in {val['documents']} documents, fewer "
+            f"than one evaluation window of {ctx_len + 1}: raise data.val_fraction (now {config.data.val_fraction}"
+            "; documents are routed whole), split .txt files into more documents with data.txt_split: "
+            "blank_lines, or lower eval.ctx_len."
+        )
 
 
 def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[StageContext], None]:
@@ -304,6 +320,11 @@ def _model_config(config: RunConfig, trained_dir: Path) -> Any:
     return ModelConfig(**record["model_config"])
 
 
+def eval_ctx_len(config: RunConfig) -> int:
+    """The evaluate stage's context: eval.ctx_len, else the last training stage's."""
+    return config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
+
+
 def _evaluate_task(
     weights: Path, model_cfg: Any, shard_dir: Path, tokenizer_dir: Path, eval_cfg: Any, ctx_len: int, out_dir: Path
 ) -> dict[str, Any]:
@@ -313,7 +334,7 @@ def _evaluate_task(
 
 
 def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], None]:
-    ctx_len = config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
+    ctx_len = eval_ctx_len(config)
 
     def run(ctx: StageContext) -> None:
         model_cfg = _model_config(config, ctx.inputs[trained])

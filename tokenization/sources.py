@@ -89,6 +89,10 @@ def resolve_sources(paths: list[str], root: str | None = None) -> list[SourceFil
                 files[rel] = SourceFile(rel, str(path), "txt", path.stat().st_size)
             continue
         found = _expand(spec)
+        if not found and Path(spec).expanduser().is_dir():
+            raise CorpusError(
+                f"data.paths: the folder '{spec}' holds no corpus file (known suffixes: {', '.join(FORMATS)})"
+            )
         if not found:
             raise CorpusError(f"data.paths: '{spec}' does not exist or matches no file")
         plain.extend(found)

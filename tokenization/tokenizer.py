@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +36,12 @@ _MIN_VOCAB = 256 + 3 + 1  # byte fallback pieces + reserved ids + at least one l
 
 class TokenizerError(ValueError):
     """A tokenizer directory that is missing, incomplete or does not match its recorded hash."""
+
+
+class TokenizerTrainingError(TokenizerError):
+    """sentencepiece cannot train on this sample with this config (the message names the field)."""
+
+    retryable = False  # the same sample and config fail the same way (orchestration/dag.py)
 
 
 @dataclass(frozen=True)
@@ -95,9 +102,7 @@ def train_sentencepiece(sentences: Iterable[str], config: TokenizerConfig, out_d
     try:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **trainer_options(config))
     except RuntimeError as exc:
-        raise TokenizerError(
-            f"sentencepiece training failed (tokenizer.* config or too small a sample): {exc}"
-        ) from None
+        raise TokenizerTrainingError(_training_failure(str(exc), config)) from None
     payload = model.getvalue()
     processor = spm.SentencePieceProcessor(model_proto=payload)
     info = TokenizerInfo(
@@ -113,6 +118,20 @@ def train_sentencepiece(sentences: Iterable[str], config: TokenizerConfig, out_d
     write_atomic(out_dir / MODEL_FILE, payload)
     write_atomic(out_dir / INFO_FILE, info.to_json().encode())
     return info
+
+
+def _training_failure(message: str, config: TokenizerConfig) -> str:
+    """sentencepiece's reason in the terms of our config."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return (
+            f"tokenizer.vocab_size={config.vocab_size} is more than the corpus sample can give (at most "
+            f"{too_high.group(2)} pieces from {config.sample_bytes} sample bytes): lower tokenizer.vocab_size, or "
+            "give the corpus more text"
+        )
+    if "sentences_.empty()" in message:
+        return "the corpus sample for the tokenizer holds no text: every document in data.paths is empty"
+    return f"sentencepiece training failed (tokenizer.* config or too small a sample): {message}"
 
 
 def read_info(tokenizer_dir: Path) -> TokenizerInfo:

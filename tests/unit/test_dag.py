@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,6 +96,19 @@ def test_stage_failing_every_attempt_stops_the_run_naming_stage_error_and_log(tm
     state = run_dir.read_state()["stages"]
     assert state["train"]["status"] == "failed" and "report" not in state
     assert not list(run_dir.root.glob("train-????????????")) and len(list(run_dir.root.glob("train-*.partial"))) == 1
+
+
+def test_an_error_a_retry_cannot_change_is_not_retried(tmp_path: Path):
+    class BadConfig(ValueError):
+        retryable = False
+
+    def broken(ctx):
+        raise BadConfig("model.n_layer=0: set it to at least 1")
+
+    run_dir = RunDir(tmp_path / "run")
+    with pytest.raises(StageFailed, match="failed after 1 attempt.*BadConfig: model.n_layer=0"):
+        DagRunner(run_dir, max_retries=3).run([Stage("train", broken, config={})], "demo")
+    assert run_dir.read_state()["stages"]["train"]["attempts"] == 1
 
 
 def test_rerun_after_failure_resumes_in_the_same_partial_folder(tmp_path: Path):
@@ -197,3 +211,19 @@ def test_an_extension_recomputes_blocks_as_it_says_or_as_pretraining_does():
     for pretraining, expected in [("false", [False, True, False]), ("true", [True, True, False])]:
         config = load_config(quickstart, [stages, f"train.grad_checkpointing={pretraining}"])
         assert [extend_train_config(config, stage).grad_checkpointing for stage in config.extend] == expected
+
+
+def test_a_val_split_smaller_than_one_evaluation_window_stops_pretraining_before_it_starts(tmp_path: Path):
+    from orchestration.config import load_config
+    from orchestration.stages import PipelineSetupError, pretrain_stage
+
+    quickstart = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
+    config = load_config(quickstart, ["extend=[{ctx_len: 512}]"])  # evaluation windows of 513 tokens
+    shards = tmp_path / "tokenize"
+    shards.mkdir()
+    totals = {"train": {"tokens": 10**6, "documents": 90}, "val": {"tokens": 300, "documents": 1}}
+    (shards / "manifest.json").write_text(json.dumps({"totals": totals}))
+    run = pretrain_stage(config)
+    with pytest.raises(PipelineSetupError, match=r"holds 300 tokens in 1 documents, fewer than .* 513: raise data.val"):
+        run(SimpleNamespace(inputs={"tokenize": shards}))  # what the stage reads of its context
+    assert PipelineSetupError.retryable is False

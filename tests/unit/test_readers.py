@@ -97,6 +97,12 @@ def test_nonexistent_path_is_named_before_any_work(tmp_path: Path) -> None:
         plan_units(DataConfig(paths=[str(tmp_path / "ok.txt"), str(missing)]))
 
 
+def test_a_folder_without_corpus_files_is_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(CorpusError, match=r"the folder '.*' holds no corpus file \(known suffixes: .*\.txt"):
+        plan_units(DataConfig(paths=[str(tmp_path)]))
+
+
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
     (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe bytes")
     line = b'{"text": "caf\xe9 au lait"}\n'

@@ -85,3 +85,14 @@ def test_a_changed_model_is_refused(tokenizer_dir: Path, tmp_path: Path) -> None
 def test_too_small_a_vocab_is_named(tmp_path: Path) -> None:
     with pytest.raises(TokenizerError, match="tokenizer.vocab_size=100"):
         train_tokenizer(DATA, CONFIG.model_copy(update={"vocab_size": 100}), tmp_path)
+
+
+def test_a_sample_too_small_for_the_vocab_or_empty_is_named_and_not_retried(tmp_path: Path) -> None:
+    from tokenization.tokenizer import TokenizerTrainingError, train_sentencepiece
+
+    config = CONFIG.model_copy(update={"vocab_size": 4096})
+    with pytest.raises(TokenizerTrainingError, match=r"tokenizer.vocab_size=4096 is more than .* \(at most \d+ pieces"):
+        train_sentencepiece(["def f(x):\n    return x\n"] * 20, config, tmp_path / "small")
+    with pytest.raises(TokenizerTrainingError, match="holds no text") as empty:
+        train_sentencepiece([], config, tmp_path / "empty")
+    assert empty.value.retryable is False
