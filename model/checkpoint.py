@@ -169,7 +169,21 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # as open() would create it (safetensors' writer makes files 0600)
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets while it reads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_rwkv4_pth(model: nn.Module | Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:

@@ -29,6 +29,22 @@ class UsageError(ValueError):
     """A command-line argument that names something unusable."""
 
 
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: `kind` within [low, high] ((low, high] with low_open); argparse names the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n int' if kind is int else ' number'}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {bounds}")
+        return value
+
+    return parse
+
+
 def _print_config(args: argparse.Namespace) -> int:
     print(dump_config(load_config(args.config, args.overrides)), end="")
     return 0
@@ -138,7 +154,7 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
     """(last training stage folder, tokenize folder, tokenizer folder) of a finished run."""
     from orchestration.rundir import RunDir
 
-    state = RunDir(run_dir).read_state()["stages"]
+    state = RunDir.existing(run_dir).read_state()["stages"]
     done = {name: run_dir / s["dir"] for name, s in state.items() if s.get("status") in ("done", "cached")}
     trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
     if not trained or "tokenize" not in done or "tokenizer" not in done:
@@ -156,13 +172,20 @@ def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, token
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from orchestration.stages import eval_ctx_len
     from pipeline.config import EvalConfig
     from pipeline.eval_stage import evaluate
 
     run_dir = Path(args.run_dir)
     model, model_cfg, shards, tokenizer = _load_run_model(run_dir)
     config = load_config(run_dir / "config.yaml")
-    ctx_len = args.ctx_len or config.eval.ctx_len or config.train.ctx_len
+    ctx_len = args.ctx_len or eval_ctx_len(config)
+    val_tokens = json.loads((shards / "manifest.json").read_text())["totals"]["val"]["tokens"]
+    if val_tokens < ctx_len + 1:
+        raise UsageError(
+            f"--ctx-len {ctx_len}: the val split holds {val_tokens} tokens, fewer than one window of {ctx_len + 1} "
+            f"(the longest window it allows is --ctx-len {val_tokens - 1})"
+        )
     eval_cfg = EvalConfig(**{**config.eval.model_dump(), "batches": args.batches or config.eval.batches})
     out = Path(args.out) if args.out else run_dir / f"eval-ctx{ctx_len}"
     report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out)
@@ -179,7 +202,7 @@ def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model
     from orchestration.rundir import RunDir
     from pipeline.checkpoint import consolidated_state_dict, is_complete, read_state
 
-    tokenizer = RunDir(run_dir).read_state()["stages"].get("tokenizer", {})
+    tokenizer = RunDir.existing(run_dir).read_state()["stages"].get("tokenizer", {})
     if tokenizer.get("status") not in ("done", "cached"):
         raise UsageError(f"{run_dir} has no finished tokenizer stage: give the run directory the checkpoint belongs to")
     if not is_complete(checkpoint):
@@ -192,6 +215,9 @@ def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model
 
 def _export(args: argparse.Namespace) -> int:
     from pipeline.eval_stage import export
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file: give a folder (it is created if missing)")
 
     if args.checkpoint:
         model, model_cfg, tokenizer = _load_checkpoint_model(Path(args.run_dir), Path(args.checkpoint))
@@ -240,17 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="Sample text from an exported model (RNN mode).")
     gen.add_argument("checkpoint", help="Exported model.pth, or the export folder holding it.")
     gen.add_argument("--prompt", required=True, help="Text to continue.")
-    gen.add_argument("--tokens", type=int, default=100, help="Tokens to generate (default 100).")
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0).")
-    gen.add_argument("--top-p", type=float, default=0.85, help="Nucleus sampling mass (default 0.85).")
+    gen.add_argument("--tokens", type=_number(int, 1), default=100, help="Tokens to generate (default 100).")
+    gen.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy (default 1.0).")
+    gen.add_argument(
+        "--top-p", type=_number(float, 0, 1, low_open=True), default=0.85, help="Nucleus sampling mass (default 0.85)."
+    )
     gen.add_argument("--seed", type=int, default=0, help="Sampling seed (default 0).")
     gen.add_argument("--tokenizer", default=None, help="Folder with tokenizer.model (default: beside the model).")
     gen.set_defaults(handler=_generate)
 
     ev = commands.add_parser("eval", help="Evaluate a run's trained model: val loss, perplexity, loss vs position.")
     ev.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
-    ev.add_argument("--ctx-len", type=int, default=0, help="Window length (default: the config's).")
-    ev.add_argument("--batches", type=int, default=0, help="Batches of 4 windows (default: eval.batches).")
+    ev.add_argument("--ctx-len", type=_number(int, 0), default=0, help="Window length (default: the evaluate stage's).")
+    ev.add_argument("--batches", type=_number(int, 0), default=0, help="Batches of 4 windows (default: eval.batches).")
     ev.add_argument("--out", default=None, help="Report folder (default: <run_dir>/eval-ctx<N>).")
     ev.set_defaults(handler=_eval)
 

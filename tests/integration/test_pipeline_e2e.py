@@ -199,6 +199,10 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     report = json.loads((stage_dirs(run_dir)["evaluate"] / "eval_report.json").read_text())
     assert f"| {report['val_loss']:.4f} ({report['perplexity']:.1f}) at ctx {report['ctx_len']} |" in compared.stdout
     assert "| e2e | pretrain ctx " in compared.stdout and (tmp_path / "compare.png").stat().st_size > 0
+    too_long = cli("eval", str(run_dir), "--ctx-len", "100000000")
+    assert too_long.returncode == 2 and "fewer than one window of 100000001" in too_long.stderr, too_long.stderr
+    onto_a_file = cli("export", str(run_dir), "--out", str(tmp_path / "compare.png"))
+    assert onto_a_file.returncode == 2 and "is a file: give a folder" in onto_a_file.stderr, onto_a_file.stderr
 
 
 def test_rerun_of_a_finished_run_does_no_work(first_run):

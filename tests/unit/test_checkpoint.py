@@ -101,6 +101,11 @@ def test_safetensors_round_trip_is_identical(exported, tmp_path):
     loaded = load_rwkv4_safetensors(tmp_path / "model.safetensors", wkv_backend="reference")
     with torch.no_grad():
         assert torch.equal(loaded(ids[None])[0], logits)
+    save_rwkv4_pth(model, tmp_path / "model.pth")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in tmp_path.glob("model.*")}
+    assert modes == dict.fromkeys(["model.pth", "model.safetensors"], 0o666 & ~mask)  # as open() makes files
 
 
 def test_sizes_are_inferred_from_shapes_with_dim_att_unlike_n_embd(tmp_path):

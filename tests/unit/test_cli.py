@@ -56,6 +56,28 @@ def test_more_training_workers_than_the_local_cluster_holds_stop_before_any_stag
     assert not list((tmp_path / "quickstart").glob("tokenizer-*"))  # no stage started
 
 
+@pytest.mark.parametrize(
+    ("args", "cause"),
+    [
+        (["generate", "m.pth", "--prompt", "x", "--top-p", "2"], "argument --top-p: 2 is outside (0, 1]"),
+        (["generate", "m.pth", "--prompt", "x", "--temperature", "-1"], "--temperature: -1 is outside [0, inf)"),
+        (["generate", "m.pth", "--prompt", "x", "--tokens", "-5"], "--tokens: -5 is outside [1, inf)"),
+        (["eval", "runs/x", "--ctx-len", "-4"], "argument --ctx-len: -4 is outside [0, inf)"),
+        (["eval", "runs/x", "--batches", "many"], "argument --batches: 'many' is not an int"),
+    ],
+)
+def test_out_of_range_options_are_named_by_the_parser(capsys, args: list[str], cause: str):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and cause in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval"], ["export", "--out", "out"]])
+def test_eval_and_export_of_something_that_is_not_a_run_directory(capsys, tmp_path: Path, command: list[str]):
+    code, err = run_cli(capsys, command[0], str(tmp_path / "nope"), *command[1:])
+    assert code == 2 and "is not a run directory" in err
+
+
 def test_missing_config_file_and_debug_traceback(capsys, tmp_path: Path):
     code, err = run_cli(capsys, "plan", str(tmp_path / "missing.yaml"))
     assert code == 2 and "config file not found" in err
