@@ -236,8 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(name: str, help_text: str, handler) -> None:
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
+        # --debug after the command too; SUPPRESS keeps a --debug given before it
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        return command
+
+    def with_config(name: str, help_text: str, handler) -> None:
+        command = add_command(name, help_text)
         command.add_argument("config", help="YAML run config.")
         command.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. train.lr_init=3e-4.")
         command.set_defaults(handler=handler)
@@ -246,24 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("plan", "Show which stages would run and which are cached, without running anything.", _plan)
     with_config("print-config", "Print the resolved config (YAML plus overrides).", _print_config)
 
-    reference = commands.add_parser(
-        "reference-config",
-        help="Print every config field with its default and what it does (configs/reference.yaml).",
+    reference = add_command(
+        "reference-config", "Print every config field with its default and what it does (configs/reference.yaml)."
     )
     reference.set_defaults(handler=_reference_config)
 
-    status = commands.add_parser("status", help="Stages, progress and MLflow links of a run directory.")
+    status = add_command("status", "Stages, progress and MLflow links of a run directory.")
     status.add_argument("run_dir", help="<workdir>/<run name>, e.g. runs/quickstart")
     status.set_defaults(handler=_status)
 
-    compare = commands.add_parser(
-        "compare", help="Runs side by side: the config fields that differ, results, one loss chart."
-    )
+    compare = add_command("compare", "Runs side by side: the config fields that differ, results, one loss chart.")
     compare.add_argument("run_dirs", nargs="+", help="<workdir>/<run name> of each run, e.g. runs/a runs/b")
     compare.add_argument("--out", default="compare.png", help="Chart of the losses (default compare.png).")
     compare.set_defaults(handler=_compare)
 
-    gen = commands.add_parser("generate", help="Sample text from an exported model (RNN mode).")
+    gen = add_command("generate", "Sample text from an exported model (RNN mode).")
     gen.add_argument("checkpoint", help="Exported model.pth, or the export folder holding it.")
     gen.add_argument("--prompt", required=True, help="Text to continue.")
     gen.add_argument("--tokens", type=_number(int, 1), default=100, help="Tokens to generate (default 100).")
@@ -275,14 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tokenizer", default=None, help="Folder with tokenizer.model (default: beside the model).")
     gen.set_defaults(handler=_generate)
 
-    ev = commands.add_parser("eval", help="Evaluate a run's trained model: val loss, perplexity, loss vs position.")
+    ev = add_command("eval", "Evaluate a run's trained model: val loss, perplexity, loss vs position.")
     ev.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
     ev.add_argument("--ctx-len", type=_number(int, 0), default=0, help="Window length (default: the evaluate stage's).")
     ev.add_argument("--batches", type=_number(int, 0), default=0, help="Batches of 4 windows (default: eval.batches).")
     ev.add_argument("--out", default=None, help="Report folder (default: <run_dir>/eval-ctx<N>).")
     ev.set_defaults(handler=_eval)
 
-    ex = commands.add_parser("export", help="Write a run's model as official RWKV-4 .pth + safetensors + tokenizer.")
+    ex = add_command("export", "Write a run's model as official RWKV-4 .pth + safetensors + tokenizer.")
     ex.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
     ex.add_argument("--out", required=True, help="Folder to write model.pth, model.safetensors, tokenizer.*.")
     ex.add_argument(

@@ -138,7 +138,7 @@ def results_table(runs: list[RunResult]) -> str:
         "run",
         "stages",
         "tokens seen",
-        "train loss (last 3 logged)",
+        "train loss (mean of last 3 logged)",
         "tokens/s (median)",
         "last val loss",
         "eval loss (ppl)",

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestration.rundir import SUCCESS, RunDir, now_iso, write_atomic
+from orchestration.stage_log import stage_log
 from orchestration.tracking import NullTracker, RunHandle, SystemMetricsSampler, flatten
 
 log = logging.getLogger("orchestration.dag")
@@ -240,25 +241,23 @@ class DagRunner:
             progress=None,
         )
         self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}")
-        file_handler = _attach_log_file(log_path)
         started = time.monotonic()
         sampler = SystemMetricsSampler(self.tracker, handle, origin, self.system_metrics_s or 10.0)
-        try:
-            if self.system_metrics_s:
-                sampler.__enter__()
-            ctx = self._attempts(stage, partial, outputs, handle, log_path)
-            self._commit(stage, item, partial, ctx)
-        except BaseException as error:
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
-            self.tracker.close_run(handle, status)
-            self.run_dir.update_stage(
-                stage.name, status=status.lower(), finished_at=now_iso(), error=f"{type(error).__name__}: {error}"
-            )
-            raise
-        finally:
-            sampler.__exit__()
-            logging.getLogger().removeHandler(file_handler)
-            file_handler.close()
+        with stage_log(log_path):
+            try:
+                if self.system_metrics_s:
+                    sampler.__enter__()
+                ctx = self._attempts(stage, partial, outputs, handle, log_path)
+                self._commit(stage, item, partial, ctx)
+            except BaseException as error:
+                status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+                self.tracker.close_run(handle, status)
+                self.run_dir.update_stage(
+                    stage.name, status=status.lower(), finished_at=now_iso(), error=f"{type(error).__name__}: {error}"
+                )
+                raise
+            finally:
+                sampler.__exit__()
         seconds = time.monotonic() - started
         self.tracker.log_metrics(handle, {"stage_seconds": seconds}, step=0)
         self.tracker.close_run(handle, "FINISHED")
@@ -323,14 +322,3 @@ class DagRunner:
         if time.monotonic() - self._progress_written > 2.0 or done >= total:
             self._progress_written = time.monotonic()
             self.run_dir.update_stage(stage, progress=[done, total])
-
-
-def _attach_log_file(path: Path) -> logging.Handler:
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    if root.level > logging.INFO or root.level == logging.NOTSET:
-        root.setLevel(logging.INFO)
-    return handler

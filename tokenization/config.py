@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -14,7 +14,11 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the corpus is and how documents are read from it."""
 
-    paths: list[str] = Field(default_factory=list, description="Files, directories or globs of the corpus.")
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Files, directories or globs of the corpus, or 'stdlib:' (this Python's standard library "
+        "sources); one path may be given alone (data.paths=/data/corpus).",
+    )
     root: str | None = Field(None, description="Corpus root for stable document ids; default: common parent.")
     text_field: str = Field("text", description="JSON field / parquet column holding the document text.")
     txt_split: Literal["file", "blank_lines"] = Field(
@@ -26,6 +30,11 @@ class DataConfig(_Strict):
         16 << 20, gt=0, description="Work unit size: small files are grouped and large ones cut to about this size."
     )
     batch_bytes: int = Field(1 << 20, gt=0, description="Text encoded per sentencepiece call and per Arrow batch.")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _one_path_alone(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
 
 class TokenizerConfig(_Strict):

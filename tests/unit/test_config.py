@@ -30,6 +30,17 @@ def test_unknown_key_names_field_and_file(tmp_path: Path) -> None:
     assert "train.lr_inti" in str(caught.value) and str(path) in str(caught.value)
 
 
+def test_a_yaml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr_init: [1.0e-3\n  steps: 10\n")
+    with pytest.raises(ConfigError, match=rf'(?s){path}: not valid YAML: .*in "{path}", line \d+'):
+        load_config(path)
+
+
+def test_one_corpus_path_may_be_given_alone() -> None:
+    assert load_config(None, ["data.paths=/data/corpus"]).data.paths == ["/data/corpus"]
+
+
 def test_bad_value_names_field() -> None:
     with pytest.raises(ConfigError, match=r"train\.micro_bsz"):
         load_config(None, ["train.micro_bsz=zero"])

@@ -227,3 +227,22 @@ def test_a_val_split_smaller_than_one_evaluation_window_stops_pretraining_before
     with pytest.raises(PipelineSetupError, match=r"holds 300 tokens in 1 documents, fewer than .* 513: raise data.val"):
         run(SimpleNamespace(inputs={"tokenize": shards}))  # what the stage reads of its context
     assert PipelineSetupError.retryable is False
+
+
+def test_a_stage_log_holds_what_the_stage_printed_line_by_line(tmp_path: Path, capsys):
+    import sys
+
+    def noisy(ctx):
+        print("step 10/30 loss=7.57")
+        sys.stderr.write("tokenize:  10%|#         |\rtokenize: 100%|##########|\n")
+        sys.stdout.write("\x1b[36m(worker pid=7)\x1b[0m rank 0 ready\nno newline at the end")
+        (ctx.out_dir / "out.txt").write_text("done")
+
+    run_dir = RunDir(tmp_path / "run")
+    DagRunner(run_dir).run([Stage("train", noisy, config={})], "demo")
+    log = run_dir.log_path("train").read_text()
+    assert "stdout: step 10/30 loss=7.57" in log and "stderr: tokenize: 100%|##########|" in log
+    assert "10%" not in log and "\x1b" not in log and "stdout: (worker pid=7) rank 0 ready" in log
+    assert "stdout: no newline at the end" in log
+    console = capsys.readouterr()
+    assert "step 10/30 loss=7.57" in console.out and "tokenize:  10%" in console.err  # the console as before
