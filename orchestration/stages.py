@@ -240,11 +240,19 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
     record = {
         "weights": weights.name,
         "sha256": sha256_of(weights),
-        "checkpoint": str(result.get("checkpoint")),
+        "checkpoint": _within(result.get("checkpoint"), ctx.out_dir),
         "model_config": dataclasses.asdict(config.model),
     }
     (ctx.out_dir / "checkpoint_manifest.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     ctx.log_artifact(ctx.out_dir / "checkpoint_manifest.json", "checkpoint")
+
+
+def _within(path: str | None, stage_dir: Path) -> str | None:
+    """A path inside the stage folder relative to it: the folder loses its .partial name when complete."""
+    if path is None:
+        return None
+    resolved, root = Path(path).resolve(), stage_dir.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(resolved)
 
 
 def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:

@@ -155,6 +155,10 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     state = state_of(run_dir)
     assert [name for name in state["stages"]] == STAGES
     assert all(stage["status"] == "done" for stage in state["stages"].values())
+    assert "stdout: " in (run_dir / "logs" / "pretrain.log").read_text()  # what the stage printed, Ray's relay too
+    assert "step 10/30 loss=" in (run_dir / "logs" / "pretrain.log").read_text()
+    manifest = json.loads((stage_dirs(run_dir)["pretrain"] / "checkpoint_manifest.json").read_text())
+    assert (stage_dirs(run_dir)["pretrain"] / manifest["checkpoint"] / "COMPLETE").is_file()  # valid once renamed
 
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(state["parent_run_id"])
