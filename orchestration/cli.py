@@ -71,7 +71,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     for item in plan_pipeline(config):
-        print(f"{item.stage:<10} {item.action:<7} {item.folder}")
+        print(f"{item.stage:<10} {item.action:<7} {item.source or item.folder}")
     return 0
 
 

@@ -14,7 +14,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestration.config import RayConfig
 
 # Ray Train's per-run helper that removes a dead controller's placement group (Ray 2.60).
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
@@ -150,7 +153,7 @@ def _start_local_cluster() -> None:
             del os.environ["RAY_AUTH_MODE"]
 
 
-def check_workers_fit(ray_config: Any, address: str) -> None:
+def check_workers_fit(ray_config: RayConfig, address: str) -> None:
     """The training workers' resources against what the cluster has, once Ray is up.
 
     Ray Train waits for resources that never come on a local cluster (it retries the worker group's

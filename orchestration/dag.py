@@ -14,6 +14,11 @@ its inputs' hashes, so changing `train.*` changes pretrain and everything after 
 tokenizer and shards where they are. Completion is the `_SUCCESS` marker, written last after the
 atomic rename of `.partial` to the final name; a killed stage finds its `.partial` folder again
 (same hash) and resumes from whatever its function left there.
+
+Runs of one workdir share complete folders: a stage whose folder is complete in another run
+directory beside this one (same name, so the same config and inputs) is not run again; its folder
+here becomes a relative symbolic link to that one (action "shared"). So experiments that differ in
+`train.*` tokenize their corpus once.
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ class PlanItem:
     stage: str
     digest: str
     folder: Path
-    action: str  # cached | resume | run
+    action: str  # cached | shared | resume | run
+    source: Path | None = None  # shared: the complete folder in another run directory
 
 
 class DagRunner:
@@ -149,14 +155,36 @@ class DagRunner:
         for stage in stages:
             digest = digests[stage.name]
             final = self.run_dir.stage_dir(stage.name, digest)
+            source = None
             if RunDir.is_complete(final):
                 action = "cached"
             elif self.run_dir.partial_dir(stage.name, digest).exists():
                 action = "resume"
+            elif (source := self._complete_elsewhere(final.name)) is not None:
+                action = "shared"
             else:
                 action = "run"
-            items.append(PlanItem(stage.name, digest, final, action))
+            items.append(PlanItem(stage.name, digest, final, action, source))
         return items
+
+    def _complete_elsewhere(self, folder_name: str) -> Path | None:
+        """The same stage folder, complete, in another run directory of this workdir."""
+        workdir = self.run_dir.root.parent
+        for other in sorted(workdir.iterdir()) if workdir.is_dir() else []:
+            candidate = other / folder_name
+            if other != self.run_dir.root and other.is_dir() and RunDir.is_complete(candidate):
+                return candidate.resolve()
+        return None
+
+    def _link_shared(self, parent: RunHandle, item: PlanItem) -> None:
+        assert item.source is not None
+        if item.folder.is_symlink():  # a link whose folder was deleted
+            item.folder.unlink()
+        item.folder.symlink_to(os.path.relpath(item.source, item.folder.parent), target_is_directory=True)
+        run_id = RunDir(item.source.parent).read_state()["stage_runs"].get(item.source.name)
+        if run_id is not None:
+            self.run_dir.update(stage_runs={**self.run_dir.read_state()["stage_runs"], item.folder.name: run_id})
+        self._note_cached(parent, item, source=item.source)
 
     def run(
         self,
@@ -195,6 +223,8 @@ class DagRunner:
             for stage, item in zip(stages, plan, strict=True):
                 if item.action == "cached":
                     self._note_cached(parent, item)
+                elif item.action == "shared":
+                    self._link_shared(parent, item)
                 else:
                     self._run_stage(stage, item, outputs, parent)
             status = "FINISHED"
@@ -205,11 +235,11 @@ class DagRunner:
             self.tracker.close_run(parent, status)
         return outputs
 
-    def _note_cached(self, parent: RunHandle, item: PlanItem) -> None:
+    def _note_cached(self, parent: RunHandle, item: PlanItem, source: Path | None = None) -> None:
         run_id = self.run_dir.read_state()["stage_runs"].get(item.folder.name)
-        self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{item.folder.name} (run {run_id})"})
+        self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
         self.run_dir.update_stage(item.stage, status="cached", dir=item.folder.name, hash=item.digest)
-        self.report(f"{item.stage:<10} cached  {item.folder}")
+        self.report(f"{item.stage:<10} {'shared' if source else 'cached'}  {source or item.folder}")
 
     def _run_stage(self, stage: Stage, item: PlanItem, outputs: dict[str, Path], parent: RunHandle) -> None:
         partial = self.run_dir.partial_dir(stage.name, item.digest)
@@ -306,7 +336,9 @@ class DagRunner:
             "finished_at": now_iso(),
         }
         write_atomic(partial / "stage.json", json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        if item.folder.exists():  # a final folder without _SUCCESS is debris from a crash mid-commit
+        if item.folder.is_symlink():  # a shared folder that has since been deleted in its own run
+            item.folder.unlink()
+        elif item.folder.exists():  # a final folder without _SUCCESS is debris from a crash mid-commit
             shutil.rmtree(item.folder)
         os.rename(partial, item.folder)
         marker = item.folder / SUCCESS

@@ -80,7 +80,7 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
         tracker = make_tracker(uri, config.tracking.experiment)
         interval = config.tracking.system_metrics_interval_s if config.tracking.system_metrics else None
         runner = DagRunner(run_dir, tracker, config.ray.stage_retries, interval, reporter)
-        pending = [item.stage for item in runner.plan(stages) if item.action != "cached"]
+        pending = [item.stage for item in runner.plan(stages) if item.action in ("run", "resume")]
         started_ray = bool(pending) and start_ray(address)
         try:
             if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages

@@ -76,6 +76,17 @@ def cli(*args: str, timeout_s: float = 400) -> subprocess.CompletedProcess:
     )
 
 
+def start_run(config: Path, *overrides: str) -> subprocess.Popen:
+    """`rwkv-pipeline run` in the background; read its console (stdout and stderr) with communicate()."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestration.cli", "run", str(config), *overrides],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+    )
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     return env | {"PYTHONUNBUFFERED": "1"}
@@ -269,13 +280,7 @@ def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newe
 
     config, run_dir, _ = first_run
     overrides = ["train.lr_init=0.0015"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.cli", "run", str(config), *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(),
-    )
+    driver = start_run(config, *overrides)
     try:
         wait_for(checkpoint_registered(run_dir, "step_00000010"), 300, "checkpoint 10 registered with Ray Train")
         assert driver.poll() is None, "the run ended before it could be interrupted"
@@ -304,13 +309,7 @@ def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(firs
     config, run_dir, _ = first_run
     server = own_mlflow_server
     overrides = [f"tracking.uri={server.uri}", "train.lr_init=0.002"]
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestration.cli", "run", str(config), *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=_env(),
-    )
+    driver = start_run(config, *overrides)
     try:
         pretrain_state = lambda: state_of(run_dir)["stages"].get("pretrain", {})  # noqa: E731
         wait_for(

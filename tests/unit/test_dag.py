@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -246,3 +247,31 @@ def test_a_stage_log_holds_what_the_stage_printed_line_by_line(tmp_path: Path, c
     assert "stdout: no newline at the end" in log
     console = capsys.readouterr()
     assert "step 10/30 loss=7.57" in console.out and "tokenize:  10%" in console.err  # the console as before
+
+
+def test_runs_of_one_workdir_share_complete_stage_folders(tmp_path: Path):
+    import shutil
+
+    first, first_calls = RunDir(tmp_path / "lr1"), []
+    DagRunner(first).run(make_stages(first_calls, lr=1e-3), "lr1")
+    second, calls = RunDir(tmp_path / "lr2"), []
+    runner = DagRunner(second)
+    plan = runner.plan(make_stages([], lr=2e-3))
+    assert [(item.stage, item.action) for item in plan] == [
+        ("tokenizer", "shared"),
+        ("shards", "shared"),
+        ("train", "run"),
+        ("report", "run"),
+    ]
+    outputs = runner.run(make_stages(calls, lr=2e-3), "lr2")
+    assert calls == ["train", "report"]  # the corpus stages ran once, in the first run
+    link = outputs["shards"]
+    assert link.is_symlink() and os.readlink(link) == f"../lr1/{link.name}"
+    assert (outputs["report"] / "out.txt").read_text() == "reporttrainshardstokenizertokenizer"
+    assert second.read_state()["stages"]["tokenizer"]["status"] == "cached"
+
+    shutil.rmtree(first.root)  # the shared folders' own run is deleted: the links dangle, the stages run again
+    assert [item.action for item in runner.plan(make_stages([], lr=2e-3))] == ["run", "run", "cached", "cached"]
+    calls.clear()
+    outputs = runner.run(make_stages(calls, lr=2e-3), "lr2")
+    assert calls == ["tokenizer", "shards"] and not outputs["shards"].is_symlink()
