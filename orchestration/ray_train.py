@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import tempfile
 import threading
 from contextlib import nullcontext
@@ -131,6 +130,31 @@ def _pump(metrics_queue: Any, log_metrics: MetricsFn | None, stop: threading.Eve
             log_metrics(metrics, step)
 
 
+def _fit_interruptibly(trainer: Any) -> Any:
+    """trainer.fit() on a helper thread, so that Ctrl-C stays a KeyboardInterrupt of this one.
+
+    On the main thread, fit() installs its own SIGINT handler: it asks the run's controller to abort,
+    which does not return while the controller waits for resources, and then exits the process
+    (SystemExit, so the stage was marked failed). Off the main thread Ray installs none; an interrupt
+    here leaves the stage killed, and Ray ends the job's workers when the driver goes.
+    """
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # noqa: BLE001 - re-raised on the calling thread
+            outcome["error"] = error
+
+    runner = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    runner.start()
+    while runner.is_alive():
+        runner.join(timeout=0.5)  # short waits: the interrupt is raised between them
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
 def train_on_ray(
     config: RunConfig,
     data_dir: str | Path,
@@ -196,16 +220,9 @@ def train_on_ray(
     stop = threading.Event()
     pump = threading.Thread(target=_pump, args=(metrics_queue, log_metrics, stop), daemon=True)
     pump.start()
-    previous_sigint = signal.getsignal(signal.SIGINT)
     try:
-        result = trainer.fit()
-    except SystemExit as exit_:
-        # fit() installs a SIGINT handler that aborts the run, then exits: that was Ctrl-C, and the
-        # run reports it as one (the stage stopped, not failed; a rerun resumes).
-        raise KeyboardInterrupt from exit_
+        result = _fit_interruptibly(trainer)
     finally:
-        if previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous_sigint)  # Ray leaves its handler installed
         stop.set()
         pump.join(timeout=30)
         ray.kill(metrics_queue.actor)
