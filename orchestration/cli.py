@@ -81,17 +81,25 @@ def _status(args: argparse.Namespace) -> int:
 
     run_dir = RunDir.existing(Path(args.run_dir))
     state = run_dir.read_state()
+    driver = run_dir.driver_running()
     print(f"run {state.get('name', run_dir.root.name)} in {run_dir.root} (updated {state.get('updated_at')})")
     for name, stage in state["stages"].items():
         progress = stage.get("progress")
         shown = f"{progress[0]}/{progress[1]}" if progress else ""
         seconds = f"{stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
+        status = stage.get("status", "?")
+        if status == "running" and not driver:
+            status = "stopped"  # its driver was killed: the state could not say so
+        elif status in ("done", "cached") and not (run_dir.root / stage.get("dir", "")).exists():
+            status = "missing"  # deleted since, or a shared folder whose run was deleted
         print(
-            f"  {name:<10} {stage.get('status', '?'):<9} {shown:>11} {seconds:>7}  {stage.get('dir', '')}"
+            f"  {name:<10} {status:<9} {shown:>11} {seconds:>7}  {stage.get('dir', '')}"
             f"  mlflow {stage.get('mlflow_run_id') or '-'}"
         )
-        if stage.get("status") == "failed":
+        if status == "failed":
             print(f"             error: {stage.get('error')}\n             log: {stage.get('log')}")
+        if status in ("stopped", "missing"):
+            print("             rerun the run's command to resume (or make it again)")
     url = None
     if state.get("tracking_uri") and state.get("parent_run_id"):
         try:
@@ -304,6 +312,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from orchestration.dag import StageFailed
     from orchestration.rundir import NotARunDirectory, RunDirBusy
     from orchestration.stages import PipelineSetupError
+    from tokenization.shards import ShardError
     from tokenization.sources import CorpusError
 
     errors: list[type[BaseException]] = [
@@ -311,6 +320,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         UsageError,
         NotARunDirectory,
         CorpusError,
+        ShardError,
         RayUnreachable,
         ClusterTooSmall,
         RunDirBusy,

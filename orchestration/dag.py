@@ -181,10 +181,10 @@ class DagRunner:
         if item.folder.is_symlink():  # a link whose folder was deleted
             item.folder.unlink()
         item.folder.symlink_to(os.path.relpath(item.source, item.folder.parent), target_is_directory=True)
+        # The stage run that made the folder, named on this run's parent only: kept out of stage_runs,
+        # so a folder made again here (its run deleted) gets a stage run of this run, not of that one.
         run_id = RunDir(item.source.parent).read_state()["stage_runs"].get(item.source.name)
-        if run_id is not None:
-            self.run_dir.update(stage_runs={**self.run_dir.read_state()["stage_runs"], item.folder.name: run_id})
-        self._note_cached(parent, item, source=item.source)
+        self._note_cached(parent, item, source=item.source, run_id=run_id)
 
     def run(
         self,
@@ -217,6 +217,7 @@ class DagRunner:
             parent_run_id=parent.run_id,
             tracking_uri=self.tracker.uri,
             parent_runs={**state["parent_runs"], config_hash: parent.run_id},
+            stages=self._planned_stages(plan, state["stages"]),
         )
         status = "FAILED"
         try:
@@ -235,8 +236,25 @@ class DagRunner:
             self.tracker.close_run(parent, status)
         return outputs
 
-    def _note_cached(self, parent: RunHandle, item: PlanItem, source: Path | None = None) -> None:
-        run_id = self.run_dir.read_state()["stage_runs"].get(item.folder.name)
+    @staticmethod
+    def _planned_stages(plan: list[PlanItem], previous: dict[str, Any]) -> dict[str, Any]:
+        """This config's stages, in order, as `status` should show them before they run: what is to run
+        `pending` in its new folder (an earlier config's entry, or a stage it had that this one has not,
+        would read as current)."""
+        stages = {}
+        for item in plan:
+            entry = dict(previous.get(item.stage, {}))
+            if entry.get("dir") != item.folder.name:
+                entry = {"dir": item.folder.name, "hash": item.digest}
+            if item.action in ("run", "resume"):
+                entry.update(status="pending", error=None)
+            stages[item.stage] = entry
+        return stages
+
+    def _note_cached(
+        self, parent: RunHandle, item: PlanItem, source: Path | None = None, run_id: str | None = None
+    ) -> None:
+        run_id = run_id or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
         self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
         self.run_dir.update_stage(item.stage, status="cached", dir=item.folder.name, hash=item.digest)
         self.report(f"{item.stage:<10} {'shared' if source else 'cached'}  {source or item.folder}")

@@ -17,6 +17,7 @@ cluster); each task takes one CPU and encodes with one sentencepiece thread.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,13 @@ def _tokenize_task(unit: WorkUnit, data: DataConfig, tokenizer_dir: str, out_dir
 class _Progress:
     """tqdm over units with MB/s and tokens/s of the units finished in this run."""
 
-    def __init__(self, total: int, done: int) -> None:
+    def __init__(self, total: int, done: int, on_progress: Callable[[int, int], None] | None = None) -> None:
         from tqdm import tqdm
 
         self.bar = tqdm(total=total, initial=done, desc="tokenize", unit="unit")
         self.started, self.text_bytes, self.tokens = time.perf_counter(), 0, 0
+        self.on_progress = on_progress or (lambda done, total: None)
+        self.on_progress(done, total)
 
     def update(self, record: dict[str, Any]) -> None:
         self.text_bytes += record["text_bytes"]
@@ -49,6 +52,7 @@ class _Progress:
             f"{self.text_bytes / elapsed / 1e6:.2f} MB/s, {self.tokens / elapsed / 1e3:.0f}k tok/s"
         )
         self.bar.update(1)
+        self.on_progress(self.bar.n, self.bar.total)
 
     def close(self) -> None:
         self.bar.close()
@@ -62,6 +66,7 @@ def run_units(
     num_workers: int,
     max_retries: int,
     queued_per_worker: int = 1,
+    progress: _Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Run `units` as Ray tasks, at most num_workers at a time; their records in unit order.
 
@@ -81,7 +86,7 @@ def run_units(
     pending = sorted(units, key=lambda unit: (unit.bytes, -unit.index))  # pop() takes the largest
     running: dict[Any, int] = {}
     records: dict[int, dict[str, Any]] = {}
-    progress = _Progress(len(units), 0)
+    progress = progress or _Progress(len(units), 0)
     try:
         while pending or running:
             while pending and len(running) < in_flight:
@@ -107,8 +112,11 @@ def tokenize_corpus(
     ray_address: str | None = None,
     num_workers: int = 0,
     max_retries: int = 2,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Tokenize the corpus into `out_dir` (shards, units/, manifest.json last); resumes; returns out_dir."""
+    """Tokenize the corpus into `out_dir` (shards, units/, manifest.json last); resumes; returns out_dir.
+
+    on_progress(units done, units) after each unit, counting those a killed run finished (run status)."""
     out_dir, tokenizer_dir = Path(out_dir).resolve(), Path(tokenizer_dir).resolve()
     units = plan_units(data)  # raises CorpusError naming a missing path before any work
     info = read_info(tokenizer_dir)
@@ -119,7 +127,8 @@ def tokenize_corpus(
     if todo:
         started_ray = start_ray(ray_address_from(ray_address))
         try:
-            for record in run_units(todo, data, tokenizer_dir, out_dir, num_workers, max_retries):
+            progress = _Progress(len(units), len(done), on_progress)
+            for record in run_units(todo, data, tokenizer_dir, out_dir, num_workers, max_retries, progress=progress):
                 done[record["unit"]["index"]] = record
         finally:
             if started_ray:

@@ -113,6 +113,20 @@ class RunDir:
             self.write_state(state)
             return state
 
+    def driver_running(self) -> bool:
+        """Whether a driver holds this run directory now (`locked`; a killed one holds nothing)."""
+        try:
+            handle = open(self.root / ".lock")
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Exclusive use of this run directory for the life of one driver."""

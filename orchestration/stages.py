@@ -160,6 +160,7 @@ def tokenize_stage(config: RunConfig) -> Callable[[StageContext], None]:
             ray_address=config.ray.address,
             num_workers=config.ray.data_workers,
             max_retries=config.ray.max_retries,
+            on_progress=ctx.progress,
         )
         manifest = json.loads((ctx.out_dir / "manifest.json").read_text())
         totals = {k: v for k, v in manifest.get("totals", {}).items() if isinstance(v, int | float)}
@@ -345,6 +346,7 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
     ctx_len = eval_ctx_len(config)
 
     def run(ctx: StageContext) -> None:
+        ctx.log_params({**{f"eval.{k}": v for k, v in config.eval.model_dump().items()}, "eval.ctx_len": ctx_len})
         model_cfg = _model_config(config, ctx.inputs[trained])
         report = on_ray(
             _evaluate_task,
@@ -359,6 +361,9 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
         ctx.log_metrics(
             {k: report[k] for k in ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter")}, step=0
         )
+        if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
+            headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
+            ctx.tracker.log_metrics(ctx.run.parent, {**headline, "eval/ctx_len": ctx_len}, step=0)
         for name in ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv"):
             ctx.log_artifact(ctx.out_dir / name, "eval")
 

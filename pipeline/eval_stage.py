@@ -92,8 +92,8 @@ def evaluate(
     model: torch.nn.Module, shard_dir: Path, tokenizer_dir: Path, cfg: EvalConfig, ctx_len: int, out_dir: Path
 ) -> dict[str, Any]:
     """Val loss, perplexity, loss vs position (PNG + CSV) and a sample; returns the report it writes."""
+    data = TokenDataset(shard_dir, split="val")  # verified first: a damaged shard leaves no empty report folder
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = TokenDataset(shard_dir, split="val")
     windows = cfg.batches * EVAL_MICRO_BSZ
     by_position_T = loss_by_position(model, data, ctx_len, windows)
     val_loss = float(by_position_T.mean())

@@ -30,6 +30,14 @@ _HASH_CHUNK = 8 << 20
 class ShardError(ValueError):
     """A shard that is missing or differs from its manifest entry (sha256, schema); names the file."""
 
+    retryable = False  # the bytes on disk are wrong: another attempt reads the same (orchestration/dag.py)
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            f"{message}. A finished tokenize folder is never made again by itself: if it was damaged after "
+            "tokenization, delete the folder and rerun to tokenize again"
+        )
+
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)

@@ -194,6 +194,8 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
         Path(client.download_artifacts(runs["evaluate"][0].info.run_id, "eval/eval_report.json")).read_text()
     )
     assert runs["evaluate"][0].data.metrics["val_loss"] == pytest.approx(report["val_loss"])
+    assert runs["evaluate"][0].data.params["eval.ctx_len"] == str(report["ctx_len"])
+    assert parent.data.metrics["eval/val_loss"] == pytest.approx(report["val_loss"])  # runs sort by it in MLflow
 
 
 def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_path: Path):

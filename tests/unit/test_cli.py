@@ -94,6 +94,28 @@ def test_status_of_something_that_is_not_a_run_directory(capsys, tmp_path: Path)
     assert code == 2 and "is not a run directory" in err
 
 
+def test_status_tells_a_killed_driver_and_a_deleted_folder_from_current_state(capsys, tmp_path: Path):
+    from orchestration.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    (run_dir.root / "tokenizer-abc").mkdir(parents=True)
+    run_dir.update(
+        stages={
+            "tokenizer": {"status": "done", "dir": "tokenizer-abc"},
+            "tokenize": {"status": "cached", "dir": "tokenize-def"},  # deleted since
+            "pretrain": {"status": "running", "dir": "pretrain-123", "progress": [40, 60]},
+        }
+    )
+    code = main(["status", str(run_dir.root)])
+    out = capsys.readouterr().out
+    shown = [line.split()[:2] for line in out.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert code == 0 and shown == [["tokenizer", "done"], ["tokenize", "missing"], ["pretrain", "stopped"]]
+    assert "rerun the run's command" in out
+    with run_dir.locked():  # a live driver
+        main(["status", str(run_dir.root)])
+        assert "  pretrain   running" in capsys.readouterr().out
+
+
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here

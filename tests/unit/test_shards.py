@@ -119,8 +119,9 @@ def test_a_corrupted_shard_is_named(stage: tuple[Path, Path], tmp_path: Path) ->
     payload = bytearray(victim.read_bytes())
     payload[len(payload) // 2] ^= 0xFF
     victim.write_bytes(bytes(payload))
-    with pytest.raises(ShardError, match=victim.name):
+    with pytest.raises(ShardError, match=victim.name) as damaged:
         TokenDataset(copy)
+    assert "delete the folder and rerun to tokenize again" in str(damaged.value) and not damaged.value.retryable
     victim.unlink()
     with pytest.raises(ShardError, match=f"{victim.name} is missing"):
         TokenDataset(copy)
