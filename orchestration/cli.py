@@ -24,6 +24,8 @@ from pathlib import Path
 
 from orchestration.config import ConfigError, dump_config, load_config
 
+FINISHED = ("done", "cached", "shared")  # stage statuses whose folder is complete
+
 
 class UsageError(ValueError):
     """A command-line argument that names something unusable."""
@@ -90,7 +92,7 @@ def _status(args: argparse.Namespace) -> int:
         status = stage.get("status", "?")
         if status == "running" and not driver:
             status = "stopped"  # its driver was killed: the state could not say so
-        elif status in ("done", "cached") and not (run_dir.root / stage.get("dir", "")).exists():
+        elif status in FINISHED and not (run_dir.root / stage.get("dir", "")).exists():
             status = "missing"  # deleted since, or a shared folder whose run was deleted
         print(
             f"  {name:<10} {status:<9} {shown:>11} {seconds:>7}  {stage.get('dir', '')}"
@@ -163,7 +165,7 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
     from orchestration.rundir import RunDir
 
     state = RunDir.existing(run_dir).read_state()["stages"]
-    done = {name: run_dir / s["dir"] for name, s in state.items() if s.get("status") in ("done", "cached")}
+    done = {name: run_dir / s["dir"] for name, s in state.items() if s.get("status") in FINISHED}
     trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
     if not trained or "tokenize" not in done or "tokenizer" not in done:
         raise UsageError(f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first")
@@ -211,7 +213,7 @@ def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model
     from pipeline.checkpoint import consolidated_state_dict, is_complete, read_state
 
     tokenizer = RunDir.existing(run_dir).read_state()["stages"].get("tokenizer", {})
-    if tokenizer.get("status") not in ("done", "cached"):
+    if tokenizer.get("status") not in FINISHED:
         raise UsageError(f"{run_dir} has no finished tokenizer stage: give the run directory the checkpoint belongs to")
     if not is_complete(checkpoint):
         raise UsageError(f"{checkpoint} is not a complete training checkpoint (a step_* folder with COMPLETE)")

@@ -256,8 +256,9 @@ class DagRunner:
     ) -> None:
         run_id = run_id or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
         self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
-        self.run_dir.update_stage(item.stage, status="cached", dir=item.folder.name, hash=item.digest)
-        self.report(f"{item.stage:<10} {'shared' if source else 'cached'}  {source or item.folder}")
+        status = "shared" if source else "cached"
+        self.run_dir.update_stage(item.stage, status=status, dir=item.folder.name, hash=item.digest)
+        self.report(f"{item.stage:<10} {status}  {source or item.folder}")
 
     def _run_stage(self, stage: Stage, item: PlanItem, outputs: dict[str, Path], parent: RunHandle) -> None:
         partial = self.run_dir.partial_dir(stage.name, item.digest)

@@ -108,11 +108,12 @@ def evaluate(
     )
     smooth = max(1, ctx_len // 16)  # average neighbouring positions so the trend is visible
     kernel = np.ones(smooth) / smooth
+    title = f"val loss vs position (ctx {ctx_len})" + (f", each point the mean of {smooth}" if smooth > 1 else "")
     plot_series(
         {"loss": ([float(p) for p in positions[smooth - 1 :]], list(np.convolve(by_position_T, kernel, mode="valid")))},
         "token position",
         "mean loss (nats)",
-        f"val loss vs position (ctx {ctx_len})",
+        title,
         out_dir / "loss_vs_position.png",
     )
     report = {

@@ -268,7 +268,7 @@ def test_runs_of_one_workdir_share_complete_stage_folders(tmp_path: Path):
     link = outputs["shards"]
     assert link.is_symlink() and os.readlink(link) == f"../lr1/{link.name}"
     assert (outputs["report"] / "out.txt").read_text() == "reporttrainshardstokenizertokenizer"
-    assert second.read_state()["stages"]["tokenizer"]["status"] == "cached"
+    assert second.read_state()["stages"]["tokenizer"]["status"] == "shared"
 
     shutil.rmtree(first.root)  # the shared folders' own run is deleted: the links dangle, the stages run again
     assert [item.action for item in runner.plan(make_stages([], lr=2e-3))] == ["run", "run", "cached", "cached"]
