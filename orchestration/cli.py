@@ -185,12 +185,13 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestration.stages import eval_ctx_len
     from pipeline.config import EvalConfig
     from pipeline.eval_stage import evaluate
+    from tokenization.manifest import read_manifest
 
     run_dir = Path(args.run_dir)
     model, model_cfg, shards, tokenizer = _load_run_model(run_dir)
     config = load_config(run_dir / "config.yaml")
     ctx_len = args.ctx_len or eval_ctx_len(config)
-    val_tokens = json.loads((shards / "manifest.json").read_text())["totals"]["val"]["tokens"]
+    val_tokens = read_manifest(shards)["totals"]["val"]["tokens"]
     if val_tokens < ctx_len + 1:
         raise UsageError(
             f"--ctx-len {ctx_len}: the val split holds {val_tokens} tokens, fewer than one window of {ctx_len + 1} "

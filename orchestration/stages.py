@@ -273,7 +273,9 @@ def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
 def _check_val_split(config: RunConfig, shard_dir: Path) -> None:
     """Before training, not after it: the evaluate stage needs one window of its context from the val split."""
     ctx_len = eval_ctx_len(config)
-    val = json.loads((shard_dir / "manifest.json").read_text())["totals"]["val"]
+    from tokenization.manifest import read_manifest
+
+    val = read_manifest(shard_dir)["totals"]["val"]
     if val["tokens"] < ctx_len + 1:
         raise PipelineSetupError(
             f"the val split of {shard_dir} holds {val['tokens']} tokens in {val['documents']} documents, fewer "
