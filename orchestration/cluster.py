@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 # Ray Train's per-run helper that removes a dead controller's placement group (Ray 2.60).
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Ray Train's controller loop and its retry policy, which log each failed worker-group start (Ray 2.60).
+CONTROLLER_LOGGER = "ray.train.v2._internal.execution.controller.controller"
+FAILURE_POLICY_LOGGER = "ray.train.v2._internal.execution.failure_handling.default"
+# Settings read by Ray Train's controller, a process of the cluster: passed on from the driver's environment.
+FORWARDED_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",)
 
 
 class RayUnreachable(ConnectionError):
@@ -77,12 +82,14 @@ def _job_runtime_env() -> dict:
     training loop could set it. And Ray Train (2.60) patches `print` in its workers to go through the
     root logger, also printing the line itself when stdout is wrapped, which Ray's log capture does:
     every training log line reached the driver's console twice. Our workers print plain progress
-    lines, so `print` is left alone.
+    lines, so `print` is left alone. RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, set where the driver runs,
+    reaches Ray Train's controller (how long one round of waiting for the workers' resources lasts).
     """
     from pipeline.distributed_env import multicast_off_env
 
+    forwarded = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     return {
-        "env_vars": {**multicast_off_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"},
+        "env_vars": {**multicast_off_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **forwarded},
         "worker_process_setup_hook": f"{__name__}.prepare_worker_process",
     }
 
@@ -103,6 +110,31 @@ def prepare_worker_process() -> None:
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    quiet = StartupWaitInOneLine()
+    for name in (CONTROLLER_LOGGER, FAILURE_POLICY_LOGGER):
+        logging.getLogger(name).addFilter(quiet)
+
+
+def _is_startup_timeout(error: BaseException | None) -> bool:
+    # By name: importing ray.train in every worker process of the job to test a class costs seconds.
+    return any(cls.__name__ == "WorkerGroupStartupTimeoutError" for cls in type(error).__mro__)
+
+
+class StartupWaitInOneLine(logging.Filter):
+    """Ray Train waits for the workers' resources in rounds (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s),
+    and logs each round that ends without them as an error and a retried failure, two tracebacks of
+    ~40 lines, without end. On a cluster that has yet to grow that is the expected wait (the driver
+    warned once, naming what the workers need): one line per round instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name == CONTROLLER_LOGGER:
+            return not _is_startup_timeout(error)  # the retry policy's record below says the same
+        failure = getattr(error, "controller_failure", None)
+        if _is_startup_timeout(failure):
+            record.msg = "still waiting for the cluster to hold %d training workers; Ray Train tries again"
+            record.args, record.exc_info, record.exc_text = (failure.num_workers,), None, None
+        return True
 
 
 def start_ray(address: str) -> bool:
@@ -153,6 +185,9 @@ def _start_local_cluster() -> None:
             del os.environ["RAY_AUTH_MODE"]
 
 
+_WARNED: set[str] = set()  # warnings given by check_workers_fit in this process
+
+
 def check_workers_fit(ray_config: RayConfig, address: str) -> None:
     """The training workers' resources against what the cluster has, once Ray is up.
 
@@ -179,8 +214,10 @@ def check_workers_fit(ray_config: RayConfig, address: str) -> None:
             f"the training workers need {needs}: lower ray.num_workers or ray.cpus_per_worker (fractions are "
             "allowed), or join a larger cluster with ray.address."
         )
-    logging.getLogger(__name__).warning(
-        "the Ray cluster at %s cannot hold the training workers yet: they need %s; training waits until nodes join.",
-        address,
-        needs,
+    warning = (
+        f"the Ray cluster at {address} cannot hold the training workers yet: they need {needs}; training waits "
+        "until nodes join."
     )
+    if warning not in _WARNED:  # run_pipeline checks before any stage, each training stage again
+        _WARNED.add(warning)
+        logging.getLogger(__name__).warning("%s", warning)

@@ -192,9 +192,13 @@ class DagRunner:
         run_name: str,
         config_tree: Mapping[str, Any] | None = None,
         config_file: Path | None = None,
+        plan: list[PlanItem] | None = None,
     ) -> dict[str, Path]:
-        """Run what is not complete; returns each stage's final folder. Raises StageFailed."""
-        plan = self.plan(stages)
+        """Run what is not complete; returns each stage's final folder. Raises StageFailed.
+
+        plan: `self.plan(stages)` made a moment ago under the run directory's lock (made here if not given).
+        """
+        plan = plan if plan is not None else self.plan(stages)
         outputs = {item.stage: item.folder for item in plan}
         config_hash = hashlib.sha256(json.dumps(config_tree or {}, sort_keys=True).encode()).hexdigest()[:12]
         state = self.run_dir.read_state()

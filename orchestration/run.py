@@ -80,12 +80,13 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
         tracker = make_tracker(uri, config.tracking.experiment)
         interval = config.tracking.system_metrics_interval_s if config.tracking.system_metrics else None
         runner = DagRunner(run_dir, tracker, config.ray.stage_retries, interval, reporter)
-        pending = [item.stage for item in runner.plan(stages) if item.action in ("run", "resume")]
+        plan = runner.plan(stages)
+        pending = [item.stage for item in plan if item.action in ("run", "resume")]
         started_ray = bool(pending) and start_ray(address)
         try:
             if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
                 check_workers_fit(config.ray, address)
-            outputs = runner.run(stages, config.name, config.model_dump(mode="json"), run_dir.config_path)
+            outputs = runner.run(stages, config.name, config.model_dump(mode="json"), run_dir.config_path, plan)
         finally:
             tracker.close(timeout_s=config.tracking.flush_timeout_s)
             if started_ray:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +95,35 @@ def test_two_workers_zero2_loss_falls_metrics_and_checkpoints(shards: Path, tmp_
     ]
     assert sorted(p.name for p in final.parent.glob("step_*")) == ["step_00000030", "step_00000040"]
     assert (out / "final_weights.pt").is_file()
+
+
+WAIT_PROBE = """
+import sys
+from orchestration.config import load_config
+from orchestration.ray_train import train_on_ray
+
+config, shards, out, address = sys.argv[1:]
+overrides = [f"ray.address={address}", "ray.num_workers=3", "ray.cpus_per_worker=1", "ray.use_gpu=false"]
+train_on_ray(load_config(config, overrides), shards, out)
+"""
+
+
+def test_waiting_for_a_joined_cluster_to_grow_is_one_line_a_round(shards: Path, tmp_path: Path, ray_address: str):
+    """Three 1-CPU workers on the 2-CPU test cluster: Ray Train waits in rounds, which the driver's
+    environment shortens to 2 s here; each round is one line, not two tracebacks; Ctrl-C stops the wait."""
+    config = tiny_config(tmp_path / "run.yaml")
+    console = tmp_path / "console.log"
+    env = dict(os.environ, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="2", PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-c", WAIT_PROBE, str(config), str(shards), str(tmp_path / "out"), ray_address]
+    with open(console, "wb") as sink:
+        driver = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        while console.read_text(errors="replace").count("still waiting for the cluster") < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, console.read_text()[-3000:]
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=60)
+    output = console.read_text(errors="replace")
+    assert "still waiting for the cluster to hold 3 training workers; Ray Train tries again" in output
+    assert output.count("cannot hold the training workers yet: they need 3 CPUs") == 1, output[-3000:]
+    assert "WorkerGroupStartupTimeoutError" not in output and "Error in control loop" not in output, output[-3000:]
