@@ -70,10 +70,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from orchestration.run import plan_pipeline
+    from orchestration.stages import stage_details
 
     config = load_config(args.config, args.overrides)
+    details = stage_details(config)
     for item in plan_pipeline(config):
-        print(f"{item.stage:<10} {item.action:<7} {item.source or item.folder}")
+        print(f"{item.stage:<10} {item.action:<7} {details.get(item.stage, ''):<20} {item.source or item.folder}")
     return 0
 
 
@@ -117,12 +119,21 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from orchestration.compare import differing_fields, label_runs, load_run, plot_losses, results_table
+    from orchestration.compare import (
+        comparability_notes,
+        differing_fields,
+        label_runs,
+        load_run,
+        plot_losses,
+        results_table,
+    )
 
     runs = [load_run(Path(path)) for path in args.run_dirs]
     label_runs(runs)
     print(differing_fields(runs), end="\n\n")
     print(results_table(runs), end="\n\n")
+    for note in comparability_notes(runs):
+        print(note, end="\n\n")
     plot_losses(runs, Path(args.out))
     print(f"loss curves: {args.out}")
     return 0
@@ -182,7 +193,7 @@ def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, token
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from orchestration.stages import eval_ctx_len
+    from orchestration.stages import eval_ctx_len, trained_ctx_lens
     from pipeline.config import EvalConfig
     from pipeline.eval_stage import evaluate
     from tokenization.manifest import read_manifest
@@ -199,10 +210,12 @@ def _eval(args: argparse.Namespace) -> int:
         )
     eval_cfg = EvalConfig(**{**config.eval.model_dump(), "batches": args.batches or config.eval.batches})
     out = Path(args.out) if args.out else run_dir / f"eval-ctx{ctx_len}"
-    report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out)
+    report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out, trained_ctx_lens(config))
+    past = report.get("loss_past_trained_ctx")
     print(
-        f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {ctx_len}; "
-        f"report and loss-vs-position plot in {out}"
+        f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {ctx_len}"
+        + (f", {past:.4f} past the longest trained length" if past is not None else "")
+        + f"; report and loss-vs-position plot in {out}"
     )
     return 0
 

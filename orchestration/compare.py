@@ -25,6 +25,7 @@ import yaml
 from orchestration.metrics_log import metrics_by_step
 from orchestration.rundir import RunDir
 from orchestration.tracking import flatten
+from pipeline.config import ExtendStageConfig
 
 TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
 
@@ -122,14 +123,40 @@ def label_runs(runs: list[RunResult]) -> None:
 
 def differing_fields(runs: list[RunResult]) -> str:
     """A Markdown table of the config fields whose values differ between the runs, named and shown as
-    the runs' MLflow params are (`extend.0.ctx_len`)."""
-    flat = [flatten(run.config) for run in runs]
+    the runs' MLflow params are (`extend.0.ctx_len`).
+
+    Where only some runs have an extension stage, its fields that defer to the pretrain recipe (0 or
+    null: `chunk_len`, `micro_bsz`, `grad_checkpointing`) are left out while they hold that default:
+    the stage's length, steps and LR tell the runs apart.
+    """
+    flat = [{key: value for key, value in flatten(run.config).items() if value != "[]"} for run in runs]
     keys = sorted({key for fields in flat for key in fields} - {"name"})
     rows = [[key, *(fields.get(key, "-") for fields in flat)] for key in keys]
-    rows = [row for row in rows if len(set(row[1:])) > 1]
+    rows = [row for row in rows if len(set(row[1:])) > 1 and not _deferring_default(row)]
     if not rows:
         return "no config field differs"
     return _markdown(["field", *(run.label for run in runs)], rows)
+
+
+def _deferring_default(row: list[str]) -> bool:
+    """An extension field at a default that means "as train.*", in the runs that have the stage."""
+    match = re.fullmatch(r"extend\.\d+\.(\w+)", row[0])
+    info = ExtendStageConfig.model_fields.get(match.group(1)) if match else None
+    if info is None or info.is_required() or info.default not in (0, None):
+        return False
+    return {value for value in row[1:] if value != "-"} == {str(info.default)}
+
+
+def comparability_notes(runs: list[RunResult]) -> list[str]:
+    """What makes the runs' losses not directly comparable, one line each."""
+    vocabs = {run.label: run.config.get("tokenizer", {}).get("vocab_size") for run in runs}
+    if len({size for size in vocabs.values() if size is not None}) > 1:
+        sizes = ", ".join(f"{label} {size}" for label, size in vocabs.items())
+        return [
+            f"note: the runs' tokenizers differ in vocabulary size ({sizes}): a loss is nats per token of its own "
+            "tokenizer, so losses and perplexities of different tokenizers do not compare directly."
+        ]
+    return []
 
 
 def results_table(runs: list[RunResult]) -> str:
@@ -138,7 +165,7 @@ def results_table(runs: list[RunResult]) -> str:
         "run",
         "stages",
         "tokens seen",
-        "train loss (mean of last 3 logged)",
+        "train loss (mean of the last 3 logged or fewer)",
         "tokens/s (median)",
         "last val loss",
         "eval loss (ppl)",

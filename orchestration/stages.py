@@ -127,6 +127,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             evaluate_stage(config, previous),
             config={"eval": _jsonable(config.eval)},
             inputs=(previous, "tokenize", "tokenizer"),
+            version=2,  # 2: the training lengths in the report and marked on the loss-vs-position plot
         )
     )
     stages.append(Stage("export", export_stage(config, previous), config={}, inputs=(previous, "tokenizer")))
@@ -142,7 +143,7 @@ def tokenizer_stage(config: RunConfig) -> Callable[[StageContext], None]:
 
         on_ray(train_tokenizer, config.data, config.tokenizer, ctx.out_dir.resolve())
         info = json.loads((ctx.out_dir / "tokenizer.json").read_text())
-        ctx.log_params({"vocab_size": info["vocab_size"], "model_sha256": info["model_sha256"]})
+        ctx.log_params({"tokenizer.vocab_size": info["vocab_size"], "tokenizer.model_sha256": info["model_sha256"]})
         ctx.log_artifact(ctx.out_dir / "tokenizer.model", "tokenizer")
         ctx.log_artifact(ctx.out_dir / "tokenizer.json", "tokenizer")
 
@@ -220,7 +221,14 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
 
     history = MetricHistory(ctx, config.train.steps)
     extra = {"init_weights": init_weights} if init_weights is not None else {}
-    ctx.log_params({f"train.{k}": v for k, v in config.train.model_dump().items()})
+    # The stage's own recipe (an extension's length, steps and constant LR, not the parent's) and the
+    # model it trains (vocab_size from the tokenizer), so stage runs compare on their own in MLflow.
+    ctx.log_params(
+        {
+            **{f"train.{k}": v for k, v in config.train.model_dump().items()},
+            **{f"model.{k}": v for k, v in dataclasses.asdict(config.model).items()},
+        }
+    )
     result = train_on_ray(
         config,
         shard_dir,
@@ -336,12 +344,38 @@ def eval_ctx_len(config: RunConfig) -> int:
     return config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
 
 
+def trained_ctx_lens(config: RunConfig) -> dict[str, int]:
+    """Each training stage's context length, in stage order: {"pretrain": 1024, "extend1": 4096}."""
+    lengths = {"pretrain": config.train.ctx_len}
+    lengths.update({f"extend{number}": stage.ctx_len for number, stage in enumerate(config.extend, start=1)})
+    return lengths
+
+
+def stage_details(config: RunConfig) -> dict[str, str]:
+    """What `plan` shows beside a stage before a long run: lengths and steps of the training stages."""
+    details = {"tokenizer": f"vocab {config.tokenizer.vocab_size}"}
+    steps = {"pretrain": config.train.steps}
+    steps.update({f"extend{number}": stage.steps for number, stage in enumerate(config.extend, start=1)})
+    for stage, length in trained_ctx_lens(config).items():
+        details[stage] = f"ctx {length}, {steps[stage]} steps"
+    details["evaluate"] = f"ctx {eval_ctx_len(config)}"
+    return details
+
+
 def _evaluate_task(
-    weights: Path, model_cfg: Any, shard_dir: Path, tokenizer_dir: Path, eval_cfg: Any, ctx_len: int, out_dir: Path
+    weights: Path,
+    model_cfg: Any,
+    shard_dir: Path,
+    tokenizer_dir: Path,
+    eval_cfg: Any,
+    ctx_len: int,
+    out_dir: Path,
+    trained_ctx: dict[str, int],
 ) -> dict[str, Any]:
     from pipeline.eval_stage import evaluate, load_trained
 
-    return evaluate(load_trained(weights, model_cfg), shard_dir, tokenizer_dir, eval_cfg, ctx_len, out_dir)
+    model = load_trained(weights, model_cfg)
+    return evaluate(model, shard_dir, tokenizer_dir, eval_cfg, ctx_len, out_dir, trained_ctx)
 
 
 def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], None]:
@@ -359,10 +393,10 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
             config.eval,
             ctx_len,
             ctx.out_dir.resolve(),
+            trained_ctx_lens(config),
         )
-        ctx.log_metrics(
-            {k: report[k] for k in ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter")}, step=0
-        )
+        headline = ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter", "loss_past_trained_ctx")
+        ctx.log_metrics({k: report[k] for k in headline if k in report}, step=0)
         if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
             headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
             ctx.tracker.log_metrics(ctx.run.parent, {**headline, "eval/ctx_len": ctx_len}, step=0)

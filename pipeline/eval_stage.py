@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,15 @@ def sample(model: torch.nn.Module, tokenizer_dir: Path, prompt: str, tokens: int
 
 
 def plot_series(
-    series: dict[str, tuple[list[float], list[float]]], xlabel: str, ylabel: str, title: str, path: Path
+    series: dict[str, tuple[list[float], list[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    markers: Mapping[str, float] | None = None,
 ) -> None:
-    """One matplotlib line chart as PNG (Agg backend: no display needed)."""
+    """One matplotlib line chart as PNG (Agg backend: no display needed); `markers` are labelled
+    vertical lines (e.g. the lengths the model was trained at)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,6 +86,16 @@ def plot_series(
     figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
     for label, (xs, ys) in series.items():
         axes.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None)
+    for label, x in (markers or {}).items():
+        axes.axvline(x, color="0.4", linestyle=":")
+        axes.annotate(
+            label,
+            (x, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize="small",
+        )
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     if len(series) > 1:
@@ -89,9 +106,21 @@ def plot_series(
 
 
 def evaluate(
-    model: torch.nn.Module, shard_dir: Path, tokenizer_dir: Path, cfg: EvalConfig, ctx_len: int, out_dir: Path
+    model: torch.nn.Module,
+    shard_dir: Path,
+    tokenizer_dir: Path,
+    cfg: EvalConfig,
+    ctx_len: int,
+    out_dir: Path,
+    trained_ctx: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Val loss, perplexity, loss vs position (PNG + CSV) and a sample; returns the report it writes."""
+    """Val loss, perplexity, loss vs position (PNG + CSV) and a sample; returns the report it writes.
+
+    trained_ctx: each training stage's context length ({"pretrain": 1024, "extend1": 4096}), marked on
+    the plot; past the longest of them the report also gives the mean loss there (`loss_past_trained_ctx`),
+    the figure that says whether the model uses context it was not trained on.
+    """
+    trained_ctx = dict(trained_ctx or {})
     data = TokenDataset(shard_dir, split="val")  # verified first: a damaged shard leaves no empty report folder
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = cfg.batches * EVAL_MICRO_BSZ
@@ -115,6 +144,7 @@ def evaluate(
         "mean loss (nats)",
         title,
         out_dir / "loss_vs_position.png",
+        markers={f"{stage} ctx {length}": length for stage, length in trained_ctx.items() if length < ctx_len},
     )
     report = {
         "val_loss": val_loss,
@@ -124,9 +154,13 @@ def evaluate(
         "tokens": windows * ctx_len,
         "loss_first_quarter": float(by_position_T[: max(1, ctx_len // 4)].mean()),
         "loss_last_quarter": float(by_position_T[-max(1, ctx_len // 4) :].mean()),
+        "trained_ctx": trained_ctx,
         "prompt": cfg.sample_prompt,
         "sample": sample(model, tokenizer_dir, cfg.sample_prompt, cfg.sample_tokens) if cfg.sample_tokens else "",
     }
+    longest = max(trained_ctx.values(), default=ctx_len)
+    if longest < ctx_len:
+        report["loss_past_trained_ctx"] = float(by_position_T[longest:].mean())
     (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

@@ -195,6 +195,8 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     )
     assert runs["evaluate"][0].data.metrics["val_loss"] == pytest.approx(report["val_loss"])
     assert runs["evaluate"][0].data.params["eval.ctx_len"] == str(report["ctx_len"])
+    assert runs["tokenizer"][0].data.params["tokenizer.vocab_size"] == "512"
+    assert pretrain.data.params["model.vocab_size"] == "512"  # stage runs compare without their parent
     assert parent.data.metrics["eval/val_loss"] == pytest.approx(report["val_loss"])  # runs sort by it in MLflow
 
 
@@ -216,6 +218,11 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     report = json.loads((stage_dirs(run_dir)["evaluate"] / "eval_report.json").read_text())
     assert f"| {report['val_loss']:.4f} ({report['perplexity']:.1f}) at ctx {report['ctx_len']} |" in compared.stdout
     assert "| e2e | pretrain ctx " in compared.stdout and (tmp_path / "compare.png").stat().st_size > 0
+    longer = cli("eval", str(run_dir), "--ctx-len", "64", "--out", str(tmp_path / "eval64"))
+    assert longer.returncode == 0 and "past the longest trained length" in longer.stdout, longer.stderr[-2000:]
+    report64 = json.loads((tmp_path / "eval64" / "eval_report.json").read_text())
+    assert report64["trained_ctx"] == {"pretrain": 32} and report64["ctx_len"] == 64
+    assert report64["loss_past_trained_ctx"] > 0  # positions 33..64, which pretraining never saw
     too_long = cli("eval", str(run_dir), "--ctx-len", "100000000")
     assert too_long.returncode == 2 and "fewer than one window of 100000001" in too_long.stderr, too_long.stderr
     onto_a_file = cli("export", str(run_dir), "--out", str(tmp_path / "compare.png"))
@@ -357,6 +364,7 @@ def test_context_extension_stage_continues_from_pretrain_at_the_longer_length(fi
     extend = runs["extend1"][0]
     assert extend.data.params["train.ctx_len"] == "64" and extend.data.params["train.chunk_len"] == "32"
     assert extend.data.params["train.lr_schedule"] == "constant"
+    assert extend.data.params["model.vocab_size"] == "512" and extend.data.params["model.n_layer"] == "2"
 
     from mlflow import MlflowClient
 
@@ -375,6 +383,7 @@ def test_context_extension_stage_continues_from_pretrain_at_the_longer_length(fi
     before = torch.load(dirs["pretrain"] / "final_weights.pt", map_location="cpu", weights_only=True)
     after = torch.load(dirs["extend1"] / "final_weights.pt", map_location="cpu", weights_only=True)
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
-    assert json.loads((dirs["evaluate"] / "eval_report.json").read_text())["ctx_len"] == 64  # the last stage's
+    report = json.loads((dirs["evaluate"] / "eval_report.json").read_text())
+    assert report["ctx_len"] == 64 and report["trained_ctx"] == {"pretrain": 32, "extend1": 64}  # the last stage's
     exported = load_rwkv4_pth(dirs["export"] / "model.pth")  # the extension's weights, not pretrain's
     assert torch.equal(exported.emb.weight.float(), after["emb.weight"].float())

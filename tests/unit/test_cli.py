@@ -135,6 +135,14 @@ def test_plan_lists_every_stage_without_running(capsys, tmp_path: Path):
     assert not (tmp_path / "quickstart").exists()
 
 
+def test_plan_shows_each_training_stage_length_and_steps(capsys, tmp_path: Path):
+    extension = "extend=[{ctx_len: 256, steps: 10}]"
+    assert main(["plan", QUICKSTART, f"workdir={tmp_path}", "train.steps=60", "train.ctx_len=128", extension]) == 0
+    shown = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert " ctx 128, 60 steps " in shown["pretrain"] and " ctx 256, 10 steps " in shown["extend1"]
+    assert " ctx 256 " in shown["evaluate"]  # the last stage's length
+
+
 def test_tracker_falls_back_to_null_without_mlflow(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what `import mlflow` sees when it is not installed
     tracker = make_tracker("sqlite:///unused.db", "x")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestration.cli import main
-from orchestration.compare import differing_fields, label_runs, load_run, results_table
+from orchestration.compare import comparability_notes, differing_fields, label_runs, load_run, results_table
 
 
 def write_run(root: Path, lr: float, *, extension_running: bool = False) -> Path:
@@ -97,3 +97,27 @@ def test_a_path_that_is_not_a_run_directory_is_named(tmp_path, capsys, make):
     path = make(tmp_path / "nothing")
     assert main(["compare", str(path)]) == 2
     assert f"{path} is not a run directory" in capsys.readouterr().err
+
+
+def test_an_extension_only_one_run_has_shows_its_length_not_the_defaults_that_defer_to_train(tmp_path):
+    runs = [load_run(write_run(tmp_path / name, 1e-3)) for name in ("a", "b")]
+    runs[0].config["extend"] = []  # as config.yaml holds a run without extensions
+    runs[1].config["extend"] = [{"ctx_len": 200, "steps": 10, "lr": 1e-5, "chunk_len": 0, "micro_bsz": 0}]
+    runs[1].config["extend"][0]["grad_checkpointing"] = None
+    assert differing_fields(runs).splitlines()[2:] == [
+        "| extend.0.ctx_len | - | 200 |",
+        "| extend.0.lr | - | 1e-05 |",
+        "| extend.0.steps | - | 10 |",
+    ]
+    runs[1].config["extend"][0]["chunk_len"] = 64  # set: it tells the runs apart
+    assert "| extend.0.chunk_len | - | 64 |" in differing_fields(runs).splitlines()
+
+
+def test_runs_with_tokenizers_of_different_sizes_get_a_note(tmp_path, capsys):
+    a, b = write_run(tmp_path / "a", 1e-3), write_run(tmp_path / "b", 1e-3)
+    for root, size in ((a, 512), (b, 4096)):
+        config = yaml.safe_load((root / "config.yaml").read_text())
+        (root / "config.yaml").write_text(yaml.safe_dump({**config, "tokenizer": {"vocab_size": size}}))
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
+    assert "vocabulary size (a 512, b 4096)" in capsys.readouterr().out
+    assert comparability_notes([load_run(a), load_run(a)]) == []
