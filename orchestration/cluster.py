@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -105,14 +106,29 @@ def prepare_worker_process() -> None:
     without one) the state API does not answer at all, and it logged a warning every second for the
     whole run. So "auto" lookups in our workers resolve to their own cluster, and the cleaner only
     speaks for errors; when the state API is there it still removes a dead controller's placement group.
+
+    The console keeps the training loop's own lines: each rank's "Checkpoint successfully created at"
+    and "Reporting training result" (a `.partial` path gone once the stage finishes, and the last
+    batch's loss beside our window mean; rank 0 prints one line per stored checkpoint instead), and
+    torch's deprecation warning for a call inside DeepSpeed, are left out.
     """
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # Filters, not levels: Ray Train's logging setup in its workers resets the levels of loggers under ray.train.
+    for name in ray_train_report_loggers(ray.__file__):
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     quiet = StartupWaitInOneLine()
     for name in (CONTROLLER_LOGGER, FAILURE_POLICY_LOGGER):
         logging.getLogger(name).addFilter(quiet)
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated")
+
+
+def ray_train_report_loggers(ray_init_file: str) -> tuple[str, ...]:
+    """The loggers of Ray Train's per-report INFO lines (2.60); one is named by its file's path."""
+    context = os.path.join(os.path.dirname(ray_init_file), "train", "v2", "_internal", "execution", "context.py")
+    return "ray.train._internal.storage", "ray.train.v2._internal.execution.storage", context
 
 
 def _is_startup_timeout(error: BaseException | None) -> bool:

@@ -67,6 +67,8 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             checkpoint_dir_name=ckpt_dir.name,
             delete_local_checkpoint_after_upload=True,
         )
+        if rank == 0:
+            print(f"checkpoint {ckpt_dir.name} stored", flush=True)
 
     def send_metrics(metrics: dict[str, float], step: int) -> None:  # the loop calls this on rank 0 only
         metrics_queue.put((metrics, step))

@@ -26,10 +26,18 @@ def seen():
 
     from orchestration.cluster import PLACEMENT_GROUP_CLEANER_LOGGER
 
+    import ray.train._internal.storage as storage_v1
+    import ray.train.v2._internal.execution.context as context
+    import ray.train.v2._internal.execution.storage as storage
+
     return {
         "env": {name: os.environ.get(name) for name in names},
         "ray_address": os.environ.get("RAY_ADDRESS"),
         "cleaner_level": logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel(),
+        "report_info_kept": [
+            bool(module.logger.filter(logging.LogRecord("ray", logging.INFO, "probe", 0, "report", None, None)))
+            for module in (context, storage, storage_v1)
+        ],
     }
 
 
@@ -54,6 +62,7 @@ def test_ray_tasks_get_multicast_off_unpatched_print_and_their_own_cluster(ray_a
     # Ray's state API looks for "auto" here, not in /tmp/ray/ray_current_cluster (often a dead cluster).
     assert seen["ray_address"] == seen["gcs_address"]
     assert seen["cleaner_level"] == logging.ERROR
+    assert seen["report_info_kept"] == [False] * 3  # Ray Train's per-report INFO lines
 
 
 def test_a_value_already_set_is_kept(monkeypatch):
