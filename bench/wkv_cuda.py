@@ -172,8 +172,8 @@ def print_table(rows, copy_gbps):
 
 
 def smoke(defines: tuple[str, ...] = ()):
-    """Small forwards+backwards through autograd, fp32 and bf16, with tails in T and C; the short
-    sequence takes the lookback path, the long one (over 64 segments) the per-lane scan kernels.
+    """Small forwards+backwards through autograd, fp32 and bf16, with tails in T and C; the long
+    sequence (66 segments) has its segment scans split over rows of threads.
     With `defines`: the same shapes (and an odd C) straight through that build variant's extension,
     every output and workspace poisoned with NaN first."""
     if defines:

@@ -32,8 +32,9 @@
 // summaries, per-lane reverse scan, gradients, deterministic reduction of the time_* gradients).
 // The second and later kernels of each pass are programmatic dependent launches (Hopper): they
 // start while the kernel before finishes and load their k, v, gy before waiting for its results.
-// (WKV_FUSED_SCANS moves the per-lane work into the last block of the kernel before instead;
-// measured on an H200 that is slower once dependent launch hides the launch gaps.)
+// (Measured and not kept, in the history: the per-lane work run by the last block of the kernel
+// before, and an in-block lookback over the other segments' summaries; both slower once dependent
+// launch hides the launch gaps, docs/benchmarks.md.)
 // Where the unpaired kernels run (fp32; bf16 without channel pairs) the backward is one kernel
 // plus the reduction instead (WKV_SINGLE_BWD, bwd_single): blocks compose the adjoint across segments
 // through published summaries, and each tile is walked forward once instead of twice.
@@ -60,10 +61,6 @@ namespace {
 // bench/wkv_cuda.py --variants builds others side by side):
 //   WKV_SUB           steps per thread (held in registers)
 //   WKV_SUBS          sub-chunks per block (blockDim.y)
-//   WKV_FUSED_SCANS   bit mask of the per-lane work run by the last block to finish of the kernel
-//                     before it instead of its own kernel: 1 forward segment scan, 2 backward
-//                     segment scan, 4 time_* reduction (7: 4 launches per fwd+bwd; 0: 7 launches)
-//                     (default 0: with WKV_PDL the separate kernels were faster, docs/benchmarks.md)
 //   WKV_FENCE_ALL     1: every thread fences before the arrival count; 0: a barrier, then one
 //                     thread fences and counts (the cooperative-groups grid-sync pattern)
 //   WKV_PDL           1: the second and later kernels of a pass are launched as programmatic
@@ -73,15 +70,11 @@ namespace {
 //                     for the backward and forward kernels (register budget)
 //   WKV_EXACT_DECAY   1: an adjoint summary carries its decay as g - 1, computed once from the
 //                     stored exponents (expm1), not as a product of per-step factors; 0: the product
-//   WKV_LOOKBACK      sequences of at most this many segments skip the per-lane scan kernels: each
-//                     block composes the summaries of the segments before it (forward) or after it
-//                     (backward) itself; 0: always the scan kernels (default: with dependent launch
-//                     the scan kernels cost less than the lookback, docs/benchmarks.md)
 //   WKV_PAIRS         1: bf16 k, v, y, gy, gk, gv move as __nv_bfloat162: a thread owns two adjacent
 //                     channels (a block 64), so one warp access covers 128 B instead of 64 B; the
 //                     per-channel arithmetic is the unpaired kernels', in the same order. Only for
 //                     bf16 with C even and 4-byte aligned k, v (gy); otherwise, and for fp32, the
-//                     unpaired kernels run. Needs WKV_FUSED_SCANS = 0 and WKV_LOOKBACK = 0.
+//                     unpaired kernels run.
 //                     (default 1: bf16 fwd+bwd 8-16 % faster at four of the five benchmark shapes,
 //                     3 % at the fifth; not bit-identical to WKV_PAIRS=0 in 7 of 24 cases, worst
 //                     rel L2 8.2e-6 on bf16 y, error against float64 unchanged; docs/benchmarks.md)
@@ -112,7 +105,7 @@ namespace {
 //                     register budgets of the sequential kernels, in blocks of 32 x WKV_SEQ_ROWS per SM
 //   WKV_SINGLE_BWD    the parallel backward as one kernel (bwd_single) plus the time_* reduction:
 //                     1 where the unpaired kernels run (fp32; bf16 without pairs), 2 also for bf16 in
-//                     place of the paired kernels, 0 never. Off when WKV_FUSED_SCANS or WKV_LOOKBACK is set.
+//                     place of the paired kernels, 0 never.
 //                     (default 1: fp32 fwd+bwd 6-10 % faster at four of the five benchmark shapes; in
 //                     bf16 the paired three kernels are 2-6 % faster at three; docs/benchmarks.md, WKV run 10)
 //   WKV_SP_GROUP      segments per lookback group of bwd_single (0: ceil(sqrt(nseg)))
@@ -134,9 +127,6 @@ namespace {
 #ifndef WKV_SUBS
 #define WKV_SUBS 8
 #endif
-#ifndef WKV_FUSED_SCANS
-#define WKV_FUSED_SCANS 0
-#endif
 #ifndef WKV_FENCE_ALL
 #define WKV_FENCE_ALL 0
 #endif
@@ -154,9 +144,6 @@ namespace {
 #endif
 #ifndef WKV_EXACT_DECAY
 #define WKV_EXACT_DECAY 1
-#endif
-#ifndef WKV_LOOKBACK
-#define WKV_LOOKBACK 0
 #endif
 #ifndef WKV_PAIRS
 #define WKV_PAIRS 1
@@ -209,18 +196,10 @@ namespace {
 
 constexpr int SUB = WKV_SUB;
 constexpr int SUBS = WKV_SUBS;
-constexpr bool FUSED_FWD_SCAN = (WKV_FUSED_SCANS & 1) != 0;
-constexpr bool FUSED_BWD_SCAN = (WKV_FUSED_SCANS & 2) != 0;
-constexpr bool FUSED_REDUCE = (WKV_FUSED_SCANS & 4) != 0;
-// The single-pass backward replaces the scan kernels, so a variant that changes them keeps three.
-constexpr bool SINGLE_BWD = WKV_SINGLE_BWD >= 1 && WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0;
+constexpr bool SINGLE_BWD = WKV_SINGLE_BWD >= 1;
 constexpr bool SINGLE_BWD_PAIRS = SINGLE_BWD && WKV_SINGLE_BWD >= 2;
 constexpr bool PDL = WKV_PDL != 0;
 constexpr bool EXACT_DECAY = WKV_EXACT_DECAY != 0;
-constexpr int LOOKBACK = WKV_LOOKBACK;
-constexpr bool PAIRS = WKV_PAIRS != 0;
-static_assert(!PAIRS || (WKV_FUSED_SCANS == 0 && WKV_LOOKBACK == 0),
-              "WKV_PAIRS has paired kernels only for the separate scan kernels (FUSED_SCANS 0, LOOKBACK 0)");
 constexpr int LANES = 32;        // channels per block (blockDim.x)
 constexpr int SEG = SUB * SUBS;  // steps per block segment
 constexpr int SCAN_BATCH = 16;   // segment summaries loaded at once by the per-lane scans
@@ -472,12 +451,6 @@ __device__ __forceinline__ void pdl_wait() {
     if (PDL) asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
-// The time_* reduction, defined with its own kernel below and also run by the last block of the
-// gradients kernel (FUSED).
-template <int ROWS>
-__device__ void reduce_channels(int B, int C, int nseg, int c0, int row, const float* __restrict__ td,
-                                const float* part, float* __restrict__ gtd, float* __restrict__ gtf, double* sh);
-
 // Per-block shared staging of one St per (sub-chunk, lane).
 struct Shared3 {
     float v[3][SUBS][LANES];
@@ -490,79 +463,6 @@ struct Shared3 {
         return {v[0][m][threadIdx.x], v[1][m][threadIdx.x], v[2][m][threadIdx.x]};
     }
 };
-
-// The per-lane segment scans as the last block of a summaries kernel runs them (FUSED): row m of
-// the block loads segment g0 + m of each chunk of SUBS segments into shared memory, row 0 scans a
-// chunk serially while all rows load the next (double buffer), then all rows store the chunk's
-// results. Same arithmetic in the same order as the scan kernels below with one row, with few registers (the
-// summaries kernels keep their occupancy).
-__device__ __forceinline__ void fwd_scan_block(const Tile& q, int C, int nseg, float w, St s, float* seg,
-                                               Shared3& sh0) {
-    __shared__ Shared3 sh1;
-    auto fetch = [&](int g0) {
-        int g = g0 + q.m;
-        return q.lane_ok && g + 1 < nseg ? load3_cg(seg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
-    };
-    sh0.put(q.m, fetch(0));
-    __syncthreads();
-    for (int g0 = 0, it = 0; g0 < nseg; g0 += SUBS, ++it) {
-        Shared3& cur = it & 1 ? sh1 : sh0;  // no pointer array: a runtime index would go to local memory
-        Shared3& nxt = it & 1 ? sh0 : sh1;
-        St next = fetch(g0 + SUBS);  // in flight during the scan
-        if (q.m == 0 && q.lane_ok) {
-            for (int i = 0; i < SUBS && g0 + i < nseg; ++i) {
-                St x = cur.get(i);
-                cur.put(i, s);
-                s = apply(s, x, SEG, w);
-            }
-        }
-        nxt.put(q.m, next);
-        __syncthreads();
-        if (q.lane_ok && g0 + q.m < nseg) store3(seg, g0 + q.m, nseg, q.b, q.c, C, cur.get(q.m));
-    }
-}
-
-__device__ __forceinline__ void bwd_scan_block(const Tile& q, int C, int nseg, const float* __restrict__ gaa1,
-                                               const float* __restrict__ gbb1, const int* __restrict__ lastwin,
-                                               float* aseg, int* __restrict__ argmax, Shared3& sh0) {
-    __shared__ Shared3 sh1;
-    __shared__ int wins[2][SUBS][LANES];
-    auto fetch = [&](int g0) {  // row m holds segment g0 - m
-        int g = g0 - q.m;
-        return q.lane_ok && g > 0 ? load3_cg(aseg, g, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
-    };
-    auto fetch_win = [&](int g0) {
-        int g = g0 - q.m;
-        return q.lane_ok && g >= 0 ? lastwin[(static_cast<size_t>(q.b) * nseg + g) * C + q.c] : -1;
-    };
-    size_t lane = static_cast<size_t>(q.b) * C + q.c;
-    float al = 0.f, be = 0.f;
-    if (q.m == 0 && q.lane_ok) al = gaa1[lane], be = gbb1[lane];
-    int best = -1;  // row 0: the last step where k won, over the segments scanned so far (from the end)
-    sh0.put(q.m, fetch(nseg - 1));
-    wins[0][q.m][threadIdx.x] = fetch_win(nseg - 1);
-    __syncthreads();
-    for (int g0 = nseg - 1, it = 0; g0 >= 0; g0 -= SUBS, ++it) {
-        Shared3& cur = it & 1 ? sh1 : sh0;  // no pointer array: a runtime index would go to local memory
-        Shared3& nxt = it & 1 ? sh0 : sh1;
-        St next = fetch(g0 - SUBS);  // in flight during the scan
-        int next_win = fetch_win(g0 - SUBS);
-        if (q.m == 0 && q.lane_ok) {
-            for (int i = 0; i < SUBS && g0 - i >= 0; ++i) {
-                St x = cur.get(i);
-                cur.put(i, {al, be, 0.f});
-                al = adj_apply(al, x.a, x.p);
-                be = adj_apply(be, x.b, x.p);
-                if (best < 0) best = wins[it & 1][i][threadIdx.x];
-            }
-        }
-        nxt.put(q.m, next);
-        wins[(it + 1) & 1][q.m][threadIdx.x] = next_win;
-        __syncthreads();
-        if (q.lane_ok && g0 - q.m >= 0) store3(aseg, g0 - q.m, nseg, q.b, q.c, C, cur.get(q.m));
-    }
-    if (q.m == 0 && q.lane_ok) argmax[lane] = best;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Per-thread walks over a tile (FULL = all SUB steps valid).
@@ -723,9 +623,7 @@ template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS) fwd_summaries(int T, int C, int nseg, int nsub,
                                                               const float* __restrict__ td, const F* __restrict__ k_,
                                                               const F* __restrict__ v_, float* __restrict__ sub,
-                                                              float* __restrict__ seg, const float* __restrict__ aa0,
-                                                              const float* __restrict__ bb0,
-                                                              const float* __restrict__ pp0, int* __restrict__ counters) {
+                                                              float* __restrict__ seg) {
     pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
     __shared__ Shared3 sh;
     __shared__ int shn[SUBS][LANES];
@@ -750,11 +648,6 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS) fwd_summaries
         St acc{0.f, 0.f, EMPTY};
         for (int m = 0; m < SUBS; ++m) acc = apply(acc, sh.get(m), shn[m][threadIdx.x], w);
         store3(seg, q.seg, nseg, q.b, q.c, C, acc);
-    }
-    if (FUSED_FWD_SCAN && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg)) {
-        size_t lane = static_cast<size_t>(q.b) * C + q.c;
-        St s0 = q.m == 0 && q.lane_ok ? St{aa0[lane], bb0[lane], pp0[lane]} : St{0.f, 0.f, EMPTY};
-        fwd_scan_block(q, C, nseg, w, s0, seg, sh);
     }
 }
 
@@ -822,147 +715,32 @@ __global__ void __launch_bounds__(LANES* SCAN_MAX_ROWS)
     if (ok) fwd_scan_range<true>(b, c, C, nseg, lo, hi, w, s, seg);
 }
 
-// Lookback (nseg <= WKV_LOOKBACK): instead of a per-lane scan kernel between the summaries and the
-// outputs (gradients) kernels, each block composes the segment summaries before (after) its own.
-// Row m of the block takes a contiguous share of those segments and composes them in order, then
-// row 0 applies the shares to the input state (end adjoint). O(nseg) loads per block, spread over
-// its 8 rows, against one launch and one round trip through memory. Measured on an H200 it saved
-// nothing in the forward and cost 2-4 % in the backward (the scan kernels are hidden by dependent
-// launch), so it is off by default. Every thread must call these (barrier); valid in row 0.
-#ifndef WKV_LB_BATCH
-#define WKV_LB_BATCH 4
-#endif
-#ifndef WKV_LB_PREFETCH
-#define WKV_LB_PREFETCH 1
-#endif
-constexpr int LB_BATCH = WKV_LB_BATCH;  // summaries loaded at once per row
-// 1: the lookback kernels only prefetch k, v (gy) into L2 before waiting, and load them into
-// registers after the lookback, which then runs without those 32 (48) registers held (fewer spills)
-constexpr bool LB_PREFETCH = WKV_LB_PREFETCH != 0;
-
-template <typename F>
-__device__ __forceinline__ void prefetch_steps(const F* __restrict__ x, const Tile& q, int C) {
-    const F* p = x + q.base;
-    for (int j = 0; j < q.n; ++j, p += C) asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-__device__ __forceinline__ St fwd_lookback(const Tile& q, int C, int nseg, float w, const float* __restrict__ seg,
-                                           const float* __restrict__ aa0, const float* __restrict__ bb0,
-                                           const float* __restrict__ pp0, Shared3& part) {
-    int per = (q.seg + SUBS - 1) / SUBS;  // segments before this one, per row
-    int lo = q.m * per, hi = min(lo + per, q.seg);
-    St acc{0.f, 0.f, EMPTY};  // summary of segments [lo, g) from the zero state
-    if (q.lane_ok) {
-        for (int g0 = lo; g0 < hi; g0 += LB_BATCH) {
-            St x[LB_BATCH];
-#pragma unroll
-            for (int i = 0; i < LB_BATCH; ++i)
-                x[i] = g0 + i < hi ? load3(seg, g0 + i, nseg, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
-#pragma unroll
-            for (int i = 0; i < LB_BATCH; ++i)
-                if (g0 + i < hi) acc = apply(acc, x[i], SEG, w);
-        }
-    }
-    part.put(q.m, acc);
-    __syncthreads();
-    St s{0.f, 0.f, EMPTY};
-    if (q.m == 0 && q.lane_ok) {
-        size_t lane = static_cast<size_t>(q.b) * C + q.c;
-        s = {aa0[lane], bb0[lane], pp0[lane]};
-        for (int m = 0; m < SUBS; ++m) {
-            int n = min(per, q.seg - m * per);
-            if (n > 0) s = apply(s, part.get(m), n * SEG, w);
-        }
-    }
-    return s;
-}
-
-// The adjoint at the end of segment q.seg, and (in wins[0]) the lane's arg-max step of pp_T: the
-// last step where k won, over all segments (-1: the input pp).
-__device__ __forceinline__ St bwd_lookback(const Tile& q, int C, int nseg, const float* __restrict__ aseg,
-                                           const float* __restrict__ gaa1, const float* __restrict__ gbb1,
-                                           const int* __restrict__ lastwin, Shared3& part,
-                                           int (&wins)[SUBS][LANES]) {
-    int after = nseg - 1 - q.seg;  // segments after this one
-    int per = (after + SUBS - 1) / SUBS;
-    int lo = q.seg + 1 + q.m * per, hi = min(lo + per, nseg);
-    St acc{0.f, 0.f, G_ONE};  // adjoint summary of segments [g, hi)
-    int best = -1;
-    if (q.lane_ok) {
-        for (int g1 = hi; g1 > lo; g1 -= LB_BATCH) {
-            St x[LB_BATCH];
-#pragma unroll
-            for (int i = 0; i < LB_BATCH; ++i)
-                x[i] = g1 - 1 - i >= lo ? load3(aseg, g1 - 1 - i, nseg, q.b, q.c, C) : St{0.f, 0.f, G_ONE};
-#pragma unroll
-            for (int i = 0; i < LB_BATCH; ++i)
-                if (g1 - 1 - i >= lo) acc = adj_compose(x[i], acc);
-        }
-        const int* win = lastwin + static_cast<size_t>(q.b) * nseg * C + q.c;
-#pragma unroll 4
-        for (int g = q.m; g < nseg; g += SUBS) best = max(best, win[static_cast<size_t>(g) * C]);
-    }
-    part.put(q.m, acc);
-    wins[q.m][threadIdx.x] = best;
-    __syncthreads();
-    St end{0.f, 0.f, 0.f};
-    if (q.m == 0 && q.lane_ok) {
-        size_t lane = static_cast<size_t>(q.b) * C + q.c;
-        end = {gaa1[lane], gbb1[lane], 0.f};
-        for (int m = SUBS - 1; m >= 0; --m) {
-            if (after - m * per > 0) {
-                St x = part.get(m);
-                end = {adj_apply(end.a, x.a, x.p), adj_apply(end.b, x.b, x.p), 0.f};
-            }
-            best = max(best, wins[m][threadIdx.x]);
-        }
-        wins[0][threadIdx.x] = best;  // only this thread touches its column until the next barrier
-    }
-    return end;
-}
-
 // Forward 3: outputs. The block scans its sub-chunk summaries from the segment start state and
 // replaces each summary in `sub` by that sub-chunk's start state (kept for backward); each thread
 // walks its steps writing y; the thread with the last step writes the output state; the block
 // writes the last step in the segment where k won the running max (-1 if none) to `lastwin`.
-template <typename F, bool LB>
+template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_FWD_MIN_BLOCKS)
     fwd_outputs(int T, int C, int nseg, int nsub, const float* __restrict__ td,
                 const float* __restrict__ tf, const F* __restrict__ k_, const F* __restrict__ v_, F* __restrict__ y_,
                 const float* __restrict__ seg, float* __restrict__ sub, int* __restrict__ lastwin,
-                float* __restrict__ aa1, float* __restrict__ bb1, float* __restrict__ pp1,
-                const float* __restrict__ aa0, const float* __restrict__ bb0, const float* __restrict__ pp0) {
+                float* __restrict__ aa1, float* __restrict__ bb1, float* __restrict__ pp1) {
     __shared__ Shared3 sh;
     __shared__ int shn[SUBS][LANES];
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB];
-    constexpr bool LATE = LB && LB_PREFETCH;
     pdl_trigger();
-    if (LATE) {  // k, v were complete before the pass's first kernel started
-        prefetch_steps(k_, q, C);
-        prefetch_steps(v_, q, C);
-    } else {
-        load_steps(k_, q, C, k);
-        load_steps(v_, q, C, v);
-    }
-    pdl_wait();  // the summaries (and scan) kernels' results, from here on
+    load_steps(k_, q, C, k);  // k, v were complete before the pass's first kernel started
+    load_steps(v_, q, C, v);
+    pdl_wait();  // the summaries and scan kernels' results, from here on
     St s = q.n > 0 ? load3(sub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, EMPTY};
     sh.put(q.m, s);
     shn[q.m][threadIdx.x] = q.n;
-    St start{0.f, 0.f, EMPTY};
-    if (LB) {
-        __shared__ Shared3 part;
-        start = fwd_lookback(q, C, nseg, w, seg, aa0, bb0, pp0, part);
-    }
-    if (LATE) {
-        load_steps(k_, q, C, k);
-        load_steps(v_, q, C, v);
-    }
     __syncthreads();
     if (q.m == 0 && q.lane_ok) {
-        St acc = LB ? start : load3(seg, q.seg, nseg, q.b, q.c, C);
+        St acc = load3(seg, q.seg, nseg, q.b, q.c, C);
         for (int m = 0; m < SUBS; ++m) {
             St x = sh.get(m);
             sh.put(m, acc);
@@ -998,9 +776,7 @@ template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     bwd_summaries(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                   const F* __restrict__ k_, const F* __restrict__ v_, const F* __restrict__ gy_,
-                  const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg,
-                  const float* __restrict__ gaa1, const float* __restrict__ gbb1, const int* __restrict__ lastwin,
-                  int* __restrict__ argmax, int* __restrict__ counters) {
+                  const float* __restrict__ sub, float* __restrict__ asub, float* __restrict__ aseg) {
     pdl_trigger();  // first kernel of the pass: launched plainly, after everything before it
     __shared__ Shared3 sh;
     Tile q = tile(T, C);
@@ -1037,8 +813,6 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         for (int m = SUBS - 1; m >= 0; --m) acc = adj_compose(sh.get(m), acc);
         store3(aseg, q.seg, nseg, q.b, q.c, C, acc);
     }
-    if (FUSED_BWD_SCAN && last_block_arrives(counters + blockIdx.z * gridDim.y + blockIdx.y, nseg))
-        bwd_scan_block(q, C, nseg, gaa1, gbb1, lastwin, aseg, argmax, sh);
 }
 
 // Backward 2: per lane, the adjoint at each segment's end from the state-out gradient and the
@@ -1115,7 +889,7 @@ __global__ void __launch_bounds__(LANES* SCAN_MAX_ROWS)
 // Backward 3: gradients. The block scans the adjoint back over its sub-chunks from the segment
 // end; each thread walks its tile (gradient_walk); the block writes per-segment partials of gw,
 // gu, and the thread owning step 0 writes the input-state gradient.
-template <typename F, bool LB>
+template <typename F>
 __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
     bwd_gradients(int T, int C, int nseg, int nsub, const float* __restrict__ td,
                   const float* __restrict__ tf,
@@ -1125,41 +899,22 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
                   const float* __restrict__ aa1, const float* __restrict__ bb1, const float* __restrict__ gaa1,
                   const float* __restrict__ gbb1, const float* __restrict__ gpp1, F* __restrict__ gk_,
                   F* __restrict__ gv_, float* __restrict__ part, float* __restrict__ gaa0, float* __restrict__ gbb0,
-                  float* __restrict__ gpp0, float* __restrict__ gtd, float* __restrict__ gtf,
-                  int* __restrict__ counters, const int* __restrict__ lastwin) {
+                  float* __restrict__ gpp0) {
     __shared__ Shared3 sh;
-    __shared__ int wins[SUBS][LANES];
     extern __shared__ float stash_mem[];
     Tile q = tile(T, C);
     float w = q.lane_ok ? -expf(td[q.c]) : 0.f;
     float u = q.lane_ok ? tf[q.c] : 0.f;
     float k[SUB], v[SUB], gy[SUB];
-    constexpr bool LATE = LB && LB_PREFETCH;
     pdl_trigger();
-    if (LATE) {  // k, v, gy were complete before the pass's first kernel started
-        prefetch_steps(k_, q, C);
-        prefetch_steps(v_, q, C);
-        prefetch_steps(gy_, q, C);
-    } else {
-        load_steps(k_, q, C, k);
-        load_steps(v_, q, C, v);
-        load_steps(gy_, q, C, gy);
-    }
-    pdl_wait();  // the adjoint summaries (and scan) kernels' results, from here on
+    load_steps(k_, q, C, k);  // k, v, gy were complete before the pass's first kernel started
+    load_steps(v_, q, C, v);
+    load_steps(gy_, q, C, gy);
+    pdl_wait();  // the adjoint summaries and scan kernels' results, from here on
     sh.put(q.m, q.n > 0 ? load3(asub, q.sub, nsub, q.b, q.c, C) : St{0.f, 0.f, G_ONE});
-    St end{0.f, 0.f, 0.f};
-    if (LB) {
-        __shared__ Shared3 lb;
-        end = bwd_lookback(q, C, nseg, aseg, gaa1, gbb1, lastwin, lb, wins);
-    }
-    if (LATE) {
-        load_steps(k_, q, C, k);
-        load_steps(v_, q, C, v);
-        load_steps(gy_, q, C, gy);
-    }
     __syncthreads();
     if (q.m == 0 && q.lane_ok) {
-        St acc = LB ? end : load3(aseg, q.seg, nseg, q.b, q.c, C);
+        St acc = load3(aseg, q.seg, nseg, q.b, q.c, C);
         for (int m = SUBS - 1; m >= 0; --m) {
             St x = sh.get(m);
             sh.put(m, acc);
@@ -1173,7 +928,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         St adj = sh.get(q.m);
         // The gradient of pp_T goes to its arg-max path: step `am`, or the input pp when am = -1.
         size_t lane = static_cast<size_t>(q.b) * C + q.c;
-        int am = LB ? wins[0][threadIdx.x] : argmax[lane];
+        int am = argmax[lane];
         bool path_here = (am >= q.t0 && am < q.t0 + q.n) || (am < 0 && q.t0 == 0);
         float gpath = 0.f;
         if (path_here) gpath = gpp1[lane] - gaa1[lane] * aa1[lane] - gbb1[lane] * bb1[lane];
@@ -1199,10 +954,6 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_BWD_MIN_BLOCKS)
         part[chunk_idx(q.b, q.seg, nseg, 0, 2, q.c, C)] = sw;
         part[chunk_idx(q.b, q.seg, nseg, 1, 2, q.c, C)] = su;
     }
-    // The stash is free now: the last block of this channel block reduces the partials in it.
-    if (FUSED_REDUCE && last_block_arrives(counters + blockIdx.y, nseg * gridDim.z))
-        reduce_channels<SUBS>(gridDim.z, C, nseg, blockIdx.y * LANES, threadIdx.y, td, part, gtd, gtf,
-                              reinterpret_cast<double*>(stash_mem));
 }
 
 // Backward 4: reduce the partials over (batch, segment) items in a fixed order (deterministic,
@@ -1453,7 +1204,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
     }
 }
 
-// Forward 3, paired (see fwd_outputs; no lookback).
+// Forward 3, paired (see fwd_outputs).
 __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_FWD_MIN_BLOCKS)
     fwd_outputs_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
                      const __nv_bfloat16* __restrict__ k_, const __nv_bfloat16* __restrict__ v_,
@@ -1572,7 +1323,7 @@ __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_SUMMARIES_MIN_BLOCKS
     }
 }
 
-// Backward 3, paired (see bwd_gradients; no lookback). The two channels walk one after the other
+// Backward 3, paired (see bwd_gradients). The two channels walk one after the other
 // (the stash holds one channel's steps), channel 0 keeping its bf16 results for the paired stores.
 __global__ void __launch_bounds__(LANES* SUBS, WKV_PAIR_BWD_MIN_BLOCKS)
     bwd_gradients_pair(int T, int C, int nseg, int nsub, const float* __restrict__ td, const float* __restrict__ tf,
@@ -2179,20 +1930,18 @@ cudaError_t launch(bool dependent, void (*kernel)(Params...), dim3 grid, dim3 bl
 template <typename F>
 int forward_impl(int B, int T, int C, const float* td, const float* tf, const void* k, const void* v, const float* aa0,
                  const float* bb0, const float* pp0, void* y, float* aa1, float* bb1, float* pp1, float* sub,
-                 int* lastwin, float* seg, int* counters, cudaStream_t stream) {
+                 int* lastwin, float* seg, cudaStream_t stream) {
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
-    bool lookback = !FUSED_FWD_SCAN && nseg <= LOOKBACK;
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
-    cudaError_t err = launch(false, fwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg,
-                             aa0, bb0, pp0, counters);
-    if (err == cudaSuccess && !FUSED_FWD_SCAN && !lookback)
+    cudaError_t err = launch(false, fwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, kk, vv, sub, seg);
+    if (err == cudaSuccess)
         err = launch(true, fwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, td, aa0, bb0, pp0, seg);
     if (err == cudaSuccess)
-        err = launch(true, lookback ? fwd_outputs<F, true> : fwd_outputs<F, false>, grid, block, 0, stream, T, C,
-                     nseg, nsub, td, tf, kk, vv, static_cast<F*>(y), seg, sub, lastwin, aa1, bb1, pp1, aa0, bb0, pp0);
+        err = launch(true, fwd_outputs<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv,
+                     static_cast<F*>(y), seg, sub, lastwin, aa1, bb1, pp1);
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
 }
 
@@ -2249,24 +1998,21 @@ int backward_impl(int B, int T, int C, const float* td, const float* tf, const v
         return backward_single_pass<F>(B, T, C, td, tf, k, v, gy, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, sub, lastwin,
                                        aseg, part, gk, gv, gtd, gtf, gaa0, gbb0, gpp0, counters, stream);
     int nseg = ceil_div(T, SEG), nsub = ceil_div(T, SUB);
-    bool lookback = !FUSED_BWD_SCAN && nseg <= LOOKBACK;
     dim3 grid(nseg, ceil_div(C, LANES), B), block(LANES, SUBS);
     const F* kk = static_cast<const F*>(k);
     const F* vv = static_cast<const F*>(v);
     const F* gg = static_cast<const F*>(gy);
     cudaError_t err = launch(false, bwd_summaries<F>, grid, block, 0, stream, T, C, nseg, nsub, td, tf, kk, vv, gg,
-                             sub, asub, aseg, gaa1, gbb1, lastwin, argmax, counters);
-    if (err == cudaSuccess && !FUSED_BWD_SCAN && !lookback)
+                             sub, asub, aseg);
+    if (err == cudaSuccess)
         err = launch(true, bwd_segment_scan, scan_grid(B, C), dim3(LANES, scan_rows(nseg)), 0, stream,
                      B, C, nseg, gaa1, gbb1, lastwin, aseg, argmax);
+    if (err == cudaSuccess) err = allow_stash<bwd_gradients<F>>();
     if (err == cudaSuccess)
-        err = lookback ? allow_stash<bwd_gradients<F, true>>() : allow_stash<bwd_gradients<F, false>>();
-    auto gradients = lookback ? bwd_gradients<F, true> : bwd_gradients<F, false>;
+        err = launch(true, bwd_gradients<F>, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub,
+                     td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
+                     static_cast<F*>(gk), static_cast<F*>(gv), part, gaa0, gbb0, gpp0);
     if (err == cudaSuccess)
-        err = launch(true, gradients, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td,
-                     tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<F*>(gk),
-                     static_cast<F*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, counters, lastwin);
-    if (err == cudaSuccess && !FUSED_REDUCE)
         err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
                      gtf);
     return static_cast<int>(err != cudaSuccess ? err : cudaGetLastError());
@@ -2330,14 +2076,13 @@ int backward_pairs(int B, int T, int C, const float* td, const float* tf, const 
             err = launch(true, bwd_gradients_pair, grid, block, static_cast<size_t>(STASH_BYTES), stream, T, C, nseg,
                          nsub, td, tf, kk, vv, gg, sub, asub, aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1,
                          static_cast<__nv_bfloat16*>(gk), static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
-    } else {  // the default's kernel and grid (the workspaces are the same); no counters without fusion
-        if (err == cudaSuccess) err = allow_stash<bwd_gradients<__nv_bfloat16, false>>();
+    } else {  // the unpaired kernel on its own grid (the workspaces are the same)
+        if (err == cudaSuccess) err = allow_stash<bwd_gradients<__nv_bfloat16>>();
         if (err == cudaSuccess)
-            err = launch(true, bwd_gradients<__nv_bfloat16, false>, dim3(nseg, ceil_div(C, LANES), B), block,
+            err = launch(true, bwd_gradients<__nv_bfloat16>, dim3(nseg, ceil_div(C, LANES), B), block,
                          static_cast<size_t>(STASH_BYTES), stream, T, C, nseg, nsub, td, tf, kk, vv, gg, sub, asub,
                          aseg, argmax, aa0, bb0, aa1, bb1, gaa1, gbb1, gpp1, static_cast<__nv_bfloat16*>(gk),
-                         static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0, gtd, gtf, static_cast<int*>(nullptr),
-                         lastwin);
+                         static_cast<__nv_bfloat16*>(gv), part, gaa0, gbb0, gpp0);
     }
     if (err == cudaSuccess)
         err = launch(true, bwd_reduce, dim3(ceil_div(C, LANES)), dim3(LANES, 8), 0, stream, B, C, nseg, td, part, gtd,
@@ -2424,13 +2169,11 @@ long long wkv_sub_floats(int B, int T, int C) { return static_cast<long long>(B)
 long long wkv_segment_elems(int B, int T, int C, int ncomp) {
     return static_cast<long long>(B) * ceil_div(T, SEG) * ncomp * C;
 }
-// Counters (ints) both launchers need: zero before the first call; every launch leaves them zero
-// again. Calls that may run at the same time need separate counters. 0 when this build fuses
-// nothing (no counters are used; the pointer may be null).
+// Counters (ints) the backward needs (the single-pass kernel's tickets and flags): zero before the
+// first call; every launch leaves them zero again. Calls that may run at the same time need separate
+// counters. 0 when this build has no single-pass backward (the pointer may be null).
 long long wkv_counter_ints(int B, int T, int C) {
-    long long fused = WKV_FUSED_SCANS ? static_cast<long long>(B) * ceil_div(C, LANES) : 0;
-    long long single = SINGLE_BWD ? SP_HEADER + static_cast<long long>(B) * ceil_div(T, SEG) * ceil_div(C, LANES) : 0;
-    return fused > single ? fused : single;
+    return SINGLE_BWD ? SP_HEADER + static_cast<long long>(B) * ceil_div(T, SEG) * ceil_div(C, LANES) : 0;
 }
 // Steps per sub-chunk and per segment of this build (the workspace sizes above follow from them).
 int wkv_sub_steps() { return SUB; }
@@ -2441,14 +2184,14 @@ int wkv_segment_steps() { return SEG; }
 // int) are kept for the backward; seg (segment elems, ncomp 3) is scratch.
 int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                 const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
-                float* pp1, float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream) {
+                float* pp1, float* sub, int* lastwin, float* seg, cudaStream_t stream) {
     if (!shape_ok(B, T, C) || (dtype != 0 && dtype != 1)) return -1;
     if (sequential(B, C))
         return forward_sequential(dtype, B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
                                   lastwin, stream);
     if (dtype == 0)
         return forward_impl<float>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub,
-                                   lastwin, seg, counters, stream);
+                                   lastwin, seg, stream);
 #if WKV_PAIRS
     if (dtype == 1 && pairs_ok(C, {k, v, y}))
         return forward_pairs(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1, sub, lastwin, seg,
@@ -2456,7 +2199,7 @@ int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const f
 #endif
     if (dtype == 1)
         return forward_impl<__nv_bfloat16>(B, T, C, time_decay, time_first, k, v, aa0, bb0, pp0, y, aa1, bb1, pp1,
-                                           sub, lastwin, seg, counters, stream);
+                                           sub, lastwin, seg, stream);
     return -1;
 }
 

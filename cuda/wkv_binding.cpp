@@ -25,7 +25,7 @@ long long wkv_sub_floats(int B, int T, int C);
 long long wkv_segment_elems(int B, int T, int C, int ncomp);
 int wkv_forward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                 const void* v, const float* aa0, const float* bb0, const float* pp0, void* y, float* aa1, float* bb1,
-                float* pp1, float* sub, int* lastwin, float* seg, int* counters, cudaStream_t stream);
+                float* pp1, float* sub, int* lastwin, float* seg, cudaStream_t stream);
 int wkv_backward(int dtype, int B, int T, int C, const float* time_decay, const float* time_first, const void* k,
                  const void* v, const void* gy, const float* aa0, const float* bb0, const float* aa1, const float* bb1,
                  const float* gaa1, const float* gbb1, const float* gpp1, const float* sub, const int* lastwin,
@@ -71,11 +71,11 @@ void poison(std::initializer_list<torch::Tensor*> tensors) {
     for (auto* t : tensors) t->fill_(std::numeric_limits<float>::quiet_NaN());
 }
 
-// The kernels' arrival counters: one zeroed int buffer per (device, stream), grown on demand.
+// The backward's arrival counters: one zeroed int buffer per (device, stream), grown on demand.
 // Each launch leaves its counters zero again, so calls in stream order share one buffer; calls on
 // different streams get different buffers, so they may run at the same time.
 int* counters_for(const torch::Tensor& like, long long needed) {
-    if (needed == 0) return nullptr;  // this build fuses nothing
+    if (needed == 0) return nullptr;  // this build has no single-pass backward
     static std::mutex mutex;
     static std::map<std::pair<int, cudaStream_t>, torch::Tensor> buffers;
     auto stream = c10::cuda::getCurrentCUDAStream(like.device().index());
@@ -111,8 +111,7 @@ std::vector<torch::Tensor> wkv_forward_op(torch::Tensor time_decay, torch::Tenso
                              k.data_ptr(), v.data_ptr(), aa0.data_ptr<float>(), bb0.data_ptr<float>(),
                              pp0.data_ptr<float>(), y.data_ptr(), aa1.data_ptr<float>(), bb1.data_ptr<float>(),
                              pp1.data_ptr<float>(), sub.data_ptr<float>(), lastwin.data_ptr<int>(),
-                             seg.data_ptr<float>(), counters_for(k, wkv_counter_ints(B, T, C)),
-                             c10::cuda::getCurrentCUDAStream().stream());
+                             seg.data_ptr<float>(), c10::cuda::getCurrentCUDAStream().stream());
     check_status(status, "forward");
     return {y, aa1, bb1, pp1, sub, lastwin};
 }

@@ -182,10 +182,10 @@ def test_every_output_element_written(shape, dtype, monkeypatch):
         assert torch.isfinite(g).all(), f"{name} has unwritten (NaN) elements"
 
 
-def test_scan_kernels_and_lookback_agree():
-    """One 9000-step call (70 segments) equals three chained 3000-step calls in outputs and all
-    gradients. In a build with WKV_LOOKBACK=64 the long call takes the per-lane scan kernels and the
-    short ones the in-block lookback, so the two paths are held to each other."""
+def test_one_long_call_equals_chained_calls_across_scan_row_counts():
+    """One 9000-step call (71 segments) equals three chained 3000-step calls (24 segments each) in
+    outputs and all gradients: the segment scans split the two lengths' segments over different
+    numbers of rows (WKV_SCAN_MAX_ROWS)."""
     batch, steps, channels = 2, 9000, 64
     td, tf, k, v, state = make_inputs(batch, steps, channels, torch.float32)
     gy = torch.randn(k.shape, device=DEVICE)
