@@ -217,7 +217,34 @@ def _eval(args: argparse.Namespace) -> int:
         + (f", {past:.4f} past the longest trained length" if past is not None else "")
         + f"; report and loss-vs-position plot in {out}"
     )
+    url = _track_evaluation(run_dir, config, report, out)
+    if url:
+        print(f"MLflow: {url}")
     return 0
+
+
+def _track_evaluation(run_dir: Path, config, report: dict, out: Path) -> str | None:  # config: RunConfig
+    """The evaluation as a nested run `eval-ctx<N>` of the run's MLflow parent, beside its stage runs, so
+    evaluations at other lengths compare in MLflow. Returns the run's link (None: the run is not tracked)."""
+    from orchestration.rundir import RunDir
+    from orchestration.stages import eval_metrics
+    from orchestration.tracking import RunHandle, make_tracker
+
+    state = RunDir.existing(run_dir).read_state()
+    if not state.get("tracking_uri") or not state.get("parent_run_id"):
+        return None
+    tracker = make_tracker(state["tracking_uri"], config.tracking.experiment)
+    parent = RunHandle("parent", run_id=state["parent_run_id"])
+    params = {"eval.ctx_len": report["ctx_len"], "eval.windows": report["windows"]}
+    handle = tracker.open_run(
+        f"eval-ctx{report['ctx_len']}", parent=parent, params=params, tags={"rwkv.eval_dir": str(out)}
+    )
+    tracker.log_metrics(handle, eval_metrics(report), step=0)
+    for name in ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv"):
+        tracker.log_artifact(handle, out / name, "eval")
+    tracker.close_run(handle)
+    tracker.close(timeout_s=min(config.tracking.flush_timeout_s, 60))
+    return tracker.run_url(handle)
 
 
 def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model_config, tokenizer_dir)

@@ -344,6 +344,14 @@ def eval_ctx_len(config: RunConfig) -> int:
     return config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
 
 
+EVAL_METRICS = ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter", "loss_past_trained_ctx")
+
+
+def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """An eval report's figures as MLflow metrics (the evaluate stage's, and `rwkv-pipeline eval`'s)."""
+    return {key: report[key] for key in EVAL_METRICS if key in report}
+
+
 def trained_ctx_lens(config: RunConfig) -> dict[str, int]:
     """Each training stage's context length, in stage order: {"pretrain": 1024, "extend1": 4096}."""
     lengths = {"pretrain": config.train.ctx_len}
@@ -395,8 +403,7 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
             ctx.out_dir.resolve(),
             trained_ctx_lens(config),
         )
-        headline = ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter", "loss_past_trained_ctx")
-        ctx.log_metrics({k: report[k] for k in headline if k in report}, step=0)
+        ctx.log_metrics(eval_metrics(report), step=0)
         if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
             headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
             ctx.tracker.log_metrics(ctx.run.parent, {**headline, "eval/ctx_len": ctx_len}, step=0)

@@ -106,6 +106,9 @@ class MlflowTracker(NullTracker):
         # hold the sending thread for minutes on a dead server, so fail fast and let the queue wait.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        # MLflow prints two "View run / View experiment" lines per finished run on a server; the run's
+        # summary gives the parent run's link once.
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
 
         self.uri = uri

@@ -163,6 +163,7 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     # Ray Train's placement-group cleaner, without a state API to ask, warned every second (or died with
     # a traceback when /tmp/ray/ray_current_cluster named another cluster): orchestration.cluster.
     assert "PlacementGroupCleaner" not in console, console[-3000:]
+    assert "View run" not in console  # MLflow's two lines per finished run on a server; the summary links the parent
     # Rank 0's line per stored checkpoint, not each rank's Ray Train report lines with `.partial` paths.
     assert console.count("checkpoint step_00000010 stored") == 1, console[-3000:]
     assert "TrainingReport" not in console and "Checkpoint successfully created" not in console, console[-3000:]
@@ -203,7 +204,7 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     assert parent.data.metrics["eval/val_loss"] == pytest.approx(report["val_loss"])  # runs sort by it in MLflow
 
 
-def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_path: Path):
+def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_path: Path, mlflow_uri: str):
     from model import load_rwkv4_pth
 
     _, run_dir, _ = first_run
@@ -226,6 +227,9 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     report64 = json.loads((tmp_path / "eval64" / "eval_report.json").read_text())
     assert report64["trained_ctx"] == {"pretrain": 32} and report64["ctx_len"] == 64
     assert report64["loss_past_trained_ctx"] > 0  # positions 33..64, which pretraining never saw
+    tracked = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])["eval-ctx64"]  # beside the stage runs
+    assert len(tracked) == 1 and tracked[0].data.metrics["val_loss"] == pytest.approx(report64["val_loss"])
+    assert tracked[0].data.metrics["loss_past_trained_ctx"] == pytest.approx(report64["loss_past_trained_ctx"])
     too_long = cli("eval", str(run_dir), "--ctx-len", "100000000")
     assert too_long.returncode == 2 and "fewer than one window of 100000001" in too_long.stderr, too_long.stderr
     onto_a_file = cli("export", str(run_dir), "--out", str(tmp_path / "compare.png"))
