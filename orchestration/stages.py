@@ -352,20 +352,21 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     return {key: report[key] for key in EVAL_METRICS if key in report}
 
 
+def training_stages(config: RunConfig) -> list[tuple[str, int, int]]:
+    """(name, ctx_len, steps) of each training stage, in order: pretrain, extend1..N."""
+    extensions = [(f"extend{number}", stage.ctx_len, stage.steps) for number, stage in enumerate(config.extend, 1)]
+    return [("pretrain", config.train.ctx_len, config.train.steps), *extensions]
+
+
 def trained_ctx_lens(config: RunConfig) -> dict[str, int]:
     """Each training stage's context length, in stage order: {"pretrain": 1024, "extend1": 4096}."""
-    lengths = {"pretrain": config.train.ctx_len}
-    lengths.update({f"extend{number}": stage.ctx_len for number, stage in enumerate(config.extend, start=1)})
-    return lengths
+    return {name: ctx_len for name, ctx_len, _ in training_stages(config)}
 
 
 def stage_details(config: RunConfig) -> dict[str, str]:
     """What `plan` shows beside a stage before a long run: lengths and steps of the training stages."""
     details = {"tokenizer": f"vocab {config.tokenizer.vocab_size}"}
-    steps = {"pretrain": config.train.steps}
-    steps.update({f"extend{number}": stage.steps for number, stage in enumerate(config.extend, start=1)})
-    for stage, length in trained_ctx_lens(config).items():
-        details[stage] = f"ctx {length}, {steps[stage]} steps"
+    details.update({name: f"ctx {ctx_len}, {steps} steps" for name, ctx_len, steps in training_stages(config)})
     details["evaluate"] = f"ctx {eval_ctx_len(config)}"
     return details
 
