@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from orchestration.config import ConfigError, dump_config, load_config
+from orchestration.config import ConfigError, RunConfig, dump_config, load_config
 
 FINISHED = ("done", "cached", "shared")  # stage statuses whose folder is complete
 
@@ -223,7 +223,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _track_evaluation(run_dir: Path, config, report: dict, out: Path) -> str | None:  # config: RunConfig
+def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path) -> str | None:
     """The evaluation as a nested run `eval-ctx<N>` of the run's MLflow parent, beside its stage runs, so
     evaluations at other lengths compare in MLflow. Returns the run's link (None: the run is not tracked)."""
     from orchestration.rundir import RunDir
