@@ -35,9 +35,11 @@ class RunSummary:
     def describe(self) -> str:
         lines = [f"run directory: {self.run_dir}"]
         if self.report:
+            past = self.report.get("loss_past_trained_ctx")
             lines.append(
                 f"val loss {self.report['val_loss']:.4f} (perplexity {self.report['perplexity']:.1f}) "
                 f"at ctx {self.report['ctx_len']}"
+                + (f", {past:.4f} past the longest trained length" if past is not None else "")
             )
         if "export" in self.outputs:
             lines.append(f"exported model: {self.outputs['export'] / 'model.pth'} (+ model.safetensors, tokenizer)")

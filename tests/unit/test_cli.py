@@ -150,3 +150,13 @@ def test_tracker_falls_back_to_null_without_mlflow(monkeypatch, caplog):
     handle = tracker.open_run("stage")
     tracker.log_metrics(handle, {"loss": 1.0}, 0)
     assert tracker.close(1) == 0
+
+
+def test_the_run_summary_gives_the_loss_past_the_trained_length_when_evaluated_beyond_it(tmp_path: Path):
+    from orchestration.run import RunSummary
+
+    report = {"val_loss": 3.5, "perplexity": 33.1, "ctx_len": 256}
+    within = RunSummary(tmp_path, {}, None, None, report).describe()
+    assert "val loss 3.5000 (perplexity 33.1) at ctx 256\n" in within and "past the longest" not in within
+    beyond = RunSummary(tmp_path, {}, None, None, {**report, "loss_past_trained_ctx": 3.25}).describe()
+    assert "at ctx 256, 3.2500 past the longest trained length" in beyond
