@@ -200,10 +200,10 @@ class DagRunner:
         """
         plan = plan if plan is not None else self.plan(stages)
         outputs = {item.stage: item.folder for item in plan}
-        config_hash = hashlib.sha256(json.dumps(config_tree or {}, sort_keys=True).encode()).hexdigest()[:12]
+        parent_key = self._parent_key(plan)
         state = self.run_dir.read_state()
-        parent_id = state["parent_runs"].get(config_hash)
-        if all(item.action == "cached" for item in plan) and config_hash in state["parent_runs"]:
+        parent_id = state["parent_runs"].get(parent_key)
+        if all(item.action == "cached" for item in plan) and parent_key in state["parent_runs"]:
             for item in plan:
                 self.report(f"{item.stage:<10} cached  {item.folder}")
             return outputs
@@ -217,10 +217,10 @@ class DagRunner:
             self.tracker.log_artifact(parent, config_file)
         self.run_dir.update(
             name=run_name,
-            config_hash=config_hash,
+            parent_key=parent_key,
             parent_run_id=parent.run_id,
             tracking_uri=self.tracker.uri,
-            parent_runs={**state["parent_runs"], config_hash: parent.run_id},
+            parent_runs={**state["parent_runs"], parent_key: parent.run_id},
             stages=self._planned_stages(plan, state["stages"]),
         )
         status = "FAILED"
@@ -239,6 +239,17 @@ class DagRunner:
         finally:
             self.tracker.close_run(parent, status)
         return outputs
+
+    def _parent_key(self, plan: list[PlanItem]) -> str:
+        """Which MLflow parent run a run continues: one per set of outputs (the stages' folder hashes) and
+        place of tracking. A change that alters no stage's output (ray.address, retries, how often to
+        log) continues the parent, whose params stay those of its first run; a change of any output is
+        a new parent."""
+        identity = {
+            "outputs": [[item.stage, item.digest] for item in plan],
+            "tracking": [self.tracker.uri, self.tracker.experiment],
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
     @staticmethod
     def _planned_stages(plan: list[PlanItem], previous: dict[str, Any]) -> dict[str, Any]:

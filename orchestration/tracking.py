@@ -61,6 +61,7 @@ class NullTracker:
     """Same interface, does nothing: used when mlflow is not installed."""
 
     uri: str | None = None
+    experiment: str | None = None
 
     def open_run(
         self,
@@ -111,7 +112,7 @@ class MlflowTracker(NullTracker):
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         from mlflow import MlflowClient
 
-        self.uri = uri
+        self.uri, self.experiment = uri, experiment
         self.client = MlflowClient(uri)
         self.queue = OperationQueue(self.client, uri, experiment, embedded_artifact_location(uri))
 

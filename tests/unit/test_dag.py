@@ -275,3 +275,27 @@ def test_runs_of_one_workdir_share_complete_stage_folders(tmp_path: Path):
     calls.clear()
     outputs = runner.run(make_stages(calls, lr=2e-3), "lr2")
     assert calls == ["tokenizer", "shards"] and not outputs["shards"].is_symlink()
+
+
+def test_a_change_that_alters_no_output_continues_the_mlflow_parent_run(tmp_path: Path):
+    """Joining a cluster (ray.address) is not a new experiment: one parent run per set of outputs."""
+    from mlflow import MlflowClient
+
+    from orchestration.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = RunDir(tmp_path / "run")
+
+    def run(lr: float, address: str) -> str:
+        tracker = MlflowTracker(uri, "unit")
+        DagRunner(run_dir, tracker, system_metrics_s=None).run(make_stages([], lr=lr), "demo", {"ray": address})
+        assert tracker.close(timeout_s=30) == 0
+        return run_dir.read_state()["parent_run_id"]
+
+    first = run(1e-3, "local")
+    assert run(1e-3, "10.0.0.1:6379") == first  # every stage cached, the same parent
+    changed = run(2e-3, "10.0.0.1:6379")
+    assert changed != first  # new outputs (train, report): a new parent
+    client = MlflowClient(uri)
+    parents = client.search_runs([client.get_experiment_by_name("unit").experiment_id], "tags.mlflow.runName = 'demo'")
+    assert sorted(run.info.run_id for run in parents) == sorted([first, changed])
