@@ -43,9 +43,9 @@ def ray_address_from(configured: str | None) -> str:
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
-    if address in ("local", "auto") or address.startswith("ray://"):
+    if address in ("local", "auto"):
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s):
             return
@@ -172,13 +172,17 @@ def start_ray(address: str) -> bool:
             log_to_driver=True,
             runtime_env=_job_runtime_env(),
         )
-    except (ConnectionError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0]
+    except (ConnectionError, RuntimeError, ValueError) as error:  # ValueError: a ray:// address without ray[client]
+        reason = str(error).strip().splitlines()[0].rstrip(".")
         raise RayUnreachable(
             f"could not join the Ray cluster at {address}: {reason}. Check that the address is the head's "
             "GCS port (ray start --head prints it) and, on a token-auth cluster, that ~/.ray/auth_token or "
             "RAY_AUTH_TOKEN holds its token."
         ) from error
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    cpus, gpus = resources.get("CPU", 0), resources.get("GPU", 0)
+    print(f"joined the Ray cluster at {address}: {nodes} node(s), {cpus:g} CPUs, {gpus:g} GPUs", flush=True)
     return True
 
 
@@ -218,18 +222,21 @@ def check_workers_fit(ray_config: RayConfig, address: str) -> None:
     short = []
     if workers * cpus > (have := total.get("CPU", 0.0)):
         short.append(
-            f"{workers * cpus:g} CPUs (ray.num_workers={workers} x ray.cpus_per_worker={cpus:g}) and it has {have:g}"
+            f"{workers * cpus:g} CPUs (ray.num_workers={workers} x ray.cpus_per_worker={cpus:g}) and the cluster "
+            f"has {have:g}"
         )
     if ray_config.use_gpu and workers > (gpus := total.get("GPU", 0.0)):
-        short.append(f"{workers} GPUs (ray.num_workers={workers}, ray.use_gpu=true) and it has {gpus:g}")
+        short.append(f"{workers} GPUs (ray.num_workers={workers}, ray.use_gpu=true) and the cluster has {gpus:g}")
     if not short:
         return
     needs = "; ".join(short)
     if address == "local":
-        raise ClusterTooSmall(
-            f"the training workers need {needs}: lower ray.num_workers or ray.cpus_per_worker (fractions are "
-            "allowed), or join a larger cluster with ray.address."
+        fixes = (
+            "set ray.use_gpu=false to train on CPUs, lower ray.num_workers"
+            if ray_config.use_gpu and workers > total.get("GPU", 0.0)
+            else "lower ray.num_workers or ray.cpus_per_worker (fractions are allowed)"
         )
+        raise ClusterTooSmall(f"the training workers need {needs}: {fixes}, or join a larger cluster with ray.address.")
     warning = (
         f"the Ray cluster at {address} cannot hold the training workers yet: they need {needs}; training waits "
         "until nodes join."

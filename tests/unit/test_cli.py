@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestration.cli import build_parser, main
 from orchestration.tracking import NullTracker, make_tracker
@@ -37,6 +38,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         (["extend=[{ctx_len: 512}, {ctx_len: 256}]"], "extend.1.ctx_len=256 is not longer than extend.0.ctx_len=512"),
         (["extend=[{ctx_len: 64}]"], "extend.0.ctx_len=64 is not longer than train.ctx_len=128"),
         ([f"ray.address=127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
+        ([f"ray.address=ray://127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at ray://127.0.0.1:"),
     ],
 )
 def test_user_errors_are_one_paragraph_without_traceback(capsys, tmp_path: Path, args: list[str], cause: str):
@@ -53,6 +55,15 @@ def test_more_training_workers_than_the_local_cluster_holds_stop_before_any_stag
     last = err.strip().splitlines()[-1]  # after the local MLflow store's first-use lines
     assert code == 2 and last.startswith("error: the training workers need ") and "Traceback" not in err
     assert f"ray.num_workers=2 x ray.cpus_per_worker={cpus}" in last
+    assert not list((tmp_path / "quickstart").glob("tokenizer-*"))  # no stage started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without GPUs")
+def test_a_gpu_config_on_a_machine_without_gpus_says_to_train_on_cpus(capsys, tmp_path: Path):
+    code, err = run_cli(capsys, "run", QUICKSTART, f"workdir={tmp_path}", "ray.address=local", "ray.use_gpu=true")
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "need 2 GPUs (ray.num_workers=2, ray.use_gpu=true) and the cluster has 0" in last
+    assert "set ray.use_gpu=false to train on CPUs" in last and "cpus_per_worker" not in last
     assert not list((tmp_path / "quickstart").glob("tokenizer-*"))  # no stage started
 
 
