@@ -66,20 +66,35 @@ class RunConfig(BaseModel):
 
 
 def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
-    """Set `a.b.c=value` inside nested dicts, creating levels as needed (list items by index)."""
+    """Set `a.b.c=value` inside nested dicts, creating levels as needed; an item of a list the config
+    already holds by its index (`extend.0.steps=20`)."""
     *parents, leaf = dotted_key.split(".")
     node: Any = tree
-    for part in parents:
+    path: list[str] = []
+    for part, child in zip(parents, [*parents[1:], leaf], strict=True):
         if isinstance(node, list):
-            node = node[int(part)]
-            continue
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict | list):
-            raise ConfigError(f"override '{dotted_key}': '{part}' is a value, not a section")
+            node = node[_list_index(dotted_key, ".".join(path), node, part)]
+        else:
+            if part not in node and child.isdigit():  # `extend.0.x` where the config has no extend list
+                node[part] = []
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"override '{dotted_key}': '{part}' is a value, not a section")
+        path.append(part)
     if isinstance(node, list):
-        node[int(leaf)] = value
+        node[_list_index(dotted_key, ".".join(path), node, leaf)] = value
     else:
         node[leaf] = value
+
+
+def _list_index(dotted_key: str, list_name: str, items: list[Any], part: str) -> int:
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    example = "[{ctx_len: 2048, steps: 100}]" if list_name == "extend" else "[...]"
+    raise ConfigError(
+        f"override '{dotted_key}': {list_name} holds {len(items)} item(s), so there is no item {part} to change; "
+        f"give the whole list instead, e.g. {list_name}={example}"
+    )
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -88,8 +103,19 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr_init=3e-4)")
-        pairs.append((key.strip(), yaml.safe_load(raw) if raw else None))
+        pairs.append((key.strip(), _override_value(raw)))
     return pairs
+
+
+def _override_value(raw: str) -> Any:
+    """The value as YAML reads it, except that a bare word ending in a colon (`data.paths=stdlib:`) stays
+    text: YAML would make it a one-key mapping, which no field takes."""
+    if not raw:
+        return None
+    value = yaml.safe_load(raw)
+    if isinstance(value, dict) and raw.strip().endswith(":") and list(value.values()) == [None]:
+        return raw.strip()
+    return value
 
 
 def _describe(error: ValidationError, source: str) -> str:

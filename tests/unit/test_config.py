@@ -41,6 +41,21 @@ def test_one_corpus_path_may_be_given_alone() -> None:
     assert load_config(None, ["data.paths=/data/corpus"]).data.paths == ["/data/corpus"]
 
 
+def test_a_path_ending_in_a_colon_stays_a_path() -> None:
+    assert load_config(None, ["data.paths=stdlib:"]).data.paths == ["stdlib:"]  # YAML alone reads {stdlib: None}
+
+
+def test_an_item_of_a_list_the_config_holds_is_overridden_by_index_and_a_missing_one_is_named(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  ctx_len: 128\nextend:\n  - ctx_len: 256\n    steps: 10\n")
+    assert load_config(path, ["extend.0.steps=20"]).extend[0].steps == 20
+    for missing in ("extend.1.steps=5", "extend.x.steps=5"):
+        with pytest.raises(ConfigError, match=r"extend holds 1 item\(s\), so there is no item .* extend=\[\{ctx_len"):
+            load_config(path, [missing])
+    with pytest.raises(ConfigError, match="extend holds 0 item"):  # no extend list at all: not a mapping
+        load_config(None, ["extend.0.ctx_len=256"])
+
+
 def test_bad_value_names_field() -> None:
     with pytest.raises(ConfigError, match=r"train\.micro_bsz"):
         load_config(None, ["train.micro_bsz=zero"])
