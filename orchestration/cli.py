@@ -75,7 +75,7 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     details = stage_details(config)
     for item in plan_pipeline(config):
-        print(f"{item.stage:<10} {item.action:<7} {details.get(item.stage, ''):<20} {item.source or item.folder}")
+        print(f"{item.stage:<10} {item.action:<7} {details.get(item.stage, ''):<24} {item.source or item.folder}")
     return 0
 
 
@@ -140,10 +140,20 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
-    """(official .pth, tokenizer dir) from an export folder or a .pth with its tokenizer beside it."""
+    """(official .pth, tokenizer dir) from an export folder, a .pth with its tokenizer beside it, or a
+    run directory (its export stage's folder)."""
+    if path.is_dir() and not (path / "model.pth").is_file() and (path / "state.json").is_file():
+        from orchestration.rundir import RunDir
+
+        export = RunDir.existing(path).read_state()["stages"].get("export", {})
+        if export.get("status") not in FINISHED:
+            raise UsageError(f"{path} has no finished export stage yet: run `rwkv-pipeline run CONFIG` to the end")
+        path = path / export["dir"]
     weights = path / "model.pth" if path.is_dir() else path
     if not weights.is_file():
-        raise UsageError(f"{weights} not found: give an exported model.pth or the export folder holding it")
+        raise UsageError(
+            f"{weights} not found: give an exported model.pth, the export folder holding it, or a run directory"
+        )
     tokenizer_dir = Path(tokenizer) if tokenizer else weights.parent
     if not (tokenizer_dir / "tokenizer.model").is_file():
         raise UsageError(f"no tokenizer.model in {tokenizer_dir}: pass --tokenizer DIR (a tokenizer stage folder)")
@@ -284,7 +294,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkv-pipeline", description="RWKV-4 pretraining pipeline.")
-    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors (anywhere on the line).")
+    parser.add_argument("--version", action="version", version=f"rwkv-pipeline {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -318,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_compare)
 
     gen = add_command("generate", "Sample text from an exported model (RNN mode).")
-    gen.add_argument("checkpoint", help="Exported model.pth, or the export folder holding it.")
+    gen.add_argument("checkpoint", help="Exported model.pth, the export folder holding it, or a run directory.")
     gen.add_argument("--prompt", required=True, help="Text to continue.")
     gen.add_argument("--tokens", type=_number(int, 1), default=100, help="Tokens to generate (default 100).")
     gen.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy (default 1.0).")
@@ -332,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = add_command("eval", "Evaluate a run's trained model: val loss, perplexity, loss vs position.")
     ev.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
     ev.add_argument("--ctx-len", type=_number(int, 0), default=0, help="Window length (default: the evaluate stage's).")
-    ev.add_argument("--batches", type=_number(int, 0), default=0, help="Batches of 4 windows (default: eval.batches).")
+    ev.add_argument(
+        "--batches", type=_number(int, 1), default=None, help="Batches of 4 windows (default: eval.batches)."
+    )
     ev.add_argument("--out", default=None, help="Report folder (default: <run_dir>/eval-ctx<N>).")
     ev.set_defaults(handler=_eval)
 
@@ -380,7 +393,19 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rwkv-pipeline")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # argparse takes an option between a command's positionals for one of them
+        argv = ["--debug", *(arg for arg in argv if arg != "--debug")]
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().handlers[0].setLevel(logging.WARNING)

@@ -8,11 +8,12 @@ validates the whole tree. Any problem raises `ConfigError` naming the field and 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from model.config import ModelConfig
 from pipeline.config import EvalConfig, ExtendStageConfig, TrainConfig
@@ -64,6 +65,13 @@ class RunConfig(BaseModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise ValueError(f"{name!r} is not a folder name (letters, digits, '.', '_', '-'; no '/')")
+        return name
+
 
 def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     """Set `a.b.c=value` inside nested dicts, creating levels as needed; an item of a list the config
@@ -71,7 +79,9 @@ def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     *parents, leaf = dotted_key.split(".")
     node: Any = tree
     path: list[str] = []
-    for part, child in zip(parents, [*parents[1:], leaf], strict=True):
+    keys = [*parents, leaf]
+    for depth, part in enumerate(parents):
+        child = keys[depth + 1]
         if isinstance(node, list):
             node = node[_list_index(dotted_key, ".".join(path), node, part)]
         else:
@@ -123,7 +133,9 @@ def _describe(error: ValidationError, source: str) -> str:
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"])
         message = (
-            "unknown field" if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument") else problem["msg"]
+            "unknown field"
+            if problem["type"] in ("extra_forbidden", "unexpected_keyword_argument")
+            else problem["msg"].removeprefix("Value error, ")
         )
         lines.append(f"  {field}: {message} (got {problem.get('input')!r})")
     return "\n".join(lines)

@@ -214,6 +214,8 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     assert all(f"{stage}" in status.stdout for stage in STAGES) and status.stdout.count(" done ") == len(STAGES)
     generated = cli("generate", str(stage_dirs(run_dir)["export"]), "--prompt", "def ", "--tokens", "8")
     assert generated.returncode == 0 and generated.stdout.startswith("def "), generated.stderr[-2000:]
+    from_run = cli("generate", str(run_dir), "--prompt", "def ", "--tokens", "8")  # the run's export stage
+    assert from_run.returncode == 0 and from_run.stdout == generated.stdout, from_run.stderr[-2000:]
     exported = cli("export", str(run_dir), "--out", str(tmp_path / "exported"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     model = load_rwkv4_pth(tmp_path / "exported" / "model.pth")

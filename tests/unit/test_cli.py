@@ -39,6 +39,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
         (["extend=[{ctx_len: 64}]"], "extend.0.ctx_len=64 is not longer than train.ctx_len=128"),
         ([f"ray.address=127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at 127.0.0.1:"),
         ([f"ray.address=ray://127.0.0.1:{closed_port()}"], "cannot reach the Ray cluster at ray://127.0.0.1:"),
+        (["name=../elsewhere"], "name: '../elsewhere' is not a folder name"),
     ],
 )
 def test_user_errors_are_one_paragraph_without_traceback(capsys, tmp_path: Path, args: list[str], cause: str):
@@ -75,6 +76,7 @@ def test_a_gpu_config_on_a_machine_without_gpus_says_to_train_on_cpus(capsys, tm
         (["generate", "m.pth", "--prompt", "x", "--tokens", "-5"], "--tokens: -5 is outside [1, inf)"),
         (["eval", "runs/x", "--ctx-len", "-4"], "argument --ctx-len: -4 is outside [0, inf)"),
         (["eval", "runs/x", "--batches", "many"], "argument --batches: 'many' is not an int"),
+        (["eval", "runs/x", "--batches", "0"], "argument --batches: 0 is outside [1, inf)"),
     ],
 )
 def test_out_of_range_options_are_named_by_the_parser(capsys, args: list[str], cause: str):
@@ -171,3 +173,16 @@ def test_the_run_summary_gives_the_loss_past_the_trained_length_when_evaluated_b
     assert "val loss 3.5000 (perplexity 33.1) at ctx 256\n" in within and "past the longest" not in within
     beyond = RunSummary(tmp_path, {}, None, None, {**report, "loss_past_trained_ctx": 3.25}).describe()
     assert "at ctx 256, 3.2500 past the longest trained length" in beyond
+
+
+def test_debug_may_come_anywhere_on_the_line_and_shows_the_traceback(tmp_path: Path):
+    from orchestration.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.n_layer"):  # between the config and its overrides
+        main(["run", QUICKSTART, "--debug", f"workdir={tmp_path}", "model.n_layer=zero"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as shown:
+        main(["--version"])
+    assert shown.value.code == 0 and capsys.readouterr().out.startswith("rwkv-pipeline ")
