@@ -77,7 +77,7 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, attempts: int, error: BaseException, log_path: Path) -> None:
         self.stage, self.error, self.log_path = stage, error, log_path
         super().__init__(
-            f"stage '{stage}' failed after {attempts} attempt(s): {describe(error)}. Full log: {log_path}. "
+            f"stage '{stage}' failed after {attempts} attempt(s): {describe(error).rstrip('.')}. Full log: {log_path}. "
             "Fix the cause and run the same command again: finished stages are reused."
         )
 

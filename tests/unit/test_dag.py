@@ -104,11 +104,12 @@ def test_an_error_a_retry_cannot_change_is_not_retried(tmp_path: Path):
         retryable = False
 
     def broken(ctx):
-        raise BadConfig("model.n_layer=0: set it to at least 1")
+        raise BadConfig("model.n_layer=0: set it to at least 1.")
 
     run_dir = RunDir(tmp_path / "run")
-    with pytest.raises(StageFailed, match="failed after 1 attempt.*BadConfig: model.n_layer=0"):
+    with pytest.raises(StageFailed, match="failed after 1 attempt.*BadConfig: model.n_layer=0") as failed:
         DagRunner(run_dir, max_retries=3).run([Stage("train", broken, config={})], "demo")
+    assert "at least 1. Full log: " in str(failed.value)  # one full stop after the error's own
     assert run_dir.read_state()["stages"]["train"]["attempts"] == 1
 
 
