@@ -104,6 +104,12 @@ def _status(args: argparse.Namespace) -> int:
             print(f"             error: {stage.get('error')}\n             log: {stage.get('log')}")
         if status in ("stopped", "missing"):
             print("             rerun the run's command to resume (or make it again)")
+    for report_path in sorted(run_dir.root.glob("eval-ctx*/eval_report.json")):  # `rwkv-pipeline eval`'s
+        report = json.loads(report_path.read_text())
+        print(
+            f"  {report_path.parent.name:<10} val loss {report['val_loss']:.4f} (perplexity "
+            f"{report['perplexity']:.1f}) at ctx {report['ctx_len']}  {report_path.parent.name}"
+        )
     url = None
     if state.get("tracking_uri") and state.get("parent_run_id"):
         try:

@@ -149,14 +149,21 @@ def _deferring_default(row: list[str]) -> bool:
 
 def comparability_notes(runs: list[RunResult]) -> list[str]:
     """What makes the runs' losses not directly comparable, one line each."""
+    notes = []
     vocabs = {run.label: run.config.get("tokenizer", {}).get("vocab_size") for run in runs}
     if len({size for size in vocabs.values() if size is not None}) > 1:
         sizes = ", ".join(f"{label} {size}" for label, size in vocabs.items())
-        return [
+        notes.append(
             f"note: the runs' tokenizers differ in vocabulary size ({sizes}): a loss is nats per token of its own "
             "tokenizer, so losses and perplexities of different tokenizers do not compare directly."
-        ]
-    return []
+        )
+    sections = ("data", "tokenizer")
+    if len({json.dumps([run.config.get(key) for key in sections], sort_keys=True) for run in runs}) > 1:
+        notes.append(
+            "note: the runs differ in data.* or tokenizer.* (see the fields above): they are validated on different "
+            "held-out text or tokens, so their val and eval losses are not measured on the same thing."
+        )
+    return notes
 
 
 def results_table(runs: list[RunResult]) -> str:

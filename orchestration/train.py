@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
-        print(
-            f"done: step {result.step}, loss {result.loss}, val_loss {result.val_loss}, checkpoint {result.checkpoint}"
-        )
+        # The last step's own loss: the `step N/N loss=` lines give the mean over the steps since the last one.
+        last = f"last step's loss {result.loss:.4g}" if result.loss is not None else "no loss"
+        val = f", val_loss {result.val_loss:.4g}" if result.val_loss is not None else ""
+        print(f"done: step {result.step}, {last}{val}, checkpoint {result.checkpoint}")
     return 0
 
 

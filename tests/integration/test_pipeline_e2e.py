@@ -233,6 +233,8 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     tracked = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])["eval-ctx64"]  # beside the stage runs
     assert len(tracked) == 1 and tracked[0].data.metrics["val_loss"] == pytest.approx(report64["val_loss"])
     assert tracked[0].data.metrics["loss_past_trained_ctx"] == pytest.approx(report64["loss_past_trained_ctx"])
+    in_run = cli("eval", str(run_dir), "--ctx-len", "48")  # into <run>/eval-ctx48, which status lists
+    assert in_run.returncode == 0 and "eval-ctx48 val loss " in cli("status", str(run_dir)).stdout
     too_long = cli("eval", str(run_dir), "--ctx-len", "100000000")
     assert too_long.returncode == 2 and "fewer than one window of 100000001" in too_long.stderr, too_long.stderr
     onto_a_file = cli("export", str(run_dir), "--out", str(tmp_path / "compare.png"))

@@ -121,3 +121,11 @@ def test_runs_with_tokenizers_of_different_sizes_get_a_note(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(tmp_path / "c.png")]) == 0
     assert "vocabulary size (a 512, b 4096)" in capsys.readouterr().out
     assert comparability_notes([load_run(a), load_run(a)]) == []
+
+
+def test_runs_on_different_corpora_get_a_note(tmp_path):
+    runs = [load_run(write_run(tmp_path / name, 1e-3)) for name in ("a", "b")]
+    assert comparability_notes(runs) == []
+    runs[1].config["data"] = {"paths": ["/other/corpus"]}
+    assert [note.split(":")[0] for note in comparability_notes(runs)] == ["note"]
+    assert "differ in data.* or tokenizer.*" in comparability_notes(runs)[0]
