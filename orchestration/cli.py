@@ -108,7 +108,7 @@ def _status(args: argparse.Namespace) -> int:
         report = json.loads(report_path.read_text())
         print(
             f"  {report_path.parent.name:<10} val loss {report['val_loss']:.4f} (perplexity "
-            f"{report['perplexity']:.1f}) at ctx {report['ctx_len']}  {report_path.parent.name}"
+            f"{report['perplexity']:.1f}) at ctx {report['ctx_len']}"
         )
     url = None
     if state.get("tracking_uri") and state.get("parent_run_id"):
