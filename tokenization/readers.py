@@ -7,12 +7,15 @@
 Formats: .txt (a file is a document, or `txt_split: blank_lines` makes each paragraph one),
 .jsonl / .jsonl.zst / .json.gz (one JSON object per line, text in `data.text_field`) and .parquet
 (column `data.text_field`). Reading is streaming (line by line, or parquet batch by batch), so
-memory stays flat on multi-GB files; only a single document is ever held whole.
+memory stays flat on multi-GB files; only a single document is ever held whole. A UTF-8 byte-order
+mark at the start of a file is dropped (editors on Windows write one). A `.json` file is read as JSON
+Lines too: one holding a JSON array (`[{...}, ...]`) raises `CorpusError` saying so.
 
 Bad input never stops the stage silently: invalid UTF-8 is replaced (U+FFFD) and counted, empty
 files and whitespace-only documents are skipped and counted, and a malformed JSON line or a record
 without the text field is skipped and counted, or raises `BadRecordError` naming file:line when
-`data.on_bad_record` is `fail`.
+`data.on_bad_record` is `fail`. Neither error is retried by the pipeline's stage retries: the same
+bytes fail the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import BinaryIO
@@ -32,10 +36,15 @@ log = logging.getLogger(__name__)
 _PARQUET_BATCH_ROWS = 1024
 _ZSTD_SLICE = 64 << 10
 _WARN_LIMIT = 10  # skipped records reported per segment before going quiet (all are counted)
+_BOM = b"\xef\xbb\xbf"
+_HEAD_BYTES = 4096  # enough of a file's start to see whether it opens a JSON array
+_JSON_DOCUMENT_SUFFIXES = (".json", ".json.gz", ".json.zst")  # names that may hold one JSON document, not lines
 
 
 class BadRecordError(ValueError):
     """A record that cannot be read under `on_bad_record: fail`; the message starts with file:line."""
+
+    retryable = False  # the same line fails the same way on another attempt (orchestration/dag.py)
 
 
 @dataclass
@@ -69,6 +78,11 @@ def decode(raw: bytes, stats: ReadStats) -> str:
     except UnicodeDecodeError:
         stats.invalid_utf8_docs += 1
         return raw.decode("utf-8", errors="replace")
+
+
+def strip_bom(raw: bytes) -> bytes:
+    """The bytes without a leading UTF-8 byte-order mark, which json.loads refuses and no text needs."""
+    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
 
 
 def _emit(doc_id: str, text: str, stats: ReadStats) -> Iterator[Document]:
@@ -128,6 +142,16 @@ def _split_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _lines(segment: Segment) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) of the segment's records; the file's first line loses a byte-order mark."""
+    lines = _raw_lines(segment)
+    if segment.start == 0:
+        for line_no, line in lines:
+            yield line_no, strip_bom(line)
+            break
+    yield from lines
+
+
+def _raw_lines(segment: Segment) -> Iterator[tuple[int, bytes]]:
     """(line number, raw line) of the segment's records, decompressing as a stream."""
     if segment.fmt == "jsonl.zst":
         yield from enumerate(_split_lines(_zstd_chunks(segment.path)), start=segment.first_record)
@@ -143,7 +167,41 @@ def _lines(segment: Segment) -> Iterator[tuple[int, bytes]]:
                 return
 
 
+def _file_head(segment: Segment) -> bytes:
+    """The first bytes of the segment's file, decompressed."""
+    if segment.fmt == "jsonl.zst":
+        chunks = _zstd_chunks(segment.path)
+        try:
+            return next(chunks, b"")[:_HEAD_BYTES]
+        finally:
+            chunks.close()  # closes the file now, not when the generator is collected
+    opener = gzip.open if segment.fmt == "jsonl.gz" else open
+    with opener(segment.path, "rb") as handle:
+        return handle.read(_HEAD_BYTES)
+
+
+def _refuse_json_array(segment: Segment, data: DataConfig) -> None:
+    """A `.json` file holding one JSON array would otherwise be skipped line by line as malformed.
+
+    Every segment of the file looks at the file's start: a later segment alone sees only lines like `  {`.
+    """
+    if not segment.path.lower().endswith(_JSON_DOCUMENT_SUFFIXES):
+        return
+    if strip_bom(_file_head(segment)).lstrip().startswith(b"["):
+        raise CorpusError(
+            f"{segment.path}: holds a JSON array, but a .json file is read as JSON Lines (one JSON object per "
+            f"line, text in data.text_field '{data.text_field}'); convert it, e.g. jq -c '.[]' in.json > out.jsonl"
+        )
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """json's reason and column; its messages that end in "at" expect a position after them."""
+    reason = re.sub(r"( starting)? at$", "", error.msg)
+    return f"malformed JSON ({reason}, column {error.colno})"
+
+
 def _read_jsonl(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
+    _refuse_json_array(segment, data)
     for line_no, line in _lines(segment):
         where = f"{segment.path}:{line_no}"
         if not line.strip():
@@ -152,7 +210,7 @@ def _read_jsonl(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterato
         try:
             record = json.loads(decode(line, stats))
         except json.JSONDecodeError as exc:
-            _skip(where, f"malformed JSON ({exc.msg}, column {exc.colno})", "bad_records", data, stats)
+            _skip(where, _json_problem(exc), "bad_records", data, stats)
             continue
         text = record.get(data.text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
@@ -197,7 +255,8 @@ def _read_parquet(segment: Segment, data: DataConfig, stats: ReadStats) -> Itera
 def read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
     """Documents of one segment in file order; counters go to `stats`.
 
-    A file that cannot be read (truncated gzip, corrupt zstd or parquet) raises CorpusError naming it.
+    A file that cannot be read (truncated gzip, corrupt zstd or parquet, a JSON array in a .json file)
+    raises CorpusError naming it.
     """
     import pyarrow as pa
     import zstandard
@@ -205,7 +264,11 @@ def read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterat
     try:
         yield from _read_segment(segment, data, stats)
     except (OSError, EOFError, zstandard.ZstdError, pa.ArrowException) as exc:
-        raise CorpusError(f"{segment.path}: cannot be read as {segment.fmt} ({type(exc).__name__}: {exc})") from exc
+        error = CorpusError(f"{segment.path}: cannot be read as {segment.fmt} ({type(exc).__name__}: {exc})")
+        # An error of the OS (errno set: EIO, a stale network mount) may pass on the stage's next attempt;
+        # a corrupt or truncated file (gzip, zstd, parquet errors carry no errno) fails the same way again.
+        error.retryable = isinstance(exc, OSError) and exc.errno is not None
+        raise error from exc
 
 
 def _read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
@@ -220,4 +283,4 @@ def _read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Itera
         yield from _read_paragraphs(segment, stats)
     else:
         with open(segment.path, "rb") as handle:
-            yield from _emit(segment.rel, decode(handle.read(), stats), stats)
+            yield from _emit(segment.rel, decode(strip_bom(handle.read()), stats), stats)

@@ -6,7 +6,8 @@
 A path may be a file, a directory (searched recursively for known formats), a glob, or `stdlib:`,
 the running Python's standard library sources (*.py; test/ and site-packages left out), which is
 real text on every machine and the quick start's corpus. Every path is checked before any work
-starts: one that matches nothing raises `CorpusError` naming it.
+starts: one that matches nothing raises `CorpusError` naming it (and, for a relative path, the
+current directory it was read from: relative paths do not follow the config file).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ _STDLIB_SKIP = {"test", "site-packages", "dist-packages", "__pycache__"}
 
 class CorpusError(ValueError):
     """The corpus cannot be read as configured (missing path, unknown format, missing column)."""
+
+    retryable = False  # the config or the files are wrong: another attempt fails the same way (orchestration/dag.py)
 
 
 @dataclass(frozen=True, order=True)
@@ -94,7 +97,7 @@ def resolve_sources(paths: list[str], root: str | None = None) -> list[SourceFil
                 f"data.paths: the folder '{spec}' holds no corpus file (known suffixes: {', '.join(FORMATS)})"
             )
         if not found:
-            raise CorpusError(f"data.paths: '{spec}' does not exist or matches no file")
+            raise CorpusError(f"data.paths: '{spec}' does not exist or matches no file{_relative_hint(spec)}")
         plain.extend(found)
     base = Path(root).resolve() if root else _common_parent(plain)
     for path in plain:
@@ -107,6 +110,13 @@ def resolve_sources(paths: list[str], root: str | None = None) -> list[SourceFil
             raise CorpusError(f"{path} is outside data.root {base}") from None
         files[rel] = SourceFile(rel, str(path), fmt, path.stat().st_size)
     return [files[rel] for rel in sorted(files)]
+
+
+def _relative_hint(spec: str) -> str:
+    """Where a relative path was looked for: the current directory, not the config file's folder."""
+    if Path(spec).expanduser().is_absolute():
+        return ""
+    return f" (relative paths are read from the current directory, {os.getcwd()})"
 
 
 def _common_parent(paths: list[Path]) -> Path:

@@ -244,3 +244,86 @@ def test_a_units_record_holds_every_segment_field_but_the_absolute_path(tmp_path
     expected = [{k: v for k, v in dataclasses.asdict(s).items() if k != "path"} for s in unit.segments]
     assert unit.to_json() == {"index": 0, "segments": expected}
     assert [list(s) for s in unit.to_json()["segments"]] == [list(s) for s in expected]  # same key order
+
+
+@pytest.mark.parametrize("name", ["bom.jsonl", "bom.json.gz", "bom.jsonl.zst", "bom.txt"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_dropped(tmp_path: Path, name: str) -> None:
+    payload = b"\xef\xbb\xbf" + (b"first line" if name.endswith(".txt") else jsonl_bytes(TEXTS))
+    compress = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}.get(Path(name).suffix, bytes)
+    (tmp_path / name).write_bytes(compress(payload))
+    docs, stats = read_all(DataConfig(paths=[str(tmp_path / name)]))
+    assert [text for _, text in docs] == (["first line"] if name.endswith(".txt") else TEXTS)
+    assert stats.bad_records == 0
+
+
+def test_a_byte_order_mark_is_dropped_when_paragraphs_are_documents(tmp_path: Path) -> None:
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfpara one\n\npara two\n")
+    docs, _ = read_all(DataConfig(paths=[str(tmp_path)], txt_split="blank_lines"))
+    assert docs == [("bom.txt:1", "para one\n"), ("bom.txt:3", "para two\n")]
+
+
+@pytest.mark.parametrize("name", ["array.json", "array.json.gz", "array.json.zst"])
+def test_a_json_array_in_a_json_file_is_named_as_not_json_lines(tmp_path: Path, name: str) -> None:
+    payload = json.dumps([{"text": text} for text in TEXTS], indent=2).encode()
+    compress = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}.get(Path(name).suffix, bytes)
+    (tmp_path / name).write_bytes(compress(b"\n  " + payload))
+    with pytest.raises(CorpusError, match=rf"{name}: holds a JSON array.*JSON Lines \(one JSON object per line"):
+        read_all(DataConfig(paths=[str(tmp_path / name)]))
+
+
+def test_a_json_array_is_named_from_every_segment_of_a_large_file(tmp_path: Path) -> None:
+    """A later segment alone holds only lines like `  {`: it looks at the file's start too."""
+    (tmp_path / "array.json").write_text(json.dumps([{"text": f"doc {i}"} for i in range(200)], indent=2))
+    data = DataConfig(paths=[str(tmp_path)], unit_bytes=500)
+    last = plan_units(data)[-1].segments[-1]
+    assert last.start > 0
+    with pytest.raises(CorpusError, match="holds a JSON array"):
+        list(read_segment(last, data, ReadStats()))
+
+
+def test_malformed_json_names_the_reason_and_column_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": "tab\there"}\n{"text": "open\n')
+    with pytest.raises(BadRecordError, match=rf"{path}:2: malformed JSON \(Invalid control character, column 14\)"):
+        read_all(DataConfig(paths=[str(path)], on_bad_record="fail"))
+    path.write_text('{"text": "open')  # the last line, without a newline (itself a control character)
+    with pytest.raises(BadRecordError, match=r"bad\.jsonl:1: malformed JSON \(Unterminated string, column 10\)"):
+        read_all(DataConfig(paths=[str(path)], on_bad_record="fail"))
+
+
+def test_bad_records_and_unreadable_corpora_are_not_retried(tmp_path: Path) -> None:
+    """The stage retries (orchestration/dag.py) would read the same bytes and fail the same way."""
+    from orchestration.dag import retryable
+
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"\n')
+    with pytest.raises(BadRecordError) as bad_record:
+        read_all(DataConfig(paths=[str(tmp_path / "bad.jsonl")], on_bad_record="fail"))
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "t.parquet")
+    with pytest.raises(CorpusError) as no_column:
+        plan_units(DataConfig(paths=[str(tmp_path / "t.parquet")]))
+    (tmp_path / "cut.json.gz").write_bytes(gzip.compress(jsonl_bytes(TEXTS * 100))[:200])
+    with pytest.raises(CorpusError) as truncated:
+        read_all(DataConfig(paths=[str(tmp_path / "cut.json.gz")]))
+    assert not any(retryable(error.value) for error in (bad_record, no_column, truncated))
+
+
+def test_a_file_that_vanishes_after_planning_may_be_retried(tmp_path: Path) -> None:
+    """An error of the OS (errno set) is not the file's content: another attempt may succeed."""
+    from orchestration.dag import retryable
+
+    (tmp_path / "gone.jsonl").write_bytes(jsonl_bytes(TEXTS))
+    data = DataConfig(paths=[str(tmp_path)])
+    segment = plan_units(data)[0].segments[0]
+    (tmp_path / "gone.jsonl").unlink()
+    with pytest.raises(CorpusError, match="gone.jsonl") as vanished:
+        list(read_segment(segment, data, ReadStats()))
+    assert retryable(vanished.value)
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    message = rf"'corpus\.jsonl' does not exist .* \(relative paths are read from the current directory, {tmp_path}\)"
+    with pytest.raises(CorpusError, match=message):
+        plan_units(DataConfig(paths=["corpus.jsonl"]))
+    with pytest.raises(CorpusError, match=r"matches no file$"):
+        plan_units(DataConfig(paths=[str(tmp_path / "corpus.jsonl")]))
