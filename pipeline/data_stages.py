@@ -31,14 +31,23 @@ from tokenization.config import DataConfig, TokenizerConfig
 from tokenization.manifest import (
     SPLITS,
     completed_record,
+    read_manifest,
     record_path,
     remove_temporaries,
     shard_name,
+    skipped_summary,
     write_manifest,
 )
 from tokenization.readers import ReadStats, read_segment
 from tokenization.shards import ShardWriter
-from tokenization.tokenizer import TokenizerInfo, load_tokenizer, read_info, train_sentencepiece, write_atomic
+from tokenization.tokenizer import (
+    TokenizerInfo,
+    TokenizerTrainingError,
+    load_tokenizer,
+    read_info,
+    train_sentencepiece,
+    write_atomic,
+)
 from tokenization.units import WorkUnit, plan_units, split_of
 
 _processors: dict[str, Any] = {}  # tokenizer per worker process, keyed by model sha256
@@ -67,8 +76,34 @@ def _pieces(text: str, max_bytes: int) -> Iterator[str]:
         yield "".join(piece)
 
 
+def _skipped_records(stats: ReadStats) -> int:
+    return stats.missing_text + stats.bad_records
+
+
+def _every_record_skipped(stats: ReadStats, text_field: str, example: str | None) -> str:
+    """Why the sample is empty when records were there: the config (usually data.text_field) is the fix."""
+    reasons = []
+    if stats.missing_text:
+        reasons.append(f"{stats.missing_text} without a string field '{text_field}'")
+    if stats.bad_records:
+        reasons.append(f"{stats.bad_records} malformed JSON")
+    fix = (
+        "set data.text_field to the field that holds the text"
+        if stats.missing_text
+        else "the files must be JSON Lines, one object per line"
+    )
+    return (
+        f"the corpus sample for the tokenizer holds no text: all {_skipped_records(stats)} records read were "
+        f"skipped ({' and '.join(reasons)}, e.g. in {example}); {fix}"
+    )
+
+
 def sample_text(data: DataConfig, tokenizer: TokenizerConfig, units: list[WorkUnit] | None = None) -> list[str]:
-    """A deterministic sample of about `tokenizer.sample_bytes`: whole units in a seeded order."""
+    """A deterministic sample of about `tokenizer.sample_bytes`: whole units in a seeded order.
+
+    Raises TokenizerTrainingError when no text was found because every record was skipped (a
+    missing text field, malformed JSON): sentencepiece alone would report an empty corpus.
+    """
     units = plan_units(data) if units is None else units
 
     def rank(unit: WorkUnit) -> bytes:
@@ -77,18 +112,23 @@ def sample_text(data: DataConfig, tokenizer: TokenizerConfig, units: list[WorkUn
     sample: list[str] = []
     held = 0
     stats = ReadStats()
+    skipped_in: str | None = None  # the first file with a skipped record, for the error's example
     bar = tqdm(total=tokenizer.sample_bytes, unit="B", unit_scale=True, desc="tokenizer sample", leave=False)
-    for unit in sorted(units, key=rank):
-        for segment in unit.segments:
-            for doc in read_segment(segment, data, stats):
-                sample.extend(_pieces(doc.text, tokenizer.max_sentence_bytes))
-                size = len(doc.text.encode("utf-8"))
-                held += size
-                bar.update(size)
-                if held >= tokenizer.sample_bytes:
-                    bar.close()
-                    return sample
+    for segment in (segment for unit in sorted(units, key=rank) for segment in unit.segments):
+        skipped_before = _skipped_records(stats)
+        for doc in read_segment(segment, data, stats):
+            sample.extend(_pieces(doc.text, tokenizer.max_sentence_bytes))
+            size = len(doc.text.encode("utf-8"))
+            held += size
+            bar.update(size)
+            if held >= tokenizer.sample_bytes:
+                bar.close()
+                return sample
+        if skipped_in is None and _skipped_records(stats) > skipped_before:
+            skipped_in = segment.path
     bar.close()
+    if not sample and _skipped_records(stats):
+        raise TokenizerTrainingError(_every_record_skipped(stats, data.text_field, skipped_in))
     return sample
 
 
@@ -211,4 +251,6 @@ def tokenize_in_process(data: DataConfig, tokenizer_dir: Path, out_dir: Path) ->
         records.append(completed_record(unit, out_dir, info) or tokenize_unit(unit, data, tokenizer_dir, out_dir))
     remove_temporaries(out_dir)
     write_manifest(out_dir, records, data, info)
+    if summary := skipped_summary(read_manifest(out_dir)):
+        print(summary)
     return out_dir

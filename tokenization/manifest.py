@@ -83,6 +83,29 @@ def build_manifest(records: list[dict[str, Any]], data: DataConfig, info: Tokeni
     }
 
 
+def skipped_summary(manifest: dict[str, Any]) -> str | None:
+    """One line of what reading skipped or repaired, for the end of the tokenize stage; None when nothing was.
+
+    The readers warn about the first few bad records mid-run, where progress bars bury them; the
+    totals at the end say how much of the corpus did not become tokens, and which setting to look at.
+    """
+    totals, field = manifest["totals"], manifest["data_config"]["text_field"]
+    reasons = [
+        (totals.get("missing_text", 0), f"without the text field '{field}', see data.text_field"),
+        (totals.get("bad_records", 0), "malformed JSON, see data.on_bad_record"),
+        (totals.get("empty_docs", 0), "empty or whitespace only"),
+    ]
+    skipped = sum(count for count, _ in reasons)
+    parts = []
+    if skipped:
+        parts.append(f"{skipped} records skipped ({'; '.join(f'{count} {why}' for count, why in reasons if count)})")
+    if empty_files := totals.get("empty_files", 0):
+        parts.append(f"{empty_files} empty files skipped")
+    if invalid := totals.get("invalid_utf8_docs", 0):
+        parts.append(f"{invalid} documents with invalid UTF-8 kept with U+FFFD in place of the bad bytes")
+    return f"tokenize: {', '.join(parts)}" if parts else None
+
+
 def write_manifest(out_dir: Path, records: list[dict[str, Any]], data: DataConfig, info: TokenizerInfo) -> Path:
     path = Path(out_dir) / MANIFEST
     write_atomic(path, (json.dumps(build_manifest(records, data, info), indent=1) + "\n").encode())

@@ -14,6 +14,7 @@ import pytest
 from pipeline.data_stages import tokenize_in_process, train_tokenizer
 from tokenization.config import DataConfig, TokenizerConfig
 from tokenization.dataset import TokenDataset
+from tokenization.manifest import read_manifest, skipped_summary
 from tokenization.readers import ReadStats, read_segment
 from tokenization.shards import ShardError, ShardWriter, open_tokens, read_schema, verify_shard
 from tokenization.tokenizer import TokenizerInfo, load_tokenizer
@@ -171,3 +172,33 @@ def test_resume_redoes_only_units_without_a_valid_shard(stage: tuple[Path, Path]
     assert {p.name: p.read_bytes() for p in copy.rglob("*.*")} == {
         p.name: p.read_bytes() for p in shard_dir.rglob("*.*")
     }
+
+
+def test_the_stage_ends_with_what_reading_skipped(stage: tuple[Path, Path], tmp_path: Path, capsys) -> None:
+    """The counts are in the manifest; the warnings mid-run are few and buried under progress bars."""
+    tokenizer_dir, _ = stage
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "posts.jsonl").write_text(
+        "".join(json.dumps({"content": f"post {i}"}) + "\n" for i in range(60)) + '{"content": "a"\n\n'
+    )
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "latin1.txt").write_bytes(b"caf\xe9")
+    data = DataConfig(paths=[str(corpus)], text_field="content")
+    shard_dir = tokenize_in_process(data, tokenizer_dir, tmp_path / "shards")
+    line = "tokenize: 2 records skipped (1 malformed JSON, see data.on_bad_record; 1 empty or whitespace only), "
+    line += "1 empty files skipped, 1 documents with invalid UTF-8 kept with U+FFFD in place of the bad bytes"
+    assert skipped_summary(read_manifest(shard_dir)) == line
+    assert capsys.readouterr().out.splitlines()[-1] == line
+    data = data.model_copy(update={"text_field": "text"})
+    shard_dir = tokenize_in_process(data, tokenizer_dir, tmp_path / "other")
+    assert skipped_summary(read_manifest(shard_dir)).startswith(
+        "tokenize: 62 records skipped (60 without the text field 'text', see data.text_field; 1 malformed JSON"
+    )
+
+
+def test_a_clean_corpus_has_no_skipped_summary(stage: tuple[Path, Path]) -> None:
+    _, shard_dir = stage
+    manifest = read_manifest(shard_dir)
+    manifest["totals"] = {**manifest["totals"], "empty_files": 0, "empty_docs": 0, "invalid_utf8_docs": 0}
+    assert skipped_summary(manifest) is None

@@ -96,3 +96,17 @@ def test_a_sample_too_small_for_the_vocab_or_empty_is_named_and_not_retried(tmp_
     with pytest.raises(TokenizerTrainingError, match="holds no text") as empty:
         train_sentencepiece([], config, tmp_path / "empty")
     assert empty.value.retryable is False
+
+
+def test_a_sample_of_records_without_the_text_field_says_so(tmp_path: Path) -> None:
+    """Not 'every document is empty': the records were skipped, and data.text_field is the fix."""
+    from tokenization.tokenizer import TokenizerTrainingError
+
+    corpus = tmp_path / "posts.jsonl"
+    corpus.write_text("".join(json.dumps({"content": f"post {i}"}) + "\n" for i in range(60)) + "{broken\n")
+    with pytest.raises(TokenizerTrainingError) as skipped:
+        train_tokenizer(DataConfig(paths=[str(corpus)]), CONFIG, tmp_path / "tok")
+    message = str(skipped.value)
+    assert "all 61 records read were skipped (60 without a string field 'text' and 1 malformed JSON" in message
+    assert f"e.g. in {corpus}" in message and "set data.text_field" in message
+    assert skipped.value.retryable is False
