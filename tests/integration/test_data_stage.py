@@ -140,7 +140,9 @@ def test_kill_9_of_a_worker_is_retried(
     assert tree(out) == tree(reference_run)
 
 
-def test_a_bad_record_under_fail_names_file_and_line(tokenizer_dir: Path, ray_address: str, tmp_path: Path) -> None:
+def test_a_bad_record_under_fail_names_file_and_line(
+    tokenizer_dir: Path, ray_address: str, tmp_path: Path, capsys
+) -> None:
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "fine"}\n{"text": "broken\n')
     data = DataConfig(paths=[str(corpus)], on_bad_record="fail")
@@ -151,6 +153,7 @@ def test_a_bad_record_under_fail_names_file_and_line(tokenizer_dir: Path, ray_ad
     )
     totals = json.loads((skipped / "manifest.json").read_text())["totals"]
     assert (totals["documents"], totals["bad_records"]) == (1, 1)
+    assert "tokenize: 1 records skipped (1 malformed JSON, see data.on_bad_record)" in capsys.readouterr().out
 
 
 def test_a_missing_path_fails_before_any_work(tokenizer_dir: Path, tmp_path: Path) -> None:
