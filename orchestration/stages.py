@@ -48,14 +48,33 @@ class PipelineSetupError(ValueError):
 def corpus_fingerprint(config: RunConfig) -> str:
     """sha256 over the corpus files' ids, sizes and mtimes: an edited corpus is a new tokenizer input.
 
-    Raises tokenization's CorpusError (naming the path) when a path does not exist, before any work.
+    Raises tokenization's CorpusError (naming the path) when a path does not exist, before any work, and
+    PipelineSetupError when the corpus is whole-file documents of which none goes to validation.
     """
     from tokenization.sources import resolve_sources
 
+    sources = resolve_sources(config.data.paths, config.data.root)
+    _check_some_file_is_val(config, sources)
     digest = hashlib.sha256()
-    for source in resolve_sources(config.data.paths, config.data.root):
+    for source in sources:
         digest.update(f"{source.rel}\0{source.size}\0{os.stat(source.path).st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def _check_some_file_is_val(config: RunConfig, sources: list[Any]) -> None:
+    """Where every file is one document (.txt, .py, .md without txt_split), the val split is known from the
+    file names alone: say so before tokenizing when it would be empty (pretraining needs val tokens)."""
+    from tokenization.units import split_of
+
+    if config.data.txt_split != "file" or any(source.fmt != "txt" for source in sources):
+        return
+    documents = [source for source in sources if source.size > 0]
+    if documents and not any(split_of(source.rel, config.data.val_fraction) == "val" for source in documents):
+        raise PipelineSetupError(
+            f"none of the corpus's {len(documents)} files goes to the val split at data.val_fraction="
+            f"{config.data.val_fraction} (each file is one document, routed whole): raise data.val_fraction, or "
+            "make each blank-line paragraph a document with data.txt_split: blank_lines."
+        )
 
 
 def on_ray(function: Callable[..., Any], *args: Any, num_cpus: float = 1) -> Any:

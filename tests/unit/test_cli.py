@@ -186,3 +186,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as shown:
         main(["--version"])
     assert shown.value.code == 0 and capsys.readouterr().out.startswith("rwkv-pipeline ")
+
+
+def test_whole_file_documents_none_of_which_is_val_stop_before_tokenizing(capsys, tmp_path: Path):
+    from tokenization.sources import resolve_sources
+    from tokenization.units import split_of
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("alpha", "beta", "gamma"):
+        (corpus / f"{name}.txt").write_text(f"{name} text\n\n{name} more text\n")
+    assert all(split_of(s.rel, 0.01) == "train" for s in resolve_sources([str(corpus)], None))  # the premise
+    code, err = run_cli(capsys, "plan", QUICKSTART, f"workdir={tmp_path}", f"data.paths={corpus}")
+    assert code == 2 and "none of the corpus's 3 files goes to the val split at data.val_fraction=0.01" in err
+    assert (
+        run_cli(capsys, "plan", QUICKSTART, f"workdir={tmp_path}", f"data.paths={corpus}", "data.val_fraction=0.9")[0]
+        == 0
+    )
+    paragraphs = ("data.txt_split=blank_lines",)  # then the split is per paragraph, known only once read
+    assert run_cli(capsys, "plan", QUICKSTART, f"workdir={tmp_path}", f"data.paths={corpus}", *paragraphs)[0] == 0
