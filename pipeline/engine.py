@@ -67,9 +67,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def import_deepspeed() -> Any:
+    """DeepSpeed, told the accelerator where there is no CUDA: it would guess CPU and warn that it did, in
+    every worker."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    return deepspeed
+
+
 def init_process_group(device_type: str) -> None:
     """Join the process group torchrun/deepspeed/Ray set up, or make a world of one for a plain process."""
-    import deepspeed
+    deepspeed = import_deepspeed()
     import torch.distributed as dist
 
     keep_multicast_off()  # NCCL reads it when the first communicator is made, after this
@@ -183,7 +193,7 @@ def build_engine(
     ds_overrides: DeepSpeed config keys merged over `deepspeed_config` (benchmarks compare settings).
     bf16_stage0: "master" or "autocast" for bf16 at ZeRO-0 (default BF16_STAGE0; module docstring).
     """
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     # Activation checkpointing per block: both model classes recompute each block in backward when asked.
     model.checkpoint_blocks = cfg.grad_checkpointing
