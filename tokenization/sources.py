@@ -72,8 +72,9 @@ def _expand(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         return [path.resolve()]
-    if path.is_dir():
-        return sorted(p.resolve() for p in path.rglob("*") if p.is_file() and format_of(p.name))
+    if path.is_dir():  # hidden files and folders (.git, .cache, editor backups) are not corpus
+        found = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
+        return sorted(p.resolve() for p in found if p.is_file() and format_of(p.name))
     matches = sorted(Path(m).resolve() for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
     return matches
 

@@ -97,6 +97,14 @@ def test_nonexistent_path_is_named_before_any_work(tmp_path: Path) -> None:
         plan_units(DataConfig(paths=[str(tmp_path / "ok.txt"), str(missing)]))
 
 
+def test_hidden_files_and_folders_of_a_corpus_folder_are_left_out(tmp_path: Path) -> None:
+    corpus = tmp_path / ".corpora" / "books"  # a hidden folder above the one named is fine
+    for rel in ("a.txt", "sub/b.txt", ".git/notes.txt", ".cache/c.jsonl", ".draft.txt", "sub/.old/d.txt"):
+        (corpus / rel).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / rel).write_text("text")
+    assert [source.rel for source in resolve_sources([str(corpus)])] == ["a.txt", "sub/b.txt"]
+
+
 def test_a_folder_without_corpus_files_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(CorpusError, match=r"the folder '.*' holds no corpus file \(known suffixes: .*\.txt"):
