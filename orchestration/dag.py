@@ -192,13 +192,9 @@ class DagRunner:
         run_name: str,
         config_tree: Mapping[str, Any] | None = None,
         config_file: Path | None = None,
-        plan: list[PlanItem] | None = None,
     ) -> dict[str, Path]:
-        """Run what is not complete; returns each stage's final folder. Raises StageFailed.
-
-        plan: `self.plan(stages)` made a moment ago under the run directory's lock (made here if not given).
-        """
-        plan = plan if plan is not None else self.plan(stages)
+        """Run what is not complete; returns each stage's final folder. Raises StageFailed."""
+        plan = self.plan(stages)
         outputs = {item.stage: item.folder for item in plan}
         parent_key = self._parent_key(plan)
         state = self.run_dir.read_state()

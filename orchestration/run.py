@@ -76,26 +76,30 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
     address = ray_address_from(config.ray.address)
     check_reachable(address)
     run_dir = run_dir_of(config)
-    with run_dir.locked():
-        run_dir.write_config(dump_config(config))
-        uri = resolve_tracking_uri(config.tracking.uri, Path(config.workdir))
-        tracker = make_tracker(uri, config.tracking.experiment)
-        interval = config.tracking.system_metrics_interval_s if config.tracking.system_metrics else None
-        runner = DagRunner(run_dir, tracker, config.ray.stage_retries, interval, reporter)
-        plan = runner.plan(stages)
-        pending = [item.stage for item in plan if item.action in ("run", "resume")]
-        started_ray = bool(pending) and start_ray(address)
-        try:
-            if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
-                check_workers_fit(config.ray, address)
-            outputs = runner.run(stages, config.name, config.model_dump(mode="json"), run_dir.config_path, plan)
-        finally:
-            tracker.close(timeout_s=config.tracking.flush_timeout_s)
-            if started_ray:
-                import ray
+    # What is left to run decides whether Ray starts and whether it must hold the training workers:
+    # known (read-only) before the run directory, the tracking store or a stage is made, so a run that
+    # cannot start leaves nothing behind. The plan that counts is made again under the lock.
+    pending = [item.stage for item in DagRunner(run_dir).plan(stages) if item.action in ("run", "resume")]
+    started_ray = bool(pending) and start_ray(address)
+    try:
+        if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
+            check_workers_fit(config.ray, address)
+        with run_dir.locked():
+            run_dir.write_config(dump_config(config))
+            uri = resolve_tracking_uri(config.tracking.uri, Path(config.workdir))
+            tracker = make_tracker(uri, config.tracking.experiment)
+            interval = config.tracking.system_metrics_interval_s if config.tracking.system_metrics else None
+            runner = DagRunner(run_dir, tracker, config.ray.stage_retries, interval, reporter)
+            try:
+                outputs = runner.run(stages, config.name, config.model_dump(mode="json"), run_dir.config_path)
+            finally:
+                tracker.close(timeout_s=config.tracking.flush_timeout_s)
+            state = run_dir.read_state()
+    finally:
+        if started_ray:
+            import ray
 
-                ray.shutdown()
-        state = run_dir.read_state()
+            ray.shutdown()
     report_path = outputs["evaluate"] / "eval_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     parent_url = _parent_url(tracker, state)
