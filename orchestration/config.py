@@ -76,25 +76,21 @@ class RunConfig(BaseModel):
 def apply_override(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
     """Set `a.b.c=value` inside nested dicts, creating levels as needed; an item of a list the config
     already holds by its index (`extend.0.steps=20`)."""
-    *parents, leaf = dotted_key.split(".")
+    keys = dotted_key.split(".")
     node: Any = tree
-    path: list[str] = []
-    keys = [*parents, leaf]
-    for depth, part in enumerate(parents):
-        child = keys[depth + 1]
+    for depth, part in enumerate(keys[:-1]):
         if isinstance(node, list):
-            node = node[_list_index(dotted_key, ".".join(path), node, part)]
-        else:
-            if part not in node and child.isdigit():  # `extend.0.x` where the config has no extend list
-                node[part] = []
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict | list):
-                raise ConfigError(f"override '{dotted_key}': '{part}' is a value, not a section")
-        path.append(part)
+            node = node[_list_index(dotted_key, ".".join(keys[:depth]), node, part)]
+            continue
+        if part not in node and keys[depth + 1].isdigit():  # `extend.0.x` where the config has no extend list
+            node[part] = []
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise ConfigError(f"override '{dotted_key}': '{part}' is a value, not a section")
     if isinstance(node, list):
-        node[_list_index(dotted_key, ".".join(path), node, leaf)] = value
+        node[_list_index(dotted_key, ".".join(keys[:-1]), node, keys[-1])] = value
     else:
-        node[leaf] = value
+        node[keys[-1]] = value
 
 
 def _list_index(dotted_key: str, list_name: str, items: list[Any], part: str) -> int:
