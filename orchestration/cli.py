@@ -101,7 +101,8 @@ def _status(args: argparse.Namespace) -> int:
             f"  mlflow {stage.get('mlflow_run_id') or '-'}"
         )
         if status == "failed":
-            print(f"             error: {stage.get('error')}\n             log: {stage.get('log')}")
+            attempts = f" (attempt {stage['attempts']})" if stage.get("attempts") else ""
+            print(f"             error{attempts}: {stage.get('error')}\n             log: {stage.get('log')}")
         if status in ("stopped", "missing"):
             print("             rerun the run's command to resume (or make it again)")
     for report_path in sorted(run_dir.root.glob("eval-ctx*/eval_report.json")):  # `rwkv-pipeline eval`'s

@@ -312,9 +312,9 @@ class DagRunner:
             except BaseException as error:
                 status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
                 self.tracker.close_run(handle, status)
-                self.run_dir.update_stage(
-                    stage.name, status=status.lower(), finished_at=now_iso(), error=f"{type(error).__name__}: {error}"
-                )
+                # The error itself: `status` shows it on the stage's row, with the attempts and the log beside it.
+                cause = describe(error.error) if isinstance(error, StageFailed) else f"{type(error).__name__}: {error}"
+                self.run_dir.update_stage(stage.name, status=status.lower(), finished_at=now_iso(), error=cause)
                 raise
             finally:
                 sampler.__exit__()

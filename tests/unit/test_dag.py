@@ -110,7 +110,8 @@ def test_an_error_a_retry_cannot_change_is_not_retried(tmp_path: Path):
     with pytest.raises(StageFailed, match="failed after 1 attempt.*BadConfig: model.n_layer=0") as failed:
         DagRunner(run_dir, max_retries=3).run([Stage("train", broken, config={})], "demo")
     assert "at least 1. Full log: " in str(failed.value)  # one full stop after the error's own
-    assert run_dir.read_state()["stages"]["train"]["attempts"] == 1
+    stage = run_dir.read_state()["stages"]["train"]
+    assert stage["attempts"] == 1 and stage["error"] == "BadConfig: model.n_layer=0: set it to at least 1."
 
 
 def test_rerun_after_failure_resumes_in_the_same_partial_folder(tmp_path: Path):
