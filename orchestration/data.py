@@ -24,7 +24,7 @@ from typing import Any
 from orchestration.cluster import ray_address_from, start_ray
 from pipeline.data_stages import tokenize_unit
 from tokenization.config import DataConfig
-from tokenization.manifest import completed_record, read_manifest, remove_temporaries, skipped_summary, write_manifest
+from tokenization.manifest import completed_record, remove_temporaries, skipped_summary, write_manifest
 from tokenization.tokenizer import read_info
 from tokenization.units import WorkUnit, plan_units
 
@@ -136,7 +136,7 @@ def tokenize_corpus(
 
                 ray.shutdown()
     remove_temporaries(out_dir)
-    write_manifest(out_dir, [done[unit.index] for unit in units], data, info)
-    if summary := skipped_summary(read_manifest(out_dir)):  # the readers' warnings scroll away under the bar
+    manifest = write_manifest(out_dir, [done[unit.index] for unit in units], data, info)
+    if summary := skipped_summary(manifest):  # the readers' warnings scroll away under the bar
         print(summary)
     return out_dir

@@ -31,7 +31,6 @@ from tokenization.config import DataConfig, TokenizerConfig
 from tokenization.manifest import (
     SPLITS,
     completed_record,
-    read_manifest,
     record_path,
     remove_temporaries,
     shard_name,
@@ -250,7 +249,6 @@ def tokenize_in_process(data: DataConfig, tokenizer_dir: Path, out_dir: Path) ->
     for unit in tqdm(units, desc="tokenize", unit="unit"):
         records.append(completed_record(unit, out_dir, info) or tokenize_unit(unit, data, tokenizer_dir, out_dir))
     remove_temporaries(out_dir)
-    write_manifest(out_dir, records, data, info)
-    if summary := skipped_summary(read_manifest(out_dir)):
+    if summary := skipped_summary(write_manifest(out_dir, records, data, info)):
         print(summary)
     return out_dir

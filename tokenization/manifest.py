@@ -106,10 +106,13 @@ def skipped_summary(manifest: dict[str, Any]) -> str | None:
     return f"tokenize: {', '.join(parts)}" if parts else None
 
 
-def write_manifest(out_dir: Path, records: list[dict[str, Any]], data: DataConfig, info: TokenizerInfo) -> Path:
-    path = Path(out_dir) / MANIFEST
-    write_atomic(path, (json.dumps(build_manifest(records, data, info), indent=1) + "\n").encode())
-    return path
+def write_manifest(
+    out_dir: Path, records: list[dict[str, Any]], data: DataConfig, info: TokenizerInfo
+) -> dict[str, Any]:
+    """Write manifest.json (last, atomically); returns the manifest written."""
+    manifest = build_manifest(records, data, info)
+    write_atomic(Path(out_dir) / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
 
 
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
