@@ -246,6 +246,7 @@ def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path)
     from orchestration.rundir import RunDir
     from orchestration.stages import eval_metrics
     from orchestration.tracking import RunHandle, make_tracker
+    from pipeline.eval_stage import REPORT_FILES
 
     state = RunDir.existing(run_dir).read_state()
     if not state.get("tracking_uri") or not state.get("parent_run_id"):
@@ -257,7 +258,7 @@ def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path)
         f"eval-ctx{report['ctx_len']}", parent=parent, params=params, tags={"rwkv.eval_dir": str(out)}
     )
     tracker.log_metrics(handle, eval_metrics(report), step=0)
-    for name in ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv"):
+    for name in REPORT_FILES:
         tracker.log_artifact(handle, out / name, "eval")
     tracker.close_run(handle)
     tracker.close(timeout_s=min(config.tracking.flush_timeout_s, 60))
@@ -306,10 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help_text, description=help_text)
-        # --debug after the command too; SUPPRESS keeps a --debug given before it
-        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        return command
+        # main() moves --debug ahead of the command wherever it is given, so commands need no own copy
+        return commands.add_parser(name, help=help_text, description=help_text)
 
     def with_config(name: str, help_text: str, handler) -> None:
         command = add_command(name, help_text)

@@ -427,7 +427,9 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
         if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
             headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
             ctx.tracker.log_metrics(ctx.run.parent, {**headline, "eval/ctx_len": ctx_len}, step=0)
-        for name in ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv"):
+        from pipeline.eval_stage import REPORT_FILES
+
+        for name in REPORT_FILES:
             ctx.log_artifact(ctx.out_dir / name, "eval")
 
     return run

@@ -32,6 +32,7 @@ from pipeline.config import EvalConfig
 from tokenization.dataset import TokenDataset
 
 EVAL_MICRO_BSZ = 4
+REPORT_FILES = ("eval_report.json", "loss_vs_position.png", "loss_vs_position.csv")  # what `evaluate` writes
 
 
 def load_trained(weights: Path, model_cfg: ModelConfig) -> torch.nn.Module:
