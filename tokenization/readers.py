@@ -9,7 +9,8 @@ Formats: .txt (a file is a document, or `txt_split: blank_lines` makes each para
 (column `data.text_field`). Reading is streaming (line by line, or parquet batch by batch), so
 memory stays flat on multi-GB files; only a single document is ever held whole. A UTF-8 byte-order
 mark at the start of a file is dropped (editors on Windows write one). A `.json` file is read as JSON
-Lines too: one holding a JSON array (`[{...}, ...]`) raises `CorpusError` saying so.
+Lines too. A JSON file (whatever its suffix) that opens a JSON array (`[{...}, ...]`) raises `CorpusError`
+saying so: read line by line, its every line would be skipped as malformed.
 
 Bad input never stops the stage silently: invalid UTF-8 is replaced (U+FFFD) and counted, empty
 files and whitespace-only documents are skipped and counted, and a malformed JSON line or a record
@@ -38,7 +39,6 @@ _ZSTD_SLICE = 64 << 10
 _WARN_LIMIT = 10  # skipped records reported per segment before going quiet (all are counted)
 _BOM = b"\xef\xbb\xbf"
 _HEAD_BYTES = 4096  # enough of a file's start to see whether it opens a JSON array
-_JSON_DOCUMENT_SUFFIXES = (".json", ".json.gz", ".json.zst")  # names that may hold one JSON document, not lines
 
 
 class BadRecordError(ValueError):
@@ -181,15 +181,15 @@ def _file_head(segment: Segment) -> bytes:
 
 
 def _refuse_json_array(segment: Segment, data: DataConfig) -> None:
-    """A `.json` file holding one JSON array would otherwise be skipped line by line as malformed.
+    """A file holding one JSON array would otherwise be skipped line by line as malformed.
 
-    Every segment of the file looks at the file's start: a later segment alone sees only lines like `  {`.
+    JSON Lines records are objects, so a file that opens with `[` is an array whatever its name says
+    (`.jsonl` included). Every segment of the file looks at the file's start: a later segment alone sees
+    only lines like `  {`.
     """
-    if not segment.path.lower().endswith(_JSON_DOCUMENT_SUFFIXES):
-        return
     if strip_bom(_file_head(segment)).lstrip().startswith(b"["):
         raise CorpusError(
-            f"{segment.path}: holds a JSON array, but a .json file is read as JSON Lines (one JSON object per "
+            f"{segment.path}: holds a JSON array, but JSON files are read as JSON Lines (one JSON object per "
             f"line, text in data.text_field '{data.text_field}'); convert it, e.g. jq -c '.[]' in.json > out.jsonl"
         )
 

@@ -270,9 +270,13 @@ def test_a_byte_order_mark_is_dropped_when_paragraphs_are_documents(tmp_path: Pa
     assert docs == [("bom.txt:1", "para one\n"), ("bom.txt:3", "para two\n")]
 
 
-@pytest.mark.parametrize("name", ["array.json", "array.json.gz", "array.json.zst"])
-def test_a_json_array_in_a_json_file_is_named_as_not_json_lines(tmp_path: Path, name: str) -> None:
-    payload = json.dumps([{"text": text} for text in TEXTS], indent=2).encode()
+@pytest.mark.parametrize(
+    ("name", "indent"),
+    [("array.json", 2), ("array.json.gz", 2), ("array.json.zst", 2), ("array.jsonl", 2), ("array.jsonl", None)],
+)
+def test_a_json_array_in_any_json_file_is_named_as_not_json_lines(tmp_path: Path, name: str, indent: int) -> None:
+    """Whatever the suffix: a `.jsonl` holding an array, on one line or many, is no JSON Lines either."""
+    payload = json.dumps([{"text": text} for text in TEXTS], indent=indent).encode()
     compress = {".gz": gzip.compress, ".zst": zstandard.ZstdCompressor().compress}.get(Path(name).suffix, bytes)
     (tmp_path / name).write_bytes(compress(b"\n  " + payload))
     with pytest.raises(CorpusError, match=rf"{name}: holds a JSON array.*JSON Lines \(one JSON object per line"):
