@@ -98,7 +98,9 @@ def resolve_sources(paths: list[str], root: str | None = None) -> list[SourceFil
                 f"data.paths: the folder '{spec}' holds no corpus file (known suffixes: {', '.join(FORMATS)})"
             )
         if not found:
-            raise CorpusError(f"data.paths: '{spec}' does not exist or matches no file{_relative_hint(spec)}")
+            raise CorpusError(
+                f"data.paths: '{spec}' does not exist or matches no file{_relative_hint(spec)}{_list_hint(spec)}"
+            )
         plain.extend(found)
     base = Path(root).resolve() if root else _common_parent(plain)
     for path in plain:
@@ -118,6 +120,14 @@ def _relative_hint(spec: str) -> str:
     if Path(spec).expanduser().is_absolute():
         return ""
     return f" (relative paths are read from the current directory, {os.getcwd()})"
+
+
+def _list_hint(spec: str) -> str:
+    """A comma in a missing path is most likely several paths written as one string (an override)."""
+    if "," not in spec:
+        return ""
+    parts = ", ".join(part.strip() for part in spec.split(","))
+    return f"; several paths are a YAML list: data.paths='[{parts}]'"
 
 
 def _common_parent(paths: list[Path]) -> Path:

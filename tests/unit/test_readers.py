@@ -339,3 +339,13 @@ def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path: Path, mo
         plan_units(DataConfig(paths=["corpus.jsonl"]))
     with pytest.raises(CorpusError, match=r"matches no file$"):
         plan_units(DataConfig(paths=[str(tmp_path / "corpus.jsonl")]))
+
+
+def test_paths_joined_by_a_comma_are_shown_as_the_list_they_meant(tmp_path: Path) -> None:
+    """`data.paths=/a,/b` on the command line is one YAML string; the error shows the list spelling."""
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_bytes(jsonl_bytes(TEXTS))
+    joined = f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl"
+    hint = rf"several paths are a YAML list: data.paths='\[{tmp_path}/a.jsonl, {tmp_path}/b.jsonl\]'$"
+    with pytest.raises(CorpusError, match=hint):
+        plan_units(DataConfig(paths=[joined]))
