@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     def with_config(name: str, help_text: str, handler) -> None:
         command = add_command(name, help_text)
         command.add_argument("config", help="YAML run config.")
-        command.add_argument("overrides", nargs="*", help="Dotted overrides, e.g. train.lr_init=3e-4.")
+        # default=[]: without one argparse names an empty `*` positional among the required arguments
+        command.add_argument("overrides", nargs="*", default=[], help="Dotted overrides, e.g. train.lr_init=3e-4.")
         command.set_defaults(handler=handler)
 
     with_config("run", "Run the stage DAG; complete stages are reused, an interrupted one resumes.", _run)

@@ -77,6 +77,7 @@ def test_a_gpu_config_on_a_machine_without_gpus_says_to_train_on_cpus(capsys, tm
         (["eval", "runs/x", "--ctx-len", "-4"], "argument --ctx-len: -4 is outside [0, inf)"),
         (["eval", "runs/x", "--batches", "many"], "argument --batches: 'many' is not an int"),
         (["eval", "runs/x", "--batches", "0"], "argument --batches: 0 is outside [1, inf)"),
+        (["print-config"], "the following arguments are required: config\n"),  # overrides are optional
     ],
 )
 def test_out_of_range_options_are_named_by_the_parser(capsys, args: list[str], cause: str):
