@@ -423,6 +423,15 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
             ctx.out_dir.resolve(),
             trained_ctx_lens(config),
         )
+        ctx.log.info(
+            "val loss %.4f (perplexity %.2f) over %d windows of %d tokens; a window's first / last quarter %.4f / %.4f",
+            report["val_loss"],
+            report["perplexity"],
+            report["windows"],
+            ctx_len,
+            report["loss_first_quarter"],
+            report["loss_last_quarter"],
+        )
         ctx.log_metrics(eval_metrics(report), step=0)
         if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
             headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
@@ -452,9 +461,11 @@ def export_stage(config: RunConfig, trained: str, max_artifact_mb: float = 512) 
             ctx.out_dir.resolve(),
         )
         total_mb = sum(item["bytes"] for item in record["files"].values()) / 1e6
+        ctx.log.info("wrote %s (%.1f MB) for %s", ", ".join(record["files"]), total_mb, record["load_with"])
         if total_mb <= max_artifact_mb:  # big models: the manifest (paths, sha256) stands in for the weights
             ctx.log_artifact(ctx.out_dir, "model")
         else:
+            ctx.log.info("over %g MB: MLflow gets export.json (sizes, sha256), the files stay here", max_artifact_mb)
             ctx.log_artifact(ctx.out_dir / "export.json", "model")
 
     return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,6 +176,11 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     assert all(stage["status"] == "done" for stage in state["stages"].values())
     assert "stdout: " in (run_dir / "logs" / "pretrain.log").read_text()  # what the stage printed, Ray's relay too
     assert "step 10/30 loss=" in (run_dir / "logs" / "pretrain.log").read_text()
+    # Stages whose Ray tasks print nothing still say what they did in their logs.
+    assert re.search(
+        r"val loss [0-9.]+ \(perplexity [0-9.]+\) over \d+ windows", (run_dir / "logs" / "evaluate.log").read_text()
+    )
+    assert "wrote model.pth, model.safetensors" in (run_dir / "logs" / "export.log").read_text()
     manifest = json.loads((stage_dirs(run_dir)["pretrain"] / "checkpoint_manifest.json").read_text())
     assert (stage_dirs(run_dir)["pretrain"] / manifest["checkpoint"] / "COMPLETE").is_file()  # valid once renamed
 
