@@ -146,16 +146,30 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finished_stages(run_dir: Path) -> dict[str, Path]:
+    """The folders of a run's finished stages, in order. A stage the state calls finished whose folder is
+    gone (deleted, or shared from a run deleted since: `status` shows it `missing`) is a UsageError."""
+    from orchestration.rundir import RunDir
+
+    stages = RunDir.existing(run_dir).read_state()["stages"]
+    done = {name: run_dir / s["dir"] for name, s in stages.items() if s.get("status") in FINISHED}
+    for name, folder in done.items():
+        if not RunDir.is_complete(folder):
+            raise UsageError(
+                f"{run_dir}: the {name} stage's folder {folder} is missing (deleted, or shared from a run deleted "
+                "since): rerun the run's command to make it again"
+            )
+    return done
+
+
 def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
     """(official .pth, tokenizer dir) from an export folder, a .pth with its tokenizer beside it, or a
     run directory (its export stage's folder)."""
     if path.is_dir() and not (path / "model.pth").is_file() and (path / "state.json").is_file():
-        from orchestration.rundir import RunDir
-
-        export = RunDir.existing(path).read_state()["stages"].get("export", {})
-        if export.get("status") not in FINISHED:
+        export = _finished_stages(path).get("export")
+        if export is None:
             raise UsageError(f"{path} has no finished export stage yet: run `rwkv-pipeline run CONFIG` to the end")
-        path = path / export["dir"]
+        path = export
     weights = path / "model.pth" if path.is_dir() else path
     if not weights.is_file():
         raise UsageError(
@@ -190,10 +204,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
     """(last training stage folder, tokenize folder, tokenizer folder) of a finished run."""
-    from orchestration.rundir import RunDir
-
-    state = RunDir.existing(run_dir).read_state()["stages"]
-    done = {name: run_dir / s["dir"] for name, s in state.items() if s.get("status") in FINISHED}
+    done = _finished_stages(run_dir)
     trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
     if not trained or "tokenize" not in done or "tokenizer" not in done:
         raise UsageError(f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first")
@@ -268,18 +279,17 @@ def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path)
 def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model_config, tokenizer_dir)
     """A training checkpoint's weights (any ZeRO stage and worker count, merged offline) and the run's tokenizer."""
     from model import ModelConfig, build_model
-    from orchestration.rundir import RunDir
     from pipeline.checkpoint import consolidated_state_dict, is_complete, read_state
 
-    tokenizer = RunDir.existing(run_dir).read_state()["stages"].get("tokenizer", {})
-    if tokenizer.get("status") not in FINISHED:
+    tokenizer = _finished_stages(run_dir).get("tokenizer")
+    if tokenizer is None:
         raise UsageError(f"{run_dir} has no finished tokenizer stage: give the run directory the checkpoint belongs to")
     if not is_complete(checkpoint):
         raise UsageError(f"{checkpoint} is not a complete training checkpoint (a step_* folder with COMPLETE)")
     model_cfg = ModelConfig(**read_state(checkpoint)["model_config"])
     model = build_model(model_cfg)
     model.load_state_dict(consolidated_state_dict(checkpoint))
-    return model.eval(), model_cfg, run_dir / tokenizer["dir"]
+    return model.eval(), model_cfg, tokenizer
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -130,6 +130,34 @@ def test_status_tells_a_killed_driver_and_a_deleted_folder_from_current_state(ca
         assert "  pretrain   running" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["eval"], ["export", "--out", "out"], ["export", "--checkpoint", "step_1", "--out", "out"], ["generate"]],
+)
+def test_commands_on_a_run_whose_finished_stage_folder_is_gone_say_so(capsys, tmp_path: Path, command: list[str]):
+    """A shared stage whose own run was deleted: `status` shows it missing; the commands say the same, no traceback."""
+    from orchestration.rundir import SUCCESS, RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    for folder in ("tokenize-def", "pretrain-123", "export-456"):
+        (run_dir.root / folder).mkdir(parents=True)
+        (run_dir.root / folder / SUCCESS).write_text("")
+    (run_dir.root / "tokenizer-abc").symlink_to(tmp_path / "deleted-run" / "tokenizer-abc")
+    run_dir.update(
+        stages={
+            "tokenizer": {"status": "shared", "dir": "tokenizer-abc"},
+            "tokenize": {"status": "done", "dir": "tokenize-def"},
+            "pretrain": {"status": "done", "dir": "pretrain-123"},
+            "export": {"status": "done", "dir": "export-456"},
+        }
+    )
+    code, err = run_cli(
+        capsys, command[0], str(run_dir.root), *command[1:], *(["--prompt", "x"] * (command == ["generate"]))
+    )
+    assert code == 2 and "the tokenizer stage's folder" in err and "is missing" in err, err
+    assert "Traceback" not in err
+
+
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
