@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class _Strict(BaseModel):
@@ -30,7 +30,9 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="Seed of init and data order.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state.")
+    offload: bool = Field(
+        False, description="ZeRO CPU offload of optimizer state (DeepSpeedCPUAdam); needs zero_stage 1, 2 or 3."
+    )
     grad_checkpointing: bool = Field(
         False,
         description="Recompute each block in backward: keeps each block's input and one block's activations. "
@@ -60,6 +62,15 @@ class TrainConfig(_Strict):
     layerwise_lr: bool = Field(True, description="LR x2 on time_decay, x3 on time_first (reference 4.2).")
     compile: bool = Field(False, description="torch.compile the model inside the DeepSpeed engine.")
     sample_log: bool = Field(False, description="Append each step's sample indices and loss to out/samples/.")
+
+    @field_validator("offload")
+    @classmethod
+    def _offload_needs_zero(cls, offload: bool, info: ValidationInfo) -> bool:
+        # DeepSpeed offloads the optimizer state ZeRO partitions; at stage 0 it would ignore the setting unsaid.
+        stage = info.data.get("zero_stage")  # absent when zero_stage itself is invalid (reported on its own)
+        if offload and stage == 0:
+            raise ValueError("train.offload=true needs train.zero_stage >= 1: at stage 0 DeepSpeed offloads nothing")
+        return offload
 
 
 class ExtendStageConfig(_Strict):

@@ -92,6 +92,12 @@ def init_process_group(device_type: str) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
+def offloads(cfg: TrainConfig) -> bool:
+    """Whether DeepSpeed offloads the optimizer state to the CPU (DeepSpeedCPUAdam): ZeRO stage 1-3 only.
+    TrainConfig rejects offload at stage 0; this keeps a config built without validation consistent too."""
+    return cfg.offload and cfg.zero_stage > 0
+
+
 def optimizer_config(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
     decoupled = cfg.weight_decay > 0
     params: dict[str, Any] = {
@@ -102,7 +108,7 @@ def optimizer_config(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
         # Explicit: DeepSpeed otherwise turns "Adam" into AdamW.
         "adam_w_mode": decoupled,
     }
-    if device_type != "cuda" and not cfg.offload:
+    if device_type != "cuda" and not offloads(cfg):
         params["torch_adam"] = True
     return {"type": "AdamW" if decoupled else "Adam", "params": params}
 
@@ -146,7 +152,7 @@ def deepspeed_config(
             # with one rank there is nothing to overlap.
             overlap_comm=device_type == "cuda" and world_size > 1,
         )
-    if cfg.offload and cfg.zero_stage > 0:
+    if offloads(cfg):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_bsz,

@@ -66,6 +66,14 @@ def test_section_check_is_a_config_error() -> None:
         load_config(None, ["model.arch=gpt", "model.n_embd=100", "model.n_head=3"])
 
 
+def test_offload_at_zero_stage_0_is_rejected_naming_both_fields() -> None:
+    # DeepSpeed would ignore it there, and on the CPU it would still change which optimizer it builds.
+    with pytest.raises(ConfigError, match=r"train\.offload: train\.offload=true needs train\.zero_stage >= 1"):
+        load_config(None, ["train.offload=true", "train.zero_stage=0"])
+    assert load_config(None, ["train.offload=true", "train.zero_stage=1"]).train.offload
+    assert not load_config(None, ["train.offload=false", "train.zero_stage=0"]).train.offload
+
+
 def test_cli_print_config_and_error_exit() -> None:
     ok = subprocess.run(
         [

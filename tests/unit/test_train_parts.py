@@ -40,6 +40,9 @@ def test_deepspeed_config_cpu_torch_adam_adamw_and_offload():
     offload = deepspeed_config(TrainConfig(offload=True, zero_stage=2), world_size=1, device_type="cuda")
     assert offload["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert "torch_adam" not in offload["optimizer"]["params"]  # DeepSpeedCPUAdam with offload
+    # Unvalidated (model_construct) offload at stage 0: neither an offload section nor a compiled FusedAdam.
+    stage0 = deepspeed_config(TrainConfig.model_construct(offload=True, zero_stage=0), 1, "cpu")
+    assert "offload_optimizer" not in stage0["zero_optimization"] and stage0["optimizer"]["params"]["torch_adam"]
     assert deepspeed_config(TrainConfig(zero_stage=3), 1, "cuda")["zero_optimization"] == {"stage": 3}
 
 
