@@ -1,8 +1,9 @@
 """Which window each training sample reads: the magic-prime walk, O(1) memory, restartable anywhere.
 
     sampler = WindowSampler(num_tokens=1_000_000, ctx_len=128, seed=0)
-    for global_index in sampler.rank_indices(step=10, micro_bsz=8, rank=1, world_size=2):
-        window = dataset.window(sampler.start(global_index), 128 + 1)
+    first = 160  # the optimizer step's first global sample (pipeline/train.py, first_sample_of)
+    for offset in sampler.rank_indices(micro=1, micro_bsz=8, rank=1, world_size=2):
+        window = dataset.window(sampler.start(first + offset), 128 + 1)
 
 The stream holds `chunks = (num_tokens - 1) // ctx_len` whole ctx_len-aligned chunks that can start a
 window of ctx_len + 1 tokens. p is the largest prime <= chunks with p = 2 (mod 3); then x -> x^3 is a
@@ -13,8 +14,10 @@ the golden-ratio multiple of p and b to 0, here both come from a hash of (seed, 
 epoch and seed walks a different order). Chunks p..chunks-1 (under 1 % of the data for large
 streams, by the density of primes) are never read.
 
-A sample is named by its global index g (epoch = g // p); a run resuming at optimizer micro-step N
-asks `rank_indices(N, ...)` and reads exactly what an uninterrupted run reads there.
+A sample is named by its global index g (epoch = g // p) and the sampler keeps no position: a run
+resumes from the checkpoint's `sampler.next_sample`, the global index of the next step's first sample
+(pipeline/train.py, `first_sample_of`), and reads exactly what an uninterrupted run reads there, on
+any world size.
 """
 
 from __future__ import annotations
@@ -89,15 +92,17 @@ class WindowSampler:
         return self.chunk(global_index) * self.ctx_len
 
     @staticmethod
-    def rank_indices(step: int, micro_bsz: int, rank: int, world_size: int) -> list[int]:
-        """Global indices rank `rank` reads at optimizer micro-step `step` (0-based).
+    def rank_indices(micro: int, micro_bsz: int, rank: int, world_size: int) -> list[int]:
+        """Sample indices rank `rank` reads at micro-step `micro` (0-based), relative to a first sample.
 
-        Micro-step s covers indices [s * micro_bsz * world_size, (s + 1) * micro_bsz * world_size);
-        rank r takes the r-th block of micro_bsz of them. Ranks are disjoint, the union over ranks
-        is contiguous, and the indices depend only on (step, rank, world_size): a resume at step N
-        reads what an uninterrupted run reads. With gradient accumulation, step counts micro-steps.
+        Micro-step m covers [m * micro_bsz * world_size, (m + 1) * micro_bsz * world_size); rank r
+        takes the r-th block of micro_bsz of them. Ranks are disjoint and the union over ranks is
+        contiguous. The training loop passes the micro-step within the optimizer step
+        (0..grad_accum - 1) and adds the step's first global sample (pipeline/train.py,
+        `first_sample_of`), so a resume on another world size (grad_accum rescaled) reads the same
+        global samples; a global micro-step count would not.
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        first = (step * world_size + rank) * micro_bsz
+        first = (micro * world_size + rank) * micro_bsz
         return list(range(first, first + micro_bsz))

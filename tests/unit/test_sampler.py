@@ -78,3 +78,18 @@ def test_resume_at_any_step_reads_what_an_uninterrupted_run_reads() -> None:
     uninterrupted = run(5, 0, 200)  # crosses an epoch boundary (p = 617 samples, 8 per step)
     for restart in (1, 77, 150):
         assert run(5, 0, restart) + run(5, restart, 200) == uninterrupted
+
+
+def test_a_step_reads_the_same_global_samples_on_another_world_size() -> None:
+    # As pipeline/train.py does: micro-steps within the step, offset by the step's first global sample.
+    def step_samples(first: int, grad_accum: int, world_size: int, micro_bsz: int = 4) -> list[int]:
+        return sorted(
+            first + offset
+            for micro in range(grad_accum)
+            for rank in range(world_size)
+            for offset in WindowSampler.rank_indices(micro, micro_bsz, rank, world_size)
+        )
+
+    first = 7 * 16  # step 7 of a 16-sample global batch
+    assert step_samples(first, grad_accum=1, world_size=4) == list(range(first, first + 16))
+    assert step_samples(first, grad_accum=4, world_size=1) == step_samples(first, grad_accum=2, world_size=2)
