@@ -167,6 +167,8 @@ def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
     run directory (its export stage's folder)."""
     if path.is_dir() and not (path / "model.pth").is_file() and (path / "state.json").is_file():
         export = _finished_stages(path).get("export")
+        if export is None and load_config(path / "config.yaml").model.arch != "rwkv4":
+            raise UsageError(f"{path} trained the GPT baseline: no export, and no RNN mode to generate in")
         if export is None:
             raise UsageError(f"{path} has no finished export stage yet: run `rwkv-pipeline run CONFIG` to the end")
         path = export
@@ -302,6 +304,10 @@ def _export(args: argparse.Namespace) -> int:
         model, model_cfg, tokenizer = _load_checkpoint_model(Path(args.run_dir), Path(args.checkpoint))
     else:
         model, model_cfg, _, tokenizer = _load_run_model(Path(args.run_dir))
+    if model_cfg.arch != "rwkv4":
+        raise UsageError(
+            f"{args.run_dir} trained model.arch={model_cfg.arch}: only RWKV-4 models export (official .pth)"
+        )
     export(model, tokenizer, Path(args.out), model_cfg)
     print(
         f"wrote {Path(args.out) / 'model.pth'}, model.safetensors and the tokenizer; load with "

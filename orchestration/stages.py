@@ -149,7 +149,8 @@ def build_stages(config: RunConfig) -> list[Stage]:
             version=2,  # 2: the training lengths in the report and marked on the loss-vs-position plot
         )
     )
-    stages.append(Stage("export", export_stage(config, previous), config={}, inputs=(previous, "tokenizer")))
+    if config.model.arch == "rwkv4":  # the export is the official RWKV-4 checkpoint; the GPT baseline has none
+        stages.append(Stage("export", export_stage(config, previous), config={}, inputs=(previous, "tokenizer")))
     return stages
 
 

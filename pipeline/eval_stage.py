@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, build_model, generate, save_rwkv4_pth, save_rwkv4_safetensors
+from model import RWKV, ModelConfig, build_model, generate, save_rwkv4_pth, save_rwkv4_safetensors
 from pipeline.config import EvalConfig
 from tokenization.dataset import TokenDataset
 
@@ -122,6 +122,7 @@ def evaluate(
     the figure that says whether the model uses context it was not trained on.
     """
     trained_ctx = dict(trained_ctx or {})
+    samples = cfg.sample_tokens > 0 and isinstance(model, RWKV)
     data = TokenDataset(shard_dir, split="val")  # verified first: a damaged shard leaves no empty report folder
     out_dir.mkdir(parents=True, exist_ok=True)
     windows = cfg.batches * EVAL_MICRO_BSZ
@@ -157,7 +158,8 @@ def evaluate(
         "loss_last_quarter": float(by_position_T[-max(1, ctx_len // 4) :].mean()),
         "trained_ctx": trained_ctx,
         "prompt": cfg.sample_prompt,
-        "sample": sample(model, tokenizer_dir, cfg.sample_prompt, cfg.sample_tokens) if cfg.sample_tokens else "",
+        # sampled in RNN mode, which the GPT baseline does not have
+        "sample": sample(model, tokenizer_dir, cfg.sample_prompt, cfg.sample_tokens) if samples else "",
     }
     longest = max(trained_ctx.values(), default=ctx_len)
     if longest < ctx_len:

@@ -158,6 +158,17 @@ def test_commands_on_a_run_whose_finished_stage_folder_is_gone_say_so(capsys, tm
     assert "Traceback" not in err
 
 
+def test_generate_from_a_gpt_baseline_run_says_it_has_no_export(capsys, tmp_path: Path):
+    from orchestration.config import dump_config, load_config
+    from orchestration.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.write_config(dump_config(load_config(QUICKSTART, ["model.arch=gpt"])))
+    run_dir.update(stages={})
+    code, err = run_cli(capsys, "generate", str(run_dir.root), "--prompt", "x")
+    assert code == 2 and "trained the GPT baseline: no export" in err, err
+
+
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
