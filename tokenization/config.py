@@ -24,7 +24,11 @@ class DataConfig(_Strict):
     txt_split: Literal["file", "blank_lines"] = Field(
         "file", description="A .txt file is one document, or split into documents on blank lines."
     )
-    on_bad_record: Literal["skip", "fail"] = Field("skip", description="Malformed JSON line: skip+count or fail.")
+    on_bad_record: Literal["skip", "fail"] = Field(
+        "skip",
+        description="A malformed JSON line, or a record / parquet row without a string text_field: skip and "
+        "count it (in the shards' manifest.json), or fail naming the file and line / row.",
+    )
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="Share of documents routed to validation.")
     unit_bytes: int = Field(
         16 << 20, gt=0, description="Work unit size: small files are grouped and large ones cut to about this size."
