@@ -7,7 +7,8 @@
 Every process runs the same loop (pipeline/train.py); rank 0 prints metrics and writes the resolved
 config. Rerunning with the same --out resumes from the newest complete checkpoint there. No Ray or
 MLflow import happens here, so this runs on a machine with only torch, DeepSpeed and pyarrow.
-Exit codes: 0 done, 2 bad config or incompatible checkpoint, 3 stopped on non-finite losses.
+Exit codes: 0 done; 2 a bad config, --data that is no (intact) shard directory, or a --resume /
+--init-weights that is missing or incompatible; 3 stopped on non-finite losses.
 """
 
 from __future__ import annotations
@@ -43,18 +44,34 @@ def resolve_config(config_path: str, overrides: list[str], data_dir: Path) -> Ru
     return config
 
 
+def start_point_problem(resume: str | None, init_weights: str | None) -> str | None:
+    """What is wrong with --resume / --init-weights, checked before any process group or model is made."""
+    from pipeline.checkpoint import is_complete
+
+    if resume is not None and not is_complete(Path(resume)):
+        return f"--resume {resume}: not a complete training checkpoint (a step_* folder with COMPLETE)"
+    if init_weights is not None and not Path(init_weights).is_file():
+        return f"--init-weights {init_weights}: no such file (give an earlier run's final_weights.pt)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.local_rank is not None:  # the `deepspeed` launcher passes --local_rank
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     from pipeline.checkpoint import CheckpointMismatch
     from pipeline.train import NonFiniteLoss, train
+    from tokenization.shards import ShardError
 
     out_dir = Path(args.out)
     try:
         config = resolve_config(args.config, args.overrides, Path(args.data))
-    except ConfigError as exc:
+    except (ConfigError, ShardError) as exc:  # ShardError: --data is no shard directory, or a damaged one
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    problem = start_point_problem(args.resume, args.init_weights)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         result = train(
             config.train, config.model, args.data, out_dir, resume_from=args.resume, init_weights=args.init_weights
         )
-    except CheckpointMismatch as exc:
+    except (CheckpointMismatch, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLoss as exc:
