@@ -40,15 +40,6 @@ class ScheduleConfig(Protocol):
     warmup_steps: int
 
 
-def lr_scale_of(name: str) -> float:
-    """Layerwise LR multiplier of a parameter, from its name (`blocks.3.att.time_decay` -> 2.0)."""
-    leaf = name.rsplit(".", 1)[-1]
-    for prefix, scale in LR_SCALES.items():
-        if leaf.startswith(prefix):
-            return scale
-    return 1.0
-
-
 def is_decayed(param: torch.Tensor) -> bool:
     """Weight decay applies to matrices only (§4.1: `len(p.squeeze().shape) >= 2`, emb and head included)."""
     return len(param.squeeze().shape) >= 2
