@@ -58,10 +58,6 @@ class ReadStats:
     missing_text: int = 0  # records without a string text field, skipped
     warned: int = 0
 
-    def add(self, other: ReadStats) -> None:
-        for field in fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-
     def counters(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "warned"}
 
