@@ -4,8 +4,9 @@
     summary = run_pipeline(load_config("configs/quickstart.yaml"))
     print(summary.describe())
 
-`plan_pipeline` answers what would run and what is cached without starting anything. Both check
-the corpus paths and the Ray address before any work (errors name the path / address).
+`plan_pipeline` answers what would run and what is cached without starting or contacting anything
+(it checks the corpus paths). `run_pipeline` checks the corpus paths and then the Ray address before
+any work (errors name the path / address).
 """
 
 from __future__ import annotations
