@@ -43,7 +43,6 @@ class TokenDataset:
         manifest = read_manifest(self.shard_dir)
         info = _info_from_manifest(manifest)
         self.vocab_size, self.eod_id = info.vocab_size, info.eod_id
-        self.tokenizer_sha256 = info.model_sha256
         self.shards = [shard for shard in manifest["shards"] if shard["split"] == split]
         self.pieces: list[np.ndarray] = []  # one zero-copy view per record batch
         for shard in self.shards:
