@@ -184,23 +184,12 @@ def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from model import generate, load_rwkv4_pth
-    from tokenization.tokenizer import load_tokenizer
+    from model import load_rwkv4_pth
+    from pipeline.eval_stage import sample
 
     weights, tokenizer_dir = _checkpoint_files(Path(args.checkpoint), args.tokenizer)
     model = load_rwkv4_pth(weights).eval()
-    processor, info = load_tokenizer(tokenizer_dir)
-    prompt_ids = processor.encode(args.prompt) or [info.eod_id]
-    new_ids = generate(
-        model,
-        prompt_ids,
-        args.tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_token=info.eod_id,
-    )
-    print(args.prompt + processor.decode([t for t in new_ids if t != info.eod_id]))
+    print(sample(model, tokenizer_dir, args.prompt, args.tokens, args.temperature, args.top_p, args.seed))
     return 0
 
 

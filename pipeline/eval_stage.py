@@ -59,13 +59,24 @@ def loss_by_position(model: torch.nn.Module, data: TokenDataset, ctx_len: int, w
     return (totals_T / windows).numpy()
 
 
-def sample(model: torch.nn.Module, tokenizer_dir: Path, prompt: str, tokens: int, seed: int = 0) -> str:
-    """RNN-mode continuation of `prompt` (top-p 0.85, temperature 1), decoded to text."""
+def sample(
+    model: torch.nn.Module,
+    tokenizer_dir: Path,
+    prompt: str,
+    tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 0.85,
+    seed: int = 0,
+) -> str:
+    """`prompt` and its RNN-mode continuation (up to `tokens` tokens, to the end of the document), as text.
+
+    Ids past the tokenizer's pieces (the head's rows padded to a multiple of 128) are dropped: sentencepiece
+    cannot decode them, and a barely trained model may sample one."""
     from tokenization.tokenizer import load_tokenizer
 
     processor, info = load_tokenizer(tokenizer_dir)
     prompt_ids = processor.encode(prompt) or [info.eod_id]
-    new_ids = generate(model, prompt_ids, tokens, seed=seed, stop_token=info.eod_id)
+    new_ids = generate(model, prompt_ids, tokens, temperature, top_p, seed, stop_token=info.eod_id)
     return prompt + processor.decode([t for t in new_ids if t != info.eod_id and t < processor.get_piece_size()])
 
 

@@ -110,3 +110,23 @@ def test_a_sample_of_records_without_the_text_field_says_so(tmp_path: Path) -> N
     assert "all 61 records read were skipped (60 without a string field 'text' and 1 malformed JSON" in message
     assert f"e.g. in {corpus}" in message and "set data.text_field" in message
     assert skipped.value.retryable is False
+
+
+def test_a_sample_drops_ids_past_the_tokenizers_pieces(tokenizer_dir: Path) -> None:
+    """The head's rows are padded past the tokenizer (to a multiple of 128); an untrained model samples
+    those ids, which sentencepiece cannot decode. `rwkv-pipeline generate` and the eval report share this."""
+    import torch
+
+    from model import ModelConfig, build_model, generate
+    from pipeline.eval_stage import sample
+
+    model = build_model(ModelConfig(n_layer=1, n_embd=32, vocab_size=512, wkv_backend="torch")).eval()
+    with torch.no_grad():
+        model.head.weight.zero_()  # every id equally likely
+    processor, _ = load_tokenizer(tokenizer_dir)
+    drawn = generate(model, processor.encode("def "), 32, top_p=1.0, seed=3, stop_token=EOD_ID)
+    assert any(token >= CONFIG.vocab_size for token in drawn)  # the case this is about
+    with pytest.raises(IndexError):  # what decoding them unfiltered did
+        processor.decode(drawn)
+    text = sample(model, tokenizer_dir, "def ", 32, top_p=1.0, seed=3)
+    assert text.startswith("def ") and len(text) > len("def ")
