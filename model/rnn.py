@@ -20,11 +20,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from model.rwkv import RWKV, Block, ModelState
+from model.rwkv import RWKV, STATE_TENSORS_PER_LAYER, Block, flatten_state
 from model.wkv_reference import EMPTY_EXPONENT
 
-FlatState = list[torch.Tensor]
-STATE_TENSORS_PER_LAYER = 5
+FlatState = list[torch.Tensor]  # model.rwkv.flatten_state's layout; unflatten_state turns it into GPT mode's
 
 
 def zero_rnn_state(model: RWKV, batch: int = 1) -> FlatState:
@@ -35,19 +34,6 @@ def zero_rnn_state(model: RWKV, batch: int = 1) -> FlatState:
         aa = torch.zeros(batch, config.dim_att, device=device, dtype=torch.float32)
         state += [x_prev, aa, aa.clone(), torch.full_like(aa, EMPTY_EXPONENT), x_prev.clone()]
     return state
-
-
-def flat_state(state: ModelState) -> FlatState:
-    """GPT-mode state [(att_x_prev, (aa, bb, pp), ffn_x_prev), ...] -> the flat RNN list."""
-    return [t for att_x_prev, wkv_state, ffn_x_prev in state for t in (att_x_prev, *wkv_state, ffn_x_prev)]
-
-
-def nested_state(state: FlatState) -> ModelState:
-    """The flat RNN list -> the GPT-mode per-layer state, so either mode can continue the other."""
-    per_layer = STATE_TENSORS_PER_LAYER
-    return [
-        (state[i], (state[i + 1], state[i + 2], state[i + 3]), state[i + 4]) for i in range(0, len(state), per_layer)
-    ]
 
 
 def wkv_step(
@@ -138,7 +124,7 @@ def generate(
     generator = torch.Generator().manual_seed(seed)
     idx = torch.tensor([list(prompt)], dtype=torch.long, device=model.emb.weight.device)
     logits, gpt_state = model.forward_with_state(idx)
-    logits_V, state = logits[0, -1], flat_state(gpt_state)
+    logits_V, state = logits[0, -1], flatten_state(gpt_state)
     new_tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = sample_token(logits_V.float(), temperature, top_p, generator)

@@ -37,6 +37,7 @@ from model.wkv_reference import State as WkvState
 # Per layer: (att x_prev (B, C), (aa, bb, pp) each (B, A), ffn x_prev (B, C)).
 LayerState = tuple[torch.Tensor, WkvState, torch.Tensor]
 ModelState = list[LayerState]
+STATE_TENSORS_PER_LAYER = 5  # a LayerState flattened (flatten_state): att x_prev, aa, bb, pp, ffn x_prev
 
 LN_MIX_KERNEL_DEVICES = frozenset({"cuda"})
 """The device types on which ModelConfig.fused_ln_mix takes model/ln_shift_mix.py's Triton kernel. CPU
@@ -270,7 +271,10 @@ class RWKV(nn.Module):
 
 
 def flatten_state(state: ModelState | None) -> list[torch.Tensor]:
-    """Per layer [att x_prev, aa, bb, pp, ffn x_prev]; [] for no state (the start of a sequence)."""
+    """Per layer [att x_prev, aa, bb, pp, ffn x_prev]; [] for no state (the start of a sequence).
+
+    This flat list is also RNN mode's state (model/rnn.py), so either mode can continue the other.
+    """
     return [] if state is None else [t for att, wkv_state, ffn in state for t in (att, *wkv_state, ffn)]
 
 
@@ -278,7 +282,8 @@ def unflatten_state(flat: list[torch.Tensor]) -> ModelState | None:
     """The inverse of `flatten_state`."""
     if not flat:
         return None
-    return [(flat[i], (flat[i + 1], flat[i + 2], flat[i + 3]), flat[i + 4]) for i in range(0, len(flat), 5)]
+    per_layer = STATE_TENSORS_PER_LAYER
+    return [(flat[i], (flat[i + 1], flat[i + 2], flat[i + 3]), flat[i + 4]) for i in range(0, len(flat), per_layer)]
 
 
 def detach_state(state: ModelState) -> ModelState:

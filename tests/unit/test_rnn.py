@@ -9,7 +9,8 @@ import torch
 from model_fixtures import perturbed_rwkv
 
 from model import RWKV, ModelConfig
-from model.rnn import flat_state, generate, nested_state, rnn_step, sample_token, zero_rnn_state
+from model.rnn import generate, rnn_step, sample_token, zero_rnn_state
+from model.rwkv import flatten_state, unflatten_state
 
 CONFIG = ModelConfig(n_layer=3, n_embd=16, dim_att=24, dim_ffn=40, vocab_size=29, wkv_backend="reference")
 
@@ -46,10 +47,10 @@ def test_rnn_state_equals_parallel_state_and_modes_continue_each_other():
     for t in range(6):
         _, state = rnn_step(model, idx[:, t], state)
     assert len(state) == 5 * CONFIG.n_layer
-    for got, expected in zip(state, flat_state(gpt_state), strict=True):
+    for got, expected in zip(state, flatten_state(gpt_state), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # RNN state -> GPT mode for the rest of the sequence
-    tail = model(idx[:, 6:], nested_state(state))
+    tail = model(idx[:, 6:], unflatten_state(state))
     torch.testing.assert_close(tail, model(idx)[:, 6:], rtol=0, atol=1e-5)
 
 
