@@ -17,7 +17,7 @@ from typing import Any
 
 from tokenization.config import DataConfig
 from tokenization.readers import ReadStats
-from tokenization.shards import FORMAT_VERSION, ShardError, shard_record_from_dict, verify_shard
+from tokenization.shards import FORMAT_VERSION, ShardError, shard_record_from_dict, token_dtype, verify_shard
 from tokenization.tokenizer import TokenizerInfo, write_atomic
 from tokenization.units import WorkUnit
 
@@ -76,7 +76,7 @@ def build_manifest(records: list[dict[str, Any]], data: DataConfig, info: Tokeni
             "config": info.config,
         },
         "data_config": data.model_dump(mode="json"),
-        "token_dtype": "uint16" if info.vocab_size <= 1 << 16 else "uint32",
+        "token_dtype": token_dtype(info.vocab_size).name,  # the dtype the shards hold
         "totals": {**splits, **{key: sum(record[key] for record in records) for key in counters}},
         "shards": shards,
         "units": [{**record["unit"], **{key: record[key] for key in counters}} for record in records],
