@@ -13,8 +13,9 @@
   resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
   resumes the same way, or from a newer checkpoint found whole in that storage folder that Ray had
   not recorded yet (the run was stopped between the upload and the record).
-* Worker records: `<out_dir>/workers/rank_N.pid` and `rank_N.env.json` (pid, the NVLink multicast
-  variables as the worker process sees them, process-group backend, its GPU), for tests and debugging.
+* Worker records: `<out_dir>/workers/rank_00000.pid` and `rank_00000.env.json`, the rank in five
+  digits (pid, the NVLink multicast variables as the worker process sees them, process-group backend,
+  its GPU), for tests and debugging.
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
   rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
   (the tracker lives in the driver; workers never import MLflow).

@@ -3,7 +3,7 @@
     tracker = make_tracker(resolve_tracking_uri(None, Path("runs")), "rwkv-pipeline")
     parent = tracker.open_run("quickstart", params={"train.lr_init": 6e-4})
     stage = tracker.open_run("pretrain", parent=parent)
-    tracker.log_metrics(stage, {"train/loss": 2.5}, step=10)   # ~microseconds: queued
+    tracker.log_metrics(stage, {"loss": 2.5, "lr": 6e-4}, step=10)   # ~microseconds: queued
     tracker.close_run(stage); tracker.close_run(parent)
     tracker.close(timeout_s=60)
 

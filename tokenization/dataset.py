@@ -1,6 +1,6 @@
 """The training data: one split's shards, memory-mapped, read as one flat token stream.
 
-    data = TokenDataset(Path("runs/quickstart/shards-1a2b3c4d5e6f"))        # verifies against the manifest
+    data = TokenDataset(Path("runs/quickstart/tokenize-1a2b3c4d5e6f"))        # verifies against the manifest
     sampler = WindowSampler(data.num_tokens, ctx_len=128, seed=0)
     window = data.window(sampler.start(global_index), 128 + 1)              # int64, shape (T+1,)
     x, y = window[:-1], window[1:]

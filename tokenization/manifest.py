@@ -1,6 +1,6 @@
 """The manifest of a shard directory: every shard, every unit, the totals; written last.
 
-    manifest = read_manifest(Path("runs/quickstart/shards-1a2b3c4d5e6f"))
+    manifest = read_manifest(Path("runs/quickstart/tokenize-1a2b3c4d5e6f"))
     manifest["totals"]["train"]["tokens"], manifest["shards"][0]["sha256"]
 
 Each work unit leaves `units/unit-000012.json` after its shards (both atomically); the manifest is
