@@ -203,11 +203,11 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
 
 
 def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, tokenizer_dir)
-    from model import ModelConfig
+    from orchestration.stages import trained_model_config
     from pipeline.eval_stage import load_trained
 
     trained, shards, tokenizer = _trained_stage(run_dir)
-    model_cfg = ModelConfig(**json.loads((trained / "checkpoint_manifest.json").read_text())["model_config"])
+    model_cfg = trained_model_config(trained)
     return load_trained(trained / "final_weights.pt", model_cfg), model_cfg, shards, tokenizer
 
 

@@ -27,6 +27,9 @@ from orchestration.dag import Stage, StageContext
 from orchestration.metrics_log import append_metrics, metrics_by_step
 from pipeline.config import ExtendStageConfig, TrainConfig
 
+CHECKPOINT_MANIFEST = "checkpoint_manifest.json"  # a training stage's record: weights, sha256, model config
+MAX_ARTIFACT_MB = 512  # an export up to this size is logged to MLflow whole; a larger one by its export.json
+
 # Train settings that only change logging/checkpoint cadence, never the trained weights.
 OPERATIONAL_TRAIN_FIELDS = {
     "log_every",
@@ -150,7 +153,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
         )
     )
     if config.model.arch == "rwkv4":  # the export is the official RWKV-4 checkpoint; the GPT baseline has none
-        stages.append(Stage("export", export_stage(config, previous), config={}, inputs=(previous, "tokenizer")))
+        stages.append(Stage("export", export_stage(previous), config={}, inputs=(previous, "tokenizer")))
     return stages
 
 
@@ -272,8 +275,8 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
         "checkpoint": _within(result.get("checkpoint"), ctx.out_dir),
         "model_config": dataclasses.asdict(config.model),
     }
-    (ctx.out_dir / "checkpoint_manifest.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    ctx.log_artifact(ctx.out_dir / "checkpoint_manifest.json", "checkpoint")
+    (ctx.out_dir / CHECKPOINT_MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    ctx.log_artifact(ctx.out_dir / CHECKPOINT_MANIFEST, "checkpoint")
 
 
 def _within(path: str | None, stage_dir: Path) -> str | None:
@@ -352,10 +355,11 @@ def extend_train_config(config: RunConfig, extension: ExtendStageConfig) -> Trai
 # --- evaluate and export ------------------------------------------------------------------------
 
 
-def _model_config(config: RunConfig, trained_dir: Path) -> Any:
+def trained_model_config(trained_dir: Path) -> Any:
+    """The ModelConfig a training stage's folder was trained with (its checkpoint manifest)."""
     from model import ModelConfig
 
-    record = json.loads((trained_dir / "checkpoint_manifest.json").read_text())
+    record = json.loads((trained_dir / CHECKPOINT_MANIFEST).read_text())
     return ModelConfig(**record["model_config"])
 
 
@@ -412,7 +416,7 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
 
     def run(ctx: StageContext) -> None:
         ctx.log_params({**{f"eval.{k}": v for k, v in config.eval.model_dump().items()}, "eval.ctx_len": ctx_len})
-        model_cfg = _model_config(config, ctx.inputs[trained])
+        model_cfg = trained_model_config(ctx.inputs[trained])
         report = on_ray(
             _evaluate_task,
             (ctx.inputs[trained] / "final_weights.pt").resolve(),
@@ -451,9 +455,9 @@ def _export_task(weights: Path, model_cfg: Any, tokenizer_dir: Path, out_dir: Pa
     return export(load_trained(weights, model_cfg), tokenizer_dir, out_dir, model_cfg)
 
 
-def export_stage(config: RunConfig, trained: str, max_artifact_mb: float = 512) -> Callable[[StageContext], None]:
+def export_stage(trained: str) -> Callable[[StageContext], None]:
     def run(ctx: StageContext) -> None:
-        model_cfg = _model_config(config, ctx.inputs[trained])
+        model_cfg = trained_model_config(ctx.inputs[trained])
         record = on_ray(
             _export_task,
             (ctx.inputs[trained] / "final_weights.pt").resolve(),
@@ -463,10 +467,10 @@ def export_stage(config: RunConfig, trained: str, max_artifact_mb: float = 512) 
         )
         total_mb = sum(item["bytes"] for item in record["files"].values()) / 1e6
         ctx.log.info("wrote %s (%.1f MB) for %s", ", ".join(record["files"]), total_mb, record["load_with"])
-        if total_mb <= max_artifact_mb:  # big models: the manifest (paths, sha256) stands in for the weights
+        if total_mb <= MAX_ARTIFACT_MB:  # big models: the manifest (paths, sha256) stands in for the weights
             ctx.log_artifact(ctx.out_dir, "model")
         else:
-            ctx.log.info("over %g MB: MLflow gets export.json (sizes, sha256), the files stay here", max_artifact_mb)
+            ctx.log.info("over %g MB: MLflow gets export.json (sizes, sha256), the files stay here", MAX_ARTIFACT_MB)
             ctx.log_artifact(ctx.out_dir / "export.json", "model")
 
     return run
