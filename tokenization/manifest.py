@@ -118,7 +118,11 @@ def write_manifest(
 def read_manifest(shard_dir: Path) -> dict[str, Any]:
     path = Path(shard_dir) / MANIFEST
     if not path.is_file():
-        raise ShardError(f"{path} not found: the tokenize stage did not complete")
+        raise ShardError(
+            f"{path} not found",
+            advice="Give a tokenize stage's folder (<run>/tokenize-<hash>); a tokenize stage writes manifest.json "
+            "last, so a folder of shards without it did not complete",
+        )
     return json.loads(path.read_text())
 
 

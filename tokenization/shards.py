@@ -27,16 +27,20 @@ FORMAT_VERSION = 1
 _HASH_CHUNK = 8 << 20
 
 
+_DAMAGED_ADVICE = (
+    "A finished tokenize folder is never made again by itself: if it was damaged after tokenization, delete the "
+    "folder and rerun to tokenize again"
+)
+
+
 class ShardError(ValueError):
-    """A shard that is missing or differs from its manifest entry (sha256, schema); names the file."""
+    """A shard directory that is not what its manifest says (a shard missing, or differing in sha256 or
+    schema), or has no manifest; names the file."""
 
     retryable = False  # the bytes on disk are wrong: another attempt reads the same (orchestration/dag.py)
 
-    def __init__(self, message: str) -> None:
-        super().__init__(
-            f"{message}. A finished tokenize folder is never made again by itself: if it was damaged after "
-            "tokenization, delete the folder and rerun to tokenize again"
-        )
+    def __init__(self, message: str, advice: str = _DAMAGED_ADVICE) -> None:
+        super().__init__(f"{message}. {advice}" if advice else message)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -21,7 +21,8 @@ def shards(tmp_path_factory) -> Path:
 def test_data_that_is_no_shard_directory(capsys, tmp_path: Path) -> None:
     assert main([QUICKSTART, "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {tmp_path / 'manifest.json'} not found") and "Traceback" not in err
+    assert err.startswith(f"error: {tmp_path / 'manifest.json'} not found. Give a tokenize stage's folder")
+    assert "delete the folder" not in err  # the advice for a damaged shard does not fit a folder that is none
 
 
 @pytest.mark.parametrize(
