@@ -15,7 +15,9 @@ class ModelConfig:
     """The network: RWKV-4 (or the same-size GPT baseline), its shape and which kernels run it."""
 
     arch: Literal["rwkv4", "gpt"] = "rwkv4"
-    """Which network: RWKV-4, or the same-size GPT baseline (pre-LN, causal attention)."""
+    """Which network: RWKV-4, or the same-size GPT baseline (pre-LN, causal attention). The baseline
+    trains and evaluates like RWKV-4; it has no export (the official checkpoint format is RWKV-4's) and no
+    RNN-mode sample."""
     n_layer: int = 4
     """Number of blocks (L)."""
     n_embd: int = 128

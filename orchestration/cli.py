@@ -6,7 +6,7 @@
     rwkv-pipeline compare runs/a runs/b --out compare.png       # differing fields, results, loss chart
     rwkv-pipeline generate runs/quickstart/export-<hash> --prompt "def "
     rwkv-pipeline eval runs/quickstart --ctx-len 512            # evaluate the run's model again
-    rwkv-pipeline export runs/quickstart --out model/           # official .pth + safetensors + tokenizer
+    rwkv-pipeline export runs/quickstart --out exported/        # official .pth + safetensors + tokenizer
     rwkv-pipeline print-config configs/quickstart.yaml train.lr_init=3e-4
     rwkv-pipeline reference-config                              # every field, default and meaning
 
