@@ -141,12 +141,12 @@ class DagRunner:
         self,
         run_dir: RunDir,
         tracker: NullTracker | None = None,
-        max_retries: int = 0,
+        stage_retries: int = 0,
         system_metrics_s: float | None = 10.0,
         reporter: Callable[[str], None] | None = None,
     ) -> None:
         self.run_dir, self.tracker = run_dir, tracker or NullTracker()
-        self.max_retries, self.system_metrics_s = max_retries, system_metrics_s
+        self.stage_retries, self.system_metrics_s = stage_retries, system_metrics_s
         self.report = reporter or (lambda line: log.info("%s", line))
         self._progress_written = 0.0
 
@@ -331,7 +331,7 @@ class DagRunner:
     def _attempts(
         self, stage: Stage, partial: Path, outputs: dict[str, Path], handle: RunHandle, log_path: Path
     ) -> StageContext:
-        attempts = self.max_retries + 1
+        attempts = self.stage_retries + 1
         for attempt in range(1, attempts + 1):
             ctx = StageContext(
                 name=stage.name,

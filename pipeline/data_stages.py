@@ -163,14 +163,14 @@ class _UnitWriter:
         self.processor, self.info, self.out_dir, self.index = processor, info, out_dir, index
         self.batch_bytes = batch_bytes
         self.pending: dict[str, list[str]] = {split: [] for split in SPLITS}
-        self.pending_bytes = {split: 0 for split in SPLITS}
+        self.pending_chars = {split: 0 for split in SPLITS}  # against batch_bytes: characters, not UTF-8 bytes
         self.writers: dict[str, ShardWriter] = {}
         self.encode_s = self.write_s = 0.0
 
     def add(self, split: str, text: str) -> None:
         self.pending[split].append(text)
-        self.pending_bytes[split] += len(text)
-        if self.pending_bytes[split] >= self.batch_bytes:
+        self.pending_chars[split] += len(text)
+        if self.pending_chars[split] >= self.batch_bytes:
             self.flush(split)
 
     def flush(self, split: str) -> None:
@@ -189,7 +189,7 @@ class _UnitWriter:
             ).__enter__()
         self.writers[split].write(documents)
         self.write_s += time.perf_counter() - started
-        self.pending[split], self.pending_bytes[split] = [], 0
+        self.pending[split], self.pending_chars[split] = [], 0
 
     def close(self) -> list[dict[str, Any]]:
         records = []

@@ -169,7 +169,7 @@ def _val_data(data_dir: Path, min_tokens: int) -> TokenDataset | None:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, val: TokenDataset | None, cfg: TrainConfig, device: torch.device) -> float | None:
+def validation_loss(engine: Any, val: TokenDataset | None, cfg: TrainConfig, device: torch.device) -> float | None:
     """Mean next-token loss on `val_batches` fixed windows spread evenly over the val split."""
     if val is None:
         return None
@@ -453,7 +453,7 @@ def train(
 
         if step % cfg.val_every == 0 or step == cfg.steps:
             with throughput.paused():
-                val_loss = evaluate(engine, val, cfg, device)
+                val_loss = validation_loss(engine, val, cfg, device)
             if val_loss is not None:
                 log({"val_loss": val_loss}, step)
                 if rank == 0:

@@ -33,7 +33,12 @@ class DataConfig(_Strict):
     unit_bytes: int = Field(
         16 << 20, gt=0, description="Work unit size: small files are grouped and large ones cut to about this size."
     )
-    batch_bytes: int = Field(1 << 20, gt=0, description="Text encoded per sentencepiece call and per Arrow batch.")
+    batch_bytes: int = Field(
+        1 << 20,
+        gt=0,
+        description="Text encoded per sentencepiece call and per Arrow batch, counted in characters (bytes "
+        "for ASCII text).",
+    )
 
     @field_validator("paths", mode="before")
     @classmethod

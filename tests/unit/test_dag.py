@@ -79,7 +79,7 @@ def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_pat
 
 def test_failed_stage_is_retried_then_succeeds(tmp_path: Path):
     run_dir, calls = RunDir(tmp_path / "run"), []
-    outputs = DagRunner(run_dir, max_retries=2).run(make_stages(calls, fail={"shards": 2}), "demo")
+    outputs = DagRunner(run_dir, stage_retries=2).run(make_stages(calls, fail={"shards": 2}), "demo")
     assert calls == ["tokenizer", "shards", "shards", "shards", "train", "report"]
     assert (outputs["shards"] / "scratch.txt").read_text() == "attempt 1\nattempt 2\nattempt 3\n"
     assert run_dir.read_state()["stages"]["shards"]["attempts"] == 3
@@ -88,7 +88,7 @@ def test_failed_stage_is_retried_then_succeeds(tmp_path: Path):
 def test_stage_failing_every_attempt_stops_the_run_naming_stage_error_and_log(tmp_path: Path):
     run_dir, calls = RunDir(tmp_path / "run"), []
     with pytest.raises(StageFailed) as failure:
-        DagRunner(run_dir, max_retries=1).run(make_stages(calls, fail={"train": 5}), "demo")
+        DagRunner(run_dir, stage_retries=1).run(make_stages(calls, fail={"train": 5}), "demo")
     message = str(failure.value)
     log_path = run_dir.log_path("train")
     assert "stage 'train' failed after 2 attempt(s)" in message
@@ -109,7 +109,7 @@ def test_an_error_a_retry_cannot_change_is_not_retried(tmp_path: Path):
 
     run_dir = RunDir(tmp_path / "run")
     with pytest.raises(StageFailed, match="failed after 1 attempt.*BadConfig: model.n_layer=0") as failed:
-        DagRunner(run_dir, max_retries=3).run([Stage("train", broken, config={})], "demo")
+        DagRunner(run_dir, stage_retries=3).run([Stage("train", broken, config={})], "demo")
     assert "at least 1. Full log: " in str(failed.value)  # one full stop after the error's own
     stage = run_dir.read_state()["stages"]["train"]
     assert stage["attempts"] == 1 and stage["error"] == "BadConfig: model.n_layer=0: set it to at least 1."
