@@ -11,8 +11,8 @@
   node sees (the run's workdir, README "Joining a Ray cluster").
 * Failures: `FailureConfig(max_failures=ray.max_retries)` restarts the worker group, and each worker
   resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
-  resumes the same way, or from a newer checkpoint found whole in that storage folder that Ray had
-  not recorded yet (the run was stopped between the upload and the record).
+  resumes the same way. Either start takes a newer checkpoint found whole in that storage folder
+  that Ray had not recorded yet (the run was stopped between the upload and the record).
 * Worker records: `<out_dir>/workers/rank_00000.pid` and `rank_00000.env.json`, the rank in five
   digits (pid, the NVLink multicast variables as the worker process sees them, process-group backend,
   its GPU), for tests and debugging.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 import threading
 from contextlib import nullcontext
@@ -46,7 +47,6 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     import torch
 
     from model import ModelConfig
-    from pipeline.checkpoint_files import step_of
     from pipeline.config import TrainConfig
     from pipeline.train import train
 
@@ -76,13 +76,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
 
     checkpoint = ray.train.get_checkpoint()
     resume = checkpoint.as_directory() if checkpoint is not None else nullcontext(None)
-    stored = loop_config["stored_checkpoint"]
-    if stored is not None and (checkpoint is None or step_of(Path(checkpoint.path)) < step_of(Path(stored))):
-        # Ray records a checkpoint only after every rank's upload; a run stopped in between left a
-        # newer, whole one in storage that Ray does not list.
-        if not Path(stored).is_dir():  # every rank must resume from the same step
-            raise FileNotFoundError(f"{stored} is not visible on this node: storage_path must be shared by all")
-        resume = nullcontext(stored)
+    recorded = Path(checkpoint.path) if checkpoint is not None else None
+    stored = newer_stored_checkpoint(recorded, Path(loop_config["checkpoint_storage"]), loop_config["driver_saw"])
+    if stored is not None:
+        resume = nullcontext(str(stored))
         if rank == 0:
             print(f"resuming from {stored}: whole in storage, newer than Ray's last recorded checkpoint", flush=True)
     with resume as resume_dir:
@@ -99,6 +96,29 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
             init_weights=loop_config["init_weights"],
         )
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def newer_stored_checkpoint(recorded: Path | None, storage: Path, driver_saw: str | None) -> Path | None:
+    """The newest whole checkpoint in `storage` when it is newer than the one Ray recorded, else None.
+
+    Ray records a checkpoint a poll after every rank's upload, so a run stopped in between (a killed
+    driver, or a lost worker: the group restarts with what Ray recorded) leaves a newer, whole one in
+    storage that Ray does not list. Looked up at every start of the worker group, retries included.
+    `driver_saw` is the driver's own lookup at the first start: a rank that sees less of the storage
+    than the driver did is on a node that does not share the workdir, and every rank must resume from
+    the same step.
+    """
+    from pipeline.checkpoint_files import newest_intact, step_of
+
+    here = newest_intact(storage)
+    if driver_saw is not None and (here is None or step_of(here) < step_of(Path(driver_saw))):
+        raise FileNotFoundError(
+            f"{driver_saw} is not visible on node {socket.gethostname()}: the run's workdir (where the Ray "
+            "checkpoints are stored) must be on a filesystem every node shares"
+        )
+    if here is None or (recorded is not None and step_of(here) <= step_of(recorded)):
+        return None
+    return here
 
 
 def _worker_env(local_rank: int) -> dict[str, Any]:
@@ -182,7 +202,7 @@ def train_on_ray(
     from ray.util.queue import Queue
 
     from orchestration.cluster import check_workers_fit, ray_address_from, start_ray
-    from pipeline.checkpoint_files import newest_intact
+    from pipeline.checkpoint_files import newest_intact, prune
 
     out_dir = Path(out_dir).resolve()
     storage = Path(storage_path).resolve() if storage_path else out_dir / "ray"
@@ -190,7 +210,7 @@ def train_on_ray(
     address = ray_address_from(config.ray.address)
     start_ray(address)  # no-op when this process already joined Ray
     check_workers_fit(config.ray, address)
-    stored = newest_intact(storage / name)  # whole, perhaps newer than what Ray recorded (see _worker_loop)
+    stored = newest_intact(storage / name)  # each rank checks it sees this too (newer_stored_checkpoint)
     use_gpu = config.ray.use_gpu
     metrics_queue = Queue(actor_options={"num_cpus": 0})
     loop_config = {
@@ -202,7 +222,8 @@ def train_on_ray(
         "tracking_run_id": tracking_run_id,
         "init_weights": str(Path(init_weights).resolve()) if init_weights is not None else None,
         "threads": max(int(config.ray.cpus_per_worker), 1),
-        "stored_checkpoint": str(stored) if stored is not None else None,
+        "checkpoint_storage": str(storage / name),
+        "driver_saw": str(stored) if stored is not None else None,
     }
     trainer = TorchTrainer(
         _worker_loop,
@@ -229,6 +250,9 @@ def train_on_ray(
         stop.set()
         pump.join(timeout=30)
         ray.kill(metrics_queue.actor)
+    # Ray keeps the newest keep_checkpoints of those it recorded; one stored but never recorded (a group
+    # restarted before the record, see newer_stored_checkpoint) is not among them and would stay forever.
+    prune(storage / name, config.train.keep_checkpoints)
     return {
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "metrics": dict(result.metrics or {}),

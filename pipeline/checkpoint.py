@@ -56,7 +56,6 @@ from pipeline.checkpoint_files import (
     TRAIN_STATE,
     is_complete,
     list_checkpoints,
-    step_of,
     write_file_list,
     write_json_atomic,
 )
@@ -246,20 +245,6 @@ def load(
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
     return state
-
-
-def prune(root: Path, keep: int) -> list[Path]:
-    """Rank 0, after a save: keep the newest `keep` complete checkpoints; drop older and unfinished ones."""
-    checkpoints = list_checkpoints(root)
-    complete = [p for p in checkpoints if is_complete(p)]
-    keep_set = set(complete[-keep:]) if keep > 0 else set()
-    newest = step_of(complete[-1]) if complete else -1
-    removed = []
-    for path in checkpoints:
-        if path not in keep_set and step_of(path) <= newest:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-    return removed
 
 
 def consolidated_state_dict(ckpt_dir: Path) -> dict[str, torch.Tensor]:

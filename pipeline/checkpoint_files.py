@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,17 @@ def newest_intact(root: Path) -> Path | None:
         if is_intact(path):
             return path
     return None
+
+
+def prune(root: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` complete checkpoints under root; drop older and unfinished ones."""
+    checkpoints = list_checkpoints(root)
+    complete = [p for p in checkpoints if is_complete(p)]
+    keep_set = set(complete[-keep:]) if keep > 0 else set()
+    newest = step_of(complete[-1]) if complete else -1
+    removed = []
+    for path in checkpoints:
+        if path not in keep_set and step_of(path) <= newest:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from model import ModelConfig, build_model
 from model.loss import language_model_loss
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_files import prune
 from pipeline.config import TrainConfig
 from pipeline.engine import build_engine, device_for_rank, init_process_group, merge_config
 from pipeline.metrics import Throughput, accelerator_memory_gib, mfu, train_flops_per_token
@@ -483,7 +484,7 @@ def train(
             with throughput.paused():
                 ckpt.save(engine, last_ckpt, state)
                 if rank == 0:
-                    ckpt.prune(root, cfg.keep_checkpoints)
+                    prune(root, cfg.keep_checkpoints)
                 if on_checkpoint is not None:
                     on_checkpoint(last_ckpt, {"step": step, "loss": loss_now, "tokens_seen": tokens_seen})
 

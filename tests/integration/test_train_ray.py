@@ -72,7 +72,10 @@ def test_two_workers_zero2_loss_falls_metrics_and_checkpoints(shards: Path, tmp_
     before, after = dict(train_logs[:restart]), dict(train_logs[restart:])
     assert list(before) == list(range(5, max(before) + 1, 5)) and max(before) >= KILL_AFTER
     assert list(after) == list(range(min(after), STEPS + 1, 5)) and min(after) <= KILL_AFTER
-    assert (min(after) - 5) % 10 == 0  # resumed from a checkpoint (every 10 steps)
+    # Resumed from step 10, the last checkpoint before the kill, not from scratch. These steps take
+    # milliseconds: Ray's record of step 10 can lag the kill, and then the restarted group finds it whole
+    # in storage (orchestration/ray_train.py, newer_stored_checkpoint; before that it started at step 0).
+    assert min(after) == 15
     for step in set(before) & set(after):
         assert after[step] == before[step], (step, before[step], after[step])
     losses = [after.get(step, before.get(step)) for step in range(5, STEPS + 1, 5)]

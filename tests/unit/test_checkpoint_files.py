@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.checkpoint_files import (
     COMPLETE,
     TRAIN_STATE,
@@ -73,3 +75,20 @@ def test_a_folder_from_before_the_file_lists_is_never_taken_for_whole(tmp_path):
     (path / TRAIN_STATE).write_text(json.dumps({"step": 10, "world_size": 1}))
     (path / COMPLETE).write_text("ok\n")
     assert not is_intact(path)
+
+
+def test_a_restarted_worker_group_takes_the_newest_whole_checkpoint_ray_did_not_record(tmp_path):
+    """A lost worker: Ray restarts the group from the checkpoint it recorded (step 10), while the failed
+    group had stored step 20 whole. Every start of the group looks again, so step 20 is not trained twice."""
+    from orchestration.ray_train import newer_stored_checkpoint
+
+    storage = tmp_path / "ray" / "pretrain"
+    ten, twenty = _checkpoint(storage, 10), _checkpoint(storage, 20)
+    assert newer_stored_checkpoint(ten, storage, driver_saw=str(ten)) == twenty  # a retry: the driver saw 10
+    assert newer_stored_checkpoint(twenty, storage, driver_saw=str(ten)) is None  # Ray has the newest
+    assert newer_stored_checkpoint(None, storage, driver_saw=None) == twenty  # a rerun Ray knows nothing of
+    (twenty / file_list_name(1)).unlink()  # step 20 cut off mid-upload: not whole
+    assert newer_stored_checkpoint(ten, storage, driver_saw=str(ten)) is None
+    # A node that does not share the workdir sees less than the driver did: every rank must resume alike.
+    with pytest.raises(FileNotFoundError, match="must be on a filesystem every node shares"):
+        newer_stored_checkpoint(None, tmp_path / "private-copy", driver_saw=str(ten))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint as ckpt
+from pipeline.checkpoint_files import prune
 from pipeline.config import TrainConfig
 from pipeline.engine import deepspeed_config
 from pipeline.metrics import mfu, train_flops_per_token
@@ -74,7 +75,7 @@ def test_latest_complete_skips_unfinished_and_prune_keeps_newest(tmp_path):
     _fake_checkpoint(tmp_path, 25, complete=False)  # a crash while saving: older than the newest
     _fake_checkpoint(tmp_path, 40, complete=False)  # being written now (or crashed): newest
     assert ckpt.latest_complete(tmp_path).name == "step_00000030"
-    removed = ckpt.prune(tmp_path, keep=2)
+    removed = prune(tmp_path, keep=2)
     assert sorted(p.name for p in removed) == ["step_00000010", "step_00000025"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000020", "step_00000030", "step_00000040"]
     assert ckpt.latest_complete(tmp_path / "missing") is None
