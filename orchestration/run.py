@@ -5,8 +5,8 @@
     print(summary.describe())
 
 `plan_pipeline` answers what would run and what is cached without starting or contacting anything
-(it checks the corpus paths). `run_pipeline` checks the corpus paths and then the Ray address before
-any work (errors name the path / address).
+(it checks the corpus paths). `run_pipeline` checks the corpus paths and, when a stage is left to run,
+the Ray address before any work (errors name the path / address).
 """
 
 from __future__ import annotations
@@ -75,12 +75,14 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
     """Run every stage that is not complete; raises StageFailed / CorpusError / RayUnreachable."""
     stages = build_stages(config)
     address = ray_address_from(config.ray.address)
-    check_reachable(address)
     run_dir = run_dir_of(config)
-    # What is left to run decides whether Ray starts and whether it must hold the training workers:
+    # What is left to run decides whether Ray is needed, starts, and must hold the training workers:
     # known (read-only) before the run directory, the tracking store or a stage is made, so a run that
-    # cannot start leaves nothing behind. The plan that counts is made again under the lock.
+    # cannot start leaves nothing behind, and a finished one reruns without its cluster. The plan that
+    # counts is made again under the lock.
     pending = [item.stage for item in DagRunner(run_dir).plan(stages) if item.action in ("run", "resume")]
+    if pending:
+        check_reachable(address)
     started_ray = bool(pending) and start_ray(address)
     try:
         if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -257,6 +258,11 @@ def test_rerun_of_a_finished_run_does_no_work(first_run):
     assert markers(run_dir) == before and sorted(p.name for p in run_dir.iterdir()) == folders
     plan = cli("plan", str(config))
     assert [line.split()[1] for line in plan.stdout.splitlines()] == ["cached"] * len(STAGES)
+    with socket.socket() as sock:  # a cluster that is gone: nothing is left to run, so nothing needs it
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    gone = cli("run", str(config), f"ray.address=127.0.0.1:{closed}")
+    assert gone.returncode == 0 and markers(run_dir) == before, gone.stderr[-3000:]
 
 
 def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(first_run, mlflow_uri: str):
