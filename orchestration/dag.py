@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import traceback
@@ -88,10 +89,35 @@ def retryable(error: BaseException) -> bool:
     return getattr(getattr(error, "cause", None) or error, "retryable", True)
 
 
+# How Ray Train says a worker stopped answering (its process or its node died): its health check, or
+# calls to its actor, failed. The worker's own error snippet then names its rank, host and node.
+_LOST_WORKER = re.compile(r"\[Rank (\d+) Error Snippet\]:\s*A worker health check failed\.")
+_WORKER_FIELD = r"{}='([^']*)'"
+
+
+def _lost_worker(text: str) -> str | None:
+    """ "rank R on host H (node IP)" when `text` is Ray Train's report of a worker that stopped answering."""
+    found = _LOST_WORKER.search(text)
+    if found is None:
+        return None
+    rest = text[found.end() :]
+    host, ip = (re.search(_WORKER_FIELD.format(name), rest) for name in ("hostname", "node_ip"))
+    where = f" on host {host.group(1)}" if host else ""
+    return f"rank {found.group(1)}{where}" + (f" (node {ip.group(1)})" if ip else "")
+
+
 def describe(error: BaseException) -> str:
     """`Type: message` of the real error (a Ray task's error wraps it), tracebacks cut to their last line."""
     cause = getattr(error, "cause", None) or error
-    lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+    text = str(cause).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lost = _lost_worker(text)
+    if lost:
+        return (
+            f"{type(cause).__name__}: the training worker of {lost} stopped answering: its process or its node "
+            "died or lost the network, and Ray Train's retries (ray.max_retries) were used up; the rerun resumes "
+            "from the newest checkpoint"
+        )
     if len(lines) > 3:  # Ray worker-group errors embed whole tracebacks: keep the final exception line
         return f"{type(cause).__name__}: {lines[0]} ... {lines[-1]}"
     return f"{type(cause).__name__}: {' '.join(lines)}"

@@ -324,3 +324,35 @@ def test_the_gpt_baseline_runs_every_stage_but_the_rwkv4_export(tmp_path: Path):
     cfg = EvalConfig(batches=1, sample_tokens=8)  # the default asks for a sample
     report = evaluate(gpt, shards, tmp_path / "no-tokenizer", cfg, ctx_len=16, out_dir=tmp_path / "eval")
     assert report["sample"] == "" and math.isfinite(report["val_loss"])
+
+
+def test_a_lost_training_worker_is_named_not_quoted_as_an_rpc_error():
+    """Ray Train's error for a worker whose node died (text as Ray 2.60 raised it on a 2-node cluster)."""
+    from orchestration.dag import describe
+
+    class WorkerGroupError(RuntimeError):
+        pass
+
+    text = """Training failed due to worker errors:
+[Rank 0 Error Snippet]:
+A worker health check failed.
+Worker info: Worker(
+  actor=Actor(RayTrainWorker, e576ac8a6cf0d8f1ea29c0d403000000),
+  metadata=ActorMetadata(
+    hostname='gpu-node-7',
+    node_id='1ac5bfde5cf2e279634ac0b2a7e5b2a23821c01aba0eba8b3daa67b9',
+    node_ip='10.0.3.17',
+    pid=17375,
+  ),
+)
+The actor e576ac8a6cf0d8f1ea29c0d403000000 is unavailable: RpcError: failed to connect to all addresses"""
+    assert describe(WorkerGroupError(text)) == (
+        "WorkerGroupError: the training worker of rank 0 on host gpu-node-7 (node 10.0.3.17) stopped answering: "
+        "its process or its node died or lost the network, and Ray Train's retries (ray.max_retries) were used "
+        "up; the rerun resumes from the newest checkpoint"
+    )
+    other = "Training failed due to worker errors:\n[Rank 1 Error Snippet]:\nTraceback ...\n  File x\nValueError: bad"
+    assert (
+        describe(WorkerGroupError(other))
+        == "WorkerGroupError: Training failed due to worker errors: ... ValueError: bad"
+    )
