@@ -14,8 +14,8 @@
   resumes the same way. Either start takes a newer checkpoint found whole in that storage folder
   that Ray had not recorded yet (the run was stopped between the upload and the record).
 * Worker records: `<out_dir>/workers/rank_00000.pid` and `rank_00000.env.json`, the rank in five
-  digits (pid, the NVLink multicast variables as the worker process sees them, process-group backend,
-  its GPU), for tests and debugging.
+  digits (pid, host and Ray node, the NVLink multicast variables as the worker process sees them,
+  process-group backend, its GPU), for tests and debugging.
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
   rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
   (the tracker lives in the driver; workers never import MLflow).
@@ -25,6 +25,7 @@ Ray is imported inside the functions, so importing this module needs neither Ray
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     os.environ["LOCAL_RANK"] = str(context.get_local_rank())
     torch.set_num_threads(loop_config["threads"])
     metrics_queue = loop_config["metrics_queue"]
-    staging = Path(tempfile.mkdtemp(prefix=f"rwkv-ckpt-rank{rank}-"))
+    staging = _staging_dir(loop_config["checkpoint_storage"], rank)
     pid_dir = Path(loop_config["out_dir"]) / "workers"  # which process is which rank (debugging, tests)
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank_{rank:05d}.pid").write_text(str(os.getpid()))
@@ -82,20 +83,35 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
         resume = nullcontext(str(stored))
         if rank == 0:
             print(f"resuming from {stored}: whole in storage, newer than Ray's last recorded checkpoint", flush=True)
-    with resume as resume_dir:
-        train(
-            TrainConfig(**loop_config["train"]),
-            ModelConfig(**loop_config["model"]),
-            loop_config["data_dir"],
-            loop_config["out_dir"],
-            log_metrics=send_metrics,
-            checkpoint_root=staging,
-            resume_from=resume_dir,
-            on_checkpoint=report,
-            tracking_run_id=loop_config["tracking_run_id"],
-            init_weights=loop_config["init_weights"],
-        )
-    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with resume as resume_dir:
+            train(
+                TrainConfig(**loop_config["train"]),
+                ModelConfig(**loop_config["model"]),
+                loop_config["data_dir"],
+                loop_config["out_dir"],
+                log_metrics=send_metrics,
+                checkpoint_root=staging,
+                resume_from=resume_dir,
+                on_checkpoint=report,
+                tracking_run_id=loop_config["tracking_run_id"],
+                init_weights=loop_config["init_weights"],
+            )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _staging_dir(storage: str, rank: int) -> Path:
+    """This rank's private folder for checkpoints before Ray uploads them, on this node's temp disk.
+
+    Named by the run's storage and the rank, so that a rank starting again (a restarted group, a rerun)
+    removes what an earlier attempt left when it was killed (it holds DeepSpeed's helper script at least):
+    that attempt's process is gone, as Ray restarts the whole group.
+    """
+    prefix = f"rwkv-ckpt-{hashlib.sha256(storage.encode()).hexdigest()[:12]}-rank{rank}-"
+    for earlier in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        shutil.rmtree(earlier, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def newer_stored_checkpoint(recorded: Path | None, storage: Path, driver_saw: str | None) -> Path | None:
@@ -122,7 +138,9 @@ def newer_stored_checkpoint(recorded: Path | None, storage: Path, driver_saw: st
 
 
 def _worker_env(local_rank: int) -> dict[str, Any]:
-    """What this worker runs with, as the process sees it: NVLink multicast variables, process group, GPU."""
+    """What this worker runs with, as the process sees it: its host and Ray node, NVLink multicast variables,
+    process group, GPU."""
+    import ray
     import torch
     import torch.distributed as dist
 
@@ -130,6 +148,8 @@ def _worker_env(local_rank: int) -> dict[str, Any]:
 
     return {
         "pid": os.getpid(),
+        "hostname": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "env": {name: os.environ.get(name) for name in NVLINK_MULTICAST_OFF},
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),

@@ -7,10 +7,14 @@ are written and pruned to `keep_checkpoints`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +102,12 @@ def test_two_workers_zero2_loss_falls_metrics_and_checkpoints(shards: Path, tmp_
     ]
     assert sorted(p.name for p in final.parent.glob("step_*")) == ["step_00000030", "step_00000040"]
     assert (out / "final_weights.pt").is_file()
+
+    # Where each rank ran; and no rank's staging folder is left on this node, not even the killed one's.
+    worker = json.loads((out / "workers" / "rank_00001.env.json").read_text())
+    assert worker["hostname"] == socket.gethostname() and worker["node_id"]
+    run_key = hashlib.sha256(str(out / "ray" / "pretrain").encode()).hexdigest()[:12]
+    assert list(Path(tempfile.gettempdir()).glob(f"rwkv-ckpt-{run_key}-rank*")) == []
 
 
 WAIT_PROBE = """
