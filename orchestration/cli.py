@@ -379,6 +379,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from orchestration.cluster import ClusterTooSmall, RayUnreachable
     from orchestration.dag import StageFailed
     from orchestration.rundir import NotARunDirectory, RunDirBusy
+    from orchestration.shared_workdir import WorkdirNotShared
     from orchestration.stages import PipelineSetupError
     from tokenization.shards import ShardError
     from tokenization.sources import CorpusError
@@ -394,6 +395,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         RunDirBusy,
         StageFailed,
         PipelineSetupError,
+        WorkdirNotShared,
     ]
     try:
         from model import CheckpointFormatError

@@ -6,7 +6,8 @@
 
 `plan_pipeline` answers what would run and what is cached without starting or contacting anything
 (it checks the corpus paths). `run_pipeline` checks the corpus paths and, when a stage is left to run,
-the Ray address before any work (errors name the path / address).
+the Ray address and that every node sees the workdir, before any work (errors name the path / address /
+nodes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from orchestration.cluster import check_reachable, check_workers_fit, ray_addres
 from orchestration.config import RunConfig, dump_config
 from orchestration.dag import DagRunner, PlanItem
 from orchestration.rundir import RunDir
+from orchestration.shared_workdir import check_workdir_shared
 from orchestration.stages import build_stages
 from orchestration.tracking import embedded_artifact_location, make_tracker, resolve_tracking_uri
 
@@ -85,6 +87,8 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
         check_reachable(address)
     started_ray = bool(pending) and start_ray(address)
     try:
+        if pending:
+            check_workdir_shared(Path(config.workdir))
         if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
             check_workers_fit(config.ray, address)
         with run_dir.locked():
