@@ -75,7 +75,10 @@ def _plan(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     details = stage_details(config)
     for item in plan_pipeline(config):
-        print(f"{item.stage:<10} {item.action:<7} {details.get(item.stage, ''):<24} {item.source or item.folder}")
+        reason = f"  ({item.reason})" if item.reason else ""
+        print(
+            f"{item.stage:<10} {item.action:<7} {details.get(item.stage, ''):<24} {item.source or item.folder}{reason}"
+        )
     return 0
 
 

@@ -52,6 +52,7 @@ class Stage:
     config: Any = None  # JSON-able: the config section(s) that decide this stage's output
     inputs: tuple[str, ...] = ()
     version: int = 1  # bump when the stage's code changes what it writes for the same config
+    names: Mapping[str, str] = field(default_factory=dict)  # config keys as a user writes them ("workers": ...)
 
 
 def stage_hashes(stages: Sequence[Stage]) -> dict[str, str]:
@@ -87,6 +88,25 @@ def retryable(error: BaseException) -> bool:
     """False for errors whose class says `retryable = False`: the config or the data is wrong, and the
     message names the fix, so another attempt would fail the same way (a Ray task's error wraps it)."""
     return getattr(getattr(error, "cause", None) or error, "retryable", True)
+
+
+def config_changes(
+    before: Mapping[str, Any], after: Mapping[str, Any], names: Mapping[str, str], shown: int = 3
+) -> str:
+    """ "train.lr_init 0.0006 -> 0.001, ..." between two stage configs; keys as `names` spells their heads."""
+    old, new = flatten(before or {}), flatten(after or {})
+    changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+    def label(key: str) -> str:
+        head, dot, rest = key.partition(".")
+        return names.get(head, head) + dot + rest
+
+    def change(key: str) -> str:
+        was, now = old.get(key, "-"), new.get(key, "-")
+        return f"{label(key)} changed" if max(len(was), len(now)) > 24 else f"{label(key)} {was} -> {now}"
+
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return ", ".join(change(key) for key in changed[:shown]) + more
 
 
 # How Ray Train says a worker stopped answering (its process or its node died): its health check, or
@@ -158,6 +178,7 @@ class PlanItem:
     folder: Path
     action: str  # cached | shared | resume | run
     source: Path | None = None  # shared: the complete folder in another run directory
+    reason: str = ""  # run: why not the folder this run directory had for the stage before
 
 
 class DagRunner:
@@ -178,6 +199,7 @@ class DagRunner:
 
     def plan(self, stages: Sequence[Stage]) -> list[PlanItem]:
         items, digests = [], stage_hashes(stages)
+        before = self.run_dir.read_state()["stages"]
         for stage in stages:
             digest = digests[stage.name]
             final = self.run_dir.stage_dir(stage.name, digest)
@@ -190,8 +212,22 @@ class DagRunner:
                 action = "shared"
             else:
                 action = "run"
-            items.append(PlanItem(stage.name, digest, final, action, source))
+            reason = self._why_new(stage, before.get(stage.name, {}), final) if action == "run" else ""
+            items.append(PlanItem(stage.name, digest, final, action, source, reason))
         return items
+
+    def _why_new(self, stage: Stage, before: Mapping[str, Any], folder: Path) -> str:
+        """What changed since the stage's folder in this run directory was another one ("" if it had none)."""
+        if not before.get("dir") or before["dir"] == folder.name:
+            return ""
+        if "config" not in before:  # written before the state kept stage configs
+            reason = f"settings changed since {before['dir']}"
+        else:
+            changes = config_changes(before["config"], stage.config, stage.names)
+            reason = f"changed: {changes}" if changes else "an earlier stage's output or this stage's code changed"
+        if self.run_dir.partial_dir(stage.name, before.get("hash", "")).is_dir():
+            reason += f"; the unfinished {before['dir']}.partial stays as it is"
+        return reason
 
     def _complete_elsewhere(self, folder_name: str) -> Path | None:
         """The same stage folder, complete, in another run directory of this workdir."""
@@ -243,8 +279,9 @@ class DagRunner:
             parent_run_id=parent.run_id,
             tracking_uri=self.tracker.uri,
             parent_runs={**state["parent_runs"], parent_key: parent.run_id},
-            stages=self._planned_stages(plan, state["stages"]),
+            stages=self._planned_stages(stages, plan, state["stages"]),
         )
+        self._close_abandoned(state, plan, parent)
         status = "FAILED"
         try:
             for stage, item in zip(stages, plan, strict=True):
@@ -274,19 +311,34 @@ class DagRunner:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
     @staticmethod
-    def _planned_stages(plan: list[PlanItem], previous: dict[str, Any]) -> dict[str, Any]:
+    def _planned_stages(stages: Sequence[Stage], plan: list[PlanItem], previous: dict[str, Any]) -> dict[str, Any]:
         """This config's stages, in order, as `status` should show them before they run: what is to run
         `pending` in its new folder (an earlier config's entry, or a stage it had that this one has not,
-        would read as current)."""
-        stages = {}
-        for item in plan:
+        would read as current). Each keeps its config, from which a later plan says what changed."""
+        entries = {}
+        for stage, item in zip(stages, plan, strict=True):
             entry = dict(previous.get(item.stage, {}))
             if entry.get("dir") != item.folder.name:
                 entry = {"dir": item.folder.name, "hash": item.digest}
             if item.action in ("run", "resume"):
                 entry.update(status="pending", error=None)
-            stages[item.stage] = entry
-        return stages
+            entries[item.stage] = {**entry, "config": stage.config}
+        return entries
+
+    def _close_abandoned(self, state: Mapping[str, Any], plan: list[PlanItem], parent: RunHandle) -> None:
+        """The MLflow runs a killed driver left RUNNING that this run does not continue: KILLED.
+
+        A stage still `running` in the state had its driver killed (this driver holds the run directory's
+        lock). If this run takes the stage to another folder, its run and the old parent stay as they were
+        left, RUNNING, for good; the same folder reopens the stage run (resume)."""
+        folders = {item.stage: item.folder.name for item in plan}
+        dead = {name: entry for name, entry in state["stages"].items() if entry.get("status") == "running"}
+        for name, entry in dead.items():
+            if entry.get("mlflow_run_id") and entry.get("dir") != folders.get(name):
+                self.tracker.close_run(RunHandle(name, run_id=entry["mlflow_run_id"]), "KILLED")
+        old_parent = state.get("parent_run_id")
+        if dead and old_parent and old_parent != parent.run_id:
+            self.tracker.close_run(RunHandle("parent", run_id=old_parent), "KILLED")
 
     def _note_cached(
         self, parent: RunHandle, item: PlanItem, source: Path | None = None, run_id: str | None = None
@@ -326,7 +378,8 @@ class DagRunner:
             error=None,
             progress=None,
         )
-        self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}")
+        reason = f"  ({item.reason})" if item.reason else ""
+        self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}{reason}")
         started = time.monotonic()
         sampler = SystemMetricsSampler(self.tracker, handle, origin, self.system_metrics_s or 10.0)
         with stage_log(log_path):

@@ -122,6 +122,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             "tokenizer",
             tokenizer_stage(config),
             config={"data": tokenizer_data, "corpus": corpus, "tokenizer": _jsonable(config.tokenizer)},
+            names={"corpus": "the corpus files"},
         ),
         Stage("tokenize", tokenize_stage(config), config={"data": data}, inputs=("tokenizer",)),
         Stage(
@@ -129,6 +130,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             pretrain_stage(config),
             config={"model": model, "train": train, "workers": config.ray.num_workers},
             inputs=("tokenize",),
+            names={"workers": "ray.num_workers"},
         ),
     ]
     previous = "pretrain"
@@ -140,6 +142,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
                 extend_stage(config, number, previous),
                 config={"extend": _identity("extend", _jsonable(extension))},
                 inputs=(previous, "tokenize"),
+                names={"extend": f"extend.{number - 1}"},
             )
         )
         previous = name

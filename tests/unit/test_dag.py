@@ -356,3 +356,37 @@ The actor e576ac8a6cf0d8f1ea29c0d403000000 is unavailable: RpcError: failed to c
         describe(WorkerGroupError(other))
         == "WorkerGroupError: Training failed due to worker errors: ... ValueError: bad"
     )
+
+
+def test_a_stage_made_anew_says_what_changed_and_closes_what_a_killed_driver_left_running(tmp_path: Path):
+    """kill -9 of the driver mid-stage, then a rerun with another setting: the plan names the change and the
+    unfinished folder it leaves, and the killed stage's MLflow run and parent stop being RUNNING."""
+    from mlflow import MlflowClient
+
+    from orchestration.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = RunDir(tmp_path / "run")
+    tracker = MlflowTracker(uri, "unit")
+    with pytest.raises(StageFailed):
+        DagRunner(run_dir, tracker, system_metrics_s=None).run(make_stages([], fail={"train": 1}), "demo")
+    assert tracker.close(timeout_s=30) == 0
+    # What kill -9 leaves: the stage `running` in the state, its run and the parent RUNNING in MLflow.
+    killed = run_dir.update_stage("train", status="running")
+    client = MlflowClient(uri)
+    old_train, old_parent = killed["stages"]["train"]["mlflow_run_id"], killed["parent_run_id"]
+    for run_id in (old_train, old_parent):
+        client.update_run(run_id, status="RUNNING")
+
+    stages = make_stages([], lr=2e-3)
+    plan = {item.stage: item for item in DagRunner(run_dir).plan(stages)}
+    old_dir = killed["stages"]["train"]["dir"]
+    assert plan["train"].reason == f"changed: lr 0.001 -> 0.002; the unfinished {old_dir}.partial stays as it is"
+    assert plan["report"].reason == "an earlier stage's output or this stage's code changed"  # train's
+    assert [plan[name].action for name in ("tokenizer", "shards")] == ["cached", "cached"]
+
+    tracker = MlflowTracker(uri, "unit")
+    DagRunner(run_dir, tracker, system_metrics_s=None).run(stages, "demo")
+    assert tracker.close(timeout_s=30) == 0
+    assert [client.get_run(run_id).info.status for run_id in (old_train, old_parent)] == ["KILLED", "KILLED"]
+    assert client.get_run(run_dir.read_state()["parent_run_id"]).info.status == "FINISHED"
