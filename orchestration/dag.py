@@ -460,6 +460,8 @@ class DagRunner:
             self.tracker.log_artifact(ctx.run, final, artifact_path)
 
     def _write_progress(self, stage: str, done: int, total: int) -> None:
-        if time.monotonic() - self._progress_written > 2.0 or done >= total:
+        # At most twice a second (tokenize reports every unit); a dropped update is not written later, so
+        # `status` after a crash can be one report behind.
+        if time.monotonic() - self._progress_written > 0.5 or done >= total:
             self._progress_written = time.monotonic()
             self.run_dir.update_stage(stage, progress=[done, total])
