@@ -287,7 +287,7 @@ def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pipeline.eval_stage import export
+    from pipeline.export import export
 
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file: give a folder (it is created if missing)")

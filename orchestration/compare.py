@@ -26,6 +26,7 @@ from orchestration.metrics_log import metrics_by_step
 from orchestration.rundir import RunDir
 from orchestration.tracking import flatten
 from pipeline.config import ExtendStageConfig
+from pipeline.plots import mark, new_chart, save_chart
 
 TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
 
@@ -210,12 +211,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def plot_losses(runs: list[RunResult], path: Path) -> None:
     """Training loss (lines) and validation loss (dashed, dots) of every run against tokens seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=100)
+    figure, axes = new_chart(8, 4.5)
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         train = [point for stage in run.stages for point in stage.train]
@@ -226,21 +222,8 @@ def plot_losses(runs: list[RunResult], path: Path) -> None:
             axes.plot(*zip(*val, strict=True), color=color, linestyle="--", marker="o", label=f"{run.label} val")
         for stage in run.stages[1:]:  # where each context extension began
             if stage.train:
-                axes.axvline(stage.start_tokens, color=color, linestyle=":", alpha=0.6)
-                label = f"{stage.stage}{_at_ctx(stage)}"
-                axes.annotate(
-                    label,
-                    (stage.start_tokens, 1),
-                    xycoords=("data", "axes fraction"),
-                    xytext=(3, -12),
-                    textcoords="offset points",
-                    fontsize="x-small",
-                    color=color,
-                )
+                mark(axes, stage.start_tokens, f"{stage.stage}{_at_ctx(stage)}", color, "x-small", alpha=0.6)
     axes.set(xlabel="tokens seen", ylabel="loss (nats)", title="loss by tokens seen")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    plt.close(figure)
+    save_chart(figure, path)

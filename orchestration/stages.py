@@ -243,7 +243,7 @@ def _with_vocab(config: RunConfig, shard_dir: Path) -> RunConfig:
 
 def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: Path | None = None) -> None:
     from orchestration.ray_train import train_on_ray
-    from pipeline.eval_stage import plot_series
+    from pipeline.plots import line_chart
 
     history = MetricHistory(ctx, config.train.steps)
     extra = {"init_weights": init_weights} if init_weights is not None else {}
@@ -267,14 +267,14 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
     )
     curves = history.curves()
     if curves:
-        plot_series(curves, "step", "loss (nats)", f"{ctx.name}: loss", ctx.out_dir / "loss_curve.png")
+        line_chart(curves, "step", "loss (nats)", f"{ctx.name}: loss", ctx.out_dir / "loss_curve.png")
         ctx.log_artifact(ctx.out_dir / "loss_curve.png", "plots")
-    from pipeline.eval_stage import sha256_of
+    from tokenization.shards import sha256_file
 
     weights = ctx.out_dir / "final_weights.pt"
     record = {
         "weights": weights.name,
-        "sha256": sha256_of(weights),
+        "sha256": sha256_file(weights),
         "checkpoint": _within(result.get("checkpoint"), ctx.out_dir),
         "model_config": dataclasses.asdict(config.model),
     }
@@ -453,7 +453,8 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
 
 
 def _export_task(weights: Path, model_cfg: Any, tokenizer_dir: Path, out_dir: Path) -> dict[str, Any]:
-    from pipeline.eval_stage import export, load_trained
+    from pipeline.eval_stage import load_trained
+    from pipeline.export import export
 
     return export(load_trained(weights, model_cfg), tokenizer_dir, out_dir, model_cfg)
 

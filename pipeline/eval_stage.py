@@ -1,24 +1,21 @@
-"""Evaluate and export a trained model: pure compute, no Ray or MLflow.
+"""Evaluate a trained model: pure compute, no Ray or MLflow (the export is pipeline/export.py).
 
     model = load_trained(Path("runs/q/pretrain-1a2b/final_weights.pt"), ModelConfig(vocab_size=4096))
     report = evaluate(model, Path("runs/q/tokenize-3c4d"), Path("runs/q/tokenizer-5e6f"),
                       EvalConfig(batches=4), ctx_len=128, out_dir=Path("out"))
-    export(model, Path("runs/q/tokenizer-5e6f"), Path("out/export"))
 
 `evaluate` writes eval_report.json (val loss, perplexity, tokens, a generated sample) and
 loss_vs_position.png + .csv: the mean loss at each position of a window, which shows whether
 the model uses its context (it should fall with position, and keep falling past the training
-length after a context extension). `export` writes the official RWKV-4 `model.pth` (the `rwkv`
-package loads it), the same weights as `model.safetensors`, and the tokenizer beside them.
+length after a context extension). `sample` is the RNN-mode text sample, also behind `rwkv-pipeline
+generate`.
 
 Legend: B windows in a batch, T ctx_len, V vocab.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model import RWKV, ModelConfig, build_model, generate, save_rwkv4_pth, save_rwkv4_safetensors
+from model import RWKV, ModelConfig, build_model, generate
 from pipeline.config import EvalConfig
+from pipeline.plots import line_chart
 from tokenization.dataset import TokenDataset
 
 EVAL_MICRO_BSZ = 4
@@ -80,43 +78,6 @@ def sample(
     return prompt + processor.decode([t for t in new_ids if t != info.eod_id and t < processor.get_piece_size()])
 
 
-def plot_series(
-    series: dict[str, tuple[list[float], list[float]]],
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    path: Path,
-    markers: Mapping[str, float] | None = None,
-) -> None:
-    """One matplotlib line chart as PNG (Agg backend: no display needed); `markers` are labelled
-    vertical lines (e.g. the lengths the model was trained at)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(7, 4), dpi=100)
-    for label, (xs, ys) in series.items():
-        axes.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None)
-    for label, x in (markers or {}).items():
-        axes.axvline(x, color="0.4", linestyle=":")
-        axes.annotate(
-            label,
-            (x, 1),
-            xycoords=("data", "axes fraction"),
-            xytext=(3, -12),
-            textcoords="offset points",
-            fontsize="small",
-        )
-    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    axes.grid(alpha=0.3)
-    if len(series) > 1:
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-
-
 def evaluate(
     model: torch.nn.Module,
     shard_dir: Path,
@@ -151,7 +112,7 @@ def evaluate(
     smooth = max(1, ctx_len // 16)  # average neighbouring positions so the trend is visible
     kernel = np.ones(smooth) / smooth
     title = f"val loss vs position (ctx {ctx_len})" + (f", each point the mean of {smooth}" if smooth > 1 else "")
-    plot_series(
+    line_chart(
         {"loss": ([float(p) for p in positions[smooth - 1 :]], list(np.convolve(by_position_T, kernel, mode="valid")))},
         "token position",
         "mean loss (nats)",
@@ -177,32 +138,3 @@ def evaluate(
         report["loss_past_trained_ctx"] = float(by_position_T[longest:].mean())
     (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def export(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path, model_cfg: ModelConfig | None = None) -> dict:
-    """model.pth (official RWKV-4), model.safetensors, tokenizer.model/.json and export.json."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_rwkv4_pth(model, out_dir / "model.pth")
-    save_rwkv4_safetensors(model, out_dir / "model.safetensors")
-    for name in ("tokenizer.model", "tokenizer.json"):
-        shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
-    files = {
-        name: {"bytes": (out_dir / name).stat().st_size, "sha256": sha256_of(out_dir / name)}
-        for name in ("model.pth", "model.safetensors", "tokenizer.model", "tokenizer.json")
-    }
-    record = {
-        "format": "rwkv4-official",
-        "files": files,
-        "model_config": model_cfg.__dict__ if model_cfg is not None else None,
-        "load_with": "rwkv.model.RWKV(model='model.pth', strategy='cpu fp32')",
-    }
-    (out_dir / "export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return record
