@@ -157,7 +157,7 @@ def _finished_stages(run_dir: Path) -> dict[str, Path]:
     stages = RunDir.existing(run_dir).read_state()["stages"]
     done = {name: run_dir / s["dir"] for name, s in stages.items() if s.get("status") in FINISHED}
     for name, folder in done.items():
-        if not RunDir.is_complete(folder):
+        if not folder.exists():  # as `status` tells it
             raise UsageError(
                 f"{run_dir}: the {name} stage's folder {folder} is missing (deleted, or shared from a run deleted "
                 "since): rerun the run's command to make it again"
