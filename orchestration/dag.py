@@ -93,7 +93,8 @@ def retryable(error: BaseException) -> bool:
 def config_changes(
     before: Mapping[str, Any], after: Mapping[str, Any], names: Mapping[str, str], shown: int = 3
 ) -> str:
-    """ "train.lr_init 0.0006 -> 0.001, ..." between two stage configs; keys as `names` spells their heads."""
+    """The fields that differ between two stage configs, as "train.lr_init 0.0006 -> 0.001, ..." (the first
+    `shown` of them), each key's head spelled as `names` has it."""
     old, new = flatten(before or {}), flatten(after or {})
     changed = [key for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
@@ -116,7 +117,8 @@ _WORKER_FIELD = r"{}='([^']*)'"
 
 
 def _lost_worker(text: str) -> str | None:
-    """ "rank R on host H (node IP)" when `text` is Ray Train's report of a worker that stopped answering."""
+    """Which worker, as "rank R on host H (node IP)", when `text` is Ray Train's report of a worker that
+    stopped answering; else None."""
     found = _LOST_WORKER.search(text)
     if found is None:
         return None
