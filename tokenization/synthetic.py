@@ -11,12 +11,13 @@ tokenized corpus except by the tokenizer's name ("synthetic-...").
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from tokenization.manifest import MANIFEST, shard_name
+from tokenization.config import DataConfig
+from tokenization.manifest import shard_name, write_manifest
+from tokenization.readers import ReadStats
 from tokenization.shards import ShardWriter
 from tokenization.tokenizer import TokenizerInfo
 
@@ -44,7 +45,9 @@ def write_synthetic_shards(
         with ShardWriter(out_dir / shard_name(split, 0), info, split=split) as writer:
             writer.write(documents)
         shards.append(writer.record.__dict__)
-    tokenizer = {"sha256": info.model_sha256, "vocab_size": vocab_size, "eod_id": 0, "pad_id": -1, "config": config}
-    manifest = {"format_version": 1, "tokenizer": tokenizer, "shards": shards}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    # One work unit that wrote both shards and read no corpus: the manifest the tokenize stage writes,
+    # totals included (what the training and evaluation checks read).
+    counters = {**ReadStats().counters(), "documents": sum(shard["documents"] for shard in shards)}
+    unit = {"unit": {"index": 0, "segments": []}, "shards": shards, **counters}
+    write_manifest(out_dir, [unit], DataConfig(paths=["synthetic:"]), info)
     return out_dir
