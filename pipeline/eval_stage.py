@@ -43,10 +43,7 @@ def load_trained(weights: Path, model_cfg: ModelConfig) -> torch.nn.Module:
 @torch.no_grad()
 def loss_by_position(model: torch.nn.Module, data: TokenDataset, ctx_len: int, windows: int) -> np.ndarray:
     """Mean next-token loss at each of the ctx_len positions over `windows` evenly spread windows (T,)."""
-    span = data.num_tokens - (ctx_len + 1)
-    if span < 0:
-        raise ValueError(f"the val split holds {data.num_tokens} tokens, fewer than one window of {ctx_len + 1}")
-    starts = [(i * span) // max(windows - 1, 1) for i in range(windows)]
+    starts = data.spread_starts(ctx_len + 1, windows)
     totals_T = torch.zeros(ctx_len, dtype=torch.float64)
     for first in range(0, windows, EVAL_MICRO_BSZ):
         batch = np.stack([data.window(start, ctx_len + 1) for start in starts[first : first + EVAL_MICRO_BSZ]])

@@ -176,8 +176,7 @@ def validation_loss(engine: Any, val: TokenDataset | None, cfg: TrainConfig, dev
         return None
     rank, world = dist.get_rank(), dist.get_world_size()
     windows = cfg.val_batches * cfg.micro_bsz
-    span = val.num_tokens - (cfg.ctx_len + 1)
-    starts = [(i * span) // max(windows - 1, 1) for i in range(windows)]
+    starts = val.spread_starts(cfg.ctx_len + 1, windows)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     # Every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); extras weigh 0.
     for round_index in range(math.ceil(cfg.val_batches / world)):

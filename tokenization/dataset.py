@@ -68,6 +68,16 @@ class TokenDataset:
     def __len__(self) -> int:
         return self.num_tokens
 
+    def spread_starts(self, length: int, count: int) -> list[int]:
+        """Starts of `count` windows of `length` tokens spread evenly from the stream's start to its end
+        (fixed, so validation losses compare across steps and runs)."""
+        span = self.num_tokens - length
+        if span < 0:
+            raise ValueError(
+                f"the {self.split} split holds {self.num_tokens} tokens, fewer than one window of {length}"
+            )
+        return [(i * span) // max(count - 1, 1) for i in range(count)]
+
     def window(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) as int64, read across shard boundaries."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
