@@ -215,7 +215,7 @@ def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, token
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from orchestration.stages import eval_ctx_len, trained_ctx_lens
+    from orchestration.stages import eval_ctx_len, eval_headline, trained_ctx_lens
     from pipeline.config import EvalConfig
     from pipeline.eval_stage import evaluate
     from tokenization.manifest import read_manifest
@@ -233,12 +233,7 @@ def _eval(args: argparse.Namespace) -> int:
     eval_cfg = EvalConfig(**{**config.eval.model_dump(), "batches": args.batches or config.eval.batches})
     out = Path(args.out) if args.out else run_dir / f"eval-ctx{ctx_len}"
     report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out, trained_ctx_lens(config))
-    past = report.get("loss_past_trained_ctx")
-    print(
-        f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {ctx_len}"
-        + (f", {past:.4f} past the longest trained length" if past is not None else "")
-        + f"; report and loss-vs-position plot in {out}"
-    )
+    print(f"{eval_headline(report)}; report and loss-vs-position plot in {out}")
     url = _track_evaluation(run_dir, config, report, out)
     if url:
         print(f"MLflow: {url}")

@@ -23,7 +23,7 @@ from orchestration.config import RunConfig, dump_config
 from orchestration.dag import DagRunner, PlanItem
 from orchestration.rundir import RunDir
 from orchestration.shared_workdir import check_workdir_shared
-from orchestration.stages import build_stages
+from orchestration.stages import build_stages, eval_headline
 from orchestration.tracking import embedded_artifact_location, make_tracker, resolve_tracking_uri
 
 
@@ -38,12 +38,7 @@ class RunSummary:
     def describe(self) -> str:
         lines = [f"run directory: {self.run_dir}"]
         if self.report:
-            past = self.report.get("loss_past_trained_ctx")
-            lines.append(
-                f"val loss {self.report['val_loss']:.4f} (perplexity {self.report['perplexity']:.1f}) "
-                f"at ctx {self.report['ctx_len']}"
-                + (f", {past:.4f} past the longest trained length" if past is not None else "")
-            )
+            lines.append(eval_headline(self.report))
         if "export" in self.outputs:
             lines.append(f"exported model: {self.outputs['export'] / 'model.pth'} (+ model.safetensors, tokenizer)")
         lines += mlflow_hints(self.tracking_uri, self.parent_url)

@@ -379,6 +379,14 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
     return {key: report[key] for key in EVAL_METRICS if key in report}
 
 
+def eval_headline(report: dict[str, Any]) -> str:
+    """An eval report in one line, for the run's summary and `rwkv-pipeline eval`."""
+    past = report.get("loss_past_trained_ctx")
+    return f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {report['ctx_len']}" + (
+        f", {past:.4f} past the longest trained length" if past is not None else ""
+    )
+
+
 def training_stages(config: RunConfig) -> list[tuple[str, int, int]]:
     """(name, ctx_len, steps) of each training stage, in order: pretrain, extend1..N."""
     extensions = [(f"extend{number}", stage.ctx_len, stage.steps) for number, stage in enumerate(config.extend, 1)]
