@@ -251,7 +251,7 @@ def _read_parquet(segment: Segment, data: DataConfig, stats: ReadStats) -> Itera
 def read_segment(segment: Segment, data: DataConfig, stats: ReadStats) -> Iterator[Document]:
     """Documents of one segment in file order; counters go to `stats`.
 
-    A file that cannot be read (truncated gzip, corrupt zstd or parquet, a JSON array in a .json file)
+    A file that cannot be read (truncated gzip, corrupt zstd or parquet, a JSON array in a JSON Lines file)
     raises CorpusError naming it.
     """
     import pyarrow as pa
