@@ -180,6 +180,8 @@ def test_pipeline_stage_graph_and_what_each_hash_covers():
     assert cadence == base  # logging cadence does not change what training produces
     val = stage_hashes(build_stages(load_config(quickstart, [*extended, "data.val_fraction=0.05"])))
     assert val["tokenizer"] == base["tokenizer"] and val["tokenize"] != base["tokenize"]
+    batches = stage_hashes(build_stages(load_config(quickstart, [*extended, "data.batch_bytes=4096"])))
+    assert batches["tokenizer"] == base["tokenizer"] and batches["tokenize"] != base["tokenize"]
     # model.fused_ln_mix (added later, on by default) enters the pretrain hash only when off, so runs
     # begun before it existed keep their folders
     pretrain = next(stage for stage in stages if stage.name == "pretrain")
