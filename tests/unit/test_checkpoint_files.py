@@ -15,6 +15,7 @@ from pipeline.checkpoint_files import (
     is_intact,
     newest_intact,
     write_file_list,
+    write_json_atomic,
 )
 
 
@@ -92,3 +93,17 @@ def test_a_restarted_worker_group_takes_the_newest_whole_checkpoint_ray_did_not_
     # A node that does not share the workdir sees less than the driver did: every rank must resume alike.
     with pytest.raises(FileNotFoundError, match="must be on a filesystem every node shares"):
         newer_stored_checkpoint(None, tmp_path / "private-copy", driver_saw=str(ten))
+
+
+def test_a_json_write_cut_off_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / TRAIN_STATE
+    write_json_atomic(path, {"step": 10})
+
+    def dies_midway(payload, handle, **kwargs):
+        handle.write('{"step": ')
+        raise KeyboardInterrupt  # the process stopped while writing
+
+    monkeypatch.setattr(json, "dump", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_json_atomic(path, {"step": 20})
+    assert json.loads(path.read_text()) == {"step": 10}

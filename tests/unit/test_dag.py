@@ -77,6 +77,17 @@ def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_pat
     assert stage_record["config"] == {"lr": 2e-3} and stage_record["inputs"] == {"shards": outputs["shards"].name}
 
 
+def test_a_folder_whose_success_marker_was_never_written_is_made_again(tmp_path: Path):
+    """A crash between the folder's rename and its marker: the folder is not taken as done."""
+    run_dir, calls = RunDir(tmp_path / "run"), []
+    outputs = DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3})
+    (outputs["train"] / "_SUCCESS").unlink()
+    calls.clear()
+    again = DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3})
+    assert calls == ["train"] and again["train"] == outputs["train"]
+    assert (again["train"] / "_SUCCESS").is_file()
+
+
 def test_failed_stage_is_retried_then_succeeds(tmp_path: Path):
     run_dir, calls = RunDir(tmp_path / "run"), []
     outputs = DagRunner(run_dir, stage_retries=2).run(make_stages(calls, fail={"shards": 2}), "demo")
@@ -182,6 +193,12 @@ def test_pipeline_stage_graph_and_what_each_hash_covers():
     assert val["tokenizer"] == base["tokenizer"] and val["tokenize"] != base["tokenize"]
     batches = stage_hashes(build_stages(load_config(quickstart, [*extended, "data.batch_bytes=4096"])))
     assert batches["tokenizer"] == base["tokenizer"] and batches["tokenize"] != base["tokenize"]
+    trained = ["pretrain", "extend1", "evaluate", "export"]
+    for change in ("train.seed=1", "ray.num_workers=4"):  # another sample order; another global batch
+        changed = stage_hashes(build_stages(load_config(quickstart, [*extended, change])))
+        assert [name for name in base if base[name] != changed[name]] == trained, change
+    longer = stage_hashes(build_stages(load_config(quickstart, [*extended, "eval.ctx_len=512"])))
+    assert [name for name in base if base[name] != longer[name]] == ["evaluate"]
     # model.fused_ln_mix (added later, on by default) enters the pretrain hash only when off, so runs
     # begun before it existed keep their folders
     pretrain = next(stage for stage in stages if stage.name == "pretrain")
@@ -195,6 +212,22 @@ def test_pipeline_stage_graph_and_what_each_hash_covers():
     assert [name for name in base if base[name] != smaller[name]] == ["extend1", "evaluate", "export"]
     recomputed = stage_hashes(build_stages(load_config(quickstart, [*extended, "extend.0.grad_checkpointing=true"])))
     assert [name for name in base if base[name] != recomputed[name]] == ["extend1", "evaluate", "export"]
+
+
+def test_a_corpus_file_edited_to_the_same_size_is_a_new_tokenizer_input(tmp_path: Path):
+    from orchestration.config import load_config
+    from orchestration.stages import build_stages
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "abc"}\n')
+    quickstart = str(Path(__file__).parents[2] / "configs" / "quickstart.yaml")
+    config = load_config(quickstart, [f"data.paths={corpus}"])
+    before = stage_hashes(build_stages(config))
+    corpus.write_text('{"text": "xyz"}\n')
+    stat = corpus.stat()
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # past a coarse clock's tick
+    after = stage_hashes(build_stages(config))
+    assert before["tokenizer"] != after["tokenizer"] and before["tokenize"] != after["tokenize"]
 
 
 def test_an_extension_trains_at_its_own_micro_batch_or_the_pretraining_one():

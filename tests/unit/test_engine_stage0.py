@@ -79,6 +79,28 @@ def test_master_weight_adam_is_fp32_adam_rounded_to_bf16_and_resumes_exactly():
             assert torch.equal(restored.state[c][key], optimizer.state[w][key])
 
 
+@pytest.mark.parametrize(("adam_w", "decay"), [(False, 0.0), (False, 0.1), (True, 0.1)])
+def test_master_weight_adam_decays_and_leaves_small_gradients_unclipped(adam_w: bool, decay: float):
+    """Norms under max_norm (each step's differs, as Adam's first step hides a uniform scale) are not
+    scaled; weight decay is L2 in the gradient for Adam and w (1 - lr wd) for AdamW, as torch's."""
+    torch.manual_seed(3)
+    weight = torch.nn.Parameter(torch.randn(8, 5).to(torch.bfloat16))
+    master = torch.nn.Parameter(weight.detach().float())
+    optimizer = MasterWeightAdam(
+        [{"params": [weight], "weight_decay": decay}], lr=0.05, betas=(0.9, 0.99), eps=1e-8, max_norm=1.0,
+        adam_w=adam_w,
+    )  # fmt: skip
+    settings = {"lr": 0.05, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": decay}
+    reference = torch.optim.AdamW([master], **settings) if adam_w else torch.optim.Adam([master], **settings)
+    for norm in (0.1, 0.02, 0.3):
+        grad = torch.randn(8, 5)
+        grad = (grad * (norm / grad.norm())).to(torch.bfloat16)
+        weight.grad, master.grad = grad, grad.float()
+        optimizer.step()
+        reference.step()
+        torch.testing.assert_close(optimizer.state[weight]["master"], master.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_stage0_config_for_bf16_only():
     cfg = TrainConfig(precision="bf16", zero_stage=0, grad_clip=1.0)
     ds = deepspeed_config(cfg, world_size=1, device_type="cuda")  # default mode: master weights

@@ -53,6 +53,13 @@ def test_record_formats_give_the_same_documents(tmp_path: Path, suffix: str) -> 
     assert stats.documents == 3 and stats.bad_records == 0
 
 
+def test_parquet_ids_are_file_rows_past_skipped_rows(tmp_path: Path) -> None:
+    """A row without text is skipped and counted, and the rows after it keep their own row numbers as ids."""
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), tmp_path / "f.parquet")
+    docs, stats = read_all(DataConfig(paths=[str(tmp_path / "f.parquet")]))
+    assert docs == [("f.parquet:0", "a"), ("f.parquet:2", "b")] and stats.missing_text == 1
+
+
 def test_txt_whole_file_and_blank_line_split(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("para one\nline two\n\n\npara two\n   \npara three")
     (tmp_path / "sub").mkdir()

@@ -89,6 +89,10 @@ def test_top_p_samples_only_from_the_nucleus():
     assert drawn == {0, 1}
     assert {sample_token(logits, 1.0, 0.45, generator) for _ in range(50)} == {0}
     assert {sample_token(logits, 1.0, 1.0, generator) for _ in range(500)} == {0, 1, 2, 3}
+    # At the boundary: the first token's mass alone is exactly top_p, so the nucleus is that token.
+    boundary = torch.tensor([1.0, 0.0, 0.0])
+    top_p = torch.softmax(boundary.double(), dim=-1)[0].item()
+    assert {sample_token(boundary, 1.0, top_p, generator) for _ in range(200)} == {0}
 
 
 def test_generate_rejects_bad_arguments():

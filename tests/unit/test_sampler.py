@@ -18,7 +18,11 @@ def test_magic_primes_match_the_reference() -> None:
         WindowSampler(num_tokens=10, ctx_len=8, seed=0)
 
 
-@pytest.mark.parametrize(("num_tokens", "ctx_len"), [(10_000, 7), (4 * 1024 + 1, 1024), (123_457, 100)])
+# (35, 7), (176, 16): the token count a multiple of ctx_len whose quotient is itself such a prime
+CASES = [(10_000, 7), (4 * 1024 + 1, 1024), (123_457, 100), (35, 7), (176, 16)]
+
+
+@pytest.mark.parametrize(("num_tokens", "ctx_len"), CASES)
 def test_every_chunk_is_read_once_per_epoch(num_tokens: int, ctx_len: int) -> None:
     sampler = WindowSampler(num_tokens, ctx_len, seed=3)
     p = sampler.samples_per_epoch

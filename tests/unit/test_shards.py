@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sysconfig
 from pathlib import Path
@@ -61,6 +62,30 @@ def test_a_failed_write_leaves_no_shard(tmp_path: Path) -> None:
         writer.write([np.array([1, 0])])
         raise RuntimeError("worker died")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shard_appears_only_whole_fsynced_then_renamed(tmp_path: Path, monkeypatch) -> None:
+    """A kill -9 mid-write leaves a temporary file, never a torn shard under its final name."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorded_replace(source: Path, target: Path) -> None:
+        events.append(("replace", str(source), str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    path = tmp_path / "s.arrow"
+    with ShardWriter(path, fake_info(400)) as writer:
+        writer.write([np.array([1, 2, 0])])
+        (temporary,) = tmp_path.glob(".*.tmp")
+        assert not path.exists()
+    assert path.is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert events == [("fsync", str(temporary)), ("replace", str(temporary), str(path))]
 
 
 def test_every_document_is_its_sentencepiece_encoding_plus_eod(stage: tuple[Path, Path]) -> None:
@@ -171,6 +196,24 @@ def test_resume_redoes_only_units_without_a_valid_shard(stage: tuple[Path, Path]
     assert redone == {f"unit-{unit_of_victim:06d}.json"}
     assert {p.name: p.read_bytes() for p in copy.rglob("*.*")} == {
         p.name: p.read_bytes() for p in shard_dir.rglob("*.*")
+    }
+
+
+def test_a_unit_whose_corpus_part_changed_is_tokenized_again(stage: tuple[Path, Path], tmp_path: Path) -> None:
+    """A finished unit is reused only for the same piece of the same corpus: after the file grows, a rerun
+    in the same folder equals a fresh run over the new corpus."""
+    tokenizer_dir, _ = stage
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    data = DataConfig(paths=[str(corpus)])
+    tokenize_in_process(data, tokenizer_dir, tmp_path / "out")
+    with corpus.open("a") as handle:
+        handle.write(json.dumps({"text": "one more"}) + "\n")
+    tokenize_in_process(data, tokenizer_dir, tmp_path / "out")
+    tokenize_in_process(data, tokenizer_dir, tmp_path / "fresh")
+    assert read_manifest(tmp_path / "out")["totals"]["documents"] == 21
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").rglob("*.*")} == {
+        p.name: p.read_bytes() for p in (tmp_path / "fresh").rglob("*.*")
     }
 
 
