@@ -53,6 +53,9 @@ class Stage:
     inputs: tuple[str, ...] = ()
     version: int = 1  # bump when the stage's code changes what it writes for the same config
     names: Mapping[str, str] = field(default_factory=dict)  # config keys as a user writes them ("workers": ...)
+    # The parent run's metrics from the stage's complete folder, logged whenever the parent is new or the
+    # stage ran (MLflow's run list sorts and compares parent runs by them; a cached stage has them too)
+    parent_metrics: Callable[[Path], Mapping[str, float]] | None = None
 
 
 def stage_hashes(stages: Sequence[Stage]) -> dict[str, str]:
@@ -263,9 +266,17 @@ class DagRunner:
         parent_key = self._parent_key(plan)
         state = self.run_dir.read_state()
         parent_id = state["parent_runs"].get(parent_key)
-        if all(item.action == "cached" for item in plan) and parent_key in state["parent_runs"]:
+        if all(item.action == "cached" for item in plan) and parent_id is not None:
+            # Nothing to run or to track; the run directory still describes this config from now on (it
+            # may be an earlier one, whose folders are all complete).
+            self.run_dir.update(
+                name=run_name,
+                parent_key=parent_key,
+                parent_run_id=parent_id,
+                stages=self._planned_stages(stages, plan, state["stages"]),
+            )
             for item in plan:
-                self.report(f"{item.stage:<10} cached  {item.folder}")
+                self._record_cached(item)
             return outputs
         parent = self.tracker.open_run(
             run_name,
@@ -293,6 +304,8 @@ class DagRunner:
                     self._link_shared(parent, item)
                 else:
                     self._run_stage(stage, item, outputs, parent)
+                if stage.parent_metrics is not None and (parent_id is None or item.action in ("run", "resume")):
+                    self.tracker.log_metrics(parent, stage.parent_metrics(item.folder), step=0)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -347,8 +360,16 @@ class DagRunner:
     ) -> None:
         run_id = run_id or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
         self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
+        self._record_cached(item, source)
+
+    def _record_cached(self, item: PlanItem, source: Path | None = None) -> None:
+        """state.json and the console: the stage is this complete folder (or a link to `source`)."""
         status = "shared" if source else "cached"
-        self.run_dir.update_stage(item.stage, status=status, dir=item.folder.name, hash=item.digest)
+        fields = {"status": status, "dir": item.folder.name, "hash": item.digest}
+        made_by = None if source else self.run_dir.read_state()["stage_runs"].get(item.folder.name)
+        if made_by:  # the stage run that made this folder, which `status` links to
+            fields["mlflow_run_id"] = made_by
+        self.run_dir.update_stage(item.stage, **fields)
         self.report(f"{item.stage:<10} {status}  {source or item.folder}")
 
     def _run_stage(self, stage: Stage, item: PlanItem, outputs: dict[str, Path], parent: RunHandle) -> None:

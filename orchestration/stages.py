@@ -157,6 +157,7 @@ def build_stages(config: RunConfig) -> list[Stage]:
             evaluate_stage(config, previous),
             config={"eval": _jsonable(config.eval)},
             inputs=(previous, "tokenize", "tokenizer"),
+            parent_metrics=evaluation_headline_metrics,
             version=2,  # 2: the training lengths in the report and marked on the loss-vs-position plot
         )
     )
@@ -427,6 +428,12 @@ def _evaluate_task(
     return evaluate(model, shard_dir, tokenizer_dir, eval_cfg, ctx_len, out_dir, trained_ctx)
 
 
+def evaluation_headline_metrics(folder: Path) -> dict[str, float]:
+    """The parent run's `eval/*` metrics, from an evaluate folder's report."""
+    report = json.loads((folder / "eval_report.json").read_text())
+    return {f"eval/{key}": report[key] for key in ("val_loss", "perplexity", "ctx_len")}
+
+
 def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], None]:
     ctx_len = eval_ctx_len(config)
 
@@ -454,9 +461,6 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
             report["loss_last_quarter"],
         )
         ctx.log_metrics(eval_metrics(report), step=0)
-        if ctx.run.parent is not None:  # MLflow's run list sorts and compares the parent runs by these
-            headline = {f"eval/{k}": report[k] for k in ("val_loss", "perplexity")}
-            ctx.tracker.log_metrics(ctx.run.parent, {**headline, "eval/ctx_len": ctx_len}, step=0)
         from pipeline.eval_stage import REPORT_FILES
 
         for name in REPORT_FILES:

@@ -76,6 +76,16 @@ def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_pat
     stage_record = json.loads((changed["train"] / "stage.json").read_text())
     assert stage_record["config"] == {"lr": 2e-3} and stage_record["inputs"] == {"shards": outputs["shards"].name}
 
+    # Back to the first config, every folder complete: nothing runs, and the run directory describes it again.
+    first_parent = run_dir.read_state()["parent_runs"]
+    assert DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3}) == outputs
+    assert calls == ["train", "report"]
+    state = run_dir.read_state()
+    assert {name: entry["dir"] for name, entry in state["stages"].items()} == {n: f.name for n, f in outputs.items()}
+    assert {entry["status"] for entry in state["stages"].values()} == {"cached"}
+    assert state["stages"]["train"]["config"] == {"lr": 1e-3}
+    assert state["parent_run_id"] == first_parent[state["parent_key"]]
+
 
 def test_a_folder_whose_success_marker_was_never_written_is_made_again(tmp_path: Path):
     """A crash between the folder's rename and its marker: the folder is not taken as done."""
@@ -337,6 +347,34 @@ def test_a_change_that_alters_no_output_continues_the_mlflow_parent_run(tmp_path
     client = MlflowClient(uri)
     parents = client.search_runs([client.get_experiment_by_name("unit").experiment_id], "tags.mlflow.runName = 'demo'")
     assert sorted(run.info.run_id for run in parents) == sorted([first, changed])
+
+
+def test_a_parent_run_carries_its_stages_headline_metrics_whether_they_ran_or_were_cached(tmp_path: Path):
+    """Tracking the same finished run elsewhere (another experiment or server) gives a parent that sorts by
+    the evaluation like any other, though nothing ran."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from orchestration.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir, calls = RunDir(tmp_path / "run"), []
+
+    def score(folder: Path) -> dict[str, float]:
+        return {"eval/score": len((folder / "out.txt").read_text())}
+
+    def run(experiment: str) -> dict[str, float]:
+        stages = make_stages(calls)
+        stages[-1] = dataclasses.replace(stages[-1], parent_metrics=score)
+        tracker = MlflowTracker(uri, experiment)
+        DagRunner(run_dir, tracker, system_metrics_s=None).run(stages, "demo", {"lr": 1e-3})
+        assert tracker.close(timeout_s=30) == 0
+        return MlflowClient(uri).get_run(run_dir.read_state()["parent_run_id"]).data.metrics
+
+    assert run("unit") == {"eval/score": len("reporttrainshardstokenizertokenizer")}
+    assert calls == ["tokenizer", "shards", "train", "report"]
+    assert run("other") == {"eval/score": len("reporttrainshardstokenizertokenizer")} and len(calls) == 4
 
 
 def test_the_gpt_baseline_runs_every_stage_but_the_rwkv4_export(tmp_path: Path):
