@@ -20,10 +20,10 @@ from typing import Any
 
 from orchestration.cluster import check_reachable, check_workers_fit, ray_address_from, start_ray
 from orchestration.config import RunConfig, dump_config
-from orchestration.dag import DagRunner, PlanItem
+from orchestration.dag import DagRunner, PlanItem, Stage
 from orchestration.rundir import RunDir
 from orchestration.shared_workdir import check_workdir_shared
-from orchestration.stages import build_stages, eval_headline
+from orchestration.stages import build_stages, check_val_split, eval_headline
 from orchestration.tracking import embedded_artifact_location, make_tracker, resolve_tracking_uri
 
 
@@ -63,9 +63,15 @@ def run_dir_of(config: RunConfig) -> RunDir:
     return RunDir(Path(config.workdir) / config.name)
 
 
-def plan_pipeline(config: RunConfig) -> list[PlanItem]:
-    stages = build_stages(config)  # checks the corpus paths
-    return DagRunner(run_dir_of(config)).plan(stages)
+def plan_pipeline(config: RunConfig, stages: list[Stage] | None = None) -> list[PlanItem]:
+    """What would run; raises PipelineSetupError when the shards are made and their val split is shorter
+    than one evaluation window, which every training stage left to run would find only at its start."""
+    stages = build_stages(config) if stages is None else stages  # building checks the corpus paths
+    plan = DagRunner(run_dir_of(config)).plan(stages)
+    shards = next(item for item in plan if item.stage == "tokenize")
+    if shards.action in ("cached", "shared") and any(item.action in ("run", "resume") for item in plan):
+        check_val_split(config, shards.source or shards.folder)
+    return plan
 
 
 def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> RunSummary:
@@ -77,7 +83,7 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
     # known (read-only) before the run directory, the tracking store or a stage is made, so a run that
     # cannot start leaves nothing behind, and a finished one reruns without its cluster. The plan that
     # counts is made again under the lock.
-    pending = [item.stage for item in DagRunner(run_dir).plan(stages) if item.action in ("run", "resume")]
+    pending = [item.stage for item in plan_pipeline(config, stages) if item.action in ("run", "resume")]
     if pending:
         check_reachable(address)
     started_ray = bool(pending) and start_ray(address)

@@ -304,14 +304,15 @@ def pretrain_stage(config: RunConfig) -> Callable[[StageContext], None]:
         )
 
     def run(ctx: StageContext) -> None:
-        _check_val_split(config, ctx.inputs["tokenize"])
+        check_val_split(config, ctx.inputs["tokenize"])
         _train(ctx, _with_vocab(config, ctx.inputs["tokenize"]), ctx.inputs["tokenize"])
 
     return run
 
 
-def _check_val_split(config: RunConfig, shard_dir: Path) -> None:
-    """Before training, not after it: the evaluate stage needs one window of its context from the val split."""
+def check_val_split(config: RunConfig, shard_dir: Path) -> None:
+    """Before training, not after it: the evaluate stage needs one window of its context from the val split.
+    Every training stage checks (the ones before it may have been cached), and evaluate itself."""
     ctx_len = eval_ctx_len(config)
     from tokenization.manifest import read_manifest
 
@@ -335,6 +336,7 @@ def extend_stage(config: RunConfig, number: int, previous: str) -> Callable[[Sta
         )
 
     def run(ctx: StageContext) -> None:
+        check_val_split(config, ctx.inputs["tokenize"])  # pretraining may have been cached: check here too
         train = extend_train_config(config, extension)
         staged = _with_vocab(config.model_copy(update={"train": train}), ctx.inputs["tokenize"])
         _train(ctx, staged, ctx.inputs["tokenize"], init_weights=ctx.inputs[previous] / "final_weights.pt")
@@ -438,6 +440,7 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
     ctx_len = eval_ctx_len(config)
 
     def run(ctx: StageContext) -> None:
+        check_val_split(config, ctx.inputs["tokenize"])  # eval.ctx_len may have changed alone
         ctx.log_params({**{f"eval.{k}": v for k, v in config.eval.model_dump().items()}, "eval.ctx_len": ctx_len})
         model_cfg = trained_model_config(ctx.inputs[trained])
         report = on_ray(

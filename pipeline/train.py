@@ -162,11 +162,20 @@ def _zero_surrogate(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _val_data(data_dir: Path, min_tokens: int) -> TokenDataset | None:
+    """The val split, or None (no validation during training) when there is none or it is shorter than a window."""
     try:
         val = TokenDataset(data_dir, split="val")
     except (FileNotFoundError, ValueError, KeyError):
         return None
-    return val if val.num_tokens >= min_tokens else None
+    if val.num_tokens < min_tokens:
+        if dist.get_rank() == 0:
+            print(
+                f"no validation during training: the val split holds {val.num_tokens} tokens, fewer than one "
+                f"window of {min_tokens}",
+                flush=True,
+            )
+        return None
+    return val
 
 
 @torch.no_grad()

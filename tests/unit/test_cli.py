@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -245,3 +246,20 @@ def test_whole_file_documents_none_of_which_is_val_stop_before_tokenizing(capsys
     )
     paragraphs = ("data.txt_split=blank_lines",)  # then the split is per paragraph, known only once read
     assert run_cli(capsys, "plan", QUICKSTART, f"workdir={tmp_path}", f"data.paths={corpus}", *paragraphs)[0] == 0
+
+
+def test_an_extension_longer_than_the_val_split_stops_plan_when_the_shards_are_made(capsys, tmp_path: Path):
+    """Added to a finished run, an extension (and the evaluation at its length) would find out at its start."""
+    from orchestration.config import load_config
+    from orchestration.run import plan_pipeline
+
+    args = ("plan", QUICKSTART, f"workdir={tmp_path}")
+    config = load_config(QUICKSTART, [f"workdir={tmp_path}"])
+    for item in plan_pipeline(config)[:2]:  # tokenizer and shards made, with a val split of 600 tokens
+        item.folder.mkdir(parents=True)
+        totals = {"train": {"tokens": 10**6, "documents": 90}, "val": {"tokens": 600, "documents": 2}}
+        (item.folder / "manifest.json").write_text(json.dumps({"totals": totals}))
+        (item.folder / "_SUCCESS").write_text("")
+    assert run_cli(capsys, *args)[0] == 0  # pretraining and evaluation at 128 (quickstart)
+    code, err = run_cli(capsys, *args, "extend=[{ctx_len: 1024, steps: 10, lr: 1.0e-5}]")
+    assert code == 2 and "holds 600 tokens in 2 documents, fewer than one evaluation window of 1025" in err

@@ -264,7 +264,7 @@ def test_an_extension_recomputes_blocks_as_it_says_or_as_pretraining_does():
 
 def test_a_val_split_smaller_than_one_evaluation_window_stops_pretraining_before_it_starts(tmp_path: Path):
     from orchestration.config import load_config
-    from orchestration.stages import PipelineSetupError, pretrain_stage
+    from orchestration.stages import PipelineSetupError, evaluate_stage, extend_stage, pretrain_stage
 
     quickstart = Path(__file__).parents[2] / "configs" / "quickstart.yaml"
     config = load_config(quickstart, ["extend=[{ctx_len: 512}]"])  # evaluation windows of 513 tokens
@@ -272,9 +272,10 @@ def test_a_val_split_smaller_than_one_evaluation_window_stops_pretraining_before
     shards.mkdir()
     totals = {"train": {"tokens": 10**6, "documents": 90}, "val": {"tokens": 300, "documents": 1}}
     (shards / "manifest.json").write_text(json.dumps({"totals": totals}))
-    run = pretrain_stage(config)
-    with pytest.raises(PipelineSetupError, match=r"holds 300 tokens in 1 documents, fewer than .* 513: raise data.val"):
-        run(SimpleNamespace(inputs={"tokenize": shards}))  # what the stage reads of its context
+    # pretrain, and the stages that run without it when it was cached: an extension added later, evaluate
+    for run in (pretrain_stage(config), extend_stage(config, 1, "pretrain"), evaluate_stage(config, "extend1")):
+        with pytest.raises(PipelineSetupError, match=r"holds 300 tokens in 1 documents, fewer than .* 513: raise data"):
+            run(SimpleNamespace(inputs={"tokenize": shards}))  # what the stage reads of its context
     assert PipelineSetupError.retryable is False
 
 
