@@ -173,12 +173,20 @@ def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
         if export is None and load_config(path / "config.yaml").model.arch != "rwkv4":
             raise UsageError(f"{path} trained the GPT baseline: no export, and no RNN mode to generate in")
         if export is None:
-            raise UsageError(f"{path} has no finished export stage yet: run `rwkv-pipeline run CONFIG` to the end")
+            raise UsageError(
+                f"{path} has no finished export stage yet: run `rwkv-pipeline run CONFIG` to the end"
+                + _checkpoint_hint(path, "then generate from DIR")
+            )
         path = export
     weights = path / "model.pth" if path.is_dir() else path
     if not weights.is_file():
+        from pipeline.checkpoint_files import is_complete
+
+        training = " is a training checkpoint: export it first with `rwkv-pipeline export RUN_DIR --checkpoint "
         raise UsageError(
-            f"{weights} not found: give an exported model.pth, the export folder holding it, or a run directory"
+            f"{path}{training}{path} --out DIR`, then generate from DIR"
+            if path.is_dir() and is_complete(path)
+            else f"{weights} not found: give an exported model.pth, the export folder holding it, or a run directory"
         )
     tokenizer_dir = Path(tokenizer) if tokenizer else weights.parent
     if not (tokenizer_dir / "tokenizer.model").is_file():
@@ -190,7 +198,7 @@ def _generate(args: argparse.Namespace) -> int:
     from model import load_rwkv4_pth
     from pipeline.eval_stage import sample
 
-    weights, tokenizer_dir = _checkpoint_files(Path(args.checkpoint), args.tokenizer)
+    weights, tokenizer_dir = _checkpoint_files(Path(args.model), args.tokenizer)
     model = load_rwkv4_pth(weights).eval()
     print(sample(model, tokenizer_dir, args.prompt, args.tokens, args.temperature, args.top_p, args.seed))
     return 0
@@ -201,8 +209,24 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
     done = _finished_stages(run_dir)
     trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
     if not trained or "tokenize" not in done or "tokenizer" not in done:
-        raise UsageError(f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first")
+        raise UsageError(
+            f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first"
+            + _checkpoint_hint(run_dir)
+        )
     return done[trained[-1]], done["tokenize"], done["tokenizer"]
+
+
+def _checkpoint_hint(run_dir: Path, then: str = "") -> str:
+    """How to use the run's newest training checkpoint now, for a run that has not finished (or '')."""
+    from pipeline.checkpoint_files import is_complete
+
+    found = [step for step in run_dir.glob("*/ray/*/step_*") if is_complete(step)]
+    if not found:
+        return ""
+    newest = max(found, key=lambda step: step.stat().st_mtime)
+    return f"; or export its newest checkpoint now: rwkv-pipeline export {run_dir} --checkpoint {newest} --out DIR" + (
+        f", {then}" if then else ""
+    )
 
 
 def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, tokenizer_dir)
@@ -339,9 +363,18 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=_compare)
 
     gen = add_command("generate", "Sample text from an exported model (RNN mode).")
-    gen.add_argument("checkpoint", help="Exported model.pth, the export folder holding it, or a run directory.")
+    gen.add_argument(
+        "model",
+        metavar="MODEL",
+        help="An exported model.pth, the export folder holding it, or a run directory (its export stage's model).",
+    )
     gen.add_argument("--prompt", required=True, help="Text to continue.")
-    gen.add_argument("--tokens", type=_number(int, 1), default=100, help="Tokens to generate (default 100).")
+    gen.add_argument(
+        "--tokens",
+        type=_number(int, 1),
+        default=100,
+        help="Tokens to generate at most; <eod> stops early (default 100).",
+    )
     gen.add_argument("--temperature", type=_number(float, 0), default=1.0, help="0 = greedy (default 1.0).")
     gen.add_argument(
         "--top-p", type=_number(float, 0, 1, low_open=True), default=0.85, help="Nucleus sampling mass (default 0.85)."
@@ -352,7 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = add_command("eval", "Evaluate a run's trained model: val loss, perplexity, loss vs position.")
     ev.add_argument("run_dir", help="<workdir>/<run name> of a run whose training finished.")
-    ev.add_argument("--ctx-len", type=_number(int, 0), default=0, help="Window length (default: the evaluate stage's).")
+    ev.add_argument(
+        "--ctx-len",
+        type=_number(int, 0),
+        default=0,
+        help="Window length, up to the val split's tokens less one (default, or 0: the evaluate stage's).",
+    )
     ev.add_argument(
         "--batches", type=_number(int, 1), default=None, help="Batches of 4 windows (default: eval.batches)."
     )

@@ -170,6 +170,27 @@ def test_generate_from_a_gpt_baseline_run_says_it_has_no_export(capsys, tmp_path
     assert code == 2 and "trained the GPT baseline: no export" in err, err
 
 
+def test_a_run_still_training_points_export_and_generate_at_its_newest_checkpoint(capsys, tmp_path: Path):
+    from orchestration.config import dump_config, load_config
+    from orchestration.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.write_config(dump_config(load_config(QUICKSTART)))
+    run_dir.update(stages={})
+    for step in (10, 20):
+        checkpoint = run_dir.root / "pretrain-0123456789ab.partial" / "ray" / "pretrain" / f"step_{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "train_state.json").write_text("{}")
+        (checkpoint / "COMPLETE").write_text("")
+    hint = f"export its newest checkpoint now: rwkv-pipeline export {run_dir.root} --checkpoint {checkpoint} --out DIR"
+    code, err = run_cli(capsys, "export", str(run_dir.root), "--out", str(tmp_path / "out"))
+    assert code == 2 and "no finished training stage yet" in err and hint in err, err
+    code, err = run_cli(capsys, "generate", str(run_dir.root), "--prompt", "x")
+    assert code == 2 and "no finished export stage yet" in err and f"{hint}, then generate from DIR" in err, err
+    code, err = run_cli(capsys, "generate", str(checkpoint), "--prompt", "x")
+    assert code == 2 and f"{checkpoint} is a training checkpoint: export it first" in err, err
+
+
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 - argparse keeps them here
