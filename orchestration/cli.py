@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -137,7 +138,11 @@ def _compare(args: argparse.Namespace) -> int:
         plot_losses,
         results_table,
     )
+    from pipeline.plots import chart_formats
 
+    formats = chart_formats()
+    if Path(args.out).suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"--out {args.out}: the chart's name must end in one of .{', .'.join(sorted(formats))}")
     runs = [load_run(Path(path)) for path in args.run_dirs]
     label_runs(runs)
     print(differing_fields(runs), end="\n\n")
@@ -471,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output piped into a reader that stopped (`| head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
 
 
 if __name__ == "__main__":

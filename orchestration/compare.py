@@ -24,6 +24,7 @@ import yaml
 
 from orchestration.metrics_log import metrics_by_step
 from orchestration.rundir import RunDir
+from orchestration.stages import OPERATIONAL_TRAIN_FIELDS
 from orchestration.tracking import flatten
 from pipeline.config import ExtendStageConfig
 from pipeline.plots import mark, new_chart, save_chart
@@ -134,9 +135,22 @@ def differing_fields(runs: list[RunResult]) -> str:
     keys = sorted({key for fields in flat for key in fields} - {"name"})
     rows = [[key, *(fields.get(key, "-") for fields in flat)] for key in keys]
     rows = [row for row in rows if len(set(row[1:])) > 1 and not _deferring_default(row)]
-    if not rows:
-        return "no config field differs"
-    return _markdown(["field", *(run.label for run in runs)], rows)
+    settings = [row[0] for row in rows if _changes_no_result(row[0])]
+    rows = [row for row in rows if row[0] not in settings]
+    table = _markdown(["field", *(run.label for run in runs)], rows) if rows else "no config field differs"
+    if settings:  # where and how the runs ran: no stage's output depends on them
+        table += f"\n\nalso different, changing no result: {', '.join(settings)}"
+    return table
+
+
+def _changes_no_result(key: str) -> bool:
+    """A setting outside every stage's hash: where the run ran and how it logged, retried and was tracked."""
+    section, _, name = key.partition(".")
+    return (
+        section in ("workdir", "tracking")
+        or (section == "ray" and name != "num_workers")
+        or (section == "train" and name in OPERATIONAL_TRAIN_FIELDS)
+    )
 
 
 def _deferring_default(row: list[str]) -> bool:

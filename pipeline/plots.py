@@ -36,6 +36,13 @@ def mark(axes: Any, x: float, label: str, color: str = "0.4", fontsize: str = "s
     )
 
 
+def chart_formats() -> set[str]:
+    """The file suffixes (without the dot) a chart can be saved as."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
+
+
 def save_chart(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 

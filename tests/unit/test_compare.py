@@ -65,6 +65,10 @@ def test_only_the_fields_that_differ_are_listed_and_a_missing_one_shows_as_a_das
     runs[1].config["extend"][0]["ctx_len"] = 400  # an extension stage's field, named as in MLflow's params
     assert "| extend.0.ctx_len | 200 | 400 |" in differing_fields(runs).splitlines()
     assert differing_fields(runs[:1] * 2) == "no config field differs"
+    runs[1].config["tracking"] = {"uri": "http://127.0.0.1:5000"}  # where it was tracked: no other result
+    runs[1].config["train"]["log_every"] = 5
+    assert differing_fields(runs).endswith("\n\nalso different, changing no result: tracking.uri, train.log_every")
+    assert "| tracking.uri |" not in differing_fields(runs)
 
 
 def test_the_results_table_holds_the_last_losses_rate_and_evaluation(tmp_path):
@@ -129,3 +133,10 @@ def test_runs_on_different_corpora_get_a_note(tmp_path):
     runs[1].config["data"] = {"paths": ["/other/corpus"]}
     assert [note.split(":")[0] for note in comparability_notes(runs)] == ["note"]
     assert "differ in data.* or tokenizer.*" in comparability_notes(runs)[0]
+
+
+def test_a_chart_name_matplotlib_cannot_write_is_refused_before_any_work(tmp_path, capsys):
+    a = write_run(tmp_path / "a", 1e-3)
+    assert main(["compare", str(a), str(a), "--out", str(tmp_path / "c.txt")]) == 2
+    assert "c.txt: the chart's name must end in one of " in capsys.readouterr().err
+    assert not (tmp_path / "c.txt").exists()
