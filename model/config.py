@@ -27,7 +27,8 @@ class ModelConfig:
     dim_ffn: int = 0
     """Hidden width of ChannelMix / the GPT MLP; 0 means 4 * n_embd."""
     vocab_size: int = 4096
-    """Rows of the embedding and the head; the pipeline sets it from the tokenizer."""
+    """Rows of the embedding and the head. `rwkv-pipeline run` trains with the tokenizer's vocabulary whatever
+    this says (the stage runs' model.vocab_size params show it); the standalone trainer keeps it when larger."""
     n_head: int = 4
     """GPT baseline only: attention heads."""
     wkv_backend: Literal["auto", "cuda", "torch", "reference"] = "auto"
