@@ -379,7 +379,14 @@ def eval_ctx_len(config: RunConfig) -> int:
     return config.eval.ctx_len or (config.extend[-1].ctx_len if config.extend else config.train.ctx_len)
 
 
-EVAL_METRICS = ("val_loss", "perplexity", "loss_first_quarter", "loss_last_quarter", "loss_past_trained_ctx")
+EVAL_METRICS = (
+    "val_loss",
+    "perplexity",
+    "loss_first_quarter",
+    "loss_last_quarter",
+    "loss_past_trained_ctx",
+    "loss_within_trained_ctx",
+)
 
 
 def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -389,9 +396,16 @@ def eval_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def eval_headline(report: dict[str, Any]) -> str:
     """An eval report in one line, for the run's summary and `rwkv-pipeline eval`."""
-    past = report.get("loss_past_trained_ctx")
-    return f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {report['ctx_len']}" + (
-        f", {past:.4f} past the longest trained length" if past is not None else ""
+    line = f"val loss {report['val_loss']:.4f} (perplexity {report['perplexity']:.1f}) at ctx {report['ctx_len']}"
+    past, within = report.get("loss_past_trained_ctx"), report.get("loss_within_trained_ctx")
+    if past is None:
+        return line
+    if within is None:  # a report from before the loss within was kept
+        return f"{line}, {past:.4f} past the longest trained length"
+    longest = max(report["trained_ctx"].values())
+    return (
+        f"{line}; positions {longest + 1}-{report['ctx_len']}, past the longest trained length: {past:.4f}, "
+        f"against {within:.4f} at 1-{longest}"
     )
 
 

@@ -108,7 +108,9 @@ def evaluate(
     )
     smooth = max(1, ctx_len // 16)  # average neighbouring positions so the trend is visible
     kernel = np.ones(smooth) / smooth
-    title = f"val loss vs position (ctx {ctx_len})" + (f", each point the mean of {smooth}" if smooth > 1 else "")
+    title = f"val loss vs position (ctx {ctx_len})" + (
+        f", each point the mean of {smooth} neighbouring positions" if smooth > 1 else ""
+    )
     line_chart(
         {"loss": ([float(p) for p in positions[smooth - 1 :]], list(np.convolve(by_position_T, kernel, mode="valid")))},
         "token position",
@@ -131,7 +133,8 @@ def evaluate(
         "sample": sample(model, tokenizer_dir, cfg.sample_prompt, cfg.sample_tokens) if samples else "",
     }
     longest = max(trained_ctx.values(), default=ctx_len)
-    if longest < ctx_len:
+    if longest < ctx_len:  # what the model does past what it learned, beside what it does within it
         report["loss_past_trained_ctx"] = float(by_position_T[longest:].mean())
+        report["loss_within_trained_ctx"] = float(by_position_T[:longest].mean())
     (out_dir / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

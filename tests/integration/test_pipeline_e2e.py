@@ -235,10 +235,12 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     assert f"| {report['val_loss']:.4f} ({report['perplexity']:.1f}) at ctx {report['ctx_len']} |" in compared.stdout
     assert "| e2e | pretrain ctx " in compared.stdout and (tmp_path / "compare.png").stat().st_size > 0
     longer = cli("eval", str(run_dir), "--ctx-len", "64", "--out", str(tmp_path / "eval64"))
-    assert longer.returncode == 0 and "past the longest trained length" in longer.stdout, longer.stderr[-2000:]
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "positions 33-64, past the longest trained length: " in longer.stdout
     report64 = json.loads((tmp_path / "eval64" / "eval_report.json").read_text())
     assert report64["trained_ctx"] == {"pretrain": 32} and report64["ctx_len"] == 64
     assert report64["loss_past_trained_ctx"] > 0  # positions 33..64, which pretraining never saw
+    assert report64["loss_within_trained_ctx"] > 0  # positions 1..32, beside it
     tracked = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])["eval-ctx64"]  # beside the stage runs
     assert len(tracked) == 1 and tracked[0].data.metrics["val_loss"] == pytest.approx(report64["val_loss"])
     assert tracked[0].data.metrics["loss_past_trained_ctx"] == pytest.approx(report64["loss_past_trained_ctx"])

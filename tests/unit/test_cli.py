@@ -233,8 +233,12 @@ def test_the_run_summary_gives_the_loss_past_the_trained_length_when_evaluated_b
     report = {"val_loss": 3.5, "perplexity": 33.1, "ctx_len": 256}
     within = RunSummary(tmp_path, {}, None, None, report).describe()
     assert "val loss 3.5000 (perplexity 33.1) at ctx 256\n" in within and "past the longest" not in within
-    beyond = RunSummary(tmp_path, {}, None, None, {**report, "loss_past_trained_ctx": 3.25}).describe()
-    assert "at ctx 256, 3.2500 past the longest trained length" in beyond
+    older = RunSummary(tmp_path, {}, None, None, {**report, "loss_past_trained_ctx": 3.25}).describe()
+    assert "at ctx 256, 3.2500 past the longest trained length" in older  # a report of an earlier version
+    beyond = {**report, "loss_past_trained_ctx": 3.25, "loss_within_trained_ctx": 3.75, "trained_ctx": {"pretrain": 64}}
+    assert "at ctx 256; positions 65-256, past the longest trained length: 3.2500, against 3.7500 at 1-64" in (
+        RunSummary(tmp_path, {}, None, None, beyond).describe()
+    )
 
 
 def test_debug_may_come_anywhere_on_the_line_and_shows_the_traceback(tmp_path: Path):
