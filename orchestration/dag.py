@@ -217,22 +217,42 @@ class DagRunner:
                 action = "shared"
             else:
                 action = "run"
-            reason = self._why_new(stage, before.get(stage.name, {}), final) if action == "run" else ""
+            reason = ""
+            if action == "run":
+                reason = self._why_new(stage, before.get(stage.name, {}), final, {item.stage: item for item in items})
+            elif action == "resume":
+                reason = self._where_stopped(before.get(stage.name, {}), final)
             items.append(PlanItem(stage.name, digest, final, action, source, reason))
         return items
 
-    def _why_new(self, stage: Stage, before: Mapping[str, Any], folder: Path) -> str:
+    @staticmethod
+    def _where_stopped(before: Mapping[str, Any], folder: Path) -> str:
+        progress = before.get("progress") if before.get("dir") == folder.name else None
+        return f"stopped at {progress[0]}/{progress[1]}" if progress else ""
+
+    def _why_new(self, stage: Stage, before: Mapping[str, Any], folder: Path, planned: Mapping[str, PlanItem]) -> str:
         """What changed since the stage's folder in this run directory was another one ("" if it had none)."""
         if not before.get("dir") or before["dir"] == folder.name:
             return ""
         if "config" not in before:  # written before the state kept stage configs
             reason = f"settings changed since {before['dir']}"
+        elif changes := config_changes(before["config"], stage.config, stage.names):
+            reason = f"changed: {changes}"
+        elif inputs := self._changed_inputs(stage, before["dir"], planned):
+            reason = f"new input: {inputs}"
         else:
-            changes = config_changes(before["config"], stage.config, stage.names)
-            reason = f"changed: {changes}" if changes else "an earlier stage's output or this stage's code changed"
+            reason = "an earlier stage's output or this stage's code changed"
         if self.run_dir.partial_dir(stage.name, before.get("hash", "")).is_dir():
             reason += f"; the unfinished {before['dir']}.partial stays as it is"
         return reason
+
+    def _changed_inputs(self, stage: Stage, before_dir: str, planned: Mapping[str, PlanItem]) -> str:
+        """The inputs whose folders differ from those the stage's earlier folder was made from (its stage.json)."""
+        try:
+            made_from = json.loads((self.run_dir.root / before_dir / "stage.json").read_text())["inputs"]
+        except (OSError, ValueError, KeyError):
+            return ""
+        return ", ".join(name for name in stage.inputs if made_from.get(name) != planned[name].folder.name)
 
     def _complete_elsewhere(self, folder_name: str) -> Path | None:
         """The same stage folder, complete, in another run directory of this workdir."""

@@ -68,6 +68,8 @@ def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_pat
     assert calls == []
     assert {name: (f / "_SUCCESS").stat().st_mtime_ns for name, f in outputs.items()} == marker_times
 
+    reasons = {item.stage: item.reason for item in DagRunner(run_dir).plan(make_stages([], lr=2e-3))}
+    assert reasons["train"] == "changed: lr 0.001 -> 0.002" and reasons["report"] == "new input: train"
     changed = DagRunner(run_dir).run(make_stages(calls, lr=2e-3), "demo", {"lr": 2e-3})
     assert calls == ["train", "report"]
     assert changed["tokenizer"] == outputs["tokenizer"] and changed["shards"] == outputs["shards"]
@@ -142,6 +144,8 @@ def test_rerun_after_failure_resumes_in_the_same_partial_folder(tmp_path: Path):
         DagRunner(run_dir).run(make_stages(calls, fail={"train": 1}), "demo")
     runner = DagRunner(run_dir)
     assert [item.action for item in runner.plan(make_stages([]))] == ["cached", "cached", "resume", "run"]
+    run_dir.update_stage("train", progress=[3, 10])  # as a training stage reports its steps
+    assert runner.plan(make_stages([]))[2].reason == "stopped at 3/10"
     calls.clear()
     outputs = runner.run(make_stages(calls), "demo")
     assert calls == ["train", "report"]
