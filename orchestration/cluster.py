@@ -25,6 +25,8 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 # Ray Train's controller loop and its retry policy, which log each failed worker-group start (Ray 2.60).
 CONTROLLER_LOGGER = "ray.train.v2._internal.execution.controller.controller"
 FAILURE_POLICY_LOGGER = "ray.train.v2._internal.execution.failure_handling.default"
+# Ray Train's checkpoint manager, whose one INFO line on a resume advises deleting the checkpoint folder.
+CHECKPOINT_MANAGER_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 # Settings read by Ray Train's controller, a process of the cluster: passed on from the driver's environment.
 FORWARDED_ENV = ("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",)
 
@@ -109,15 +111,17 @@ def prepare_worker_process() -> None:
 
     The console keeps the training loop's own lines: each rank's "Checkpoint successfully created at"
     and "Reporting training result" (a `.partial` path gone once the stage finishes, and the last
-    batch's loss beside our window mean; rank 0 prints one line per stored checkpoint instead), and
-    torch's deprecation warning for a call inside DeepSpeed, are left out.
+    batch's loss beside our window mean; rank 0 prints one line per stored checkpoint instead), the
+    checkpoint manager's note on a resume (it found the run's checkpoints, and advises deleting their
+    folder to start afresh: the stage resumes on purpose, and says from where), and torch's deprecation
+    warning for a call inside DeepSpeed, are left out.
     """
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
     # Filters, not levels: Ray Train's logging setup in its workers resets the levels of loggers under ray.train.
-    for name in ray_train_report_loggers(ray.__file__):
+    for name in (*ray_train_report_loggers(ray.__file__), CHECKPOINT_MANAGER_LOGGER):
         logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     quiet = StartupWaitInOneLine()
     for name in (CONTROLLER_LOGGER, FAILURE_POLICY_LOGGER):

@@ -60,7 +60,10 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     pid_dir = Path(loop_config["out_dir"]) / "workers"  # which process is which rank (debugging, tests)
     pid_dir.mkdir(parents=True, exist_ok=True)
     (pid_dir / f"rank_{rank:05d}.pid").write_text(str(os.getpid()))
-    (pid_dir / f"rank_{rank:05d}.env.json").write_text(json.dumps(_worker_env(context.get_local_rank())))
+    where = _worker_env(context.get_local_rank())
+    (pid_dir / f"rank_{rank:05d}.env.json").write_text(json.dumps(where))
+    node = where["node_id"][:8]
+    print(f"rank {rank}/{context.get_world_size()} on {where['hostname']} (Ray node {node})", flush=True)
 
     def report(ckpt_dir: Path, metrics: dict[str, Any]) -> None:  # a barrier: every rank reports each one
         ray.train.report(
