@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from orchestration.config import ConfigError, RunConfig, dump_config, load_config
+from pipeline.config import EvalConfig
 
 FINISHED = ("done", "cached", "shared")  # stage statuses whose folder is complete
 
@@ -245,7 +246,6 @@ def _load_run_model(run_dir: Path):  # -> (model, model_config, shard_dir, token
 
 def _eval(args: argparse.Namespace) -> int:
     from orchestration.stages import eval_ctx_len, eval_headline, trained_ctx_lens
-    from pipeline.config import EvalConfig
     from pipeline.eval_stage import evaluate
     from tokenization.manifest import read_manifest
 
@@ -263,15 +263,20 @@ def _eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else run_dir / f"eval-ctx{ctx_len}"
     report = evaluate(model, shards, tokenizer, eval_cfg, ctx_len, out, trained_ctx_lens(config))
     print(f"{eval_headline(report)}; report and loss-vs-position plot in {out}")
-    url = _track_evaluation(run_dir, config, report, out)
-    if url:
-        print(f"MLflow: {url}")
+    tracked = _track_evaluation(run_dir, config, eval_cfg, report, out)
+    if tracked:
+        from orchestration.run import mlflow_hints
+
+        print("\n".join(mlflow_hints(*tracked)))
     return 0
 
 
-def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path) -> str | None:
-    """The evaluation as a nested run `eval-ctx<N>` of the run's MLflow parent, beside its stage runs, so
-    evaluations at other lengths compare in MLflow. Returns the run's link (None: the run is not tracked)."""
+def _track_evaluation(
+    run_dir: Path, config: RunConfig, eval_cfg: EvalConfig, report: dict, out: Path
+) -> tuple[str, str | None] | None:
+    """The evaluation as a nested run `eval-ctx<N>` of the run's MLflow parent, beside its stage runs, with
+    the evaluate stage's params, so evaluations at other lengths compare in MLflow. Returns the tracking URI
+    and the run's link (None: the run is not tracked)."""
     from orchestration.rundir import RunDir
     from orchestration.stages import eval_metrics
     from orchestration.tracking import RunHandle, make_tracker
@@ -282,16 +287,20 @@ def _track_evaluation(run_dir: Path, config: RunConfig, report: dict, out: Path)
         return None
     tracker = make_tracker(state["tracking_uri"], config.tracking.experiment)
     parent = RunHandle("parent", run_id=state["parent_run_id"])
-    params = {"eval.ctx_len": report["ctx_len"], "eval.windows": report["windows"]}
+    params = {
+        **{f"eval.{key}": value for key, value in eval_cfg.model_dump().items()},
+        "eval.ctx_len": report["ctx_len"],
+        "eval.windows": report["windows"],
+    }
     handle = tracker.open_run(
-        f"eval-ctx{report['ctx_len']}", parent=parent, params=params, tags={"rwkv.eval_dir": str(out)}
+        f"eval-ctx{report['ctx_len']}", parent=parent, params=params, tags={"rwkv.eval_dir": str(out.resolve())}
     )
     tracker.log_metrics(handle, eval_metrics(report), step=0)
     for name in REPORT_FILES:
         tracker.log_artifact(handle, out / name, "eval")
     tracker.close_run(handle)
     tracker.close(timeout_s=min(config.tracking.flush_timeout_s, 60))
-    return tracker.run_url(handle)
+    return state["tracking_uri"], tracker.run_url(handle)
 
 
 def _load_checkpoint_model(run_dir: Path, checkpoint: Path):  # -> (model, model_config, tokenizer_dir)

@@ -380,13 +380,14 @@ class DagRunner:
     ) -> None:
         run_id = run_id or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
         self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
-        self._record_cached(item, source)
+        self._record_cached(item, source, run_id)
 
-    def _record_cached(self, item: PlanItem, source: Path | None = None) -> None:
-        """state.json and the console: the stage is this complete folder (or a link to `source`)."""
+    def _record_cached(self, item: PlanItem, source: Path | None = None, made_by: str | None = None) -> None:
+        """state.json and the console: the stage is this complete folder (or a link to `source`, made by the
+        stage run `made_by` of another run)."""
         status = "shared" if source else "cached"
         fields = {"status": status, "dir": item.folder.name, "hash": item.digest}
-        made_by = None if source else self.run_dir.read_state()["stage_runs"].get(item.folder.name)
+        made_by = made_by or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
         if made_by:  # the stage run that made this folder, which `status` links to
             fields["mlflow_run_id"] = made_by
         self.run_dir.update_stage(item.stage, **fields)

@@ -506,7 +506,8 @@ def export_stage(trained: str) -> Callable[[StageContext], None]:
         total_mb = sum(item["bytes"] for item in record["files"].values()) / 1e6
         ctx.log.info("wrote %s (%.1f MB) for %s", ", ".join(record["files"]), total_mb, record["load_with"])
         if total_mb <= MAX_ARTIFACT_MB:  # big models: the manifest (paths, sha256) stands in for the weights
-            ctx.log_artifact(ctx.out_dir, "model")
+            for name in (*record["files"], "export.json"):  # not the folder's _SUCCESS and stage.json
+                ctx.log_artifact(ctx.out_dir / name, "model")
         else:
             ctx.log.info("over %g MB: MLflow gets export.json (sizes, sha256), the files stay here", MAX_ARTIFACT_MB)
             ctx.log_artifact(ctx.out_dir / "export.json", "model")

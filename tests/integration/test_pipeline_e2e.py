@@ -203,7 +203,8 @@ def test_full_run_has_parent_nested_stage_runs_step_metrics_and_artifacts(first_
     assert listed("tokenize", "data") == {"data/manifest.json"}
     assert "plots/loss_curve.png" in listed("pretrain", "plots")
     assert {"eval/eval_report.json", "eval/loss_vs_position.png"} <= listed("evaluate", "eval")
-    assert {"model/model.pth", "model/model.safetensors", "model/tokenizer.model"} <= listed("export", "model")
+    exported = ("model.pth", "model.safetensors", "tokenizer.model", "tokenizer.json", "export.json")
+    assert listed("export", "model") == {f"model/{name}" for name in exported}  # not _SUCCESS, stage.json
     report = json.loads(
         Path(client.download_artifacts(runs["evaluate"][0].info.run_id, "eval/eval_report.json")).read_text()
     )
@@ -244,6 +245,8 @@ def test_status_generate_and_export_commands_on_the_finished_run(first_run, tmp_
     tracked = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])["eval-ctx64"]  # beside the stage runs
     assert len(tracked) == 1 and tracked[0].data.metrics["val_loss"] == pytest.approx(report64["val_loss"])
     assert tracked[0].data.metrics["loss_past_trained_ctx"] == pytest.approx(report64["loss_past_trained_ctx"])
+    assert tracked[0].data.params["eval.ctx_len"] == "64" and "eval.batches" in tracked[0].data.params  # as the stage's
+    assert f"MLflow: {mlflow_uri}" in longer.stdout
     in_run = cli("eval", str(run_dir), "--ctx-len", "48")  # into <run>/eval-ctx48, which status lists
     assert in_run.returncode == 0 and "eval-ctx48 val loss " in cli("status", str(run_dir)).stdout
     too_long = cli("eval", str(run_dir), "--ctx-len", "100000000")
