@@ -379,7 +379,8 @@ class DagRunner:
         self, parent: RunHandle, item: PlanItem, source: Path | None = None, run_id: str | None = None
     ) -> None:
         run_id = run_id or self.run_dir.read_state()["stage_runs"].get(item.folder.name)
-        self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name} (run {run_id})"})
+        made = f" (run {run_id})" if run_id else ""  # none when that run was tracked elsewhere, or not at all
+        self.tracker.set_tags(parent, {f"rwkv.cached.{item.stage}": f"{source or item.folder.name}{made}"})
         self._record_cached(item, source, run_id)
 
     def _record_cached(self, item: PlanItem, source: Path | None = None, made_by: str | None = None) -> None:
