@@ -226,6 +226,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def plot_losses(runs: list[RunResult], path: Path) -> None:
     """Training loss (lines) and validation loss (dashed, dots) of every run against tokens seen."""
     figure, axes = new_chart(8, 4.5)
+    row = 0  # each marker's label a line lower than the one before: runs extend at similar token counts
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         train = [point for stage in run.stages for point in stage.train]
@@ -236,7 +237,9 @@ def plot_losses(runs: list[RunResult], path: Path) -> None:
             axes.plot(*zip(*val, strict=True), color=color, linestyle="--", marker="o", label=f"{run.label} val")
         for stage in run.stages[1:]:  # where each context extension began
             if stage.train:
-                mark(axes, stage.start_tokens, f"{stage.stage}{_at_ctx(stage)}", color, "x-small", alpha=0.6)
+                label = f"{stage.stage}{_at_ctx(stage)}"
+                mark(axes, stage.start_tokens, label, color, "x-small", alpha=0.6, row=row)
+                row += 1
     axes.set(xlabel="tokens seen", ylabel="loss (nats)", title="loss by tokens seen")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="small")

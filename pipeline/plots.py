@@ -22,14 +22,17 @@ def new_chart(width: float = 7, height: float = 4) -> tuple[Any, Any]:
     return plt.subplots(figsize=(width, height), dpi=100)
 
 
-def mark(axes: Any, x: float, label: str, color: str = "0.4", fontsize: str = "small", alpha: float = 1.0) -> None:
-    """A dotted vertical line at `x`, labelled at its top (e.g. where a context extension began)."""
+def mark(
+    axes: Any, x: float, label: str, color: str = "0.4", fontsize: str = "small", alpha: float = 1.0, row: int = 0
+) -> None:
+    """A dotted vertical line at `x`, labelled at its top (e.g. where a context extension began); labels of
+    successive rows sit one line lower each, so lines close together keep readable labels."""
     axes.axvline(x, color=color, linestyle=":", alpha=alpha)
     axes.annotate(
         label,
         (x, 1),
         xycoords=("data", "axes fraction"),
-        xytext=(3, -12),
+        xytext=(3, -12 - 11 * row),
         textcoords="offset points",
         fontsize=fontsize,
         color=color,
@@ -65,8 +68,8 @@ def line_chart(
     figure, axes = new_chart()
     for label, (xs, ys) in series.items():
         axes.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None)
-    for label, x in (markers or {}).items():
-        mark(axes, x, label)
+    for row, (label, x) in enumerate((markers or {}).items()):
+        mark(axes, x, label, row=row)
     axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
     axes.grid(alpha=0.3)
     if len(series) > 1:
