@@ -355,7 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         command = add_command(name, help_text)
         command.add_argument("config", help="YAML run config.")
         # default=[]: without one argparse names an empty `*` positional among the required arguments
-        command.add_argument("overrides", nargs="*", default=[], help="Dotted overrides, e.g. train.lr_init=3e-4.")
+        command.add_argument(
+            "overrides",
+            nargs="*",
+            default=[],
+            help="key=value, values read as YAML: train.lr_init=3e-4, data.paths=[/a,/b], "
+            "'extend=[{ctx_len: 2048, steps: 500, lr: 1.0e-5}]', extend.0.steps=800 (an item that exists).",
+        )
         command.set_defaults(handler=handler)
 
     with_config("run", "Run the stage DAG; complete stages are reused, an interrupted one resumes.", _run)
