@@ -26,7 +26,6 @@ from orchestration.config import RunConfig
 from orchestration.dag import Stage, StageContext
 from orchestration.metrics_log import append_metrics, metrics_by_step
 from pipeline.config import ExtendStageConfig, TrainConfig
-from tokenization.config import DataConfig
 
 CHECKPOINT_MANIFEST = "checkpoint_manifest.json"  # a training stage's record: weights, sha256, model config
 MAX_ARTIFACT_MB = 512  # an export up to this size is logged to MLflow whole; a larger one by its export.json
@@ -114,10 +113,6 @@ def _identity(section: str, values: dict[str, Any]) -> dict[str, Any]:
 def build_stages(config: RunConfig) -> list[Stage]:
     data = config.data.model_dump(mode="json")
     tokenizer_data = {key: value for key, value in data.items() if key != "val_fraction"}
-    # batch_bytes shapes only the shards' Arrow batches, not the tokenizer's sample. The tokenizer's hash
-    # holds it at its default, so that changing it reuses the tokenizer and tokenizers made while it was
-    # hashed keep their folders.
-    tokenizer_data["batch_bytes"] = DataConfig.model_fields["batch_bytes"].default
     corpus = corpus_fingerprint(config)
     train = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL_TRAIN_FIELDS}
     train = _identity("train", train)
