@@ -53,8 +53,8 @@ class Stage:
     inputs: tuple[str, ...] = ()
     version: int = 1  # bump when the stage's code changes what it writes for the same config
     names: Mapping[str, str] = field(default_factory=dict)  # config keys as a user writes them ("workers": ...)
-    # The parent run's metrics from the stage's complete folder, logged whenever the parent is new or the
-    # stage ran (MLflow's run list sorts and compares parent runs by them; a cached stage has them too)
+    # The parent run's metrics from the stage's complete folder, logged unless this parent has them already
+    # (MLflow's run list sorts and compares parent runs by them, so a cached or shared stage gives them too)
     parent_metrics: Callable[[Path], Mapping[str, float]] | None = None
 
 
@@ -293,6 +293,7 @@ class DagRunner:
                 name=run_name,
                 parent_key=parent_key,
                 parent_run_id=parent_id,
+                tracking_uri=self.tracker.uri,
                 stages=self._planned_stages(stages, plan, state["stages"]),
             )
             for item in plan:
@@ -324,7 +325,7 @@ class DagRunner:
                     self._link_shared(parent, item)
                 else:
                     self._run_stage(stage, item, outputs, parent)
-                if stage.parent_metrics is not None and (parent_id is None or item.action in ("run", "resume")):
+                if stage.parent_metrics is not None and (parent_id is None or item.action != "cached"):
                     self.tracker.log_metrics(parent, stage.parent_metrics(item.folder), step=0)
             status = "FINISHED"
         except KeyboardInterrupt:

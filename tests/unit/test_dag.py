@@ -78,15 +78,33 @@ def test_run_then_rerun_does_no_work_and_config_change_reruns_downstream(tmp_pat
     stage_record = json.loads((changed["train"] / "stage.json").read_text())
     assert stage_record["config"] == {"lr": 2e-3} and stage_record["inputs"] == {"shards": outputs["shards"].name}
 
-    # Back to the first config, every folder complete: nothing runs, and the run directory describes it again.
-    first_parent = run_dir.read_state()["parent_runs"]
-    assert DagRunner(run_dir).run(make_stages(calls), "demo", {"lr": 1e-3}) == outputs
-    assert calls == ["train", "report"]
+
+def test_going_back_to_an_earlier_config_whose_folders_are_complete_describes_it_again(tmp_path: Path):
+    """Nothing runs, and state.json names that config's folders, stage runs and parent run, in the store
+    it was tracked in (after a run tracked elsewhere)."""
+    from orchestration.tracking import MlflowTracker
+
+    run_dir, calls = RunDir(tmp_path / "run"), []
+
+    def run(lr: float, store: str) -> dict[str, Path]:
+        tracker = MlflowTracker(f"sqlite:///{tmp_path / store}", "unit")
+        outputs = DagRunner(run_dir, tracker, system_metrics_s=None).run(make_stages(calls, lr=lr), "demo", {"lr": lr})
+        assert tracker.close(timeout_s=30) == 0
+        return outputs
+
+    first = run(1e-3, "a.db")
+    first_state = run_dir.read_state()
+    run(2e-3, "b.db")
+    calls.clear()
+    assert run(1e-3, "a.db") == first and calls == []
     state = run_dir.read_state()
-    assert {name: entry["dir"] for name, entry in state["stages"].items()} == {n: f.name for n, f in outputs.items()}
+    assert {name: entry["dir"] for name, entry in state["stages"].items()} == {n: f.name for n, f in first.items()}
     assert {entry["status"] for entry in state["stages"].values()} == {"cached"}
+    for name in first:
+        assert state["stages"][name]["mlflow_run_id"] == first_state["stages"][name]["mlflow_run_id"]
     assert state["stages"]["train"]["config"] == {"lr": 1e-3}
-    assert state["parent_run_id"] == first_parent[state["parent_key"]]
+    assert state["parent_run_id"] == first_state["parent_run_id"]
+    assert state["tracking_uri"] == first_state["tracking_uri"]
 
 
 def test_a_folder_whose_success_marker_was_never_written_is_made_again(tmp_path: Path):
