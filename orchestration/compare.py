@@ -24,7 +24,6 @@ import yaml
 
 from orchestration.metrics_log import metrics_by_step
 from orchestration.rundir import RunDir
-from orchestration.stages import OPERATIONAL_TRAIN_FIELDS
 from orchestration.tracking import flatten
 from pipeline.config import ExtendStageConfig
 from pipeline.plots import mark, new_chart, save_chart
@@ -143,14 +142,22 @@ def differing_fields(runs: list[RunResult]) -> str:
     return table
 
 
+# Settings that change no figure of the comparison: where a run was tracked, which cluster it joined, how
+# often it retried and kept checkpoints. (Logging and validation cadence change the last losses shown, and
+# the workers' CPUs or GPUs their tokens/s: those stay in the table.)
+NO_RESULT_SETTINGS = {
+    "workdir",
+    "ray.address",
+    "ray.max_retries",
+    "ray.stage_retries",
+    "ray.data_workers",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+
+
 def _changes_no_result(key: str) -> bool:
-    """A setting outside every stage's hash: where the run ran and how it logged, retried and was tracked."""
-    section, _, name = key.partition(".")
-    return (
-        section in ("workdir", "tracking")
-        or (section == "ray" and name != "num_workers")
-        or (section == "train" and name in OPERATIONAL_TRAIN_FIELDS)
-    )
+    return key in NO_RESULT_SETTINGS or key.startswith("tracking.")
 
 
 def _deferring_default(row: list[str]) -> bool:
