@@ -288,3 +288,13 @@ def test_an_extension_longer_than_the_val_split_stops_plan_when_the_shards_are_m
     assert run_cli(capsys, *args)[0] == 0  # pretraining and evaluation at 128 (quickstart)
     code, err = run_cli(capsys, *args, "extend=[{ctx_len: 1024, steps: 10, lr: 1.0e-5}]")
     assert code == 2 and "holds 600 tokens in 2 documents, fewer than one evaluation window of 1025" in err
+
+
+def test_output_into_a_reader_that_stopped_ends_quietly(tmp_path: Path):
+    """`rwkv-pipeline print-config ... | head -1`: the reader is gone before the buffered output is written."""
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    command = f"{sys.executable} -m orchestration.cli print-config {QUICKSTART} 2>{tmp_path / 'err'} | true"
+    subprocess.run(command, shell=True, env=env, check=True, cwd=Path(__file__).parents[2])
+    assert (tmp_path / "err").read_text() == ""
