@@ -188,7 +188,8 @@ def _checkpoint_files(path: Path, tokenizer: str | None) -> tuple[Path, Path]:
     if not weights.is_file():
         from pipeline.checkpoint_files import is_complete
 
-        training = " is a training checkpoint: export it first with `rwkv-pipeline export RUN_DIR --checkpoint "
+        run_dir = path.parents[3] if len(path.parents) > 3 else Path("RUN_DIR")  # RUN/stage/ray/stage/step_N
+        training = f" is a training checkpoint: export it first with `rwkv-pipeline export {run_dir} --checkpoint "
         raise UsageError(
             f"{path}{training}{path} --out DIR`, then generate from DIR"
             if path.is_dir() and is_complete(path)
@@ -223,10 +224,20 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
 
 
 def _checkpoint_hint(run_dir: Path, then: str = "") -> str:
-    """How to use the run's newest training checkpoint now, for a run that has not finished (or '')."""
+    """How to use the newest checkpoint of the run's current training stages now, for a run that has not
+    finished (or ''). Folders of the run's earlier configs are left out."""
+    from orchestration.rundir import RunDir
     from pipeline.checkpoint_files import is_complete
 
-    found = [step for step in run_dir.glob("*/ray/*/step_*") if is_complete(step)]
+    stages = RunDir(run_dir).read_state()["stages"]
+    training = {name: entry["dir"] for name, entry in stages.items() if name == "pretrain" or name.startswith("extend")}
+    found = [
+        step
+        for name, folder in training.items()
+        for where in (folder, f"{folder}.partial")
+        for step in (run_dir / where / "ray" / name).glob("step_*")
+        if is_complete(step)
+    ]
     if not found:
         return ""
     newest = max(found, key=lambda step: step.stat().st_mtime)

@@ -176,19 +176,21 @@ def test_a_run_still_training_points_export_and_generate_at_its_newest_checkpoin
 
     run_dir = RunDir(tmp_path / "run")
     run_dir.write_config(dump_config(load_config(QUICKSTART)))
-    run_dir.update(stages={})
-    for step in (10, 20):
-        checkpoint = run_dir.root / "pretrain-0123456789ab.partial" / "ray" / "pretrain" / f"step_{step:08d}"
+    run_dir.update(stages={"pretrain": {"dir": "pretrain-0123456789ab", "status": "running"}})
+    for folder, step in (("pretrain-0123456789ab.partial", 10), ("pretrain-ba9876543210.partial", 30)):
+        checkpoint = run_dir.root / folder / "ray" / "pretrain" / f"step_{step:08d}"  # the second: another config's
         checkpoint.mkdir(parents=True)
         (checkpoint / "train_state.json").write_text("{}")
         (checkpoint / "COMPLETE").write_text("")
+    checkpoint = run_dir.root / "pretrain-0123456789ab.partial" / "ray" / "pretrain" / "step_00000010"
     hint = f"export its newest checkpoint now: rwkv-pipeline export {run_dir.root} --checkpoint {checkpoint} --out DIR"
     code, err = run_cli(capsys, "export", str(run_dir.root), "--out", str(tmp_path / "out"))
     assert code == 2 and "no finished training stage yet" in err and hint in err, err
     code, err = run_cli(capsys, "generate", str(run_dir.root), "--prompt", "x")
     assert code == 2 and "no finished export stage yet" in err and f"{hint}, then generate from DIR" in err, err
     code, err = run_cli(capsys, "generate", str(checkpoint), "--prompt", "x")
-    assert code == 2 and f"{checkpoint} is a training checkpoint: export it first" in err, err
+    exporting = f"{checkpoint} is a training checkpoint: export it first with `rwkv-pipeline export {run_dir.root} "
+    assert code == 2 and exporting in err, err
 
 
 def test_every_command_has_help(capsys):
