@@ -27,8 +27,9 @@ class ModelConfig:
     dim_ffn: int = 0
     """Hidden width of ChannelMix / the GPT MLP; 0 means 4 * n_embd."""
     vocab_size: int = 4096
-    """Rows of the embedding and the head. `rwkv-pipeline run` trains with the tokenizer's vocabulary whatever
-    this says (the stage runs' model.vocab_size params show it); the standalone trainer keeps it when larger."""
+    """Rows of the embedding and the head. `rwkv-pipeline run` trains with the tokenizer's vocabulary (the stage
+    runs' model.vocab_size params show it), but this value is part of the pretrain stage's hash: changing it
+    trains anew. The standalone trainer uses it when at least the data's vocabulary (smaller is an error)."""
     n_head: int = 4
     """GPT baseline only: attention heads."""
     wkv_backend: Literal["auto", "cuda", "torch", "reference"] = "auto"

@@ -289,7 +289,7 @@ def _track_evaluation(
     the evaluate stage's params, so evaluations at other lengths compare in MLflow. Returns the tracking URI
     and the run's link (None: the run is not tracked)."""
     from orchestration.rundir import RunDir
-    from orchestration.stages import eval_metrics
+    from orchestration.stages import eval_metrics, evaluation_params
     from orchestration.tracking import RunHandle, make_tracker
     from pipeline.eval_stage import REPORT_FILES
 
@@ -298,11 +298,7 @@ def _track_evaluation(
         return None
     tracker = make_tracker(state["tracking_uri"], config.tracking.experiment)
     parent = RunHandle("parent", run_id=state["parent_run_id"])
-    params = {
-        **{f"eval.{key}": value for key, value in eval_cfg.model_dump().items()},
-        "eval.ctx_len": report["ctx_len"],
-        "eval.windows": report["windows"],
-    }
+    params = {**evaluation_params(eval_cfg, report["ctx_len"]), "eval.windows": report["windows"]}
     handle = tracker.open_run(
         f"eval-ctx{report['ctx_len']}", parent=parent, params=params, tags={"rwkv.eval_dir": str(out.resolve())}
     )

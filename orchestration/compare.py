@@ -245,7 +245,7 @@ def plot_losses(runs: list[RunResult], path: Path) -> None:
         for stage in run.stages[1:]:  # where each context extension began
             if stage.train:
                 label = f"{stage.stage}{_at_ctx(stage)}"
-                mark(axes, stage.start_tokens, label, color, "x-small", alpha=0.6, row=row)
+                mark(axes, stage.start_tokens, label, color, "x-small", alpha=0.6, row=row % 8)
                 row += 1
     axes.set(xlabel="tokens seen", ylabel="loss (nats)", title="loss by tokens seen")
     axes.grid(alpha=0.3)

@@ -228,7 +228,7 @@ class DagRunner:
     @staticmethod
     def _where_stopped(before: Mapping[str, Any], folder: Path) -> str:
         progress = before.get("progress") if before.get("dir") == folder.name else None
-        return f"stopped at {progress[0]}/{progress[1]}" if progress else ""
+        return f"last reported {progress[0]}/{progress[1]}; goes on from what it saved" if progress else ""
 
     def _why_new(self, stage: Stage, before: Mapping[str, Any], folder: Path, planned: Mapping[str, PlanItem]) -> str:
         """What changed since the stage's folder in this run directory was another one ("" if it had none)."""

@@ -63,7 +63,7 @@ def _worker_loop(loop_config: dict[str, Any]) -> None:
     where = _worker_env(context.get_local_rank())
     (pid_dir / f"rank_{rank:05d}.env.json").write_text(json.dumps(where))
     node = where["node_id"][:8]
-    print(f"rank {rank}/{context.get_world_size()} on {where['hostname']} (Ray node {node})", flush=True)
+    print(f"rank {rank} of {context.get_world_size()} on {where['hostname']} (Ray node {node})", flush=True)
 
     def report(ckpt_dir: Path, metrics: dict[str, Any]) -> None:  # a barrier: every rank reports each one
         ray.train.report(

@@ -439,6 +439,11 @@ def _evaluate_task(
     return evaluate(model, shard_dir, tokenizer_dir, eval_cfg, ctx_len, out_dir, trained_ctx)
 
 
+def evaluation_params(eval_cfg: Any, ctx_len: int) -> dict[str, Any]:
+    """An evaluation's MLflow params (the evaluate stage's, and `rwkv-pipeline eval`'s): eval.* as run."""
+    return {**{f"eval.{key}": value for key, value in eval_cfg.model_dump().items()}, "eval.ctx_len": ctx_len}
+
+
 def evaluation_headline_metrics(folder: Path) -> dict[str, float]:
     """The parent run's `eval/*` metrics, from an evaluate folder's report."""
     report = json.loads((folder / "eval_report.json").read_text())
@@ -450,7 +455,7 @@ def evaluate_stage(config: RunConfig, trained: str) -> Callable[[StageContext], 
 
     def run(ctx: StageContext) -> None:
         check_val_split(config, ctx.inputs["tokenize"])  # eval.ctx_len may have changed alone
-        ctx.log_params({**{f"eval.{k}": v for k, v in config.eval.model_dump().items()}, "eval.ctx_len": ctx_len})
+        ctx.log_params(evaluation_params(config.eval, ctx_len))
         model_cfg = trained_model_config(ctx.inputs[trained])
         report = on_ray(
             _evaluate_task,

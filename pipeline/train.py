@@ -161,14 +161,15 @@ def _zero_surrogate(module: torch.nn.Module) -> torch.Tensor:
     return sum((p.sum() * 0.0 for p in module.parameters() if p.requires_grad), torch.zeros(()))
 
 
-def _val_data(data_dir: Path, min_tokens: int) -> TokenDataset | None:
-    """The val split, or None (no validation during training) when there is none or it is shorter than a window."""
+def _val_data(data_dir: Path, min_tokens: int, announce: bool = False) -> TokenDataset | None:
+    """The val split, or None (no validation during training) when there is none or it is shorter than a
+    window; `announce` says so on the console when it is too short."""
     try:
         val = TokenDataset(data_dir, split="val")
     except (FileNotFoundError, ValueError, KeyError):
         return None
     if val.num_tokens < min_tokens:
-        if dist.get_rank() == 0:
+        if announce:
             print(
                 f"no validation during training: the val split holds {val.num_tokens} tokens, fewer than one "
                 f"window of {min_tokens}",
@@ -280,7 +281,7 @@ def train(
     data = TokenDataset(data_dir, split="train")
     if model_cfg.vocab_size < data.vocab_size:
         raise ValueError(f"model.vocab_size={model_cfg.vocab_size} < the data's vocab size {data.vocab_size}")
-    val = _val_data(data_dir, cfg.ctx_len + 1)
+    val = _val_data(data_dir, cfg.ctx_len + 1, announce=rank == 0)
     sampler = WindowSampler(data.num_tokens, cfg.ctx_len, cfg.seed)
 
     if cfg.chunk_len and model_cfg.arch != "rwkv4":

@@ -163,7 +163,7 @@ def test_rerun_after_failure_resumes_in_the_same_partial_folder(tmp_path: Path):
     runner = DagRunner(run_dir)
     assert [item.action for item in runner.plan(make_stages([]))] == ["cached", "cached", "resume", "run"]
     run_dir.update_stage("train", progress=[3, 10])  # as a training stage reports its steps
-    assert runner.plan(make_stages([]))[2].reason == "stopped at 3/10"
+    assert runner.plan(make_stages([]))[2].reason == "last reported 3/10; goes on from what it saved"
     calls.clear()
     outputs = runner.run(make_stages(calls), "demo")
     assert calls == ["train", "report"]

@@ -96,3 +96,16 @@ def test_flops_and_mfu_match_reference_table():
     assert train_flops_per_token(50277, 768, 12) / 3 == pytest.approx(2.613e8, rel=1e-3)
     assert train_flops_per_token(50277, 1024, 24) / 3 == pytest.approx(7.573e8, rel=1e-3)
     assert mfu(1e5, 1e9, peak_tflops=100.0, devices=2) == pytest.approx(0.5)
+
+
+def test_a_val_split_shorter_than_a_window_means_no_validation_and_says_so(tmp_path, capsys):
+    from pipeline.train import _val_data
+    from tokenization.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(tmp_path / "shards", tokens=4096, vocab_size=64, val_tokens=99, doc_tokens=99)
+    assert _val_data(shards, 100, announce=True).num_tokens == 100  # one document of 99 tokens and its eod
+    assert _val_data(shards, 101, announce=False) is None and capsys.readouterr().out == ""
+    assert _val_data(shards, 101, announce=True) is None
+    assert "no validation during training: the val split holds 100 tokens, fewer than one window of 101" in (
+        capsys.readouterr().out
+    )
