@@ -1,5 +1,5 @@
 """What every Ray worker of our jobs sees in its environment: NVLink multicast off, Ray Train's print left alone,
-"auto" pinned to its own cluster, Ray Train's placement-group cleaner kept to errors."""
+"auto" pinned to its own cluster, Ray Train's placement-group cleaner kept to errors, its per-run INFO lines out."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ def seen():
     from orchestration.cluster import PLACEMENT_GROUP_CLEANER_LOGGER
 
     import ray.train._internal.storage as storage_v1
+    import ray.train.v2._internal.execution.checkpoint.checkpoint_manager as manager
     import ray.train.v2._internal.execution.context as context
     import ray.train.v2._internal.execution.storage as storage
 
@@ -36,8 +37,11 @@ def seen():
         "cleaner_level": logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).getEffectiveLevel(),
         "report_info_kept": [
             bool(module.logger.filter(logging.LogRecord("ray", logging.INFO, "probe", 0, "report", None, None)))
-            for module in (context, storage, storage_v1)
+            for module in (context, storage, storage_v1, manager)
         ],
+        "manager_warning_kept": bool(
+            manager.logger.filter(logging.LogRecord("ray", logging.WARNING, "probe", 0, "warning", None, None))
+        ),
     }
 
 
@@ -62,7 +66,8 @@ def test_ray_tasks_get_multicast_off_unpatched_print_and_their_own_cluster(ray_a
     # Ray's state API looks for "auto" here, not in /tmp/ray/ray_current_cluster (often a dead cluster).
     assert seen["ray_address"] == seen["gcs_address"]
     assert seen["cleaner_level"] == logging.ERROR
-    assert seen["report_info_kept"] == [False] * 3  # Ray Train's per-report INFO lines
+    # Ray Train's per-report INFO lines, and its checkpoint manager's advice on a resume to delete the folder
+    assert seen["report_info_kept"] == [False] * 4 and seen["manager_warning_kept"]
 
 
 def test_a_value_already_set_is_kept(monkeypatch):
