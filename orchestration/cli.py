@@ -213,8 +213,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
     """(last training stage folder, tokenize folder, tokenizer folder) of a finished run."""
+    from orchestration.stages import is_training_stage
+
     done = _finished_stages(run_dir)
-    trained = [name for name in done if name == "pretrain" or name.startswith("extend")]
+    trained = [name for name in done if is_training_stage(name)]
     if not trained or "tokenize" not in done or "tokenizer" not in done:
         raise UsageError(
             f"{run_dir} has no finished training stage yet: run `rwkv-pipeline run CONFIG` first"
@@ -226,16 +228,18 @@ def _trained_stage(run_dir: Path) -> tuple[Path, Path, Path]:
 def _checkpoint_hint(run_dir: Path, then: str = "") -> str:
     """How to use the newest checkpoint of the run's current training stages now, for a run that has not
     finished (or ''). Folders of the run's earlier configs are left out."""
+    from orchestration.ray_train import STORAGE_FOLDER
     from orchestration.rundir import RunDir
+    from orchestration.stages import is_training_stage
     from pipeline.checkpoint_files import is_complete
 
     stages = RunDir(run_dir).read_state()["stages"]
-    training = {name: entry["dir"] for name, entry in stages.items() if name == "pretrain" or name.startswith("extend")}
+    training = {name: entry["dir"] for name, entry in stages.items() if is_training_stage(name)}
     found = [
         step
         for name, folder in training.items()
         for where in (folder, f"{folder}.partial")
-        for step in (run_dir / where / "ray" / name).glob("step_*")
+        for step in (run_dir / where / STORAGE_FOLDER / name).glob("step_*")
         if is_complete(step)
     ]
     if not found:

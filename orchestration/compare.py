@@ -24,11 +24,10 @@ import yaml
 
 from orchestration.metrics_log import metrics_by_step
 from orchestration.rundir import RunDir
+from orchestration.stages import is_training_stage
 from orchestration.tracking import flatten
 from pipeline.config import ExtendStageConfig
 from pipeline.plots import mark, new_chart, save_chart
-
-TRAINING_STAGE = re.compile(r"pretrain|extend\d+")
 
 
 @dataclass
@@ -68,7 +67,7 @@ def load_run(root: Path) -> RunResult:
         folder = _stage_folder(run_dir, name, stage)
         if folder is None:
             continue
-        if TRAINING_STAGE.fullmatch(name):
+        if is_training_stage(name):
             curve = _read_curve(name, folder / "metrics.jsonl", tokens_before)
             curve.ctx_len = _stage_ctx_len(config, name)
             stages.append(curve)

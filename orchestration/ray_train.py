@@ -37,6 +37,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Ray Train's storage inside a training stage's folder: <stage folder>/ray/<run name>/step_*
+STORAGE_FOLDER = "ray"
+
 if TYPE_CHECKING:  # keep this module importable without torch (the driver needs only Ray)
     from orchestration.config import RunConfig
     from pipeline.train import MetricsFn
@@ -228,7 +231,7 @@ def train_on_ray(
     from pipeline.checkpoint_files import newest_intact, prune
 
     out_dir = Path(out_dir).resolve()
-    storage = Path(storage_path).resolve() if storage_path else out_dir / "ray"
+    storage = Path(storage_path).resolve() if storage_path else out_dir / STORAGE_FOLDER
 
     address = ray_address_from(config.ray.address)
     start_ray(address)  # no-op when this process already joined Ray

@@ -23,7 +23,7 @@ from orchestration.config import RunConfig, dump_config
 from orchestration.dag import DagRunner, PlanItem, Stage
 from orchestration.rundir import RunDir
 from orchestration.shared_workdir import check_workdir_shared
-from orchestration.stages import build_stages, check_val_split, eval_headline
+from orchestration.stages import build_stages, check_val_split, eval_headline, is_training_stage
 from orchestration.tracking import embedded_artifact_location, make_tracker, resolve_tracking_uri
 
 
@@ -90,7 +90,7 @@ def run_pipeline(config: RunConfig, reporter: Callable[[str], None] = print) -> 
     try:
         if pending:
             check_workdir_shared(Path(config.workdir))
-        if any(name == "pretrain" or name.startswith("extend") for name in pending):  # Ray Train stages
+        if any(is_training_stage(name) for name in pending):
             check_workers_fit(config.ray, address)
         with run_dir.locked():
             run_dir.write_config(dump_config(config))

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ def _with_vocab(config: RunConfig, shard_dir: Path) -> RunConfig:
 
 
 def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: Path | None = None) -> None:
-    from orchestration.ray_train import train_on_ray
+    from orchestration.ray_train import STORAGE_FOLDER, train_on_ray
     from pipeline.plots import line_chart
 
     history = MetricHistory(ctx, config.train.steps)
@@ -261,7 +262,7 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
         shard_dir,
         ctx.out_dir,
         log_metrics=history,
-        storage_path=ctx.out_dir / "ray",
+        storage_path=ctx.out_dir / STORAGE_FOLDER,
         name=ctx.name,
         tracking_run_id=ctx.run.run_id,
         **extra,
@@ -402,6 +403,11 @@ def eval_headline(report: dict[str, Any]) -> str:
         f"{line}; positions {longest + 1}-{report['ctx_len']}, past the longest trained length: {past:.4f}, "
         f"against {within:.4f} at 1-{longest}"
     )
+
+
+def is_training_stage(name: str) -> bool:
+    """pretrain and extend1..N: the stages that train on Ray Train."""
+    return name == "pretrain" or re.fullmatch(r"extend\d+", name) is not None
 
 
 def training_stages(config: RunConfig) -> list[tuple[str, int, int]]:
