@@ -501,6 +501,8 @@ def _export_task(weights: Path, model_cfg: Any, tokenizer_dir: Path, out_dir: Pa
 
 def export_stage(trained: str) -> Callable[[StageContext], None]:
     def run(ctx: StageContext) -> None:
+        from pipeline.export import EXPORT_RECORD
+
         model_cfg = trained_model_config(ctx.inputs[trained])
         record = on_ray(
             _export_task,
@@ -512,10 +514,10 @@ def export_stage(trained: str) -> Callable[[StageContext], None]:
         total_mb = sum(item["bytes"] for item in record["files"].values()) / 1e6
         ctx.log.info("wrote %s (%.1f MB) for %s", ", ".join(record["files"]), total_mb, record["load_with"])
         if total_mb <= MAX_ARTIFACT_MB:  # big models: the manifest (paths, sha256) stands in for the weights
-            for name in (*record["files"], "export.json"):  # not the folder's _SUCCESS and stage.json
+            for name in (*record["files"], EXPORT_RECORD):  # not the folder's _SUCCESS and stage.json
                 ctx.log_artifact(ctx.out_dir / name, "model")
         else:
             ctx.log.info("over %g MB: MLflow gets export.json (sizes, sha256), the files stay here", MAX_ARTIFACT_MB)
-            ctx.log_artifact(ctx.out_dir / "export.json", "model")
+            ctx.log_artifact(ctx.out_dir / EXPORT_RECORD, "model")
 
     return run

@@ -18,6 +18,7 @@ from model import ModelConfig, save_rwkv4_pth, save_rwkv4_safetensors
 from tokenization.shards import sha256_file
 
 EXPORTED_FILES = ("model.pth", "model.safetensors", "tokenizer.model", "tokenizer.json")
+EXPORT_RECORD = "export.json"  # the files' sizes and sha256, the model config, how to load it
 
 
 def export(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path, model_cfg: ModelConfig | None = None) -> dict:
@@ -38,5 +39,5 @@ def export(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path, model_cfg
         "model_config": model_cfg.__dict__ if model_cfg is not None else None,
         "load_with": "rwkv.model.RWKV(model='model.pth', strategy='cpu fp32')",
     }
-    (out_dir / "export.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (out_dir / EXPORT_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
