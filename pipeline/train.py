@@ -11,7 +11,9 @@ as a plain process (a world of one). `log_metrics` is called on rank 0 only.
 Exact resume: the data order is a pure function of the global sample index (WindowSampler), the
 per-step seed is a function of (seed, step, rank), the optimizer state and RNG states are
 checkpointed, and the LR is a pure function of the step. A rerun after a crash therefore replays
-exactly what an uninterrupted run would have done from the newest complete checkpoint on.
+exactly what an uninterrupted run would have done from the newest complete checkpoint on. The
+metrics reported since the previous checkpoint are saved with each one and reported again on resume,
+for a driver killed before it passed them on (the tracker keeps the points it already has).
 
 Another world size on resume (N workers wrote the checkpoint, M resume it): the global batch
 (micro_bsz x grad_accum x world) is kept by rescaling grad_accum (e.g. 2 workers x 4 x 1 -> 1 worker
@@ -273,7 +275,12 @@ def train(
     root = Path(checkpoint_root) if checkpoint_root is not None else out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    # Rank 0's reports since the last checkpoint, saved with the next one and sent again on a resume:
+    # a driver killed before it passed them on loses them, and training goes on after the checkpoint.
+    unsaved_reports: list[tuple[int, dict[str, float]]] = []
+
     def log(metrics: dict[str, float], step: int) -> None:  # the one rank-0-only side effect
+        unsaved_reports.append((step, metrics))
         if rank == 0 and log_metrics is not None:
             log_metrics(metrics, step)
 
@@ -353,6 +360,8 @@ def train(
                 f"{state.get('world_size')} workers, now {world})",
                 flush=True,
             )
+        for report_step, metrics in state.get("reports_since_previous_checkpoint", []):
+            log(metrics, report_step)  # MLflow keeps the points it has (tracking_queue skips them)
 
     def first_sample_of(n: int) -> int:
         """Global index of the first sample step n reads (also where a checkpoint after step n - 1 resumes)."""
@@ -488,10 +497,12 @@ def train(
                 "tracking_run_id": tracking_run_id,
                 "model_config": asdict(model_cfg),
                 "parameter_shapes": shapes,
+                "reports_since_previous_checkpoint": unsaved_reports,
             }
             last_ckpt = ckpt.step_dir(root, step)
             with throughput.paused():
                 ckpt.save(engine, last_ckpt, state)
+                unsaved_reports.clear()  # written: the next checkpoint carries the reports after it
                 if rank == 0:
                     prune(root, cfg.keep_checkpoints)
                 if on_checkpoint is not None:
