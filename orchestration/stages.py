@@ -224,6 +224,12 @@ class MetricHistory:
         append_metrics(self.path, step, metrics)
         self.ctx.progress(step, self.total_steps)
 
+    def send_saved(self) -> None:
+        """An earlier attempt's metrics.jsonl, sent again: a driver killed with points still in its tracking
+        queue wrote them there first. The tracker skips the points the run already holds."""
+        for step, metrics in metrics_by_step(self.path).items():
+            self.ctx.log_metrics(metrics, step)
+
     def curves(self) -> dict[str, tuple[list[float], list[float]]]:
         """Loss and val loss by step; a resumed run's replayed steps keep their latest value."""
         by_step = metrics_by_step(self.path)
@@ -248,6 +254,7 @@ def _train(ctx: StageContext, config: RunConfig, shard_dir: Path, init_weights: 
     from pipeline.plots import line_chart
 
     history = MetricHistory(ctx, config.train.steps)
+    history.send_saved()  # a resumed stage: what the killed driver had not sent yet
     extra = {"init_weights": init_weights} if init_weights is not None else {}
     # The stage's own recipe (an extension's length, steps and constant LR, not the parent's) and the
     # model it trains (vocab_size from the tokenizer), so stage runs compare on their own in MLflow.

@@ -55,6 +55,27 @@ def test_reopened_run_does_not_store_a_step_twice(mlflow_uri: str):
     assert history(mlflow_uri, handle.run_id, "loss") == list(range(15))
 
 
+def test_a_resumed_training_stage_sends_what_its_killed_driver_wrote_down_but_never_sent(mlflow_uri, tmp_path):
+    from orchestration.dag import StageContext
+    from orchestration.metrics_log import append_metrics
+    from orchestration.stages import MetricHistory
+
+    first = MlflowTracker(mlflow_uri, "test-tracking")
+    handle = first.open_run("pretrain")
+    for step in range(2, 19, 2):
+        first.log_metrics(handle, {"loss": 1.0 / step}, step)
+    first.close(timeout_s=30)
+    for step in range(2, 21, 2):  # the driver wrote step 20 down too, and was killed before sending it
+        append_metrics(tmp_path / "metrics.jsonl", step, {"loss": 1.0 / step})
+
+    second = MlflowTracker(mlflow_uri, "test-tracking")
+    resumed = second.open_run("pretrain", run_id=handle.run_id)
+    ctx = StageContext("pretrain", tmp_path, {}, 1, logging.getLogger("test"), second, resumed)
+    MetricHistory(ctx, total_steps=30).send_saved()
+    second.close(timeout_s=30)
+    assert history(mlflow_uri, handle.run_id, "loss") == list(range(2, 21, 2))
+
+
 def test_outage_buffers_metrics_flushes_when_server_returns_and_counts_what_is_lost(own_mlflow_server, caplog):
     server = own_mlflow_server
     tracker = MlflowTracker(server.uri, "test-outage")
