@@ -224,11 +224,22 @@ class OperationQueue:
 
         if handle.logged_steps is None:
             handle.logged_steps = self._stored_steps(handle.run_id)
-        fresh = [p for p in points if p[2] > handle.logged_steps.get(p[0], -1)]
+        # Against a running copy of the steps held: one batch can carry a step twice (a restarted worker
+        # group reports its checkpoint's steps again, merged with the first reports while the server was away).
+        held, fresh = dict(handle.logged_steps), []
+        for point in points:
+            key, _, step, _ = point
+            if step > held.get(key, -1):
+                fresh.append(point)
+                held[key] = step
         if fresh:
-            self.client.log_batch(handle.run_id, metrics=[Metric(k, v, ts, step) for k, v, step, ts in fresh])
-        for key, _, step, _ in fresh:
-            handle.logged_steps[key] = max(step, handle.logged_steps.get(key, -1))
+            try:
+                self.client.log_batch(handle.run_id, metrics=[Metric(k, v, ts, step) for k, v, step, ts in fresh])
+            except Exception as error:
+                if not is_permanent(error):  # a lost answer may hide a stored batch: ask the server before the retry
+                    handle.logged_steps = None
+                raise
+        handle.logged_steps = held
         self.sent_points += len(fresh)
 
     def _stored_steps(self, run_id: str | None) -> dict[str, int]:
