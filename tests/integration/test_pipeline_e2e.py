@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# Whole pipeline runs: an outage test took 79 s on a busy 2-core machine; 300 s (pyproject) is too near.
+pytestmark = pytest.mark.timeout(900)
+
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 STAGES = ["tokenizer", "tokenize", "pretrain", "evaluate", "export"]
 
@@ -138,6 +141,16 @@ def nested_runs(uri: str, parent_id: str) -> dict[str, list]:
     for run in children:
         by_stage.setdefault(run.data.tags["mlflow.runName"], []).append(run)
     return by_stage
+
+
+def assert_training_curves_whole(uri: str, run) -> None:
+    """Every training metric at every step it is reported at, once: a kill or a Ctrl-C lost no point."""
+    for key in run.data.metrics:
+        steps = steps_of(uri, run.info.run_id, key)
+        assert len(steps) == len(set(steps)), key  # no step stored twice, system metrics included
+        if key.startswith("system/") or key == "stage_seconds":
+            continue
+        assert steps == ([10, 20, 30] if key == "val_loss" else list(range(2, 31, 2))), key
 
 
 def steps_of(uri: str, run_id: str, key: str) -> list[int]:
@@ -305,13 +318,12 @@ def test_lr_change_killed_mid_pretrain_resumes_reusing_tokenizer_and_shards(firs
     runs = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])
     assert {name: len(found) for name, found in runs.items()} == {"pretrain": 1, "evaluate": 1, "export": 1}
     pretrain = runs["pretrain"][0]
-    assert steps_of(mlflow_uri, pretrain.info.run_id, "loss") == list(range(2, 31, 2))
-    for key in pretrain.data.metrics:  # no step stored twice, system metrics included
-        steps = steps_of(mlflow_uri, pretrain.info.run_id, key)
-        assert len(steps) == len(set(steps)), key
+    assert_training_curves_whole(mlflow_uri, pretrain)
 
 
-def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newest_whole_checkpoint(first_run):
+def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newest_whole_checkpoint(
+    first_run, mlflow_uri: str
+):
     """Ctrl-C reaches Ray Train's own SIGINT handler (it aborts the run, then exits the process); the
     run reports an interrupt, not a failure. Ray had not recorded the checkpoints (its snapshot is
     removed here, as when the stop falls between an upload and the record): the rerun resumes from
@@ -342,7 +354,11 @@ def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newe
     resumed = cli("run", str(config), *overrides)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     result = json.loads((stage_dirs(run_dir)["pretrain"] / "train_result.json").read_text())
-    assert result["step"] == 30 and Path(result["resumed_from"]).name == newest.name, result
+    # The stopped job's workers may still finish an upload after `newest` was read: a newer one is as good.
+    assert result["step"] == 30 and Path(result["resumed_from"]).name >= newest.name, result
+    runs = nested_runs(mlflow_uri, state_of(run_dir)["parent_run_id"])
+    assert len(runs["pretrain"]) == 1
+    assert_training_curves_whole(mlflow_uri, runs["pretrain"][0])
 
 
 def test_training_finishes_through_a_tracking_outage_and_the_metrics_arrive(first_run, own_mlflow_server):

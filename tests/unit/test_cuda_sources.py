@@ -177,7 +177,7 @@ def test_waiting_for_another_processs_build_is_said(tmp_path, capfd):
     released = tmp_path / "released"
     hold = (
         "import fcntl, pathlib, sys, time; handle = open(sys.argv[1], 'a'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
-        "print('held', flush=True); time.sleep(1)\n"
+        "print('held', flush=True); time.sleep(5)\n"
         "pathlib.Path(sys.argv[2]).touch(); fcntl.flock(handle, fcntl.LOCK_UN)"
     )
     lock_file = str(tmp_path / "wkv_0123.lock")
