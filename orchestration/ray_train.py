@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -39,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 # Ray Train's storage inside a training stage's folder: <stage folder>/ray/<run name>/step_*
 STORAGE_FOLDER = "ray"
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it recorded
 
 if TYPE_CHECKING:  # keep this module importable without torch (the driver needs only Ray)
     from orchestration.config import RunConfig
@@ -118,6 +120,27 @@ def _staging_dir(storage: str, rank: int) -> Path:
     for earlier in Path(tempfile.gettempdir()).glob(prefix + "*"):
         shutil.rmtree(earlier, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def prune_unrecorded(storage: Path, keep: int) -> list[Path]:
+    """After a run: the checkpoints Ray's record does not name, removed (without a record, all but the
+    newest `keep`).
+
+    Ray keeps the newest `keep` of those it recorded; one stored but never recorded (a group restarted
+    before the record, see newer_stored_checkpoint) is not among them and would stay forever. Those it
+    names stay whatever their age: Ray refuses to start again on that storage without one of them (a
+    rerun of a stage stopped before its folder was committed).
+    """
+    from pipeline.checkpoint_files import list_checkpoints, prune
+
+    snapshot = storage / RAY_CHECKPOINT_RECORD
+    if not snapshot.is_file():
+        return prune(storage, keep)
+    recorded = set(re.findall(r"step_\d+", snapshot.read_text()))
+    removed = [path for path in list_checkpoints(storage) if path.name not in recorded]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def newer_stored_checkpoint(recorded: Path | None, storage: Path, driver_saw: str | None) -> Path | None:
@@ -228,7 +251,7 @@ def train_on_ray(
     from ray.util.queue import Queue
 
     from orchestration.cluster import check_workers_fit, ray_address_from, start_ray
-    from pipeline.checkpoint_files import newest_intact, prune
+    from pipeline.checkpoint_files import newest_intact
 
     out_dir = Path(out_dir).resolve()
     storage = Path(storage_path).resolve() if storage_path else out_dir / STORAGE_FOLDER
@@ -276,9 +299,7 @@ def train_on_ray(
         stop.set()
         pump.join(timeout=30)
         ray.kill(metrics_queue.actor)
-    # Ray keeps the newest keep_checkpoints of those it recorded; one stored but never recorded (a group
-    # restarted before the record, see newer_stored_checkpoint) is not among them and would stay forever.
-    prune(storage / name, config.train.keep_checkpoints)
+    prune_unrecorded(storage / name, config.train.keep_checkpoints)
     return {
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "metrics": dict(result.metrics or {}),

@@ -95,6 +95,24 @@ def test_a_restarted_worker_group_takes_the_newest_whole_checkpoint_ray_did_not_
         newer_stored_checkpoint(None, tmp_path / "private-copy", driver_saw=str(ten))
 
 
+def test_pruning_after_a_run_keeps_what_ray_recorded_and_drops_what_it_never_did(tmp_path):
+    """A rerun resumed from step 20, stored but never recorded: Ray's record now lists 10 and 30. Ray
+    refuses to start on that storage again without 10, so 20 goes instead of the oldest."""
+    from orchestration.ray_train import RAY_CHECKPOINT_RECORD, prune_unrecorded
+
+    storage = tmp_path / "ray" / "pretrain"
+    for step in (10, 20, 30):
+        _checkpoint(storage, step)
+    record = {"checkpoint_results": [{"checkpoint_dir_name": f"step_{n:08d}"} for n in (10, 30)]}
+    (storage / RAY_CHECKPOINT_RECORD).write_text(json.dumps(record))
+    assert [path.name for path in prune_unrecorded(storage, keep=2)] == ["step_00000020"]
+    assert sorted(path.name for path in storage.glob("step_*")) == ["step_00000010", "step_00000030"]
+    (storage / RAY_CHECKPOINT_RECORD).unlink()  # no record (Ray never recorded one): the newest two stay
+    _checkpoint(storage, 40)
+    assert [path.name for path in prune_unrecorded(storage, keep=2)] == ["step_00000010"]
+    assert sorted(path.name for path in storage.glob("step_*")) == ["step_00000030", "step_00000040"]
+
+
 def test_a_json_write_cut_off_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
     path = tmp_path / TRAIN_STATE
     write_json_atomic(path, {"step": 10})
