@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -186,6 +187,23 @@ class PlanItem:
     reason: str = ""  # run: why not the folder this run directory had for the stage before
 
 
+def when_created(handle: RunHandle, record: Callable[[str], None]) -> None:
+    """`record(run_id)` now, or once the tracking server has created the run (a slow server answers after
+    open_run stopped waiting). In state.json at once, the id lets a rerun after a kill reopen that run
+    instead of starting a second one beside it."""
+    if handle.ready.is_set():
+        if handle.run_id is not None:
+            record(handle.run_id)
+        return
+
+    def wait() -> None:
+        handle.ready.wait()
+        if handle.run_id is not None:
+            record(handle.run_id)
+
+    threading.Thread(target=wait, name=f"run-id-{handle.name}", daemon=True).start()
+
+
 class DagRunner:
     """Runs stages in order in one run directory; see the module docstring."""
 
@@ -315,6 +333,16 @@ class DagRunner:
             parent_runs={**state["parent_runs"], parent_key: parent.run_id},
             stages=self._planned_stages(stages, plan, state["stages"]),
         )
+
+        def record_parent(run_id: str) -> None:
+            def change(state: dict[str, Any]) -> None:
+                state["parent_runs"][parent_key] = run_id
+                if state.get("parent_key") == parent_key:
+                    state["parent_run_id"] = run_id
+
+            self.run_dir.edit(change)
+
+        when_created(parent, record_parent)
         self._close_abandoned(state, plan, parent)
         status = "FAILED"
         try:
@@ -410,8 +438,6 @@ class DagRunner:
             run_id=state["stage_runs"].get(item.folder.name),
             tags={"rwkv.stage": stage.name, "rwkv.stage_dir": str(item.folder), "rwkv.stage_hash": item.digest},
         )
-        if handle.run_id is not None:
-            self.run_dir.update(stage_runs={**state["stage_runs"], item.folder.name: handle.run_id})
         self.run_dir.update_stage(
             stage.name,
             status="running",
@@ -424,6 +450,17 @@ class DagRunner:
             error=None,
             progress=None,
         )
+
+        def record_stage_run(run_id: str) -> None:
+            def change(state: dict[str, Any]) -> None:
+                state["stage_runs"][item.folder.name] = run_id
+                entry = state["stages"].get(stage.name, {})
+                if entry.get("dir") == item.folder.name:
+                    entry["mlflow_run_id"] = run_id
+
+            self.run_dir.edit(change)
+
+        when_created(handle, record_stage_run)
         reason = f"  ({item.reason})" if item.reason else ""
         self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}{reason}")
         started = time.monotonic()

@@ -21,7 +21,7 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,14 @@ class RunDir:
         with self._state_lock:
             state = self.read_state()
             state.update(fields)
+            self.write_state(state)
+            return state
+
+    def edit(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Read state.json, change it in place and write it, as one step (other threads write it too)."""
+        with self._state_lock:
+            state = self.read_state()
+            change(state)
             self.write_state(state)
             return state
 

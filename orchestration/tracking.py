@@ -72,7 +72,9 @@ class NullTracker:
         tags: Mapping[str, str] | None = None,
         wait_s: float = 0.0,
     ) -> RunHandle:
-        return RunHandle(name=name, parent=parent, run_id=run_id)
+        handle = RunHandle(name=name, parent=parent, run_id=run_id)
+        handle.ready.set()  # nothing to wait for: no run will be created
+        return handle
 
     def log_metrics(self, handle: RunHandle, metrics: Mapping[str, float], step: int) -> None:
         pass

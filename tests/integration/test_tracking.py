@@ -124,3 +124,32 @@ def test_a_step_reported_twice_during_an_outage_is_stored_once(own_mlflow_server
     assert tracker.flush(timeout_s=60)  # all of it in one batch
     tracker.close(timeout_s=30)
     assert history(server.uri, handle.run_id, "loss") == list(range(12))
+
+
+def test_run_ids_reach_state_json_when_the_server_answers_after_open_run_stopped_waiting(own_mlflow_server, tmp_path):
+    """A server away at the start: the parent's and the stage's ids are written as soon as the runs exist,
+    while the stage still runs, so that a driver killed then leaves them for the rerun to reopen."""
+    from orchestration.dag import DagRunner, Stage
+    from orchestration.rundir import RunDir
+
+    server, run_dir = own_mlflow_server, RunDir(tmp_path / "run")
+    server.stop()
+    seen: dict[str, str] = {}
+
+    def train(ctx) -> None:  # started once open_run gave up waiting (10 s) with no id
+        assert ctx.run.run_id is None
+        server.start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = run_dir.read_state()
+            if state["parent_run_id"] and state["stages"]["train"]["mlflow_run_id"]:
+                seen.update(parent=state["parent_run_id"], train=state["stages"]["train"]["mlflow_run_id"])
+                return
+            time.sleep(0.2)
+
+    tracker = MlflowTracker(server.uri, "test-late-ids")
+    DagRunner(run_dir, tracker, system_metrics_s=None).run([Stage("train", train, config={})], "late", {})
+    tracker.close(timeout_s=30)
+    state = run_dir.read_state()
+    assert seen == {"parent": state["parent_run_id"], "train": state["stages"]["train"]["mlflow_run_id"]}
+    assert state["stage_runs"][state["stages"]["train"]["dir"]] == seen["train"]
