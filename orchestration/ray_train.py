@@ -188,18 +188,25 @@ def _worker_env(local_rank: int) -> dict[str, Any]:
 
 
 def _pump(metrics_queue: Any, log_metrics: MetricsFn | None, stop: threading.Event) -> None:
-    """Driver thread: hand rank 0's metrics to the caller's callback until told to stop, then drain."""
+    """Driver thread: hand rank 0's metrics to the caller's callback until told to stop, then what the
+    queue holds at that moment. After a finished run that is every report; after Ctrl-C the workers may
+    go on reporting until Ray ends them, which is not waited for (a resumed run reports them again)."""
     from ray.util.queue import Empty
 
-    while True:
-        try:
-            metrics, step = metrics_queue.get(timeout=0.5)
-        except Empty:
-            if stop.is_set():
-                return
-            continue
+    def deliver(item: tuple[dict[str, float], int]) -> None:
         if log_metrics is not None:
-            log_metrics(metrics, step)
+            log_metrics(*item)
+
+    while not stop.is_set():
+        try:
+            deliver(metrics_queue.get(timeout=0.5))
+        except Empty:
+            continue
+    for _ in range(metrics_queue.qsize()):
+        try:
+            deliver(metrics_queue.get_nowait())
+        except Empty:
+            return
 
 
 def _fit_interruptibly(trainer: Any) -> Any:
