@@ -7,7 +7,7 @@ One checkpoint is one directory, `<root>/step_00000100/`:
     files_rank_00000.json ...                                      each rank's list of the files, sizes
     train_state.json                                               step, tokens seen, sampler position,
                                                                    tracking run id, parameter shapes,
-                                                                   the metrics reported since the last one
+                                                                   the recent metric reports (train.py)
     COMPLETE                                                       written last, by rank 0
 
     save(engine, ckpt_dir, state)          # every rank; collective

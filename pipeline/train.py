@@ -12,8 +12,9 @@ Exact resume: the data order is a pure function of the global sample index (Wind
 per-step seed is a function of (seed, step, rank), the optimizer state and RNG states are
 checkpointed, and the LR is a pure function of the step. A rerun after a crash therefore replays
 exactly what an uninterrupted run would have done from the newest complete checkpoint on. The
-metrics reported since the previous checkpoint are saved with each one and reported again on resume,
-for a driver killed before it passed them on (the tracker keeps the points it already has).
+metrics reported since the previous checkpoint (and the last few before it) are saved with each one and
+reported again on resume, for a driver killed before it passed them on (the tracker skips the points it
+already holds).
 
 Another world size on resume (N workers wrote the checkpoint, M resume it): the global batch
 (micro_bsz x grad_accum x world) is kept by rescaling grad_accum (e.g. 2 workers x 4 x 1 -> 1 worker
@@ -77,6 +78,8 @@ from tokenization.sampler import WindowSampler
 MetricsFn = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[Path, dict[str, Any]], None]
 
+REPORTS_KEPT_PAST_A_CHECKPOINT = 4
+"""Reports saved again with the checkpoint after the one that saved them (see `recent_reports` in train)."""
 DEFER_FINITE_CHECK = True
 """Check the loss for NaN/inf on the device when the optimizer can skip a step itself (module docstring);
 False forces the synchronous check (benchmarks compare the two)."""
@@ -275,13 +278,15 @@ def train(
     root = Path(checkpoint_root) if checkpoint_root is not None else out_dir / "checkpoints"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Rank 0's reports since the last checkpoint, saved with the next one and sent again on a resume:
-    # a driver killed before it passed them on loses them, and training goes on after the checkpoint.
-    unsaved_reports: list[tuple[int, dict[str, float]]] = []
+    # The reports since the previous checkpoint and the last few before it, saved with each checkpoint and
+    # reported again on a resume: a driver killed before it passed them on loses them, and training goes
+    # on after the checkpoint. The few before it cover a checkpoint with no report since the previous one
+    # (log_every > checkpoint_every), when the report missing is older than that checkpoint.
+    recent_reports: list[tuple[int, dict[str, float]]] = []
 
-    def log(metrics: dict[str, float], step: int) -> None:  # the one rank-0-only side effect
-        unsaved_reports.append((step, metrics))
-        if rank == 0 and log_metrics is not None:
+    def log(metrics: dict[str, float], step: int) -> None:
+        recent_reports.append((step, metrics))
+        if rank == 0 and log_metrics is not None:  # the one side effect of rank 0 only
             log_metrics(metrics, step)
 
     # Data: windows of ctx_len + 1 tokens at offsets from the sampler's deterministic walk.
@@ -360,8 +365,8 @@ def train(
                 f"{state.get('world_size')} workers, now {world})",
                 flush=True,
             )
-        for report_step, metrics in state.get("reports_since_previous_checkpoint", []):
-            log(metrics, report_step)  # MLflow keeps the points it has (tracking_queue skips them)
+        for report_step, metrics in state.get("recent_reports", []):
+            log(metrics, report_step)  # the tracker skips the points the run already holds (tracking_queue)
 
     def first_sample_of(n: int) -> int:
         """Global index of the first sample step n reads (also where a checkpoint after step n - 1 resumes)."""
@@ -372,7 +377,8 @@ def train(
         (out_dir / "samples").mkdir(exist_ok=True)
         sample_log = open(out_dir / "samples" / f"rank_{rank:05d}.jsonl", "a", buffering=1)  # noqa: SIM115
 
-    throughput, window_losses = Throughput(), []
+    # The losses since the last log line: a resume between two lines averages over the same steps.
+    throughput, window_losses = Throughput(), list(state.get("window_losses", [])) if resume is not None else []
     bad_in_row, first_bad = 0, None
     loss_now = val_loss = None
     last_ckpt: Path | None = resume
@@ -497,12 +503,13 @@ def train(
                 "tracking_run_id": tracking_run_id,
                 "model_config": asdict(model_cfg),
                 "parameter_shapes": shapes,
-                "reports_since_previous_checkpoint": unsaved_reports,
+                "recent_reports": list(recent_reports),
+                "window_losses": list(window_losses),
             }
             last_ckpt = ckpt.step_dir(root, step)
             with throughput.paused():
                 ckpt.save(engine, last_ckpt, state)
-                unsaved_reports.clear()  # written: the next checkpoint carries the reports after it
+                del recent_reports[:-REPORTS_KEPT_PAST_A_CHECKPOINT]
                 if rank == 0:
                     prune(root, cfg.keep_checkpoints)
                 if on_checkpoint is not None:

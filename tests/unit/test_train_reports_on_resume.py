@@ -27,10 +27,12 @@ class Crash(Exception):
     pass
 
 
-def _train(out: Path, shards: Path, reports: list[tuple[int, dict]], crash_at: int | None = None) -> None:
+def _train(out: Path, shards: Path, reports: list, cadence: tuple[int, int], crash_at: int | None = None) -> None:
+    log_every, checkpoint_every = cadence
     cfg = TrainConfig(
         ctx_len=16, micro_bsz=2, grad_accum=1, steps=12, lr_init=3e-3, lr_final=1e-3, warmup_steps=2,
-        precision="fp32", zero_stage=0, log_every=2, val_every=4, val_batches=1, checkpoint_every=4,
+        precision="fp32", zero_stage=0, log_every=log_every, val_every=4, val_batches=1,
+        checkpoint_every=checkpoint_every,
     )  # fmt: skip
     model_cfg = ModelConfig(n_layer=1, n_embd=32, vocab_size=VOCAB, wkv_backend="torch")
 
@@ -46,20 +48,34 @@ def _points(reports: list[tuple[int, dict]]) -> dict[tuple[str, int], float]:
     return {(key, step): metrics[key] for step, metrics in reports for key in EXACT if key in metrics}
 
 
-def test_a_resume_reports_again_what_a_killed_driver_never_passed_on(world_of_one, tmp_path):
-    shards = write_synthetic_shards(tmp_path / "shards", tokens=1 << 14, vocab_size=VOCAB, doc_tokens=511,
-                                    val_tokens=2048)  # fmt: skip
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"), tokens=1 << 14, vocab_size=VOCAB,
+                                  doc_tokens=511, val_tokens=2048)  # fmt: skip
+
+
+# (log_every, checkpoint_every), the step the run dies after, the last step whose reports reached the driver,
+# the reports the resumed run sends first (the newest checkpoint's), and the checkpoint it resumes from
+CASES = {
+    "reports between checkpoints": ((2, 4), 10, 4, [2, 4, 4, 6, 8, 8], 8),
+    "a checkpoint with no report since the previous one": ((4, 2), 11, 4, [4, 4, 8, 8], 10),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_resume_reports_again_what_a_killed_driver_never_passed_on(world_of_one, shards, tmp_path, case):
+    cadence, crash_at, passed_on_through, resent, resumed_at = CASES[case]
     uninterrupted: list[tuple[int, dict]] = []
-    _train(tmp_path / "clean", shards, uninterrupted)
+    _train(tmp_path / "clean", shards, uninterrupted, cadence)
 
     before: list[tuple[int, dict]] = []
-    with pytest.raises(Crash):  # after step 10 ran; the newest checkpoint is step 8's
-        _train(tmp_path / "killed", shards, before, crash_at=10)
-    saved = json.loads((tmp_path / "killed" / "checkpoints" / "step_00000008" / "train_state.json").read_text())
-    assert [step for step, _ in saved["reports_since_previous_checkpoint"]] == [6, 8, 8]  # loss 6, loss 8, val 8
-    passed_on = [(step, metrics) for step, metrics in before if step <= 4]  # the driver died after step 4's
+    with pytest.raises(Crash):
+        _train(tmp_path / "killed", shards, before, cadence, crash_at=crash_at)
+    passed_on = [(step, metrics) for step, metrics in before if step <= passed_on_through]  # then the driver died
 
     after: list[tuple[int, dict]] = []
-    _train(tmp_path / "killed", shards, after)
-    assert [step for step, _ in after] == [6, 8, 8, 10, 12, 12]
+    _train(tmp_path / "killed", shards, after, cadence)
+    result = json.loads((tmp_path / "killed" / "train_result.json").read_text())
+    assert Path(result["resumed_from"]).name == f"step_{resumed_at:08d}"
+    assert [step for step, _ in after][: len(resent)] == resent
     assert _points(passed_on + after) == _points(uninterrupted)
