@@ -29,7 +29,6 @@ import logging
 import os
 import re
 import shutil
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -187,23 +186,6 @@ class PlanItem:
     reason: str = ""  # run: why not the folder this run directory had for the stage before
 
 
-def when_created(handle: RunHandle, record: Callable[[str], None]) -> None:
-    """`record(run_id)` now, or once the tracking server has created the run (a slow server answers after
-    open_run stopped waiting). In state.json at once, the id lets a rerun after a kill reopen that run
-    instead of starting a second one beside it."""
-    if handle.ready.is_set():
-        if handle.run_id is not None:
-            record(handle.run_id)
-        return
-
-    def wait() -> None:
-        handle.ready.wait()
-        if handle.run_id is not None:
-            record(handle.run_id)
-
-    threading.Thread(target=wait, name=f"run-id-{handle.name}", daemon=True).start()
-
-
 class DagRunner:
     """Runs stages in order in one run directory; see the module docstring."""
 
@@ -342,7 +324,7 @@ class DagRunner:
 
             self.run_dir.edit(change)
 
-        when_created(parent, record_parent)
+        parent.when_created(record_parent)  # also when the server answers late: a rerun reopens it
         self._close_abandoned(state, plan, parent)
         status = "FAILED"
         try:
@@ -460,7 +442,7 @@ class DagRunner:
 
             self.run_dir.edit(change)
 
-        when_created(handle, record_stage_run)
+        handle.when_created(record_stage_run)  # also when the server answers late: a rerun reopens it
         reason = f"  ({item.reason})" if item.reason else ""
         self.report(f"{stage.name:<10} {'resume' if item.action == 'resume' else 'run':<7} {item.folder}{reason}")
         started = time.monotonic()
@@ -486,8 +468,6 @@ class DagRunner:
         self.run_dir.update_stage(
             stage.name, status="done", finished_at=now_iso(), seconds=round(seconds, 1), mlflow_run_id=handle.run_id
         )
-        if handle.run_id is not None:
-            self.run_dir.update(stage_runs={**self.run_dir.read_state()["stage_runs"], item.folder.name: handle.run_id})
         self.report(f"{stage.name:<10} done    {seconds:6.1f} s")
 
     def _attempts(

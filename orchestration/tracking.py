@@ -73,7 +73,7 @@ class NullTracker:
         wait_s: float = 0.0,
     ) -> RunHandle:
         handle = RunHandle(name=name, parent=parent, run_id=run_id)
-        handle.ready.set()  # nothing to wait for: no run will be created
+        handle.mark_ready()  # nothing to wait for: no run will be created
         return handle
 
     def log_metrics(self, handle: RunHandle, metrics: Mapping[str, float], step: int) -> None:

@@ -19,6 +19,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,28 @@ class RunHandle:
     ready: threading.Event = field(default_factory=threading.Event)
     # Highest step already stored per metric key (resumed runs): points at or below are not resent.
     logged_steps: dict[str, int] | None = None
+    _waiting: list[Callable[[str], None]] = field(default_factory=list, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def when_created(self, record: Callable[[str], None]) -> None:
+        """`record(run_id)` now, or on the sending thread once the server has created (or reopened) the run;
+        never when it is not created."""
+        with self._lock:
+            if not self.ready.is_set():
+                self._waiting.append(record)
+                return
+        if self.run_id is not None:
+            record(self.run_id)
+
+    def mark_ready(self) -> None:
+        with self._lock:
+            self.ready.set()
+            waiting, self._waiting = self._waiting, []
+        for record in waiting:
+            try:
+                record(self.run_id)
+            except Exception:  # noqa: BLE001 - a caller's bookkeeping must not stop the sending thread
+                log.exception("recording the id of MLflow run %s failed", self.name)
 
 
 @dataclass
@@ -253,7 +276,7 @@ class OperationQueue:
             try:
                 self.client.update_run(handle.run_id, status="RUNNING")
                 handle.logged_steps = self._stored_steps(handle.run_id)
-                handle.ready.set()
+                handle.mark_ready()
                 return
             except Exception as error:  # noqa: BLE001
                 if not is_permanent(error):
@@ -264,7 +287,7 @@ class OperationQueue:
             tags["mlflow.parentRunId"] = handle.parent.run_id
         run = self.client.create_run(self._experiment(), tags=tags, run_name=handle.name)
         handle.run_id, handle.logged_steps = run.info.run_id, {}
-        handle.ready.set()
+        handle.mark_ready()
 
     def _experiment(self) -> str:
         if self._experiment_id is None:
