@@ -16,9 +16,12 @@
 * Worker records: `<out_dir>/workers/rank_00000.pid` and `rank_00000.env.json`, the rank in five
   digits (pid, host and Ray node, the NVLink multicast variables as the worker process sees them,
   process-group backend, its GPU), for tests and debugging.
+  After the run, the checkpoints older than Ray's newest recorded one that Ray does not list are removed
+  (prune_unrecorded).
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
   rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
-  (the tracker lives in the driver; workers never import MLflow).
+  (the tracker lives in the driver; workers never import MLflow). A resumed group first reports again
+  the recent reports its checkpoint holds (pipeline/train.py), which a killed driver may not have passed on.
 
 Ray is imported inside the functions, so importing this module needs neither Ray nor a cluster.
 """
@@ -123,21 +126,24 @@ def _staging_dir(storage: str, rank: int) -> Path:
 
 
 def prune_unrecorded(storage: Path, keep: int) -> list[Path]:
-    """After a run: the checkpoints Ray's record does not name, removed (without a record, all but the
-    newest `keep`).
+    """After a run: the checkpoints Ray's record does not name and that are older than the newest it
+    names, removed (without a record, all but the newest `keep`).
 
     Ray keeps the newest `keep` of those it recorded; one stored but never recorded (a group restarted
     before the record, see newer_stored_checkpoint) is not among them and would stay forever. Those it
     names stay whatever their age: Ray refuses to start again on that storage without one of them (a
-    rerun of a stage stopped before its folder was committed).
+    rerun of a stage stopped before its folder was committed). One newer than all it names stays too: a
+    rerun after a kill between the last upload and its record trains no step, so Ray records nothing.
     """
-    from pipeline.checkpoint_files import list_checkpoints, prune
+    from pipeline.checkpoint_files import list_checkpoints, prune, step_of
 
     snapshot = storage / RAY_CHECKPOINT_RECORD
     if not snapshot.is_file():
         return prune(storage, keep)
+    # The folder names as they appear in Ray's record, whose layout is Ray's own (not a stable format).
     recorded = set(re.findall(r"step_\d+", snapshot.read_text()))
-    removed = [path for path in list_checkpoints(storage) if path.name not in recorded]
+    newest_recorded = max((step_of(Path(name)) for name in recorded), default=-1)
+    removed = [p for p in list_checkpoints(storage) if p.name not in recorded and step_of(p) < newest_recorded]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
@@ -245,7 +251,7 @@ def train_on_ray(
     tracking_run_id: str | None = None,
     init_weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run pretraining as a Ray Train job; returns the final checkpoint path and reported metrics.
+    """Run pretraining as a Ray Train job; returns the newest whole checkpoint's path and Ray's metrics.
 
     storage_path defaults to `<out_dir>/ray`; rerunning with the same storage_path and name resumes
     from the newest checkpoint Ray holds there. init_weights: start from these weights (a
@@ -258,7 +264,7 @@ def train_on_ray(
     from ray.util.queue import Queue
 
     from orchestration.cluster import check_workers_fit, ray_address_from, start_ray
-    from pipeline.checkpoint_files import newest_intact
+    from pipeline.checkpoint_files import newest_intact, step_of
 
     out_dir = Path(out_dir).resolve()
     storage = Path(storage_path).resolve() if storage_path else out_dir / STORAGE_FOLDER
@@ -307,8 +313,12 @@ def train_on_ray(
         pump.join(timeout=30)
         ray.kill(metrics_queue.actor)
     prune_unrecorded(storage / name, config.train.keep_checkpoints)
+    # Ray's newest recorded checkpoint, or a newer whole one it never recorded (see prune_unrecorded).
+    final = newest_intact(storage / name)
+    if result.checkpoint is not None and (final is None or step_of(Path(result.checkpoint.path)) >= step_of(final)):
+        final = Path(result.checkpoint.path)
     return {
-        "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
+        "checkpoint": str(final) if final is not None else None,
         "metrics": dict(result.metrics or {}),
         "path": result.path,
     }

@@ -11,6 +11,10 @@ failure (connection refused, timeout, 5xx) keeps the operation at the head and r
 backoff, so nothing is reordered or lost while the server is away; the first failure of an
 outage is reported once, and its end too. A permanent failure (4xx: a bad value) drops that one
 operation with a warning instead of blocking the queue forever.
+
+A metric point at or below the highest step the run already holds for its key is not sent: a resumed
+stage, a restarted worker group and a retried stage report steps again (pipeline/train.py, MetricHistory),
+and each step is stored once. After a failed send the stored steps are read again from the server.
 """
 
 from __future__ import annotations

@@ -161,7 +161,9 @@ def ray_run(shards: Path, out: Path, zero_stage: int, kill_rank1_after: int | No
     def kill_rank1() -> None:
         # kill -9 rank 1 as soon as Ray Train has registered a checkpoint at step >= kill_rank1_after (its
         # controller polls the workers; a checkpoint a worker wrote but Ray never registered is not resumed).
-        snapshot = out / "ray" / "pretrain" / "checkpoint_manager_snapshot.json"
+        from orchestration.ray_train import RAY_CHECKPOINT_RECORD
+
+        snapshot = out / "ray" / "pretrain" / RAY_CHECKPOINT_RECORD
         while not stop.wait(0.01):
             registered = (
                 [int(n) for n in re.findall(r"step_(\d{8})", snapshot.read_text())] if snapshot.is_file() else []

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestration.ray_train import RAY_CHECKPOINT_RECORD
+
 # Whole pipeline runs: an outage test took 79 s on a busy 2-core machine; 300 s (pyproject) is too near.
 pytestmark = pytest.mark.timeout(900)
 
@@ -122,7 +124,7 @@ def checkpoint_registered(run_dir: Path, name: str):
     """True once Ray Train recorded checkpoint `name` (what a rerun of the driver resumes from)."""
 
     def check() -> bool:
-        snapshots = list(run_dir.glob("pretrain-*.partial/ray/pretrain/checkpoint_manager_snapshot.json"))
+        snapshots = list(run_dir.glob(f"pretrain-*.partial/ray/pretrain/{RAY_CHECKPOINT_RECORD}"))
         try:
             return any(name in path.read_text() for path in snapshots)
         except OSError:  # replaced while we read it
@@ -347,7 +349,7 @@ def test_ctrl_c_mid_pretrain_stops_the_stage_and_the_rerun_resumes_from_the_newe
     assert pretrain["status"] == "killed", pretrain
 
     storage = next(run_dir.glob("pretrain-*.partial/ray/pretrain"))
-    (storage / "checkpoint_manager_snapshot.json").unlink()
+    (storage / RAY_CHECKPOINT_RECORD).unlink()
     newest = newest_intact(storage)
     assert newest is not None and newest.name >= "step_00000010"
 

@@ -8,8 +8,10 @@ are written and pruned to `keep_checkpoints`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,10 +82,14 @@ def test_two_workers_zero2_loss_falls_metrics_and_checkpoints(shards: Path, tmp_
     # Resumed from the newest whole checkpoint, not from scratch: step 10, or step 20 when the driver passed
     # step 15 on only after that one was whole. These steps take milliseconds: Ray's record can lag the
     # kill, and then the restarted group finds the checkpoint whole in storage (orchestration/ray_train.py,
-    # newer_stored_checkpoint; before that it started at step 0).
-    resumed_at = steps[restart + 1]
-    assert resumed_at in (10, 20), steps
-    assert steps[restart : restart + 3] == [resumed_at - 5, resumed_at, resumed_at + 5]  # its reports, then on
+    # newer_stored_checkpoint; before that it started at step 0). It first reports again what the
+    # checkpoint holds, up to its own step, then goes on.
+    resumed_from = json.loads((out / "train_result.json").read_text())["resumed_from"]
+    resumed_at = int(re.search(r"step_(\d{8})", resumed_from).group(1))
+    assert resumed_at in (10, 20), resumed_from
+    replayed = list(itertools.takewhile(lambda step: step <= resumed_at, steps[restart:]))
+    assert replayed[-2:] == [resumed_at - 5, resumed_at], steps
+    assert steps[restart + len(replayed)] == resumed_at + 5, steps
     for step in set(before) & set(after):
         assert after[step] == before[step], (step, before[step], after[step])
     losses = [after.get(step, before.get(step)) for step in range(5, STEPS + 1, 5)]

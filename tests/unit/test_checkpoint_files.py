@@ -4,6 +4,7 @@ present, every listed file at its listed size (pipeline/checkpoint_files.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,10 @@ def test_pruning_after_a_run_keeps_what_ray_recorded_and_drops_what_it_never_did
     (storage / RAY_CHECKPOINT_RECORD).write_text(json.dumps(record))
     assert [path.name for path in prune_unrecorded(storage, keep=2)] == ["step_00000020"]
     assert sorted(path.name for path in storage.glob("step_*")) == ["step_00000010", "step_00000030"]
+    # Killed between step 40's upload and its record, the rerun trained no step: Ray still names 10 and 30.
+    _checkpoint(storage, 40)
+    assert prune_unrecorded(storage, keep=2) == []
+    shutil.rmtree(storage / "step_00000040")
     (storage / RAY_CHECKPOINT_RECORD).unlink()  # no record (Ray never recorded one): the newest two stay
     _checkpoint(storage, 40)
     assert [path.name for path in prune_unrecorded(storage, keep=2)] == ["step_00000010"]
