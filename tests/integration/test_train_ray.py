@@ -150,3 +150,42 @@ def test_waiting_for_a_joined_cluster_to_grow_is_one_line_a_round(shards: Path, 
     assert "still waiting for the cluster to hold 3 training workers; Ray Train tries again" in output
     assert output.count("cannot hold the training workers yet: they need 3 CPUs") == 1, output[-3000:]
     assert "WorkerGroupStartupTimeoutError" not in output and "Error in control loop" not in output, output[-3000:]
+
+
+def test_told_to_stop_the_metrics_pump_hands_on_what_is_queued_and_does_not_wait_for_more(ray_driver: str):
+    """Ctrl-C: the workers may go on reporting until Ray ends them; the driver must not wait for a pause."""
+    import threading
+
+    from ray.util.queue import Queue
+
+    from orchestration.ray_train import _pump
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    delivered: list[int] = []
+    stop, pump_done, put = threading.Event(), threading.Event(), []
+
+    def worker() -> None:  # reports every 50 ms until the pump is gone (or 60 s)
+        deadline = time.monotonic() + 60
+        while not pump_done.is_set() and time.monotonic() < deadline:
+            queue.put(({"loss": 1.0}, len(put)))
+            put.append(len(put))
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=worker)
+    producer.start()
+
+    def driver() -> None:
+        _pump(queue, lambda metrics, step: delivered.append(step), stop)
+        pump_done.set()
+
+    pump = threading.Thread(target=driver)
+    pump.start()
+    while len(put) < 10:
+        time.sleep(0.01)
+    queued_at_stop = len(put)
+    stop.set()
+    pump.join(30)
+    producer.join(70)
+    assert pump_done.is_set(), "the pump waited for the reports to pause"
+    assert delivered[:queued_at_stop] == list(range(queued_at_stop))  # nothing queued before the stop lost
+    assert len(put) < 500  # it stopped well before the producer's 60 s ran out
