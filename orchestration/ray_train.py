@@ -12,12 +12,11 @@
 * Failures: `FailureConfig(max_failures=ray.max_retries)` restarts the worker group, and each worker
   resumes from `ray.train.get_checkpoint()`. Rerunning the driver with the same (storage_path, name)
   resumes the same way. Either start takes a newer checkpoint found whole in that storage folder
-  that Ray had not recorded yet (the run was stopped between the upload and the record).
+  that Ray had not recorded yet (the run was stopped between the upload and the record). After the
+  run, those older than Ray's newest recorded one that Ray does not list are removed (prune_unrecorded).
 * Worker records: `<out_dir>/workers/rank_00000.pid` and `rank_00000.env.json`, the rank in five
   digits (pid, host and Ray node, the NVLink multicast variables as the worker process sees them,
   process-group backend, its GPU), for tests and debugging.
-  After the run, the checkpoints older than Ray's newest recorded one that Ray does not list are removed
-  (prune_unrecorded).
 * Metrics: Ray Train V2 keeps only metrics reported with a checkpoint, so per-step metrics travel from
   rank 0 through a Ray queue to the driver, which calls `log_metrics(metrics, step)` on its own thread
   (the tracker lives in the driver; workers never import MLflow). A resumed group first reports again
