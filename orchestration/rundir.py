@@ -99,13 +99,6 @@ class RunDir:
         state["updated_at"] = now_iso()
         write_atomic(self.state_path, json.dumps(state, indent=2) + "\n")
 
-    def update(self, **fields: Any) -> dict[str, Any]:
-        with self._state_lock:
-            state = self.read_state()
-            state.update(fields)
-            self.write_state(state)
-            return state
-
     def edit(self, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         """Read state.json, change it in place and write it, as one step (other threads write it too)."""
         with self._state_lock:
@@ -114,12 +107,11 @@ class RunDir:
             self.write_state(state)
             return state
 
+    def update(self, **fields: Any) -> dict[str, Any]:
+        return self.edit(lambda state: state.update(fields))
+
     def update_stage(self, stage: str, **fields: Any) -> dict[str, Any]:
-        with self._state_lock:
-            state = self.read_state()
-            state["stages"].setdefault(stage, {}).update(fields)
-            self.write_state(state)
-            return state
+        return self.edit(lambda state: state["stages"].setdefault(stage, {}).update(fields))
 
     def driver_running(self) -> bool:
         """Whether a driver holds this run directory now (`locked`; a killed one holds nothing)."""
