@@ -16,7 +16,6 @@ depends on timing or worker count, so reruns and any worker count give byte-iden
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import time
@@ -38,7 +37,7 @@ from tokenization.manifest import (
     write_manifest,
 )
 from tokenization.readers import ReadStats, read_segment
-from tokenization.shards import ShardWriter
+from tokenization.shards import ShardWriter, token_dtype
 from tokenization.tokenizer import (
     TokenizerInfo,
     TokenizerTrainingError,
@@ -161,7 +160,7 @@ class _UnitWriter:
 
     def __init__(self, processor: Any, info: TokenizerInfo, out_dir: Path, index: int, batch_bytes: int) -> None:
         self.processor, self.info, self.out_dir, self.index = processor, info, out_dir, index
-        self.batch_bytes = batch_bytes
+        self.batch_bytes, self.dtype = batch_bytes, token_dtype(info.vocab_size)
         self.pending: dict[str, list[str]] = {split: [] for split in SPLITS}
         self.pending_chars = {split: 0 for split in SPLITS}  # against batch_bytes: characters, not UTF-8 bytes
         self.writers: dict[str, ShardWriter] = {}
@@ -179,15 +178,21 @@ class _UnitWriter:
             return
         started = time.perf_counter()
         encoded = self.processor.encode(texts, num_threads=1)  # one CPU per task: Ray schedules the parallelism
-        eod = (self.info.eod_id,)
-        documents = [np.fromiter(itertools.chain(ids, eod), np.int64, len(ids) + 1) for ids in encoded]
+        lengths = np.fromiter((len(ids) + 1 for ids in encoded), np.int64, len(encoded))
+        ends = np.cumsum(lengths)
+        # Filled in place, a document at a time: np.fromiter over a plain list is the fastest way found
+        # from Python ints to an array (a third faster than chaining the eod onto each list).
+        values = np.empty(int(ends[-1]), self.dtype)
+        for ids, end in zip(encoded, ends.tolist(), strict=True):
+            values[end - 1 - len(ids) : end - 1] = np.fromiter(ids, np.int64, len(ids))
+        values[ends - 1] = self.info.eod_id
         self.encode_s += time.perf_counter() - started
         started = time.perf_counter()
         if split not in self.writers:
             self.writers[split] = ShardWriter(
                 self.out_dir / shard_name(split, self.index), self.info, split
             ).__enter__()
-        self.writers[split].write(documents)
+        self.writers[split].write_flat(values, lengths)
         self.write_s += time.perf_counter() - started
         self.pending[split], self.pending_chars[split] = [], 0
 

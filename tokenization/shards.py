@@ -100,18 +100,24 @@ class ShardWriter:
         if not documents:
             return
         lengths = np.fromiter((len(doc) for doc in documents), np.int64, len(documents))
-        offsets = np.zeros(len(documents) + 1, np.int32)
+        self.write_flat(np.concatenate(documents), lengths)
+
+    def write_flat(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        """One record batch of len(lengths) documents laid end to end in `values` (eods included)."""
+        if not len(lengths):
+            return
+        offsets = np.zeros(len(lengths) + 1, np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        values = np.ascontiguousarray(np.concatenate(documents), dtype=self.dtype)
+        values = np.ascontiguousarray(values, dtype=self.dtype)
         # from_buffers, not pa.array: no pandas import in workers, no copies
         value_array = pa.Array.from_buffers(self.value_type, len(values), [None, pa.py_buffer(values)])
         list_type = self.schema.field(0).type
         tokens = pa.ListArray.from_buffers(
-            list_type, len(documents), [None, pa.py_buffer(offsets)], children=[value_array]
+            list_type, len(lengths), [None, pa.py_buffer(offsets)], children=[value_array]
         )
         self.writer.write_batch(pa.record_batch([tokens], schema=self.schema))
-        self.documents += len(documents)
-        self.tokens += int(lengths.sum())
+        self.documents += len(lengths)
+        self.tokens += int(offsets[-1])
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.record is not None or not self.temporary.exists():
