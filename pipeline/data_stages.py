@@ -180,11 +180,12 @@ class _UnitWriter:
         encoded = self.processor.encode(texts, num_threads=1)  # one CPU per task: Ray schedules the parallelism
         lengths = np.fromiter((len(ids) + 1 for ids in encoded), np.int64, len(encoded))
         ends = np.cumsum(lengths)
-        # Filled in place, a document at a time: np.fromiter over a plain list is the fastest way found
-        # from Python ints to an array (a third faster than chaining the eod onto each list).
+        # Filled in place, a document at a time: np.fromiter over a plain list, straight into the shard's
+        # dtype, is the fastest way found from Python ints to an array (16 ns a token against 20 into
+        # int64, 24 chaining the eod onto each list, 35 for np.array of one flat list).
         values = np.empty(int(ends[-1]), self.dtype)
         for ids, end in zip(encoded, ends.tolist(), strict=True):
-            values[end - 1 - len(ids) : end - 1] = np.fromiter(ids, np.int64, len(ids))
+            values[end - 1 - len(ids) : end - 1] = np.fromiter(ids, self.dtype, len(ids))
         values[ends - 1] = self.info.eod_id
         self.encode_s += time.perf_counter() - started
         started = time.perf_counter()
