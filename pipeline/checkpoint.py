@@ -12,6 +12,7 @@ One checkpoint is one directory, `<root>/step_00000100/`:
 
     save(engine, ckpt_dir, state)          # every rank; collective
     latest = latest_complete(root)         # None when there is none
+    latest = agreed_latest_complete(root)  # the same, rank 0's choice on every rank (collective)
     state = load(engine, latest, expected_shapes)   # raises CheckpointMismatch on another model config
     weights = consolidated_state_dict(latest)       # offline: full fp32 weights, any ZeRO stage/world
     export_rwkv4_pth(latest, "model.pth")           # the official RWKV-4 .pth from a training checkpoint
@@ -143,6 +144,19 @@ def has_zero_shards(ckpt_dir: Path) -> bool:
 def latest_complete(root: Path) -> Path | None:
     complete = [p for p in list_checkpoints(root) if is_complete(p)]
     return complete[-1] if complete else None
+
+
+def agreed_latest_complete(root: Path) -> Path | None:
+    """Rank 0's `latest_complete(root)`, on every rank (collective when a process group is up).
+
+    Ranks that each listed the folder could pick different checkpoints (a node-local folder on a
+    multi-node run, a copy still arriving) and load different steps without noticing; with one choice,
+    a rank that lacks it fails naming it (read_complete_state)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return latest_complete(root)
+    choice = [str(latest_complete(root) or "") if _rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] else None
 
 
 def save(engine: Any, ckpt_dir: Path, state: dict[str, Any]) -> None:

@@ -308,7 +308,7 @@ def train(
         model.chunk_len = cfg.chunk_len
     model.head.fused_loss_chunk = cfg.fused_loss_chunk  # rows of logits at a time when the loss is fused
     shapes = ckpt.parameter_shapes(model)
-    resume = Path(resume_from) if resume_from is not None else ckpt.latest_complete(root)
+    resume = Path(resume_from) if resume_from is not None else ckpt.agreed_latest_complete(root)
     if init_weights is not None and resume is None:
         load_weights(model, Path(init_weights))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -79,6 +81,35 @@ def test_latest_complete_skips_unfinished_and_prune_keeps_newest(tmp_path):
     assert sorted(p.name for p in removed) == ["step_00000010", "step_00000025"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000020", "step_00000030", "step_00000040"]
     assert ckpt.latest_complete(tmp_path / "missing") is None
+
+
+_AGREE_ON_RESUME = """
+import os, sys
+import torch.distributed as dist
+from pipeline import checkpoint as ckpt
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+print(ckpt.agreed_latest_complete(sys.argv[3]))
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_resumes_rank_0s_choice_of_checkpoint(tmp_path):
+    # Node-local checkpoint folders that differ: rank 1 alone sees a newer complete checkpoint.
+    for rank, steps in ((0, (10, 20)), (1, (10, 20, 30))):
+        for step in steps:
+            _fake_checkpoint(tmp_path / f"node{rank}", step)
+    store = f"file://{tmp_path / 'store'}"
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AGREE_ON_RESUME, store, str(rank), str(tmp_path / f"node{rank}")],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    chosen = [process.communicate(timeout=120)[0].strip() for process in ranks]
+    assert [process.returncode for process in ranks] == [0, 0]
+    assert chosen == [str(tmp_path / "node0" / "step_00000020")] * 2
 
 
 def test_rng_state_round_trip_through_json():
