@@ -152,7 +152,7 @@ def agreed_latest_complete(root: Path) -> Path | None:
     Ranks that each listed the folder could pick different checkpoints (a node-local folder on a
     multi-node run, a copy still arriving) and load different steps without noticing; with one choice,
     a rank that lacks it fails naming it (read_complete_state)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return latest_complete(root)
     choice = [str(latest_complete(root) or "") if _rank() == 0 else None]
     dist.broadcast_object_list(choice, src=0)
