@@ -22,8 +22,8 @@ tasks (overhead check that wall time on a busy machine cannot give). Prints a Ma
 `--paired N` instead times N rounds of the single loop, the Ray stage and the plain processes (the
 most workers) back to back and prints each round's speed-ups and their medians: on a machine whose
 speed drifts by +-10 % within a minute, ratios of runs seconds apart resolve what rows 20-30 s apart
-cannot. `--verify` (table mode only) then checks that every document in the largest run's shards equals
-sentencepiece's own encoding plus the eod id, and that every worker count wrote the same bytes.
+cannot. `--verify` then checks that every document in the largest run's shards equals sentencepiece's own
+encoding plus the eod id, and (table mode) that every worker count wrote the same bytes.
 """
 
 # ruff: noqa: E402 - the sys.path fix below must run before the other imports
@@ -297,8 +297,9 @@ def main() -> None:
         ray.shutdown()
         pool.close()
         fresh.close()
-    if args.verify and not args.paired:
+    if args.verify:
         print(f"\nverified: {verify(data, tokenizer_dir, scratch / f'shards-{most}')} documents equal encode + [eod]")
+    if args.verify and not args.paired:  # the paired rounds run one worker count
         files = {workers: tree(scratch / f"shards-{workers}") for workers in args.workers}
         same = all(files[workers] == files[most] for workers in args.workers)
         print(f"{' vs '.join(map(str, args.workers))} workers: {len(files[most])} files, byte-identical: {same}")
