@@ -68,13 +68,28 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
+def _corpus_files_under(folder: Path) -> list[Path]:
+    """The corpus files under `folder`, resolved; hidden files and folders (.git, .cache, editor
+    backups) are not corpus, and symlinked folders are not entered (as Path.rglob in Python 3.11).
+
+    os.walk from the folder resolved once, not rglob and a resolve per file: that took 0.25 s for the
+    stdlib copied four times (3,456 files), 4 % of tokenizing it on two cores, all before any work."""
+    found = []
+    for parent, subfolders, names in os.walk(folder.resolve()):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in names:
+            path = os.path.join(parent, name)
+            if not name.startswith(".") and format_of(name) and os.path.isfile(path):
+                found.append(Path(os.path.realpath(path) if os.path.islink(path) else path))
+    return sorted(found)
+
+
 def _expand(spec: str) -> list[Path]:
     path = Path(spec).expanduser()
     if path.is_file():
         return [path.resolve()]
-    if path.is_dir():  # hidden files and folders (.git, .cache, editor backups) are not corpus
-        found = (p for p in path.rglob("*") if not any(part.startswith(".") for part in p.relative_to(path).parts))
-        return sorted(p.resolve() for p in found if p.is_file() and format_of(p.name))
+    if path.is_dir():
+        return _corpus_files_under(path)
     matches = sorted(Path(m).resolve() for m in glob.glob(str(path), recursive=True) if Path(m).is_file())
     return matches
 

@@ -112,6 +112,21 @@ def test_hidden_files_and_folders_of_a_corpus_folder_are_left_out(tmp_path: Path
     assert [source.rel for source in resolve_sources([str(corpus)])] == ["a.txt", "sub/b.txt"]
 
 
+def test_a_symlinked_file_is_read_from_its_target_and_a_symlinked_folder_is_not_entered(tmp_path: Path) -> None:
+    corpus, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    for path in (corpus / "a.txt", corpus / "sub" / "b.txt", elsewhere / "c.txt", elsewhere / "d" / "e.txt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("text")
+    (corpus / "c.txt").symlink_to(elsewhere / "c.txt")
+    (corpus / "d").symlink_to(elsewhere / "d", target_is_directory=True)
+    sources = resolve_sources([str(corpus)])
+    assert [source.path for source in sources] == [
+        str(corpus / "a.txt"),
+        str(corpus / "sub" / "b.txt"),
+        str(elsewhere / "c.txt"),
+    ]
+
+
 def test_a_folder_without_corpus_files_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "weights.bin").write_bytes(b"\0")
     with pytest.raises(CorpusError, match=r"the folder '.*' holds no corpus file \(known suffixes: .*\.txt"):
