@@ -29,6 +29,15 @@ def run_cli(capsys, *args: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+def test_the_cli_and_the_config_loader_import_no_torch():
+    """`rwkv-pipeline status`, `plan` and `print-config` start without torch (and its compiler, ~4 s on 2
+    cores): it loads only where a command builds a model."""
+    heavy = "{'torch', 'deepspeed', 'ray'}"
+    probe = f"import sys, orchestration.cli, orchestration.config; print(sorted({heavy} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize(
     ("args", "cause"),
     [
