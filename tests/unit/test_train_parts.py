@@ -84,7 +84,7 @@ def test_latest_complete_skips_unfinished_and_prune_keeps_newest(tmp_path):
 
 
 _AGREE_ON_RESUME = """
-import os, sys
+import sys
 import torch.distributed as dist
 from pipeline import checkpoint as ckpt
 dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
